@@ -1,0 +1,167 @@
+"""Small helpers over confluent-kafka clients shared by the CLI and the Beam IO.
+
+They know two things every caller needs: how to fail fast and clearly when
+the cluster cannot be reached, and how to learn a partition's true end offset
+from fetched data rather than from the offset listing (some Kafka-compatible
+brokers, the bundled local one among them, list it short).
+"""
+
+import logging
+import time
+from typing import Dict, Iterable, List, Mapping, Tuple
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kbml.kafka_config import redact
+
+_LOG = logging.getLogger('kbml.kafka')
+_CLIENT_LOG = logging.getLogger('kbml.kafka.client')
+
+# An offset the broker reports when it has none (no commit, no fetch yet).
+NO_OFFSET = -1001
+
+
+class KafkaUnreachableError(ConnectionError):
+  """The Kafka cluster did not answer in time."""
+
+
+def with_client_logger(config: Mapping[str, str]) -> Dict[str, object]:
+  """Routes librdkafka's own log lines through Python logging."""
+  return {'logger': _CLIENT_LOG, **config}
+
+
+def unreachable_error(config: Mapping[str, str], timeout_s: float, cause: Exception) -> KafkaUnreachableError:
+  return KafkaUnreachableError(
+      f"Kafka at {config.get('bootstrap.servers')!r} did not answer within {timeout_s:.0f} s ({cause}). "
+      'Check --bootstrap_servers (for the local broker: `kbml local status`) and the security '
+      f'settings passed with --kafka_config; client settings in use: {redact(config)}')
+
+
+def cluster_metadata(client, timeout_s: float = 15.0):
+  """Fetches cluster metadata, failing with a clear error when nobody answers."""
+  try:
+    return client.list_topics(timeout=timeout_s)
+  except KafkaException as e:
+    raise unreachable_error(getattr(client, 'kbml_config', {}), timeout_s, e) from e
+
+
+def list_partitions(client, topics: Iterable[str], timeout_s: float = 15.0) -> List[Tuple[str, int]]:
+  """Lists ``(topic, partition)`` pairs, failing clearly on a missing topic.
+
+  Args:
+    client: a confluent-kafka Consumer, Producer or AdminClient.
+    topics: topic names.
+    timeout_s: how long to wait for the cluster's metadata.
+
+  Raises:
+    KafkaUnreachableError: no answer from the cluster within ``timeout_s``.
+    ValueError: a topic does not exist.
+  """
+  metadata = cluster_metadata(client, timeout_s)
+  pairs = []
+  for topic in topics:
+    if topic not in metadata.topics:
+      raise ValueError(
+          f'Kafka topic {topic!r} does not exist (the cluster has {len(metadata.topics)} topics). '
+          'Create it first; `kbml local up` creates the project topics on the local broker.')
+    pairs.extend((topic, partition) for partition in sorted(metadata.topics[topic].partitions))
+  return pairs
+
+
+class _ConfiguredConsumer(Consumer):
+  """A consumer that remembers its settings, so that errors can name them."""
+
+  def __init__(self, config: Mapping[str, str]):
+    super().__init__(with_client_logger(config))
+    self.kbml_config = dict(config)
+
+
+class _ConfiguredAdminClient(AdminClient):
+  def __init__(self, config: Mapping[str, str]):
+    super().__init__(with_client_logger(config))
+    self.kbml_config = dict(config)
+
+
+def new_consumer(config: Mapping[str, str], **overrides) -> Consumer:
+  """Creates a consumer that never commits on its own.
+
+  Offsets are committed explicitly, only after the records were processed.
+  """
+  return _ConfiguredConsumer({'group.id': 'kbml-reader', **config, **overrides, 'enable.auto.commit': False})
+
+
+def new_probe_consumer(config: Mapping[str, str]) -> Consumer:
+  """A consumer for offset look-ups: its fetches return at once instead of long-polling."""
+  return new_consumer(config, **{'fetch.wait.max.ms': 10})
+
+
+def listed_offsets(consumer: Consumer, topic: str, partition: int, timeout_s: float = 10.0) -> Tuple[int, int]:
+  """The partition's low and high offsets as the broker lists them."""
+  try:
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+  except KafkaException as e:
+    raise unreachable_error(getattr(consumer, 'kbml_config', {}), timeout_s, e) from e
+  return max(low, 0), max(high, 0)
+
+
+def fetched_end_offset(consumer: Consumer, topic: str, partition: int, start: int, timeout_s: float = 10.0) -> int:
+  """Returns a partition's end offset, as reported with fetched data.
+
+  The listed end offset is a lower bound (exact on Apache Kafka, short on
+  some compatible brokers); an empty listing needs no fetch. Otherwise the
+  consumer is assigned at ``start`` and fetches once: the high watermark that
+  comes back with the fetch response is the true end offset.
+
+  Raises:
+    KafkaUnreachableError: no fetch response within ``timeout_s``.
+  """
+  low, listed_high = listed_offsets(consumer, topic, partition, timeout_s)
+  if listed_high <= low:
+    return listed_high
+  tp = TopicPartition(topic, partition)
+  consumer.assign([TopicPartition(topic, partition, start)])
+  try:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+      consumer.consume(num_messages=1, timeout=0.05)
+      _, high = consumer.get_watermark_offsets(tp, cached=True)
+      if high >= 0:
+        return high
+  finally:
+    consumer.unassign()
+  raise unreachable_error(consumer.kbml_config, timeout_s, 'no fetch response')
+
+
+Partition = Tuple[str, int]
+
+
+def committed_offsets(consumer: Consumer, pairs: Iterable[Partition], timeout_s: float = 15.0) -> Dict[Partition, int]:
+  """Returns the consumer group's committed offset per partition (NO_OFFSET if none)."""
+  try:
+    committed = consumer.committed([TopicPartition(t, p) for t, p in pairs], timeout=timeout_s)
+  except KafkaException as e:
+    raise unreachable_error(consumer.kbml_config, timeout_s, e) from e
+  return {(tp.topic, tp.partition): tp.offset for tp in committed}
+
+
+def create_topics(config: Mapping[str, str], topics: Iterable[str], partitions: int,
+                  timeout_s: float = 15.0) -> List[str]:
+  """Creates the topics that do not exist yet; returns the ones it created."""
+  admin = _ConfiguredAdminClient(config)
+  existing = cluster_metadata(admin, timeout_s).topics
+  wanted = [t for t in topics if t not in existing]
+  if not wanted:
+    return []
+  futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in wanted],
+                                operation_timeout=timeout_s, request_timeout=timeout_s)
+  created = []
+  for topic, future in futures.items():
+    try:
+      future.result()
+      created.append(topic)
+    except KafkaException as e:
+      if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+        raise
+  _LOG.info('created topics %s with %d partitions', created, partitions)
+  return created

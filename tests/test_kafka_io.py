@@ -1,0 +1,176 @@
+"""The Beam Kafka source and sink against the real local broker."""
+
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from kbml.kafka_client import committed_offsets, new_consumer
+from kbml.local_stack import LocalStack, free_port
+from tests.conftest import consume, local_options, produce
+from transforms.kafka_io import ReadFromKafka, WriteToKafka
+
+# Records as one bundle emits them, in emission order; the pinned local runner runs
+# the pipeline in this process, so the order a DoFn sees is observable here.
+_EMITTED = defaultdict(list)
+_EMITTED_LOCK = threading.Lock()
+
+
+def _record_emission(record):
+  with _EMITTED_LOCK:
+    _EMITTED[record.topic].append((record.partition, record.offset))
+  return record
+
+
+def _messages(count, start=0):
+  return [(b'key-%d' % (i % 1000), b'value-%d' % i, [('seq', b'%d' % i)]) for i in range(start, start + count)]
+
+
+def _group_offsets(bootstrap, group, topic, partitions):
+  consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': group})
+  try:
+    return committed_offsets(consumer, [(topic, p) for p in range(partitions)])
+  finally:
+    consumer.close()
+
+
+def test_bounded_read_returns_every_record_in_partition_order(bootstrap, new_topic):
+  topic = new_topic(partitions=4)
+  sent = _messages(50_000)
+  produce(bootstrap, topic, sent)
+
+  with TestPipeline(options=local_options()) as p:
+    records = (p
+               | ReadFromKafka({'bootstrap.servers': bootstrap}, topic, stop_at_end=True)
+               | 'RecordEmissionOrder' >> beam.Map(_record_emission))
+    assert_that(records | beam.Map(lambda r: (r.key, r.value, r.headers)),
+                equal_to([(k, v, tuple(h)) for k, v, h in sent]))
+
+  emitted = _EMITTED.pop(topic)
+  assert len(emitted) == 50_000
+  by_partition = defaultdict(list)
+  for partition, offset in emitted:
+    by_partition[partition].append(offset)
+  assert sorted(by_partition) == [0, 1, 2, 3]
+  for offsets in by_partition.values():
+    assert offsets == list(range(len(offsets))), 'each partition is emitted in offset order, without gaps'
+
+
+def _read_values(bootstrap, topic, group, **bounds):
+  with TestPipeline(options=local_options()) as p:
+    values = (p
+              | ReadFromKafka({'bootstrap.servers': bootstrap, 'group.id': group}, topic, **bounds)
+              | beam.Map(lambda r: r.value))
+    yield values
+
+
+def test_consumer_group_resumes_after_its_committed_offsets(bootstrap, new_topic, group_id):
+  topic = new_topic(partitions=4)
+  produce(bootstrap, topic, _messages(5_000))
+  for values in _read_values(bootstrap, topic, group_id, stop_at_end=True):
+    assert_that(values | beam.combiners.Count.Globally(), equal_to([5_000]))
+  assert sum(_group_offsets(bootstrap, group_id, topic, 4).values()) == 5_000
+
+  second = _messages(10_000, start=5_000)
+  produce(bootstrap, topic, second)
+  for values in _read_values(bootstrap, topic, group_id, stop_at_end=True):
+    assert_that(values, equal_to([v for _, v, _ in second]))
+  assert sum(_group_offsets(bootstrap, group_id, topic, 4).values()) == 15_000
+
+
+class _FailOnValue(beam.DoFn):
+  def __init__(self, value):
+    self._value = value
+
+  def process(self, record):
+    if record.value == self._value:
+      raise RuntimeError('injected failure')
+    yield record
+
+
+def test_failed_bundle_does_not_commit_its_offsets(bootstrap, new_topic, group_id):
+  topic = new_topic(partitions=1)
+  produce(bootstrap, topic, _messages(2_000))
+  config = {'bootstrap.servers': bootstrap, 'group.id': group_id}
+
+  with pytest.raises(Exception, match='injected failure'):
+    with TestPipeline(options=local_options()) as p:
+      _ = (p
+           | ReadFromKafka(config, topic, stop_at_end=True, read_budget_records=250)
+           | beam.ParDo(_FailOnValue(b'value-700')))
+  committed = _group_offsets(bootstrap, group_id, topic, 1)[(topic, 0)]
+  assert 0 < committed <= 700, 'bundles before the failure commit, the failed one does not'
+
+  with TestPipeline(options=local_options()) as p:
+    offsets = p | ReadFromKafka(config, topic, stop_at_end=True) | beam.Map(lambda r: r.offset)
+    assert_that(offsets, equal_to(list(range(committed, 2_000))))
+
+
+def test_unbounded_pipeline_delivers_a_new_record_within_5_seconds(bootstrap, new_topic, group_id):
+  source, sink = new_topic(partitions=4, suffix='-in'), new_topic(partitions=4, suffix='-out')
+  mirror = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.mirror', '--bootstrap_servers', bootstrap, '--input_topic', source,
+       '--output_topic', sink, '--consumer_group', group_id],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    produce(bootstrap, source, [(b'warm-up', b'warm-up', [])])
+    assert len(consume(bootstrap, sink, 1, timeout_s=120)) == 1, 'the mirror pipeline did not start'
+
+    produce(bootstrap, source, [(b'probe', b'probe', [('h', b'1')])])
+    sent_at = time.monotonic()
+    delivered = consume(bootstrap, sink, 2, timeout_s=5)
+    latency = time.monotonic() - sent_at
+    assert [m.value() for m in delivered] == [b'warm-up', b'probe'] and latency < 5, latency
+    assert delivered[1].headers() == [('h', b'1')]
+  finally:
+    mirror.kill()
+    mirror.wait()
+
+
+def test_unreachable_bootstrap_server_fails_clearly_within_30_seconds():
+  address = f'127.0.0.1:{free_port()}'
+  started = time.monotonic()
+  with pytest.raises(Exception, match=f'Kafka at {address!r} did not answer'):
+    with TestPipeline(options=local_options()) as p:
+      _ = p | ReadFromKafka({'bootstrap.servers': address}, 'transactions', stop_at_end=True, timeout_s=10)
+  assert time.monotonic() - started < 30
+
+
+class _StopBrokerOnFirstElement(beam.DoFn):
+  """Stops the broker after the sink has connected, before its records are sent."""
+
+  def __init__(self, state_dir):
+    self._state_dir = state_dir
+
+  def process(self, element):
+    LocalStack(self._state_dir).down(grace_s=0)
+    yield element
+
+
+def test_write_fails_the_bundle_when_the_broker_goes_away(tmp_path):
+  stack = LocalStack(str(tmp_path), topics=('lost',), partitions=1)
+  config = {'bootstrap.servers': stack.up(port=0), 'message.timeout.ms': '3000'}
+  try:
+    with pytest.raises(Exception, match="10 records of this bundle were not delivered to Kafka topic 'lost'"):
+      with TestPipeline(options=local_options()) as p:
+        _ = (p
+             | beam.Create([(b'k', b'v')] * 10)
+             | beam.ParDo(_StopBrokerOnFirstElement(str(tmp_path)))
+             | WriteToKafka(config, 'lost'))
+  finally:
+    stack.down(grace_s=0)
+
+
+def test_write_delivers_keys_values_and_headers(bootstrap, new_topic):
+  topic = new_topic(partitions=1)
+  elements = [(b'k%d' % i, 'text-%d' % i, [('n', b'%d' % i)]) for i in range(100)] + [(None, b'no-key')]
+  with TestPipeline(options=local_options()) as p:
+    _ = p | beam.Create(elements) | WriteToKafka({'bootstrap.servers': bootstrap}, topic)
+  received = [(m.key(), m.value(), m.headers()) for m in consume(bootstrap, topic, 101)]
+  assert received == [(b'k%d' % i, b'text-%d' % i, [('n', b'%d' % i)]) for i in range(100)] + [(None, b'no-key', None)]

@@ -1,0 +1,474 @@
+"""Python-native Kafka source and sink for Apache Beam.
+
+Beam's own ``apache_beam.io.kafka`` transforms are Java cross-language
+transforms: they need a Java expansion service (a jar from Maven). The
+transforms here use confluent-kafka from Python, so they run on every runner,
+the local one included. Beam's Java transforms stay selectable through
+:func:`read_from_kafka` / :func:`write_to_kafka` with ``kafka_io='java'``.
+
+Reading is a splittable DoFn over topic partitions: one restriction per
+partition, an offset range read in order, split only by checkpoints (a
+partition is Kafka's unit of order and of parallelism). Offsets are committed
+to the consumer group in bundle finalization, that is only after the runner
+has durably committed the bundle's output: at-least-once delivery.
+
+Writing uses an idempotent producer, flushes at the end of each bundle and
+fails the bundle if any record was not acknowledged, so that the runner
+retries it and nothing is silently dropped.
+"""
+
+import logging
+import sys
+import time
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.utils.timestamp import Duration, Timestamp
+from confluent_kafka import KafkaException, Producer, TopicPartition
+
+from kbml.kafka_client import (
+  NO_OFFSET,
+  cluster_metadata,
+  committed_offsets,
+  fetched_end_offset,
+  list_partitions,
+  listed_offsets,
+  new_consumer,
+  new_probe_consumer,
+  unreachable_error,
+  with_client_logger,
+)
+
+_LOG = logging.getLogger(__name__)
+
+KAFKA_IO_PYTHON = 'python'
+KAFKA_IO_JAVA = 'java'
+
+_UNBOUNDED_STOP = sys.maxsize
+# Each partition's watermark is set by hand from the newest record timestamp read.
+_RECORD_TIME_WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
+
+
+class KafkaRecord(NamedTuple):
+  """One Kafka record, as read by :class:`ReadFromKafka`."""
+  topic: str
+  partition: int
+  offset: int
+  timestamp_ms: int
+  key: Optional[bytes]
+  value: Optional[bytes]
+  headers: Tuple[Tuple[str, bytes], ...]
+
+
+class _ReadSpec(NamedTuple):
+  """What to read and when to stop; shared by the DoFn and its restriction provider."""
+  consumer_config: Dict[str, str]
+  commit_offsets: bool
+  stop_at_end: bool
+  max_records_per_partition: Optional[int]
+  idle_timeout_s: Optional[float]
+  read_budget_s: float
+  read_budget_records: int
+  timeout_s: float
+
+  @property
+  def bounded(self) -> bool:
+    return self.stop_at_end or self.max_records_per_partition is not None or self.idle_timeout_s is not None
+
+
+class _CheckpointOnlyOffsetTracker(OffsetRestrictionTracker):
+  """An offset tracker that only splits at checkpoints.
+
+  A partition is read in order by one reader: a fractional split would cut it
+  into ranges read out of order, and an open-ended range ``[start, maxsize)``
+  would be cut at nonsensical offsets.
+  """
+
+  def try_split(self, fraction_of_remainder):
+    if fraction_of_remainder != 0:
+      return None
+    return super().try_split(0)
+
+  def is_bounded(self):
+    return self.current_restriction().stop != _UNBOUNDED_STOP
+
+
+class _ListPartitionsFn(beam.DoFn):
+  """Turns the topic names into ``(topic, partition)`` pairs at run time."""
+
+  def __init__(self, spec: _ReadSpec, topics: Sequence[str]):
+    self._spec = spec
+    self._topics = list(topics)
+
+  def process(self, unused_impulse) -> Iterable[Tuple[str, int]]:
+    consumer = new_consumer(self._spec.consumer_config)
+    try:
+      yield from list_partitions(consumer, self._topics, self._spec.timeout_s)
+    finally:
+      consumer.close()
+
+
+class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
+  """Reads partitions as a splittable DoFn; see the module docstring.
+
+  It is its own restriction provider. Each ``(topic, partition)`` gets an
+  offset range starting at the consumer group's committed offset, else where
+  ``auto.offset.reset`` says (``earliest`` by default). The range ends at the
+  end offset seen when the read starts (``stop_at_end``), ``max_records``
+  later, or never (the reader may still stop on idleness).
+  """
+
+  def __init__(self, spec: _ReadSpec):
+    self._spec = spec
+    self.setup()
+
+  def setup(self):
+    self._consumers = {}
+    self._positions = {}
+    self._committed = {}
+    self._metadata_consumer = None
+
+  def __getstate__(self):
+    return {'_spec': self._spec}
+
+  def __setstate__(self, state):
+    self.__init__(state['_spec'])
+
+  def _metadata_client(self):
+    if self._metadata_consumer is None:
+      self._metadata_consumer = new_probe_consumer(self._spec.consumer_config)
+    return self._metadata_consumer
+
+  def _start_offset(self, topic: str, partition: int) -> int:
+    consumer = self._metadata_client()
+    config = self._spec.consumer_config
+    if 'group.id' in config:
+      committed = committed_offsets(consumer, [(topic, partition)], self._spec.timeout_s)[(topic, partition)]
+      if committed >= 0:
+        return committed
+    low, _ = listed_offsets(consumer, topic, partition, self._spec.timeout_s)
+    if config.get('auto.offset.reset', 'earliest') in ('latest', 'largest', 'end'):
+      return fetched_end_offset(consumer, topic, partition, low, self._spec.timeout_s)
+    return low
+
+  def initial_restriction(self, element):
+    topic, partition = element
+    start = self._start_offset(topic, partition)
+    stop = _UNBOUNDED_STOP
+    if self._spec.stop_at_end:
+      stop = max(start, fetched_end_offset(self._metadata_client(), topic, partition, start, self._spec.timeout_s))
+    if self._spec.max_records_per_partition is not None:
+      stop = min(stop, start + self._spec.max_records_per_partition)
+    _LOG.info('reading %s[%d] from offset %d to %s', topic, partition, start,
+              'the end of the stream' if stop == _UNBOUNDED_STOP else stop)
+    return OffsetRange(start, stop)
+
+  def create_tracker(self, restriction):
+    return _CheckpointOnlyOffsetTracker(restriction)
+
+  def split(self, element, restriction):
+    yield restriction
+
+  def restriction_size(self, element, restriction):
+    return 1 if restriction.stop == _UNBOUNDED_STOP else restriction.size()
+
+  def _consumer_at(self, topic: str, partition: int, offset: int):
+    """A consumer positioned at ``offset``; kept across bundles to avoid reconnecting."""
+    key = (topic, partition)
+    if key not in self._consumers:
+      self._consumers[key] = new_consumer(self._spec.consumer_config)
+    if self._positions.get(key) != offset:
+      self._consumers[key].assign([TopicPartition(topic, partition, offset)])
+      self._positions[key] = offset
+    return self._consumers[key]
+
+  def _commit(self, topic: str, partition: int, next_offset: int):
+    key = (topic, partition)
+    # Finalizations of successive bundles may come out of order: never move back.
+    if next_offset <= self._committed.get(key, NO_OFFSET):
+      return
+    consumer = self._consumers.get(key) or new_consumer(self._spec.consumer_config)
+    consumer.commit(offsets=[TopicPartition(topic, partition, next_offset)], asynchronous=False)
+    self._committed[key] = next_offset
+
+  def process(
+      self,
+      element: Tuple[str, int],
+      bundle_finalizer=beam.DoFn.BundleFinalizerParam,
+      tracker=beam.DoFn.RestrictionParam(),
+      watermark_estimator=_RECORD_TIME_WATERMARK):
+    topic, partition = element
+    spec = self._spec
+    restriction = tracker.current_restriction()
+    next_offset = restriction.start
+    consumer = self._consumer_at(topic, partition, next_offset)
+    deadline = time.monotonic() + spec.read_budget_s
+    last_record_at = time.monotonic()
+    emitted = 0
+    finished = False
+    while not finished and time.monotonic() < deadline and emitted < spec.read_budget_records:
+      messages = consumer.consume(num_messages=min(1000, spec.read_budget_records - emitted), timeout=0.1)
+      if not messages:
+        idle_s = time.monotonic() - last_record_at
+        if spec.stop_at_end and next_offset >= restriction.stop:
+          finished = True
+        elif spec.idle_timeout_s is not None and idle_s >= spec.idle_timeout_s:
+          tracker.try_claim(restriction.stop)
+          finished = True
+        continue
+      last_record_at = time.monotonic()
+      newest_ms = None
+      for message in messages:
+        if message.error():
+          raise KafkaException(message.error())
+        offset = message.offset()
+        if not tracker.try_claim(offset):
+          finished = True
+          break
+        timestamp_ms = message.timestamp()[1]
+        yield beam.window.TimestampedValue(
+            KafkaRecord(topic, partition, offset, timestamp_ms, message.key(), message.value(),
+                        tuple(message.headers() or ())),
+            timestamp_ms / 1000.0)
+        newest_ms = timestamp_ms if newest_ms is None else max(newest_ms, timestamp_ms)
+        next_offset = offset + 1
+        emitted += 1
+      self._positions[(topic, partition)] = messages[-1].offset() + 1
+      if newest_ms is not None:
+        newest = Timestamp(micros=newest_ms * 1000)
+        current = watermark_estimator.current_watermark()
+        if current is None or newest > current:
+          watermark_estimator.set_watermark(newest)
+    if spec.stop_at_end and next_offset >= restriction.stop and not finished:
+      finished = True
+    if spec.commit_offsets and next_offset > restriction.start:
+      bundle_finalizer.register(lambda: self._commit(topic, partition, next_offset))
+    if not finished:
+      tracker.defer_remainder(Duration.of(0) if emitted else Duration.of(0.05))
+
+  def teardown(self):
+    for consumer in [*self._consumers.values(), self._metadata_consumer]:
+      if consumer is not None:
+        consumer.close()
+    self.setup()
+
+
+class _UnboundedReadPartitionsFn(_ReadPartitionsFn):
+  """The same reader, declared unbounded: for reads without a stop condition."""
+
+  @beam.DoFn.unbounded_per_element()
+  def process(
+      self,
+      element: Tuple[str, int],
+      bundle_finalizer=beam.DoFn.BundleFinalizerParam,
+      tracker=beam.DoFn.RestrictionParam(),
+      watermark_estimator=_RECORD_TIME_WATERMARK):
+    return super().process(element, bundle_finalizer, tracker, watermark_estimator)
+
+
+class ReadFromKafka(beam.PTransform):
+  """Reads Kafka topics into a PCollection of :class:`KafkaRecord`.
+
+  Element timestamps are the records' Kafka timestamps; the watermark of each
+  partition follows the newest record timestamp read from it.
+
+  The read is unbounded unless a stop condition is given: ``stop_at_end``,
+  ``max_records_per_partition`` or ``idle_timeout_s`` (any that is met first
+  ends a partition).
+
+  Args:
+    consumer_config: confluent-kafka (librdkafka) consumer settings, passed
+      through unchanged; needs ``bootstrap.servers``. With ``group.id`` the
+      read starts at the group's committed offsets and, with
+      ``commit_offsets``, commits after each bundle is committed.
+    topics: topic names.
+    stop_at_end: stop each partition at the end offset seen at the start.
+    max_records_per_partition: stop each partition this many offsets after
+      its start offset (records, on topics without compaction or
+      transactions).
+    idle_timeout_s: stop each partition after this long without a record.
+    commit_offsets: commit offsets to ``group.id`` in bundle finalization.
+    read_budget_s: longest time one bundle reads before it checkpoints; it
+      bounds the latency from a record to the output of the fused stage.
+    read_budget_records: most records one bundle reads before it checkpoints.
+    timeout_s: how long to wait for the cluster before failing clearly.
+  """
+
+  def __init__(self, consumer_config: Mapping[str, str], topics: Union[str, Sequence[str]], *,
+               stop_at_end: bool = False, max_records_per_partition: Optional[int] = None,
+               idle_timeout_s: Optional[float] = None, commit_offsets: bool = True,
+               read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0):
+    super().__init__()
+    self._topics = [topics] if isinstance(topics, str) else list(topics)
+    if not self._topics:
+      raise ValueError('ReadFromKafka needs at least one topic.')
+    self._spec = _ReadSpec(
+        consumer_config=dict(consumer_config), commit_offsets=commit_offsets and 'group.id' in consumer_config,
+        stop_at_end=stop_at_end, max_records_per_partition=max_records_per_partition,
+        idle_timeout_s=idle_timeout_s, read_budget_s=read_budget_s, read_budget_records=read_budget_records,
+        timeout_s=timeout_s)
+
+  def expand(self, pbegin):
+    read_fn = _ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn
+    return (
+        pbegin
+        | 'Impulse' >> beam.Impulse()
+        | 'ListPartitions' >> beam.ParDo(_ListPartitionsFn(self._spec, self._topics))
+        | 'ReadPartitions' >> beam.ParDo(read_fn(self._spec)))
+
+
+KafkaData = Optional[Union[bytes, str]]
+KafkaMessage = Union[Tuple[KafkaData, KafkaData], Tuple[KafkaData, KafkaData, Sequence[Tuple[str, bytes]]]]
+
+
+def _as_bytes(data):
+  return data.encode('utf-8') if isinstance(data, str) else data
+
+
+class _ProduceFn(beam.DoFn):
+  """Produces each element; the bundle fails unless every record was acknowledged."""
+
+  def __init__(self, producer_config: Mapping[str, str], topic: str, flush_timeout_s: float, timeout_s: float):
+    self._config = dict(producer_config)
+    self._topic = topic
+    self._flush_timeout_s = flush_timeout_s
+    self._timeout_s = timeout_s
+    self._producer = None
+    self._failures: List[str] = []
+
+  def setup(self):
+    settings = {'enable.idempotence': True, 'linger.ms': 5, **self._config}
+    self._producer = Producer(with_client_logger(settings))
+    try:
+      cluster_metadata(self._producer, self._timeout_s)
+    except ConnectionError as e:
+      raise unreachable_error(settings, self._timeout_s, e.__cause__ or e) from None
+
+  def start_bundle(self):
+    self._failures = []
+
+  def _on_delivery(self, error, message):
+    if error is not None:
+      self._failures.append(f'{message.topic()}: {error.str()}')
+
+  def process(self, element: KafkaMessage):
+    key, value, *rest = element
+    headers = list(rest[0]) if rest and rest[0] else None
+    while True:
+      try:
+        self._producer.produce(self._topic, value=_as_bytes(value), key=_as_bytes(key), headers=headers,
+                               on_delivery=self._on_delivery)
+        break
+      except BufferError:
+        self._producer.poll(0.1)  # the local queue is full: let deliveries drain it
+    self._producer.poll(0)
+
+  def finish_bundle(self):
+    undelivered = self._producer.flush(self._flush_timeout_s)
+    if undelivered or self._failures:
+      reasons = '; '.join(self._failures[:3]) or f'not acknowledged within {self._flush_timeout_s:.0f} s'
+      raise RuntimeError(
+          f'{undelivered + len(self._failures)} records of this bundle were not delivered to Kafka topic '
+          f'{self._topic!r} ({reasons}). The bundle fails so that the runner retries it and no record is lost.')
+
+  def teardown(self):
+    if self._producer is not None:
+      self._producer.flush(self._flush_timeout_s)
+
+
+class WriteToKafka(beam.PTransform):
+  """Writes ``(key, value)`` or ``(key, value, headers)`` elements to a topic.
+
+  Keys and values are bytes, str (written as UTF-8) or None; headers a
+  sequence of ``(name, bytes)``. The producer is idempotent, so retries
+  within a bundle do not duplicate records; a retried bundle may (at-least-once).
+
+  Args:
+    producer_config: confluent-kafka producer settings, passed through.
+    topic: the topic to write to.
+    flush_timeout_s: how long the end of a bundle waits for acknowledgements.
+    timeout_s: how long to wait for the cluster before failing clearly.
+  """
+
+  def __init__(self, producer_config: Mapping[str, str], topic: str, *, flush_timeout_s: float = 60.0,
+               timeout_s: float = 15.0):
+    super().__init__()
+    self._fn = _ProduceFn(producer_config, topic, flush_timeout_s, timeout_s)
+
+  def expand(self, pcoll):
+    return pcoll | 'Produce' >> beam.ParDo(self._fn)
+
+
+def _record_from_java_row(row) -> KafkaRecord:
+  return KafkaRecord(row.topic, row.partition, row.offset, row.timestamp, row.key, row.value,
+                     tuple((h.key, h.value) for h in (row.headers or ())))
+
+
+class _JavaReadFromKafka(beam.PTransform):
+  """Beam's Java KafkaIO read, emitting :class:`KafkaRecord` like the Python one."""
+
+  def __init__(self, consumer_config, topics, expansion_service, max_num_records, max_read_time_s):
+    super().__init__()
+    from apache_beam.io import kafka
+    self._read = kafka.ReadFromKafka(
+        consumer_config=dict(consumer_config), topics=list(topics), with_metadata=True,
+        commit_offset_in_finalize='group.id' in consumer_config, max_num_records=max_num_records,
+        max_read_time=max_read_time_s, expansion_service=expansion_service)
+
+  def expand(self, pbegin):
+    return pbegin | 'JavaKafkaIO' >> self._read | 'ToKafkaRecord' >> beam.Map(_record_from_java_row)
+
+
+class _JavaWriteToKafka(beam.PTransform):
+  """Beam's Java KafkaIO write for ``(key, value)`` elements (headers are not written)."""
+
+  def __init__(self, producer_config, topic, expansion_service):
+    super().__init__()
+    from apache_beam.io import kafka
+    self._write = kafka.WriteToKafka(producer_config=dict(producer_config), topic=topic,
+                                     expansion_service=expansion_service)
+
+  def expand(self, pcoll):
+    return (pcoll
+            | 'ToKeyValueBytes' >> beam.Map(lambda e: (_as_bytes(e[0]) or b'', _as_bytes(e[1]) or b''))
+            .with_output_types(Tuple[bytes, bytes])
+            | 'JavaKafkaIO' >> self._write)
+
+
+def read_from_kafka(kafka_io: str, consumer_config: Mapping[str, str], topics: Sequence[str], *,
+                    expansion_service: Optional[str] = None, **bounds) -> beam.PTransform:
+  """Returns the Kafka read transform for ``kafka_io`` (``python`` or ``java``).
+
+  Args:
+    kafka_io: ``python`` for :class:`ReadFromKafka`; ``java`` for Beam's
+      cross-language KafkaIO, which needs a Java expansion service (started
+      from Maven by Beam, or given as ``expansion_service`` host:port).
+    consumer_config: consumer settings.
+    topics: topic names.
+    expansion_service: address of a running Kafka expansion service (java).
+    **bounds: :class:`ReadFromKafka` stop conditions; with ``java`` only
+      ``max_records_per_partition`` (as a total) and ``idle_timeout_s``
+      (as a read time) have an equivalent.
+  """
+  if kafka_io == KAFKA_IO_PYTHON:
+    return ReadFromKafka(consumer_config, topics, **bounds)
+  if kafka_io == KAFKA_IO_JAVA:
+    if bounds.get('stop_at_end'):
+      raise ValueError('Beam\'s Java KafkaIO cannot stop at the end offsets: use --kafka_io=python.')
+    return _JavaReadFromKafka(consumer_config, topics, expansion_service,
+                              bounds.get('max_records_per_partition'), bounds.get('idle_timeout_s'))
+  raise ValueError(f'Unknown Kafka IO {kafka_io!r}: choose {KAFKA_IO_PYTHON!r} or {KAFKA_IO_JAVA!r}.')
+
+
+def write_to_kafka(kafka_io: str, producer_config: Mapping[str, str], topic: str, *,
+                   expansion_service: Optional[str] = None) -> beam.PTransform:
+  """Returns the Kafka write transform for ``kafka_io`` (``python`` or ``java``)."""
+  if kafka_io == KAFKA_IO_PYTHON:
+    return WriteToKafka(producer_config, topic)
+  if kafka_io == KAFKA_IO_JAVA:
+    return _JavaWriteToKafka(producer_config, topic, expansion_service)
+  raise ValueError(f'Unknown Kafka IO {kafka_io!r}: choose {KAFKA_IO_PYTHON!r} or {KAFKA_IO_JAVA!r}.')
+
