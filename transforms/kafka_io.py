@@ -349,6 +349,7 @@ class _ProduceFn(beam.DoFn):
 
   def start_bundle(self):
     self._failures = []
+    self._unpolled = 0
 
   def _on_delivery(self, error, message):
     if error is not None:
@@ -364,7 +365,10 @@ class _ProduceFn(beam.DoFn):
         break
       except BufferError:
         self._producer.poll(0.1)  # the local queue is full: let deliveries drain it
-    self._producer.poll(0)
+    self._unpolled += 1
+    if self._unpolled >= 500:  # serve delivery callbacks now and then, not on every record
+      self._producer.poll(0)
+      self._unpolled = 0
 
   def finish_bundle(self):
     undelivered = self._producer.flush(self._flush_timeout_s)

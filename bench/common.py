@@ -1,0 +1,48 @@
+"""What every benchmark needs: a fresh local broker, a payload, a timer."""
+
+import contextlib
+import tempfile
+import time
+import uuid
+
+from kbml.kafka_client import create_topics
+from kbml.local_stack import LocalStack
+
+# About the size of one JSON transaction record.
+PAYLOAD = b'{"tx_id": "%08d", "customer_id": 1234, "terminal_id": 5678, "amount": 57.16, ' \
+          b'"timestamp": "2018-04-01T07:19:05Z", "pad": "' + b'x' * 60 + b'"}'
+
+
+@contextlib.contextmanager
+def local_broker():
+  """Yields the bootstrap address of a broker that lives for the benchmark."""
+  with tempfile.TemporaryDirectory() as state_dir:
+    stack = LocalStack(state_dir, topics=())
+    try:
+      yield stack.up(port=0)
+    finally:
+      stack.down(grace_s=0)
+
+
+def new_topic(bootstrap: str, partitions: int = 4) -> str:
+  topic = f'bench-{uuid.uuid4().hex[:8]}'
+  create_topics({'bootstrap.servers': bootstrap}, [topic], partitions)
+  return topic
+
+
+def message(i: int) -> bytes:
+  return PAYLOAD % i
+
+
+class Timer:
+  def __enter__(self):
+    self.start = time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = time.perf_counter() - self.start
+
+
+def best_of(repeats: int, measure) -> float:
+  """The best (shortest) of ``repeats`` timings: the least disturbed by the rest of the machine."""
+  return min(measure() for _ in range(repeats))
