@@ -1,5 +1,6 @@
 """What every benchmark needs: a fresh local broker, a payload, a timer."""
 
+import argparse
 import contextlib
 import tempfile
 import time
@@ -46,3 +47,11 @@ class Timer:
 def best_of(repeats: int, measure) -> float:
   """The best (shortest) of ``repeats`` timings: the least disturbed by the rest of the machine."""
   return min(measure() for _ in range(repeats))
+
+
+def parse_bench_args(description: str, argv=None) -> argparse.Namespace:
+  """The options every benchmark takes: how many records, how many repeats."""
+  parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--records', type=int, default=200_000, help='Records per measurement.')
+  parser.add_argument('--repeats', type=int, default=3, help='Measurements per figure; the best is kept.')
+  return parser.parse_args(argv)

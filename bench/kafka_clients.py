@@ -6,12 +6,10 @@ clients move the same records with settings that favour throughput
 ``python -m bench.kafka_clients --records 200000``.
 """
 
-import argparse
-
 import confluent_kafka
 import kafka
 
-from bench.common import Timer, best_of, local_broker, message, new_topic
+from bench.common import Timer, best_of, local_broker, message, new_topic, parse_bench_args
 
 
 def confluent_produce(bootstrap, topic, records):
@@ -68,10 +66,7 @@ def kafka_python_consume(bootstrap, topic, records):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--records', type=int, default=200_000, help='Records per measurement.')
-  parser.add_argument('--repeats', type=int, default=3, help='Measurements per figure; the best is kept.')
-  args = parser.parse_args(argv)
+  args = parse_bench_args(__doc__, argv)
   with local_broker() as bootstrap:
     topic = new_topic(bootstrap)
     confluent_produce(bootstrap, topic, args.records)  # the topic both consumers read

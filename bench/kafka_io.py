@@ -7,13 +7,11 @@ pinned local runner, start-up included. Run: ``make bench`` or
 ``python -m bench.kafka_io --records 200000``.
 """
 
-import argparse
-
 import apache_beam as beam
 import confluent_kafka
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from bench.common import Timer, best_of, local_broker, message, new_topic
+from bench.common import Timer, best_of, local_broker, message, new_topic, parse_bench_args
 from bench.kafka_clients import confluent_produce
 from pipelines import mirror
 from pipelines.options import LOCAL_RUNNER
@@ -52,10 +50,7 @@ def beam_pipeline(bootstrap, source, sink):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--records', type=int, default=200_000, help='Records copied per measurement.')
-  parser.add_argument('--repeats', type=int, default=3, help='Measurements per figure; the best is kept.')
-  args = parser.parse_args(argv)
+  args = parse_bench_args(__doc__, argv)
   with local_broker() as bootstrap:
     source = new_topic(bootstrap)
     confluent_produce(bootstrap, source, args.records)

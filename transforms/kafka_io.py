@@ -257,7 +257,11 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
 
 
 class _UnboundedReadPartitionsFn(_ReadPartitionsFn):
-  """The same reader, declared unbounded: for reads without a stop condition."""
+  """The same reader, declared unbounded: for reads without a stop condition.
+
+  Beam reads a splittable DoFn's parameters from the signature of the
+  decorated method itself, so the override restates them.
+  """
 
   @beam.DoFn.unbounded_per_element()
   def process(
