@@ -48,6 +48,16 @@ def tansu_binary() -> str:
   return path
 
 
+def local_state_dir() -> str:
+  """The local stack's state folder: $KBML_STATE_DIR, else .kbml."""
+  return os.environ.get('KBML_STATE_DIR', DEFAULT_STATE_DIR)
+
+
+def local_bootstrap_servers() -> Optional[str]:
+  """The address of the local broker, if one runs."""
+  return LocalStack(local_state_dir()).bootstrap_servers()
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind((HOST, 0))

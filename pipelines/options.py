@@ -10,14 +10,13 @@ flows. Any ``--runner`` given explicitly (``DataflowRunner``, ``FlinkRunner``,
 """
 
 import argparse
-import os
 import sys
 from typing import Dict, List, Optional, Sequence, Type
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.kafka_config import kafka_client_config
-from kbml.local_stack import DEFAULT_STATE_DIR, LocalStack
+from kbml.local_stack import local_bootstrap_servers
 from transforms.kafka_io import KAFKA_IO_JAVA, KAFKA_IO_PYTHON
 
 LOCAL_RUNNER = 'FnApiRunner'
@@ -46,15 +45,10 @@ class KafkaOptions(PipelineOptions):
     parser.add_argument('--kafka_expansion_service', help='host:port of a running Kafka expansion service.')
 
 
-def local_state_dir() -> str:
-  return os.environ.get('KBML_STATE_DIR', DEFAULT_STATE_DIR)
-
-
 def kafka_config(options: PipelineOptions) -> Dict[str, str]:
   """The Kafka client settings these options describe."""
   kafka = options.view_as(KafkaOptions)
-  bootstrap = (options.get_all_options(drop_default=True).get('bootstrap_servers')
-               or LocalStack(local_state_dir()).bootstrap_servers())
+  bootstrap = options.get_all_options(drop_default=True).get('bootstrap_servers') or local_bootstrap_servers()
   return kafka_client_config(bootstrap, kafka.kafka_config, kafka.kafka_config_file)
 
 
@@ -74,6 +68,8 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--runner', default=LOCAL_RUNNER, help='Beam runner: FnApiRunner (local, the default), '
                         'DataflowRunner, FlinkRunner, PrismRunner, ...')
+    parser.add_argument('--bootstrap_servers', help='Kafka bootstrap servers, host:port[,host:port] (default: the '
+                        'local broker of `kbml local up`).')
     for options_class in (*documented, KafkaOptions):
       options_class._add_argparse_args(parser.add_argument_group(options_class.__name__))
     parser.print_help()

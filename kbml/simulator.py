@@ -1,0 +1,321 @@
+"""Credit-card transaction simulator, after the Fraud Detection Handbook.
+
+It follows the generative process of Le Borgne et al., "Reproducible Machine
+Learning for Credit Card Fraud Detection - Practical Handbook", chapter 3:
+customers and terminals on a 100x100 grid, each customer using the terminals
+within a radius, Poisson daily counts, times around midday, normal amounts,
+and three fraud scenarios. The draws are vectorised with one seeded NumPy
+generator, so a run is deterministic for a seed and takes seconds (the
+handbook's per-customer loops take minutes); the numbers differ from the
+handbook's own run, the distributions do not.
+
+An optional drift scenario (4) starts a new fraud pattern on a given day:
+compromised cards used at night, at terminals far from home, for larger
+amounts, so that the features' distributions move.
+"""
+
+import dataclasses
+import datetime
+import os
+import time
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+SECONDS_PER_DAY = 86_400
+GRID_SIZE = 100.0
+
+GENUINE, SCENARIO_AMOUNT, SCENARIO_TERMINAL, SCENARIO_CUSTOMER, SCENARIO_DRIFT = range(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+  """Parameters of a simulated population; the defaults are the handbook's standard run.
+
+  Attributes:
+    customers: number of customers.
+    terminals: number of terminals.
+    radius: a customer uses the terminals within this distance.
+    start_date: first day, ISO format, UTC.
+    days: number of days.
+    seed: seed of every draw.
+    label_delay_days: how long after a transaction its label (fraud or not) arrives.
+    drift_from_day: first day of the drift scenario (4); None for none.
+    drift_cards_per_day: cards compromised by the drift scenario each day.
+  """
+  customers: int = 5_000
+  terminals: int = 10_000
+  radius: float = 5.0
+  start_date: str = '2018-04-01'
+  days: int = 183
+  seed: int = 0
+  label_delay_days: float = 7.0
+  drift_from_day: Optional[int] = None
+  drift_cards_per_day: int = 10
+
+  @property
+  def start(self) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(self.start_date).replace(tzinfo=datetime.timezone.utc)
+
+
+@dataclasses.dataclass
+class Simulation:
+  """A simulated population and its transactions.
+
+  ``transactions`` is sorted by time and has the columns transaction_id,
+  tx_datetime (UTC), tx_time_seconds and tx_time_days (since the start),
+  customer_id, terminal_id, amount, is_fraud and fraud_scenario.
+  """
+  config: SimulationConfig
+  customers: pd.DataFrame
+  terminals: pd.DataFrame
+  transactions: pd.DataFrame
+
+
+def _customer_profiles(rng: np.random.Generator, count: int) -> pd.DataFrame:
+  mean_amount = rng.uniform(5, 100, count)
+  return pd.DataFrame({
+      'customer_id': np.arange(count),
+      'x': rng.uniform(0, GRID_SIZE, count),
+      'y': rng.uniform(0, GRID_SIZE, count),
+      'mean_amount': mean_amount,
+      'std_amount': mean_amount / 2,
+      'mean_tx_per_day': rng.uniform(0, 4, count),
+  })
+
+
+def _terminal_profiles(rng: np.random.Generator, count: int) -> pd.DataFrame:
+  return pd.DataFrame({'terminal_id': np.arange(count), 'x': rng.uniform(0, GRID_SIZE, count),
+                       'y': rng.uniform(0, GRID_SIZE, count)})
+
+
+def _terminals_within_radius(customers: pd.DataFrame, terminals: pd.DataFrame, radius: float):
+  """Each customer's usable terminals, as CSR arrays (indptr, terminal indices)."""
+  terminal_xy = terminals[['x', 'y']].to_numpy()
+  customer_xy = customers[['x', 'y']].to_numpy()
+  indices, counts = [], []
+  for start in range(0, len(customer_xy), 512):  # chunks keep the distance matrix small
+    chunk = customer_xy[start:start + 512]
+    distance = np.sqrt(((chunk[:, None, :] - terminal_xy[None, :, :]) ** 2).sum(axis=2))
+    rows, columns = np.nonzero(distance < radius)
+    indices.append(columns)
+    counts.append(np.bincount(rows, minlength=len(chunk)))
+  counts = np.concatenate(counts)
+  return np.concatenate([[0], np.cumsum(counts)]), np.concatenate(indices), counts
+
+
+def _transactions(rng: np.random.Generator, customers: pd.DataFrame, terminals: pd.DataFrame,
+                  config: SimulationConfig) -> pd.DataFrame:
+  indptr, usable, usable_counts = _terminals_within_radius(customers, terminals, config.radius)
+  daily_counts = rng.poisson(customers['mean_tx_per_day'].to_numpy()[:, None], (len(customers), config.days))
+  daily_counts[usable_counts == 0] = 0  # customers without usable terminals make no transactions
+  customer = np.repeat(np.repeat(np.arange(len(customers)), config.days), daily_counts.ravel())
+  day = np.repeat(np.tile(np.arange(config.days), len(customers)), daily_counts.ravel())
+
+  time_of_day = rng.normal(SECONDS_PER_DAY / 2, 20_000, len(customer)).astype(np.int64)
+  kept = (time_of_day >= 0) & (time_of_day < SECONDS_PER_DAY)
+  customer, day, time_of_day = customer[kept], day[kept], time_of_day[kept]
+
+  mean = customers['mean_amount'].to_numpy()[customer]
+  amount = rng.normal(mean, customers['std_amount'].to_numpy()[customer])
+  negative = amount < 0
+  amount[negative] = rng.uniform(0, 2 * mean[negative])
+  terminal = usable[indptr[customer] + (rng.random(len(customer)) * usable_counts[customer]).astype(np.int64)]
+
+  return _sorted_by_time(pd.DataFrame({
+      'tx_time_seconds': day * SECONDS_PER_DAY + time_of_day,
+      'customer_id': customer,
+      'terminal_id': terminal,
+      'amount': np.round(amount, 2),
+      'is_fraud': np.zeros(len(customer), dtype=np.int64),
+      'fraud_scenario': np.zeros(len(customer), dtype=np.int64),
+  }), config)
+
+
+def _sorted_by_time(transactions: pd.DataFrame, config: SimulationConfig) -> pd.DataFrame:
+  transactions = transactions.sort_values('tx_time_seconds', kind='stable').reset_index(drop=True)
+  transactions.insert(0, 'transaction_id', np.arange(len(transactions)))
+  transactions['tx_time_days'] = transactions['tx_time_seconds'] // SECONDS_PER_DAY
+  start = pd.Timestamp(config.start)
+  transactions['tx_datetime'] = start + pd.to_timedelta(transactions['tx_time_seconds'], unit='s')
+  return transactions
+
+
+class _RowsBy:
+  """Row positions of each value of a column, for fast selection by a few values."""
+
+  def __init__(self, values: np.ndarray):
+    self._order = np.argsort(values, kind='stable')
+    self._bounds = np.searchsorted(values[self._order], np.arange(values.max() + 2))
+
+  def rows(self, chosen) -> np.ndarray:
+    return np.concatenate([self._order[self._bounds[v]:self._bounds[v + 1]] for v in chosen])
+
+
+def _mark(transactions: pd.DataFrame, rows: np.ndarray, scenario: int):
+  transactions.loc[rows, 'is_fraud'] = 1
+  transactions.loc[rows, 'fraud_scenario'] = scenario
+
+
+def _add_frauds(rng: np.random.Generator, simulation: Simulation):
+  """Applies the handbook's three scenarios, in its order (a later one overrides an earlier one)."""
+  tx = simulation.transactions
+  _mark(tx, np.flatnonzero(tx['amount'].to_numpy() > 220), SCENARIO_AMOUNT)
+  days = tx['tx_time_days'].to_numpy()
+  by_terminal, by_customer = _RowsBy(tx['terminal_id'].to_numpy()), _RowsBy(tx['customer_id'].to_numpy())
+  for day in range(days.max()):
+    rows = by_terminal.rows(rng.choice(len(simulation.terminals), 2, replace=False))
+    _mark(tx, rows[(days[rows] >= day) & (days[rows] < day + 28)], SCENARIO_TERMINAL)
+  for day in range(days.max()):
+    rows = by_customer.rows(rng.choice(len(simulation.customers), 3, replace=False))
+    rows = rows[(days[rows] >= day) & (days[rows] < day + 14)]
+    rows = rng.choice(rows, len(rows) // 3, replace=False)
+    tx.loc[rows, 'amount'] = np.round(tx.loc[rows, 'amount'].to_numpy() * 5, 2)
+    _mark(tx, rows, SCENARIO_CUSTOMER)
+
+
+def _add_drift(rng: np.random.Generator, simulation: Simulation) -> pd.DataFrame:
+  """Scenario 4: from ``drift_from_day``, compromised cards used at night, far from home, for 2x amounts.
+
+  Each day ``drift_cards_per_day`` cards are drawn; half of their transactions
+  in the next 7 days are moved to a random time between midnight and 6 am,
+  to a random terminal anywhere, with twice the amount.
+  """
+  config = simulation.config
+  tx = simulation.transactions
+  days = tx['tx_time_days'].to_numpy()
+  by_customer = _RowsBy(tx['customer_id'].to_numpy())
+  for day in range(config.drift_from_day, days.max() + 1):
+    rows = by_customer.rows(rng.choice(len(simulation.customers), config.drift_cards_per_day, replace=False))
+    rows = rows[(days[rows] >= day) & (days[rows] < day + 7)]
+    rows = rng.choice(rows, len(rows) // 2, replace=False)
+    tx.loc[rows, 'tx_time_seconds'] = days[rows] * SECONDS_PER_DAY + rng.integers(0, 6 * 3600, len(rows))
+    tx.loc[rows, 'terminal_id'] = rng.integers(0, len(simulation.terminals), len(rows))
+    tx.loc[rows, 'amount'] = np.round(tx.loc[rows, 'amount'].to_numpy() * 2, 2)
+    _mark(tx, rows, SCENARIO_DRIFT)
+  return _sorted_by_time(tx.drop(columns=['transaction_id', 'tx_time_days', 'tx_datetime']), config)
+
+
+def simulate(config: SimulationConfig = SimulationConfig()) -> Simulation:
+  """Generates a population and its transactions; deterministic for ``config.seed``."""
+  rng = np.random.default_rng(config.seed)
+  customers = _customer_profiles(rng, config.customers)
+  terminals = _terminal_profiles(rng, config.terminals)
+  simulation = Simulation(config, customers, terminals, _transactions(rng, customers, terminals, config))
+  _add_frauds(rng, simulation)
+  if config.drift_from_day is not None:
+    simulation.transactions = _add_drift(rng, simulation)
+  return simulation
+
+
+class Event(NamedTuple):
+  """One record to produce: to the transactions or the labels topic."""
+  is_label: bool
+  timestamp_ms: int
+  key: bytes
+  value: bytes
+
+
+def _iso_times(seconds: np.ndarray, start: datetime.datetime) -> np.ndarray:
+  moments = pd.Timestamp(start) + pd.to_timedelta(seconds, unit='s')
+  return moments.strftime('%Y-%m-%dT%H:%M:%SZ').to_numpy()
+
+
+def transaction_records(simulation: Simulation) -> List[bytes]:
+  """The transactions as JSON records (the ``transactions`` topic's format)."""
+  tx = simulation.transactions
+  times = _iso_times(tx['tx_time_seconds'].to_numpy(), simulation.config.start)
+  return [b'{"transaction_id": %d, "tx_datetime": "%s", "customer_id": %d, "terminal_id": %d, "amount": %s}' % (
+      i, t.encode(), c, term, repr(float(a)).encode())
+          for i, t, c, term, a in zip(tx['transaction_id'], times, tx['customer_id'], tx['terminal_id'],
+                                      tx['amount'], strict=True)]
+
+
+def label_records(simulation: Simulation) -> List[bytes]:
+  """The labels as JSON records (the ``labels`` topic's format)."""
+  tx = simulation.transactions
+  times = _iso_times(tx['tx_time_seconds'].to_numpy(), simulation.config.start)
+  return [b'{"transaction_id": %d, "tx_datetime": "%s", "customer_id": %d, "terminal_id": %d, '
+          b'"is_fraud": %d, "fraud_scenario": %d}' % (i, t.encode(), c, term, f, s)
+          for i, t, c, term, f, s in zip(tx['transaction_id'], times, tx['customer_id'], tx['terminal_id'],
+                                         tx['is_fraud'], tx['fraud_scenario'], strict=True)]
+
+
+def events(simulation: Simulation) -> Iterator[Event]:
+  """Transactions and their labels, merged in event-time order.
+
+  A transaction's time is its own; its label's is the transaction's time
+  plus the label delay. Records are keyed by customer, so a customer's
+  records keep their order within a partition.
+  """
+  tx = simulation.transactions
+  start_ms = int(simulation.config.start.timestamp() * 1000)
+  tx_ms = start_ms + tx['tx_time_seconds'].to_numpy() * 1000
+  label_ms = tx_ms + int(simulation.config.label_delay_days * SECONDS_PER_DAY * 1000)
+  times = np.concatenate([label_ms, tx_ms])
+  is_label = np.concatenate([np.ones(len(tx), bool), np.zeros(len(tx), bool)])
+  rows = np.concatenate([np.arange(len(tx)), np.arange(len(tx))])
+  order = np.lexsort((rows, ~is_label, times))  # by time; at one instant, labels first
+  values = (transaction_records(simulation), label_records(simulation))
+  keys = [b'%d' % c for c in tx['customer_id']]
+  for i in order:
+    row, label = rows[i], bool(is_label[i])
+    yield Event(label, int(times[i]), keys[row], values[label][row])
+
+
+def write_files(simulation: Simulation, folder: str) -> Tuple[str, str]:
+  """Writes transactions.jsonl and labels.jsonl (one JSON record a line) for offline use."""
+  os.makedirs(folder, exist_ok=True)
+  paths = os.path.join(folder, 'transactions.jsonl'), os.path.join(folder, 'labels.jsonl')
+  for path, records in zip(paths, (transaction_records(simulation), label_records(simulation)), strict=True):
+    with open(path, 'wb') as f:
+      f.write(b'\n'.join(records) + b'\n')
+  return paths
+
+
+def produce(simulated: Iterable[Event], producer_config: Dict[str, str], transactions_topic: str, labels_topic: str,
+            rate: Optional[float] = None, progress: Optional[Callable[[int, int], None]] = None) -> Tuple[int, int]:
+  """Produces events in order, as fast as possible or at ``rate`` events per second.
+
+  Each record's Kafka timestamp is its event time. Returns the numbers of
+  transactions and labels produced, all acknowledged.
+
+  Raises:
+    RuntimeError: some records were not delivered.
+  """
+  from confluent_kafka import Producer
+
+  from kbml.kafka_client import cluster_metadata, with_client_logger
+  producer = Producer(with_client_logger({'enable.idempotence': True, 'linger.ms': 5, **producer_config}))
+  cluster_metadata(producer)
+  failures = []
+  counts = [0, 0]
+  started = time.monotonic()
+  last_report = started
+  for event in simulated:
+    topic = labels_topic if event.is_label else transactions_topic
+    while True:
+      try:
+        producer.produce(topic, event.value, key=event.key, timestamp=event.timestamp_ms,
+                         on_delivery=lambda error, _: error and failures.append(error))
+        break
+      except BufferError:
+        producer.poll(0.05)
+    counts[event.is_label] += 1
+    sent = counts[0] + counts[1]
+    if rate and sent % 50 == 0:
+      time.sleep(max(0.0, started + sent / rate - time.monotonic()))
+    if sent % 1000 == 0:
+      producer.poll(0)
+      now = time.monotonic()
+      if progress and now - last_report >= 1:
+        progress(*counts)
+        last_report = now
+  undelivered = producer.flush(60)
+  if undelivered or failures:
+    raise RuntimeError(f'{undelivered + len(failures)} simulated records were not delivered to Kafka: '
+                       f'{failures[:1] or "acknowledgement timed out"}')
+  if progress:
+    progress(*counts)
+  return counts[0], counts[1]

@@ -1,0 +1,185 @@
+"""The warehouse that holds training data: BigQuery, or an embedded DuckDB file.
+
+Both sit behind one small interface (create a table, upsert rows, query), so
+the pipelines, the trainer and the demo do not care which one they use. A
+warehouse is named by a URL:
+
+- ``duckdb:///path/to/warehouse.duckdb`` (the default, ``.kbml/warehouse.duckdb``);
+- ``bigquery://PROJECT/DATASET``; set ``KBML_BIGQUERY_ENDPOINT`` to talk to a
+  BigQuery emulator instead of Google's service.
+
+Rows are keyed (the key columns of the table's schema): the embedded store
+replaces a row written twice, so at-least-once delivery leaves no duplicates;
+BigQuery does not enforce keys, so reads of it keep one row per key.
+"""
+
+import dataclasses
+import os
+import time
+import urllib.parse
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from kbml.local_stack import local_state_dir
+
+# Column types, by their BigQuery names, and their DuckDB equivalents.
+_DUCKDB_TYPES = {'INT64': 'BIGINT', 'FLOAT64': 'DOUBLE', 'STRING': 'VARCHAR', 'TIMESTAMP': 'TIMESTAMPTZ',
+                 'NUMERIC': 'DECIMAL(38, 9)'}
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSchema:
+  """A table's columns (name, BigQuery type) and the columns that identify a row."""
+  columns: Tuple[Tuple[str, str], ...]
+  key: Tuple[str, ...]
+
+  @property
+  def names(self) -> List[str]:
+    return [name for name, _ in self.columns]
+
+  def bigquery_schema(self) -> Dict[str, List[Dict[str, str]]]:
+    """The schema as Beam's and BigQuery's JSON form."""
+    return {'fields': [{'name': name, 'type': kind, 'mode': 'REQUIRED' if name in self.key else 'NULLABLE'}
+                       for name, kind in self.columns]}
+
+  def duckdb_ddl(self, table: str) -> str:
+    columns = ', '.join(f'"{name}" {_DUCKDB_TYPES[kind]}' for name, kind in self.columns)
+    return f'CREATE TABLE IF NOT EXISTS "{table}" ({columns}, PRIMARY KEY ({", ".join(self.key)}))'
+
+
+class WarehouseError(RuntimeError):
+  """The warehouse could not be opened or written."""
+
+
+class Warehouse:
+  """What the project needs of a warehouse."""
+
+  url: str
+
+  def ensure_table(self, table: str, schema: TableSchema):
+    raise NotImplementedError
+
+  def write_rows(self, table: str, schema: TableSchema, rows: Sequence[Mapping[str, object]]):
+    """Writes rows; a row whose key is already there replaces it (embedded store)."""
+    raise NotImplementedError
+
+  def query(self, sql: str) -> pd.DataFrame:
+    """Runs a query; table names are written as {table} placeholders, see :meth:`table_ref`."""
+    raise NotImplementedError
+
+  def table_ref(self, table: str) -> str:
+    """How a query names ``table`` in this warehouse."""
+    raise NotImplementedError
+
+  def tables(self) -> List[str]:
+    raise NotImplementedError
+
+
+class DuckDBWarehouse(Warehouse):
+  """The embedded warehouse: one DuckDB file.
+
+  DuckDB lets one process write a file at a time, so every operation opens
+  the file, does its work and closes it, waiting up to ``lock_timeout_s``
+  while another process holds it.
+  """
+
+  def __init__(self, path: str, lock_timeout_s: float = 60.0):
+    self.path = os.path.abspath(path)
+    self.url = f'duckdb://{self.path}'
+    self._lock_timeout_s = lock_timeout_s
+
+  def _connect(self, read_only: bool = False):
+    import duckdb
+    if read_only and not os.path.exists(self.path):
+      raise WarehouseError(f'The warehouse {self.path} does not exist yet: run `kbml ingest` first.')
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    deadline = time.monotonic() + self._lock_timeout_s
+    while True:
+      try:
+        return duckdb.connect(self.path, read_only=read_only)
+      except duckdb.IOException as e:
+        if 'lock' not in str(e).lower() or time.monotonic() > deadline:
+          raise WarehouseError(f'Cannot open the warehouse {self.path}: {e}') from e
+        time.sleep(0.1)
+
+  def ensure_table(self, table, schema):
+    with self._connect() as connection:
+      connection.execute(schema.duckdb_ddl(table))
+
+  def write_rows(self, table, schema, rows):
+    if not rows:
+      return
+    batch = pd.DataFrame.from_records(rows, columns=schema.names)
+    with self._connect() as connection:
+      connection.execute(schema.duckdb_ddl(table))
+      connection.register('batch', batch)
+      columns = ', '.join(f'"{name}"' for name in schema.names)
+      casts = ', '.join(f'CAST("{name}" AS {_DUCKDB_TYPES[kind]})' for name, kind in schema.columns)
+      connection.execute(f'INSERT OR REPLACE INTO "{table}" ({columns}) SELECT {casts} FROM batch')
+
+  def query(self, sql):
+    with self._connect(read_only=True) as connection:
+      return connection.execute(sql).df()
+
+  def table_ref(self, table):
+    return f'"{table}"'
+
+  def tables(self):
+    if not os.path.exists(self.path):
+      return []
+    return sorted(self.query('SELECT table_name FROM information_schema.tables')['table_name'])
+
+
+class BigQueryWarehouse(Warehouse):
+  """A BigQuery dataset."""
+
+  def __init__(self, project: str, dataset: str):
+    self.project = project
+    self.dataset = dataset
+    self.url = f'bigquery://{project}/{dataset}'
+
+  def _client(self):
+    from kbml.bigquery import bigquery_client
+    return bigquery_client(self.project)
+
+  def ensure_table(self, table, schema):
+    from google.cloud import bigquery
+    client = self._client()
+    client.create_dataset(self.dataset, exists_ok=True)
+    fields = [bigquery.SchemaField(f['name'], f['type'], mode=f['mode']) for f in schema.bigquery_schema()['fields']]
+    client.create_table(bigquery.Table(f'{self.project}.{self.dataset}.{table}', schema=fields), exists_ok=True)
+
+  def write_rows(self, table, schema, rows):
+    if not rows:
+      return
+    self.ensure_table(table, schema)
+    errors = self._client().insert_rows_json(f'{self.project}.{self.dataset}.{table}', list(rows))
+    if errors:
+      raise WarehouseError(f'BigQuery refused {len(errors)} rows of {table}: {errors[:2]}')
+
+  def query(self, sql):
+    from kbml.bigquery import bigquery_storage_client
+    return self._client().query(sql).result().to_dataframe(bqstorage_client=bigquery_storage_client())
+
+  def table_ref(self, table):
+    return f'`{self.project}.{self.dataset}.{table}`'
+
+  def tables(self):
+    return sorted(t.table_id for t in self._client().list_tables(self.dataset))
+
+
+def default_warehouse_url() -> str:
+  return f"duckdb://{os.path.abspath(os.path.join(local_state_dir(), 'warehouse.duckdb'))}"
+
+
+def open_warehouse(url: Optional[str] = None) -> Warehouse:
+  """Opens the warehouse a URL names (see the module docstring)."""
+  url = url or default_warehouse_url()
+  parsed = urllib.parse.urlparse(url)
+  if parsed.scheme == 'duckdb':
+    return DuckDBWarehouse(parsed.netloc + parsed.path)
+  if parsed.scheme == 'bigquery' and parsed.netloc and parsed.path.strip('/'):
+    return BigQueryWarehouse(parsed.netloc, parsed.path.strip('/'))
+  raise WarehouseError(f'Unknown warehouse {url!r}: use duckdb:///path/file.duckdb or bigquery://PROJECT/DATASET.')
+

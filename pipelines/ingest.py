@@ -1,0 +1,120 @@
+"""Ingest: Kafka transactions and labels -> validation -> features -> warehouse.
+
+Every record of the ``transactions`` and ``labels`` topics is parsed against
+its schema; a bad one goes to the ``dead-letter`` topic with its original
+bytes, its source and the reason. Valid transactions get their 15 features
+(computed in event time with the labels that have arrived) and are written to
+the warehouse's ``features`` table; labels go to its ``labels`` table. The
+trainer joins the two.
+
+It runs unbounded (a streaming job), or bounded (``--stop_at_end``: what the
+topics hold now). ``--replay_from``/``--replay_to`` rebuild the feature rows of
+an event-time range into a new table: the read starts at the beginning of the
+topics so that every customer's and terminal's history is warmed up exactly
+as in the original run, and only the rows of the range are written.
+
+Example::
+
+    python -m pipelines.ingest --stop_at_end
+    python -m pipelines.ingest --replay_from 2018-05-01T00:00:00Z --replay_to 2018-05-08T00:00:00Z \\
+        --features_table features_replay
+"""
+
+import logging
+from typing import List, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from kbml.warehouse import default_warehouse_url
+from pipelines.options import KafkaOptions, kafka_config, pipeline_options
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FEATURES_TABLE, ComputeFeatures
+from transforms.kafka_io import read_from_kafka, write_to_kafka
+from transforms.records import (
+  DEAD_LETTER_TAG,
+  LABEL_SCHEMA,
+  LABELS_TABLE,
+  TRANSACTION_SCHEMA,
+  ParseRecords,
+  dead_letter_message,
+  label_row,
+  parse_utc_timestamp,
+)
+from transforms.warehouse_io import WriteToWarehouse
+
+
+class IngestOptions(PipelineOptions):
+  """Topics, warehouse, and how much to read."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--transactions_topic', default='transactions')
+    parser.add_argument('--labels_topic', default='labels')
+    parser.add_argument('--dead_letter_topic', default='dead-letter', help='Where invalid records go.')
+    parser.add_argument('--consumer_group', default='kbml-ingest',
+                        help='Consumer group: the read resumes after its committed offsets (not used by replays).')
+    parser.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
+                        'bigquery://PROJECT/DATASET.')
+    parser.add_argument('--features_table', default='features')
+    parser.add_argument('--labels_table', default='labels')
+    parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
+                        help='The delay d of the terminal features.')
+    parser.add_argument('--stop_at_end', action='store_true',
+                        help='Bounded: read what the topics hold when the job starts, then stop.')
+    parser.add_argument('--replay_from', help='Replay: first event time of the rebuilt range (ISO-8601 UTC).')
+    parser.add_argument('--replay_to', help='Replay: end of the rebuilt range, excluded (ISO-8601 UTC).')
+    parser.add_argument('--bigquery_temp_location', help='Staging folder of BigQuery file loads.')
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PCollection:
+  """Adds the ingest steps to ``pipeline``; returns the feature rows written."""
+  kafka = options.view_as(KafkaOptions)
+  ingest = options.view_as(IngestOptions)
+  replay = ingest.replay_from is not None or ingest.replay_to is not None
+  if replay and not (ingest.replay_from and ingest.replay_to):
+    raise ValueError('A replay needs both --replay_from and --replay_to.')
+  config = kafka_config(options)
+  consumer_config = config if replay else {**config, 'group.id': ingest.consumer_group}
+  warehouse = ingest.warehouse or default_warehouse_url()
+
+  records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
+      kafka.kafka_io, {**consumer_config, 'auto.offset.reset': 'earliest'},
+      [ingest.transactions_topic, ingest.labels_topic], expansion_service=kafka.kafka_expansion_service,
+      stop_at_end=ingest.stop_at_end or replay)
+  transactions_records, labels_records = records | 'SplitByTopic' >> beam.Partition(
+      lambda record, _: int(record.topic == ingest.labels_topic), 2)
+  transactions = transactions_records | 'ParseTransactions' >> ParseRecords(TRANSACTION_SCHEMA)
+  labels = labels_records | 'ParseLabels' >> ParseRecords(LABEL_SCHEMA)
+
+  _ = ((transactions[DEAD_LETTER_TAG], labels[DEAD_LETTER_TAG])
+       | 'InvalidRecords' >> beam.Flatten()
+       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
+       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, ingest.dead_letter_topic,
+                                              expansion_service=kafka.kafka_expansion_service))
+
+  rows = ({'transactions': transactions[TRANSACTION_SCHEMA.name]
+                           | 'AtTransactionTime' >> beam.Map(lambda t: beam.window.TimestampedValue(t, t.tx_time)),
+           'labels': labels[LABEL_SCHEMA.name]}
+          | 'ComputeFeatures' >> ComputeFeatures(ingest.label_delay_days))
+  if replay:
+    start, end = parse_utc_timestamp(ingest.replay_from), parse_utc_timestamp(ingest.replay_to)
+    rows = rows | 'InReplayRange' >> beam.Filter(lambda row, ts=beam.DoFn.TimestampParam: start <= float(ts) < end)
+  else:
+    _ = (labels[LABEL_SCHEMA.name]
+         | 'ToLabelRows' >> beam.Map(label_row)
+         | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
+                                             temp_location=ingest.bigquery_temp_location))
+  _ = rows | 'WriteFeatures' >> WriteToWarehouse(warehouse, ingest.features_table, FEATURES_TABLE,
+                                                 temp_location=ingest.bigquery_temp_location)
+  return rows
+
+
+def run(argv: Optional[List[str]] = None):
+  options = pipeline_options(argv, [IngestOptions], prog='python -m pipelines.ingest')
+  with beam.Pipeline(options=options) as pipeline:
+    build_pipeline(pipeline, options)
+
+
+if __name__ == '__main__':
+  logging.getLogger().setLevel(logging.INFO)
+  run()

@@ -1,0 +1,99 @@
+"""The 15 features equal an independent pandas computation, whatever the arrival order."""
+
+import random
+from decimal import Decimal
+
+import apache_beam as beam
+import numpy as np
+import pandas as pd
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that
+
+from kbml.simulator import SimulationConfig, simulate
+from tests.conftest import local_options
+from transforms.features import FEATURE_NAMES, ComputeFeatures
+from transforms.records import Label, Transaction
+
+DELAY_DAYS = 7
+
+
+def pandas_features(tx: pd.DataFrame) -> pd.DataFrame:
+  """The handbook's feature code (chapter 3), on a frame of simulated transactions."""
+  tx = tx.sort_values('tx_datetime', kind='stable').copy()
+  tx['TX_AMOUNT'] = tx['amount']
+  tx['TX_DURING_WEEKEND'] = (tx['tx_datetime'].dt.weekday >= 5).astype(int)
+  tx['TX_DURING_NIGHT'] = (tx['tx_datetime'].dt.hour <= 6).astype(int)
+
+  def customer_windows(customer):
+    customer = customer.sort_values('transaction_id').set_index('tx_datetime')
+    for w in (1, 7, 30):
+      total = customer['amount'].rolling(f'{w}d').sum()
+      count = customer['amount'].rolling(f'{w}d').count()
+      customer[f'CUSTOMER_ID_NB_TX_{w}DAY_WINDOW'] = count.to_numpy()
+      customer[f'CUSTOMER_ID_AVG_AMOUNT_{w}DAY_WINDOW'] = (total / count).to_numpy()
+    return customer.reset_index()
+
+  def terminal_windows(terminal):
+    terminal = terminal.sort_values('transaction_id').set_index('tx_datetime')
+    frauds_delay = terminal['is_fraud'].rolling(f'{DELAY_DAYS}d').sum()
+    count_delay = terminal['is_fraud'].rolling(f'{DELAY_DAYS}d').count()
+    for w in (1, 7, 30):
+      frauds = terminal['is_fraud'].rolling(f'{DELAY_DAYS + w}d').sum() - frauds_delay
+      count = terminal['is_fraud'].rolling(f'{DELAY_DAYS + w}d').count() - count_delay
+      terminal[f'TERMINAL_ID_NB_TX_{w}DAY_WINDOW'] = count.to_numpy()
+      terminal[f'TERMINAL_ID_RISK_{w}DAY_WINDOW'] = (frauds / count).fillna(0).to_numpy()
+    return terminal.reset_index()
+
+  tx = pd.concat([customer_windows(group) for _, group in tx.groupby('customer_id')])
+  tx = pd.concat([terminal_windows(group) for _, group in tx.groupby('terminal_id')])
+  return tx.set_index('transaction_id').sort_index()
+
+
+def streams(simulation):
+  """Transactions and labels as timestamped elements, in a shuffled order."""
+  delay = DELAY_DAYS * 86_400
+  elements = []
+  for row in simulation.transactions.itertuples():
+    tx_time = row.tx_datetime.timestamp()
+    elements.append(beam.window.TimestampedValue(
+        Transaction(row.transaction_id, tx_time, row.customer_id, row.terminal_id, Decimal(repr(row.amount))), tx_time))
+    elements.append(beam.window.TimestampedValue(
+        Label(row.transaction_id, tx_time, row.customer_id, row.terminal_id, row.is_fraud, row.fraud_scenario,
+              tx_time + delay), tx_time + delay))
+  random.Random(1).shuffle(elements)
+  return elements
+
+
+def _equal_features(expected: pd.DataFrame):
+  def check(rows):
+    actual = pd.DataFrame(rows).set_index('transaction_id').sort_index()
+    assert list(actual.index) == list(expected.index), 'one row per transaction'
+    for name in FEATURE_NAMES:
+      np.testing.assert_allclose(actual[name].astype(float), expected[name].astype(float), rtol=1e-9, atol=1e-9,
+                                 err_msg=name)
+  return check
+
+
+@pytest.fixture(scope='module')
+def simulation():
+  # A small, dense population: terminals shared by many customers, frauds of every scenario.
+  return simulate(SimulationConfig(customers=60, terminals=60, radius=30, days=75, seed=6))
+
+
+def test_population_exercises_every_feature(simulation):
+  expected = pandas_features(simulation.transactions)
+  assert len(expected) > 5_000 and set(simulation.transactions['fraud_scenario']) == {0, 1, 2, 3}
+  assert (expected['TERMINAL_ID_RISK_30DAY_WINDOW'] > 0).mean() > 0.1
+  assert expected['TX_DURING_WEEKEND'].any() and expected['TX_DURING_NIGHT'].any()
+
+
+def test_streaming_features_equal_pandas_rolling_windows(simulation):
+  expected = pandas_features(simulation.transactions)
+  elements = streams(simulation)
+  with TestPipeline(options=local_options()) as p:
+    events = p | beam.Create(elements)
+    rows = ({'transactions': events | 'Transactions' >> beam.Filter(lambda e: isinstance(e, Transaction)),
+             'labels': events | 'Labels' >> beam.Filter(lambda e: isinstance(e, Label))}
+            | ComputeFeatures(label_delay_days=DELAY_DAYS))
+    assert_that(rows, _equal_features(expected))

@@ -1,0 +1,244 @@
+"""The fraud features, defined once for ingest (training rows) and scoring.
+
+The 15 features of the Fraud Detection Handbook (chapter 3), computed in
+event time from the streams of transactions and labels:
+
+- ``TX_AMOUNT``, ``TX_DURING_WEEKEND`` (Saturday or Sunday),
+  ``TX_DURING_NIGHT`` (hour 0 to 6);
+- per customer, for w in 1, 7, 30 days: the count and mean amount of the
+  customer's transactions in (t - w, t], the current one included;
+- per terminal, for w in 1, 7, 30 days and the label delay d (7 days): the
+  count of the terminal's transactions in (t - d - w, t - d] and the share of
+  them known to be fraudulent (0 when there are none). A label counts only
+  once it has arrived, which is what a scorer can know at time t.
+
+Each key's events are applied in event-time order: a stateful DoFn buffers
+them and releases them when the watermark passes their timestamp (a label
+before a transaction of the same instant). So the result does not depend on
+the order in which the runner delivers records from the partitions of the
+two topics, and a replay yields the same rows as the original run.
+"""
+
+import bisect
+import collections
+import datetime
+from typing import Dict, Iterable, List, NamedTuple, Tuple
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from kbml.warehouse import TableSchema
+from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, utc_iso
+
+DAY_SECONDS = 86_400
+WINDOW_DAYS = (1, 7, 30)
+DEFAULT_LABEL_DELAY_DAYS = 7
+
+CUSTOMER_FEATURES = [f'CUSTOMER_ID_{kind}_{w}DAY_WINDOW' for w in WINDOW_DAYS for kind in ('NB_TX', 'AVG_AMOUNT')]
+TERMINAL_FEATURES = [f'TERMINAL_ID_{kind}_{w}DAY_WINDOW' for w in WINDOW_DAYS for kind in ('NB_TX', 'RISK')]
+FEATURE_NAMES = ['TX_AMOUNT', 'TX_DURING_WEEKEND', 'TX_DURING_NIGHT', *CUSTOMER_FEATURES, *TERMINAL_FEATURES]
+
+FEATURES_TABLE = TableSchema(
+    columns=(*TRANSACTION_COLUMNS, ('amount', 'NUMERIC'), ('kafka_partition', 'INT64'), ('kafka_offset', 'INT64'),
+             *((name, 'INT64' if '_NB_TX_' in name or name.startswith('TX_DURING') else 'FLOAT64')
+               for name in FEATURE_NAMES)),
+    key=('transaction_id',))
+
+# Within one instant, labels are applied before transactions: a label that has
+# arrived by time t is known when the transaction at t is scored.
+_LABEL, _TRANSACTION = 0, 1
+
+
+def calendar_features(transaction: Transaction) -> Dict[str, float]:
+  moment = datetime.datetime.fromtimestamp(transaction.tx_time, datetime.timezone.utc)
+  return {'TX_AMOUNT': float(transaction.amount), 'TX_DURING_WEEKEND': int(moment.weekday() >= 5),
+          'TX_DURING_NIGHT': int(moment.hour <= 6)}
+
+
+class CustomerHistory:
+  """A customer's transactions of the last 30 days: times and amounts, oldest first."""
+
+  def __init__(self):
+    self._spending = collections.deque()
+
+  def add(self, tx_time: float, amount: float) -> Dict[str, float]:
+    """Adds a transaction; returns the customer features at its time."""
+    self._spending.append((tx_time, amount))
+    while self._spending[0][0] <= tx_time - max(WINDOW_DAYS) * DAY_SECONDS:
+      self._spending.popleft()
+    features = {}
+    for days in WINDOW_DAYS:
+      amounts = [a for t, a in self._spending if t > tx_time - days * DAY_SECONDS]
+      features[f'CUSTOMER_ID_NB_TX_{days}DAY_WINDOW'] = len(amounts)
+      features[f'CUSTOMER_ID_AVG_AMOUNT_{days}DAY_WINDOW'] = sum(amounts) / len(amounts)
+    return features
+
+
+class TerminalHistory:
+  """A terminal's transaction times and known fraud times, oldest first."""
+
+  def __init__(self, label_delay_days: float):
+    self._delay = label_delay_days * DAY_SECONDS
+    self._tx_times: List[float] = []
+    self._fraud_times: List[float] = []
+
+  def add_label(self, label: Label):
+    if label.is_fraud:
+      bisect.insort(self._fraud_times, label.tx_time)
+
+  def add_transaction(self, tx_time: float) -> Dict[str, float]:
+    """Adds a transaction; returns the terminal features at its time."""
+    horizon = tx_time - self._delay
+    oldest = horizon - max(WINDOW_DAYS) * DAY_SECONDS
+    for times in (self._tx_times, self._fraud_times):
+      del times[:bisect.bisect_right(times, oldest)]
+    features = {}
+    for days in WINDOW_DAYS:
+      start = horizon - days * DAY_SECONDS
+      count = bisect.bisect_right(self._tx_times, horizon) - bisect.bisect_right(self._tx_times, start)
+      frauds = bisect.bisect_right(self._fraud_times, horizon) - bisect.bisect_right(self._fraud_times, start)
+      features[f'TERMINAL_ID_NB_TX_{days}DAY_WINDOW'] = count
+      features[f'TERMINAL_ID_RISK_{days}DAY_WINDOW'] = frauds / count if count else 0.0
+    bisect.insort(self._tx_times, tx_time)
+    return features
+
+
+class _PendingEvent(NamedTuple):
+  micros: int
+  kind: int
+  event_id: int
+  event: object
+
+
+class _EventTimeOrderedFn(beam.DoFn):
+  """Applies each key's events to a per-key history in event-time order.
+
+  Events wait in a bag until the watermark passes their timestamp; then the
+  ones due are applied in (time, kind, id) order and their outputs emitted
+  with their own timestamps. Subclasses say how to start a history and how
+  to apply an event to it.
+
+  Each arrival sets the key's timer to its own timestamp, and a firing that
+  leaves events waiting sets it to the latest of them: the timer fires once
+  the watermark passes everything that waits, and releases it all in one
+  go. (A runner fires newly set timers in a later round; releasing one
+  instant per firing would take a round per event.)
+  """
+  PENDING = BagStateSpec('pending', PickleCoder())
+  HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
+  DUE = TimerSpec('due', TimeDomain.WATERMARK)
+
+  def new_history(self):
+    raise NotImplementedError
+
+  def sort_fields(self, event) -> Tuple[int, int]:
+    """The event's kind and id, which order events of the same instant."""
+    raise NotImplementedError
+
+  def apply(self, history, event) -> Iterable:
+    raise NotImplementedError
+
+  def process(self, element, timestamp=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
+              due=beam.DoFn.TimerParam(DUE)):
+    _, event = element
+    pending.add(_PendingEvent(timestamp.micros, *self.sort_fields(event), event))
+    due.set(timestamp)
+
+  @on_timer(DUE)
+  def release_due_events(self, fired_at=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
+                         history_state=beam.DoFn.StateParam(HISTORY), due=beam.DoFn.TimerParam(DUE)):
+    events = sorted(pending.read())
+    ready = [e for e in events if e.micros <= fired_at.micros]
+    waiting = events[len(ready):]
+    pending.clear()
+    for event in waiting:
+      pending.add(event)
+    history = history_state.read() or self.new_history()
+    for event in ready:
+      for output in self.apply(history, event.event):
+        yield beam.window.TimestampedValue(output, Timestamp(micros=event.micros))
+    history_state.write(history)
+    if waiting:
+      due.set(Timestamp(micros=waiting[-1].micros))
+
+
+class _CustomerFeaturesFn(_EventTimeOrderedFn):
+  """(customer_id, Transaction) -> (Transaction, customer features)."""
+
+  def new_history(self):
+    return CustomerHistory()
+
+  def sort_fields(self, transaction):
+    return _TRANSACTION, transaction.transaction_id
+
+  def apply(self, history, transaction):
+    yield transaction, history.add(transaction.tx_time, float(transaction.amount))
+
+
+class _TerminalFeaturesFn(_EventTimeOrderedFn):
+  """(terminal_id, Label or (Transaction, customer features)) -> feature row."""
+
+  def __init__(self, label_delay_days: float):
+    self._label_delay_days = label_delay_days
+
+  def new_history(self):
+    return TerminalHistory(self._label_delay_days)
+
+  def sort_fields(self, event):
+    if isinstance(event, Label):
+      return _LABEL, event.transaction_id
+    return _TRANSACTION, event[0].transaction_id
+
+  def apply(self, history, event):
+    if isinstance(event, Label):
+      history.add_label(event)
+      return
+    transaction, customer_features = event
+    yield feature_row(transaction, {**customer_features, **history.add_transaction(transaction.tx_time)})
+
+
+def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> Dict[str, object]:
+  """A transaction's identity and its 15 features, as a warehouse row."""
+  features = {**calendar_features(transaction), **window_features}
+  return {
+      'transaction_id': transaction.transaction_id,
+      'tx_datetime': utc_iso(transaction.tx_time),
+      'customer_id': transaction.customer_id,
+      'terminal_id': transaction.terminal_id,
+      'amount': str(transaction.amount),
+      'kafka_partition': transaction.kafka_partition,
+      'kafka_offset': transaction.kafka_offset,
+      **{name: features[name] for name in FEATURE_NAMES},
+  }
+
+
+class ComputeFeatures(beam.PTransform):
+  """Computes the feature row of every transaction.
+
+  Input: a dict with ``transactions`` (a PCollection of
+  :class:`~transforms.records.Transaction`) and ``labels`` (of
+  :class:`~transforms.records.Label`), both timestamped in event time (a
+  label at the time it became known). Output: one dict per transaction, see
+  :func:`feature_row`, timestamped with the transaction's time.
+
+  Args:
+    label_delay_days: the delay d of the terminal features.
+  """
+
+  def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS):
+    super().__init__()
+    self._label_delay_days = label_delay_days
+
+  def expand(self, streams):
+    transactions = (
+        streams['transactions']
+        | 'KeyByCustomer' >> beam.Map(lambda t: (t.customer_id, t))
+        | 'CustomerFeatures' >> beam.ParDo(_CustomerFeaturesFn())
+        | 'KeyTransactionsByTerminal' >> beam.Map(lambda tx_features: (tx_features[0].terminal_id, tx_features)))
+    labels = streams['labels'] | 'KeyLabelsByTerminal' >> beam.Map(lambda label: (label.terminal_id, label))
+    return ((transactions, labels)
+            | 'TransactionsAndLabels' >> beam.Flatten()
+            | 'TerminalFeatures' >> beam.ParDo(_TerminalFeaturesFn(self._label_delay_days)))

@@ -1,0 +1,223 @@
+"""Record schemas, validation and the dead-letter queue.
+
+A schema says which JSON fields a record has and what each must hold. Every
+Kafka record is parsed against one: a valid record becomes a typed row; an
+invalid one goes, with its original bytes, its source topic, partition and
+offset and a readable reason, to the dead-letter output, which the pipelines
+write to the ``dead-letter`` topic. Nothing is dropped and bad data never
+fails a pipeline.
+
+A use case defines its schemas here (the fraud use case: transactions and
+labels); a new use case adds its own.
+"""
+
+import dataclasses
+import datetime
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
+
+import apache_beam as beam
+
+from kbml.warehouse import TableSchema
+from transforms.kafka_io import KafkaRecord
+
+DEAD_LETTER_TAG = 'dead_letter'
+MAX_RECORD_BYTES = 64 * 1024
+MAX_ID = 2 ** 53  # ids stay exact as JSON numbers
+
+# Headers of a dead-letter record: what went wrong and where the record came from
+# (the value is the original bytes, unchanged).
+REASON_HEADER = 'kbml.error.reason'
+SOURCE_HEADERS = ('kbml.source.topic', 'kbml.source.partition', 'kbml.source.offset', 'kbml.source.timestamp')
+
+
+class InvalidRecord(ValueError):
+  """A record does not match its schema; the message says how."""
+
+
+def _integer_id(value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise InvalidRecord(f'must be an integer id, got {type(value).__name__} {value!r}'[:200])
+  if not 0 <= value < MAX_ID:
+    raise InvalidRecord(f'is not a valid id (0 <= id < 2**53), got {value}')
+  return value
+
+
+def _amount(value: Any) -> Decimal:
+  if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+    raise InvalidRecord(f'must be a number, got {type(value).__name__} {value!r}'[:200])
+  amount = Decimal(value)
+  if not amount.is_finite():
+    raise InvalidRecord(f'must be finite, got {value}')
+  if amount < 0:
+    raise InvalidRecord(f'must not be negative, got {value}')
+  if amount.as_tuple().exponent < -2:
+    raise InvalidRecord(f'must have at most 2 decimals, got {value}')
+  return amount
+
+
+def parse_utc_timestamp(value: Any) -> float:
+  if not isinstance(value, str):
+    raise InvalidRecord(f'must be an ISO-8601 UTC timestamp string, got {type(value).__name__}')
+  try:
+    parsed = datetime.datetime.fromisoformat(value.replace('Z', '+00:00'))
+  except ValueError:
+    raise InvalidRecord(f'is not an ISO-8601 timestamp: {value!r}'[:200]) from None
+  if parsed.utcoffset() != datetime.timedelta(0):
+    raise InvalidRecord(f'must be in UTC (suffix Z or +00:00), got {value!r}')
+  return parsed.timestamp()
+
+
+def _flag(value: Any) -> int:
+  if value not in (0, 1) or isinstance(value, float):
+    raise InvalidRecord(f'must be 0 or 1, got {value!r}'[:200])
+  return int(value)
+
+
+def _small_int(value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1000:
+    raise InvalidRecord(f'must be an integer from 0 to 999, got {value!r}'[:200])
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSchema:
+  """The fields of a JSON record and how each is checked.
+
+  Attributes:
+    name: what the record is (used in reasons).
+    fields: field name -> function that checks a JSON value and returns the
+      typed value, raising :class:`InvalidRecord` with the problem.
+    row_type: the NamedTuple a valid record becomes (fields in order).
+    with_source: adds what the row keeps of its Kafka record (position, time).
+  """
+  name: str
+  fields: Dict[str, Callable[[Any], Any]]
+  row_type: type
+  with_source: Callable[[Any, KafkaRecord], Any] = lambda row, record: row
+
+  def parse(self, payload: Optional[bytes]) -> NamedTuple:
+    """Parses one record; raises :class:`InvalidRecord` naming the problem."""
+    if payload is None or not payload:
+      raise InvalidRecord(f'empty {self.name} record')
+    if len(payload) > MAX_RECORD_BYTES:
+      raise InvalidRecord(f'oversized {self.name} record: {len(payload)} bytes, the limit is {MAX_RECORD_BYTES}')
+    try:
+      document = json.loads(payload, parse_float=Decimal, parse_constant=Decimal)
+    except (UnicodeDecodeError, json.JSONDecodeError, InvalidOperation) as e:
+      raise InvalidRecord(f'not valid JSON: {e}') from None
+    if not isinstance(document, dict):
+      raise InvalidRecord(f'a {self.name} record must be a JSON object, got {type(document).__name__}')
+    missing = [name for name in self.fields if name not in document]
+    if missing:
+      raise InvalidRecord(f'missing field{"s" if len(missing) > 1 else ""} {", ".join(missing)}')
+    values = []
+    for name, check in self.fields.items():
+      try:
+        values.append(check(document[name]))
+      except InvalidRecord as e:
+        raise InvalidRecord(f'field {name} {e}') from None
+    return self.row_type(*values)
+
+
+class Transaction(NamedTuple):
+  transaction_id: int
+  tx_time: float  # seconds since the epoch, UTC
+  customer_id: int
+  terminal_id: int
+  amount: Decimal
+  kafka_partition: int = -1  # where the record was read: lineage, and replays by offset
+  kafka_offset: int = -1
+
+
+class Label(NamedTuple):
+  transaction_id: int
+  tx_time: float
+  customer_id: int
+  terminal_id: int
+  is_fraud: int
+  fraud_scenario: int
+  known_time: float = 0.0  # when the label arrived: its Kafka timestamp
+
+
+# The columns that identify a transaction, first in every table about transactions.
+TRANSACTION_COLUMNS = (('transaction_id', 'INT64'), ('tx_datetime', 'TIMESTAMP'), ('customer_id', 'INT64'),
+                       ('terminal_id', 'INT64'))
+
+LABELS_TABLE = TableSchema(
+    columns=(*TRANSACTION_COLUMNS, ('is_fraud', 'INT64'), ('fraud_scenario', 'INT64'),
+             ('known_datetime', 'TIMESTAMP')),
+    key=('transaction_id',))
+
+
+def label_row(label: Label) -> Dict[str, object]:
+  """A label as a warehouse row."""
+  return {'transaction_id': label.transaction_id, 'tx_datetime': utc_iso(label.tx_time),
+          'customer_id': label.customer_id, 'terminal_id': label.terminal_id, 'is_fraud': label.is_fraud,
+          'fraud_scenario': label.fraud_scenario, 'known_datetime': utc_iso(label.known_time)}
+
+
+TRANSACTION_SCHEMA = RecordSchema('transaction', {
+    'transaction_id': _integer_id,
+    'tx_datetime': parse_utc_timestamp,
+    'customer_id': _integer_id,
+    'terminal_id': _integer_id,
+    'amount': _amount,
+}, Transaction, lambda row, record: row._replace(kafka_partition=record.partition, kafka_offset=record.offset))
+
+LABEL_SCHEMA = RecordSchema('label', {
+    'transaction_id': _integer_id,
+    'tx_datetime': parse_utc_timestamp,
+    'customer_id': _integer_id,
+    'terminal_id': _integer_id,
+    'is_fraud': _flag,
+    'fraud_scenario': _small_int,
+}, Label, lambda row, record: row._replace(known_time=record.timestamp_ms / 1000))
+
+
+def utc_iso(seconds: float) -> str:
+  """Formats epoch seconds as the records' timestamp text (UTC, Z suffix)."""
+  return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+class DeadLetter(NamedTuple):
+  """A record that could not be processed, and why."""
+  record: KafkaRecord
+  reason: str
+
+
+def dead_letter_message(dead: DeadLetter) -> Tuple[Optional[bytes], Optional[bytes], Sequence[Tuple[str, bytes]]]:
+  """The ``(key, value, headers)`` written to the dead-letter topic: the original bytes, reason and source."""
+  record = dead.record
+  source = (record.topic, record.partition, record.offset, record.timestamp_ms)
+  headers = [(REASON_HEADER, dead.reason.encode('utf-8'))]
+  headers += [(name, str(value).encode('utf-8')) for name, value in zip(SOURCE_HEADERS, source, strict=True)]
+  return record.key, record.value, headers + list(record.headers)
+
+
+class _ParseFn(beam.DoFn):
+  def __init__(self, schema: RecordSchema):
+    self._schema = schema
+
+  def process(self, record: KafkaRecord) -> Iterable:
+    try:
+      yield self._schema.with_source(self._schema.parse(record.value), record)
+    except InvalidRecord as e:
+      yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
+
+
+class ParseRecords(beam.PTransform):
+  """Parses Kafka records against a schema.
+
+  Returns a ``DoOutputsTuple``: the main output holds the schema's typed rows,
+  ``dead_letter`` holds a :class:`DeadLetter` for each invalid record.
+  """
+
+  def __init__(self, schema: RecordSchema):
+    super().__init__()
+    self._schema = schema
+
+  def expand(self, records):
+    return records | f'Parse{self._schema.name.title()}s' >> beam.ParDo(_ParseFn(self._schema)).with_outputs(
+        DEAD_LETTER_TAG, main=self._schema.name)
