@@ -66,11 +66,15 @@ class Simulation:
   ``transactions`` is sorted by time and has the columns transaction_id,
   tx_datetime (UTC), tx_time_seconds and tx_time_days (since the start),
   customer_id, terminal_id, amount, is_fraud and fraud_scenario.
+  ``compromised`` is the ground truth of scenarios 2 to 4: one row per draw,
+  with its day, scenario and id (a terminal for scenario 2, a customer for
+  scenarios 3 and 4).
   """
   config: SimulationConfig
   customers: pd.DataFrame
   terminals: pd.DataFrame
   transactions: pd.DataFrame
+  compromised: pd.DataFrame = None
 
 
 def _customer_profiles(rng: np.random.Generator, count: int) -> pd.DataFrame:
@@ -145,9 +149,9 @@ def _sorted_by_time(transactions: pd.DataFrame, config: SimulationConfig) -> pd.
 class _RowsBy:
   """Row positions of each value of a column, for fast selection by a few values."""
 
-  def __init__(self, values: np.ndarray):
+  def __init__(self, values: np.ndarray, population: int):
     self._order = np.argsort(values, kind='stable')
-    self._bounds = np.searchsorted(values[self._order], np.arange(values.max() + 2))
+    self._bounds = np.searchsorted(values[self._order], np.arange(population + 1))
 
   def rows(self, chosen) -> np.ndarray:
     return np.concatenate([self._order[self._bounds[v]:self._bounds[v + 1]] for v in chosen])
@@ -158,24 +162,34 @@ def _mark(transactions: pd.DataFrame, rows: np.ndarray, scenario: int):
   transactions.loc[rows, 'fraud_scenario'] = scenario
 
 
-def _add_frauds(rng: np.random.Generator, simulation: Simulation):
-  """Applies the handbook's three scenarios, in its order (a later one overrides an earlier one)."""
+def _add_frauds(rng: np.random.Generator, simulation: Simulation) -> List[Tuple[int, int, int]]:
+  """Applies the handbook's three scenarios, in its order (a later one overrides an earlier one).
+
+  Returns the draws: (day, scenario, terminal or customer id).
+  """
   tx = simulation.transactions
+  draws = []
   _mark(tx, np.flatnonzero(tx['amount'].to_numpy() > 220), SCENARIO_AMOUNT)
   days = tx['tx_time_days'].to_numpy()
-  by_terminal, by_customer = _RowsBy(tx['terminal_id'].to_numpy()), _RowsBy(tx['customer_id'].to_numpy())
+  by_terminal = _RowsBy(tx['terminal_id'].to_numpy(), len(simulation.terminals))
+  by_customer = _RowsBy(tx['customer_id'].to_numpy(), len(simulation.customers))
   for day in range(days.max()):
-    rows = by_terminal.rows(rng.choice(len(simulation.terminals), 2, replace=False))
+    terminals = rng.choice(len(simulation.terminals), 2, replace=False)
+    draws += [(day, SCENARIO_TERMINAL, t) for t in terminals]
+    rows = by_terminal.rows(terminals)
     _mark(tx, rows[(days[rows] >= day) & (days[rows] < day + 28)], SCENARIO_TERMINAL)
   for day in range(days.max()):
-    rows = by_customer.rows(rng.choice(len(simulation.customers), 3, replace=False))
+    customers = rng.choice(len(simulation.customers), 3, replace=False)
+    draws += [(day, SCENARIO_CUSTOMER, c) for c in customers]
+    rows = by_customer.rows(customers)
     rows = rows[(days[rows] >= day) & (days[rows] < day + 14)]
     rows = rng.choice(rows, len(rows) // 3, replace=False)
     tx.loc[rows, 'amount'] = np.round(tx.loc[rows, 'amount'].to_numpy() * 5, 2)
     _mark(tx, rows, SCENARIO_CUSTOMER)
+  return draws
 
 
-def _add_drift(rng: np.random.Generator, simulation: Simulation) -> pd.DataFrame:
+def _add_drift(rng: np.random.Generator, simulation: Simulation, draws: List[Tuple[int, int, int]]) -> pd.DataFrame:
   """Scenario 4: from ``drift_from_day``, compromised cards used at night, far from home, for 2x amounts.
 
   Each day ``drift_cards_per_day`` cards are drawn; half of their transactions
@@ -185,9 +199,11 @@ def _add_drift(rng: np.random.Generator, simulation: Simulation) -> pd.DataFrame
   config = simulation.config
   tx = simulation.transactions
   days = tx['tx_time_days'].to_numpy()
-  by_customer = _RowsBy(tx['customer_id'].to_numpy())
+  by_customer = _RowsBy(tx['customer_id'].to_numpy(), len(simulation.customers))
   for day in range(config.drift_from_day, days.max() + 1):
-    rows = by_customer.rows(rng.choice(len(simulation.customers), config.drift_cards_per_day, replace=False))
+    customers = rng.choice(len(simulation.customers), config.drift_cards_per_day, replace=False)
+    draws += [(day, SCENARIO_DRIFT, c) for c in customers]
+    rows = by_customer.rows(customers)
     rows = rows[(days[rows] >= day) & (days[rows] < day + 7)]
     rows = rng.choice(rows, len(rows) // 2, replace=False)
     tx.loc[rows, 'tx_time_seconds'] = days[rows] * SECONDS_PER_DAY + rng.integers(0, 6 * 3600, len(rows))
@@ -203,9 +219,10 @@ def simulate(config: SimulationConfig = SimulationConfig()) -> Simulation:
   customers = _customer_profiles(rng, config.customers)
   terminals = _terminal_profiles(rng, config.terminals)
   simulation = Simulation(config, customers, terminals, _transactions(rng, customers, terminals, config))
-  _add_frauds(rng, simulation)
+  draws = _add_frauds(rng, simulation)
   if config.drift_from_day is not None:
-    simulation.transactions = _add_drift(rng, simulation)
+    simulation.transactions = _add_drift(rng, simulation, draws)
+  simulation.compromised = pd.DataFrame(draws, columns=['day', 'scenario', 'id'])
   return simulation
 
 

@@ -1,0 +1,99 @@
+"""The ingest pipeline, from a real broker to the embedded warehouse."""
+
+import pytest
+
+from kbml import simulator
+from kbml.simulator import SimulationConfig, events, simulate
+from kbml.warehouse import open_warehouse
+from pipelines import ingest
+from tests.conftest import consume, produce
+from transforms.records import REASON_HEADER, SOURCE_HEADERS
+
+VALID = (b'{"transaction_id": %d, "tx_datetime": "2018-04-01T10:%02d:%02dZ", "customer_id": %d, '
+         b'"terminal_id": %d, "amount": %d.%02d}')
+
+# One bad record of each kind, and the words its dead-letter reason must contain.
+BAD_RECORDS = [
+    (b'{"transaction_id": 1, "tx_datetime": ', 'not valid JSON'),
+    (b'\xff\xfe\x00garbage', 'not valid JSON'),
+    (b'[1, 2, 3]', 'must be a JSON object'),
+    (None, 'empty transaction record'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3}',
+     'missing field amount'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": "12.50"}', 'field amount must be a number'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": -4.10}', 'field amount must not be negative'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": NaN}', 'field amount must be finite'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": 1.234}', 'field amount must have at most 2 decimals'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": "C-17", "terminal_id": 3, '
+     b'"amount": 1.5}', 'field customer_id must be an integer id'),
+    (b'{"transaction_id": -8, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": 1.5}', 'field transaction_id is not a valid id'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-13-45T99:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": 1.5}', 'field tx_datetime is not an ISO-8601 timestamp'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00+02:00", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": 1.5}', 'field tx_datetime must be in UTC'),
+    (b'{"transaction_id": 1, "pad": "' + b'x' * 70_000 + b'"}',
+     'oversized transaction record: 70032 bytes, the limit is 65536'),
+]
+
+
+def _ingest_args(bootstrap, topics, warehouse, *extra):
+  return ['--bootstrap_servers', bootstrap, '--transactions_topic', topics['transactions'],
+          '--labels_topic', topics['labels'], '--dead_letter_topic', topics['dead-letter'],
+          '--warehouse', warehouse, *extra]
+
+
+@pytest.fixture
+def topics(new_topic):
+  return {name: new_topic(partitions=4, suffix=f'-{name}') for name in ('transactions', 'labels', 'dead-letter')}
+
+
+def test_valid_records_reach_the_warehouse_and_bad_ones_the_dead_letter_topic(bootstrap, topics, tmp_path, group_id):
+  messages, valid_ids, expected_reasons = [], set(), {}
+  for i in range(11_000):
+    if i % 11 == 10:
+      value, reason = BAD_RECORDS[(i // 11) % len(BAD_RECORDS)]
+      expected_reasons[value] = reason
+    else:
+      value = VALID % (i, (i // 60) % 60, i % 60, i % 500, i % 300, i % 200, i % 100)
+      valid_ids.add(i)
+    messages.append((b'%d' % (i % 500), value, [('trace', b'%d' % i)]))
+  produce(bootstrap, topics['transactions'], messages)
+  warehouse = f'duckdb://{tmp_path}/warehouse.duckdb'
+
+  ingest.run(_ingest_args(bootstrap, topics, warehouse, '--stop_at_end', '--consumer_group', group_id))
+
+  features = open_warehouse(warehouse).query('SELECT transaction_id, amount FROM features')
+  assert len(features) == 10_000 and set(features['transaction_id']) == valid_ids
+  dead = consume(bootstrap, topics['dead-letter'], 1_000)
+  assert len(dead) == 1_000
+  sources = set()
+  for message in dead:
+    headers = dict(message.headers())
+    assert expected_reasons[message.value()] in headers[REASON_HEADER].decode()
+    assert headers[SOURCE_HEADERS[0]].decode() == topics['transactions']
+    offset, trace = int(headers[SOURCE_HEADERS[2]]), int(headers['trace'])
+    assert trace % 11 == 10 and messages[trace][1] == message.value()
+    sources.add((int(headers[SOURCE_HEADERS[1]]), offset))
+  assert len(sources) == 1_000, 'each dead letter names a distinct source record'
+
+
+def test_replay_of_a_time_range_rebuilds_the_same_rows(bootstrap, topics, tmp_path):
+  simulation = simulate(SimulationConfig(customers=150, terminals=200, days=40, seed=5))
+  simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
+  warehouse = f'duckdb://{tmp_path}/warehouse.duckdb'
+  ingest.run(_ingest_args(bootstrap, topics, warehouse, '--stop_at_end', '--consumer_group', 'replay-original'))
+  ingest.run(_ingest_args(bootstrap, topics, warehouse, '--replay_from', '2018-04-25T00:00:00Z',
+                          '--replay_to', '2018-05-02T00:00:00Z', '--features_table', 'features_replay'))
+
+  store = open_warehouse(warehouse)
+  in_range = "WHERE tx_datetime >= TIMESTAMPTZ '2018-04-25 00:00:00+00' AND tx_datetime < TIMESTAMPTZ '2018-05-02'"
+  original = store.query(f'SELECT * FROM features {in_range} ORDER BY transaction_id')
+  replayed = store.query('SELECT * FROM features_replay ORDER BY transaction_id')
+  assert len(original) > 1_000 and (original['TERMINAL_ID_RISK_30DAY_WINDOW'] > 0).any()
+  assert replayed.equals(original)
+  assert len(store.query('SELECT * FROM labels')) == len(simulation.transactions)

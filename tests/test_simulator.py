@@ -1,0 +1,77 @@
+"""The transaction simulator: the handbook's standard run, its fraud rules, determinism."""
+
+import numpy as np
+import pytest
+
+from kbml.simulator import (
+  GENUINE,
+  SCENARIO_AMOUNT,
+  SCENARIO_CUSTOMER,
+  SCENARIO_DRIFT,
+  SCENARIO_TERMINAL,
+  SimulationConfig,
+  events,
+  simulate,
+  write_files,
+)
+from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
+
+
+@pytest.fixture(scope='module')
+def standard_run():
+  return simulate()
+
+
+def test_standard_run_matches_the_handbooks_fraud_rate(standard_run):
+  tx = standard_run.transactions
+  assert 1.70e6 < len(tx) < 1.85e6, len(tx)  # the handbook's run: 1,754,155
+  assert abs(tx['is_fraud'].mean() - 0.008) <= 0.001, tx['is_fraud'].mean()
+  assert set(tx['fraud_scenario']) == {GENUINE, SCENARIO_AMOUNT, SCENARIO_TERMINAL, SCENARIO_CUSTOMER}
+  assert tx['tx_datetime'].is_monotonic_increasing and (tx['transaction_id'] == np.arange(len(tx))).all()
+
+
+def test_fraud_scenarios_follow_their_rules(standard_run):
+  tx = standard_run.transactions
+  assert tx.loc[tx['amount'] > 220, 'is_fraud'].all(), 'scenario 1: every amount over 220 is fraudulent'
+  assert ((tx['is_fraud'] == 1) == (tx['fraud_scenario'] != GENUINE)).all()
+
+  draws = standard_run.compromised
+  for day, terminal in draws.loc[draws['scenario'] == SCENARIO_TERMINAL, ['day', 'id']].head(50).itertuples(False):
+    window = tx[(tx['terminal_id'] == terminal) & tx['tx_time_days'].between(day, day + 27)]
+    assert window['is_fraud'].all(), f'scenario 2: terminal {terminal} compromised on day {day}'
+
+  third = []
+  for day, customer in draws.loc[draws['scenario'] == SCENARIO_CUSTOMER, ['day', 'id']].itertuples(False):
+    window = tx[(tx['customer_id'] == customer) & tx['tx_time_days'].between(day, day + 13)]
+    if len(window) >= 30:
+      third.append((window['fraud_scenario'] == SCENARIO_CUSTOMER).mean())
+  assert 0.3 < np.mean(third) < 0.45, 'scenario 3: about a third of a compromised card\'s transactions'
+  assert tx.loc[tx['fraud_scenario'] == SCENARIO_CUSTOMER, 'amount'].median() > 4 * tx['amount'].median()
+
+
+def test_same_seed_gives_byte_identical_output(tmp_path):
+  config = SimulationConfig(customers=300, terminals=600, days=20, seed=11)
+  first = write_files(simulate(config), str(tmp_path / 'first'))
+  second = write_files(simulate(config), str(tmp_path / 'second'))
+  other = write_files(simulate(SimulationConfig(customers=300, terminals=600, days=20, seed=12)), str(tmp_path / 'o'))
+  for a, b, c in zip(first, second, other, strict=True):
+    assert open(a, 'rb').read() == open(b, 'rb').read() != open(c, 'rb').read()
+
+
+def test_records_are_valid_and_labels_arrive_after_the_delay():
+  simulation = simulate(SimulationConfig(customers=200, terminals=400, days=15, label_delay_days=7))
+  produced = list(events(simulation))
+  assert len(produced) == 2 * len(simulation.transactions)
+  assert [e.timestamp_ms for e in produced] == sorted(e.timestamp_ms for e in produced)
+  for event in produced[:2000]:
+    schema = LABEL_SCHEMA if event.is_label else TRANSACTION_SCHEMA
+    record = schema.parse(event.value)
+    delay_ms = 7 * 86_400_000 if event.is_label else 0
+    assert event.timestamp_ms == record.tx_time * 1000 + delay_ms
+
+
+def test_drift_scenario_starts_on_its_day_at_night():
+  simulation = simulate(SimulationConfig(customers=500, terminals=1000, days=40, drift_from_day=25))
+  drift = simulation.transactions[simulation.transactions['fraud_scenario'] == SCENARIO_DRIFT]
+  assert len(drift) > 100 and drift['tx_time_days'].min() == 25
+  assert (drift['tx_datetime'].dt.hour < 6).all()
