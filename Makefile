@@ -17,8 +17,15 @@ $(STAMP): setup.py constraints.txt
 
 venv: $(STAMP)
 
+# The demo: the local broker, three simulated days of card transactions (with their labels, 7 days
+# later), ingested into the embedded warehouse.
+DEMO_DAYS ?= 3
+
 demo: $(STAMP)
 	$(BIN)/kbml local up
+	$(BIN)/kbml simulate --days $(DEMO_DAYS)
+	$(BIN)/kbml ingest --stop_at_end
+	$(BIN)/kbml warehouse summary
 	$(BIN)/kbml local status
 
 test: $(STAMP)

@@ -17,6 +17,7 @@ from kbml.local_stack import (
   local_bootstrap_servers,
   local_state_dir,
 )
+from kbml.warehouse import WarehouseError
 
 
 def _local(args) -> int:
@@ -96,6 +97,31 @@ def _add_simulate_parser(commands):
   simulate.set_defaults(handler=_simulate)
 
 
+def _warehouse_summary(args) -> int:
+  from kbml.warehouse import open_warehouse, training_data_summary
+  warehouse = open_warehouse(args.warehouse)
+  summary = training_data_summary(warehouse, args.features_table, args.labels_table)
+  print(f'warehouse {warehouse.url}: tables {", ".join(warehouse.tables())}')
+  if not summary['transactions']:
+    print(f'no rows in {args.features_table} yet: run `kbml ingest`')
+    return 0
+  print(f"{summary['transactions']:,} transactions with features, {summary['first_transaction']} to "
+        f"{summary['last_transaction']}; {summary['labelled']:,} labelled, {int(summary['frauds'] or 0):,} "
+        f"fraudulent ({float(summary['fraud_rate'] or 0):.3%} of the labelled)")
+  return 0
+
+
+def _add_warehouse_parser(commands):
+  warehouse = commands.add_parser('warehouse', help='Inspect the warehouse that holds the training data.')
+  actions = warehouse.add_subparsers(dest='action', required=True, metavar='ACTION')
+  summary = actions.add_parser('summary', help='Row counts, time range and fraud rate of the training data.')
+  summary.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
+                       'bigquery://PROJECT/DATASET.')
+  summary.add_argument('--features_table', default='features')
+  summary.add_argument('--labels_table', default='labels')
+  summary.set_defaults(handler=_warehouse_summary)
+
+
 # Commands that run a pipeline module: every argument after the name is a pipeline option.
 PIPELINES = {
     'ingest': 'Validate transactions and labels from Kafka, compute features, write training rows',
@@ -131,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     action.set_defaults(handler=_local)
 
   _add_simulate_parser(commands)
+  _add_warehouse_parser(commands)
   for name, summary in PIPELINES.items():
     commands.add_parser(name, help=f'{summary} (a Beam pipeline: `kbml {name} --help`).', add_help=False)
   return parser
@@ -143,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
       return _run_pipeline(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
-  except (LocalStackError, ConnectionError, ValueError) as e:
+  except (LocalStackError, WarehouseError, ConnectionError, ValueError) as e:
     print(f'kbml: error: {e}', file=sys.stderr)
     return 2
 

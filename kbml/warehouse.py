@@ -183,3 +183,15 @@ def open_warehouse(url: Optional[str] = None) -> Warehouse:
     return BigQueryWarehouse(parsed.netloc, parsed.path.strip('/'))
   raise WarehouseError(f'Unknown warehouse {url!r}: use duckdb:///path/file.duckdb or bigquery://PROJECT/DATASET.')
 
+
+
+def training_data_summary(warehouse: Warehouse, features_table: str = 'features',
+                          labels_table: str = 'labels') -> Dict[str, object]:
+  """Counts of the training data: transactions with features, how many labelled, the fraud rate."""
+  summary = warehouse.query(
+      'SELECT COUNT(*) AS transactions, MIN(f.tx_datetime) AS first_transaction, '
+      'MAX(f.tx_datetime) AS last_transaction, COUNT(l.transaction_id) AS labelled, '
+      'SUM(l.is_fraud) AS frauds, AVG(l.is_fraud) AS fraud_rate '
+      f'FROM {warehouse.table_ref(features_table)} AS f '
+      f'LEFT JOIN {warehouse.table_ref(labels_table)} AS l USING (transaction_id)')
+  return summary.iloc[0].to_dict()
