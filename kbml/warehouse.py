@@ -57,6 +57,9 @@ class Warehouse:
 
   url: str
 
+  def prepare(self):
+    """Creates what must exist before tables can be written (a BigQuery dataset)."""
+
   def ensure_table(self, table: str, schema: TableSchema):
     raise NotImplementedError
 
@@ -120,7 +123,8 @@ class DuckDBWarehouse(Warehouse):
 
   def query(self, sql):
     with self._connect(read_only=True) as connection:
-      return connection.execute(sql).df()
+      # Through Arrow, DECIMAL columns stay exact (a plain .df() turns them into floats).
+      return connection.sql(sql).to_arrow_table().to_pandas()
 
   def table_ref(self, table):
     return f'"{table}"'
@@ -143,10 +147,13 @@ class BigQueryWarehouse(Warehouse):
     from kbml.bigquery import bigquery_client
     return bigquery_client(self.project)
 
+  def prepare(self):
+    self._client().create_dataset(self.dataset, exists_ok=True)
+
   def ensure_table(self, table, schema):
     from google.cloud import bigquery
+    self.prepare()
     client = self._client()
-    client.create_dataset(self.dataset, exists_ok=True)
     fields = [bigquery.SchemaField(f['name'], f['type'], mode=f['mode']) for f in schema.bigquery_schema()['fields']]
     client.create_table(bigquery.Table(f'{self.project}.{self.dataset}.{table}', schema=fields), exists_ok=True)
 

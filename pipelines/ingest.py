@@ -26,7 +26,7 @@ from typing import List, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from kbml.warehouse import default_warehouse_url
+from kbml.warehouse import default_warehouse_url, open_warehouse
 from pipelines.options import KafkaOptions, kafka_config, pipeline_options
 from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FEATURES_TABLE, ComputeFeatures
 from transforms.kafka_io import read_from_kafka, write_to_kafka
@@ -42,25 +42,23 @@ from transforms.records import (
 )
 from transforms.warehouse_io import WriteToWarehouse
 
+DEFAULT_CONSUMER_GROUP = 'kbml-ingest'
+
 
 class IngestOptions(PipelineOptions):
-  """Topics, warehouse, and how much to read."""
+  """Topics, warehouse and replay range (the consumer group and bounds: KafkaOptions)."""
 
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument('--transactions_topic', default='transactions')
     parser.add_argument('--labels_topic', default='labels')
     parser.add_argument('--dead_letter_topic', default='dead-letter', help='Where invalid records go.')
-    parser.add_argument('--consumer_group', default='kbml-ingest',
-                        help='Consumer group: the read resumes after its committed offsets (not used by replays).')
     parser.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
                         'bigquery://PROJECT/DATASET.')
     parser.add_argument('--features_table', default='features')
     parser.add_argument('--labels_table', default='labels')
     parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
                         help='The delay d of the terminal features.')
-    parser.add_argument('--stop_at_end', action='store_true',
-                        help='Bounded: read what the topics hold when the job starts, then stop.')
     parser.add_argument('--replay_from', help='Replay: first event time of the rebuilt range (ISO-8601 UTC).')
     parser.add_argument('--replay_to', help='Replay: end of the rebuilt range, excluded (ISO-8601 UTC).')
     parser.add_argument('--bigquery_temp_location', help='Staging folder of BigQuery file loads.')
@@ -74,13 +72,13 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   if replay and not (ingest.replay_from and ingest.replay_to):
     raise ValueError('A replay needs both --replay_from and --replay_to.')
   config = kafka_config(options)
-  consumer_config = config if replay else {**config, 'group.id': ingest.consumer_group}
+  consumer_config = config if replay else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
   warehouse = ingest.warehouse or default_warehouse_url()
 
   records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
       kafka.kafka_io, {**consumer_config, 'auto.offset.reset': 'earliest'},
       [ingest.transactions_topic, ingest.labels_topic], expansion_service=kafka.kafka_expansion_service,
-      stop_at_end=ingest.stop_at_end or replay)
+      stop_at_end=kafka.stop_at_end or replay, idle_timeout_s=kafka.idle_timeout_s)
   transactions_records, labels_records = records | 'SplitByTopic' >> beam.Partition(
       lambda record, _: int(record.topic == ingest.labels_topic), 2)
   transactions = transactions_records | 'ParseTransactions' >> ParseRecords(TRANSACTION_SCHEMA)
@@ -111,6 +109,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
 
 def run(argv: Optional[List[str]] = None):
   options = pipeline_options(argv, [IngestOptions], prog='python -m pipelines.ingest')
+  open_warehouse(options.view_as(IngestOptions).warehouse or default_warehouse_url()).prepare()
   with beam.Pipeline(options=options) as pipeline:
     build_pipeline(pipeline, options)
 

@@ -21,17 +21,12 @@ from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
 
 
 class MirrorOptions(PipelineOptions):
-  """What to copy, and when to stop."""
+  """What to copy (where from and when to stop: KafkaOptions)."""
 
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument('--input_topic', help='Topic to read (required).')
     parser.add_argument('--output_topic', help='Topic to write (required).')
-    parser.add_argument(
-        '--consumer_group',
-        help='Consumer group: the read resumes from its committed offsets and commits after each bundle.')
-    parser.add_argument('--stop_at_end', action='store_true', help='Stop at the end offsets seen at the start.')
-    parser.add_argument('--idle_timeout_s', type=float, help='Stop a partition after this many idle seconds.')
 
 
 def to_message(record: KafkaRecord):
@@ -45,10 +40,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   if not (mirror.input_topic and mirror.output_topic):
     raise ValueError('The mirror needs --input_topic and --output_topic.')
   config = kafka_config(options)
-  consumer_config = {**config, 'group.id': mirror.consumer_group} if mirror.consumer_group else config
+  consumer_config = {**config, 'group.id': kafka.consumer_group} if kafka.consumer_group else config
   records = pipeline | 'ReadInput' >> read_from_kafka(
       kafka.kafka_io, consumer_config, [mirror.input_topic], expansion_service=kafka.kafka_expansion_service,
-      stop_at_end=mirror.stop_at_end, idle_timeout_s=mirror.idle_timeout_s)
+      stop_at_end=kafka.stop_at_end, idle_timeout_s=kafka.idle_timeout_s)
   _ = (records
        | 'ToMessages' >> beam.Map(to_message)
        | 'WriteOutput' >> write_to_kafka(kafka.kafka_io, config, mirror.output_topic,

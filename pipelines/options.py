@@ -43,6 +43,12 @@ class KafkaOptions(PipelineOptions):
         'KafkaIO, which needs a Java expansion service (Beam fetches its jar from Maven, or see '
         '--kafka_expansion_service).')
     parser.add_argument('--kafka_expansion_service', help='host:port of a running Kafka expansion service.')
+    parser.add_argument(
+        '--consumer_group',
+        help='Consumer group: the read resumes after its committed offsets, and commits after each bundle.')
+    parser.add_argument('--stop_at_end', action='store_true',
+                        help='Bounded: read what the topics hold when the job starts, then stop.')
+    parser.add_argument('--idle_timeout_s', type=float, help='Bounded: stop a partition after this many idle seconds.')
 
 
 def kafka_config(options: PipelineOptions) -> Dict[str, str]:

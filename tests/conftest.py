@@ -77,3 +77,14 @@ def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) 
     messages.extend(m for m in consumer.consume(1000, 0.2) if not m.error())
   consumer.close()
   return messages
+
+
+@pytest.fixture(scope='session')
+def bigquery_emulator(tmp_path_factory):
+  """A running BigQuery emulator, with Beam and kbml's clients pointed at it; yields its project."""
+  from tests.bigquery_emulator import PROJECT, local_bigquery, redirect_beam_bigquery
+  folder = tmp_path_factory.mktemp('bigquery')
+  with local_bigquery(str(folder)) as (rest_url, grpc_address):
+    undo = redirect_beam_bigquery(rest_url, grpc_address, str(folder))
+    yield PROJECT
+    undo()

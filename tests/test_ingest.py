@@ -1,5 +1,8 @@
-"""The ingest pipeline, from a real broker to the embedded warehouse."""
+"""The ingest pipeline, from a real broker to the embedded warehouse and to BigQuery (its emulator)."""
 
+import uuid
+
+import pandas as pd
 import pytest
 
 from kbml import simulator
@@ -97,3 +100,22 @@ def test_replay_of_a_time_range_rebuilds_the_same_rows(bootstrap, topics, tmp_pa
   assert len(original) > 1_000 and (original['TERMINAL_ID_RISK_30DAY_WINDOW'] > 0).any()
   assert replayed.equals(original)
   assert len(store.query('SELECT * FROM labels')) == len(simulation.transactions)
+
+
+def test_bigquery_and_the_embedded_warehouse_get_the_same_rows(bootstrap, topics, tmp_path, bigquery_emulator):
+  simulation = simulate(SimulationConfig(customers=100, terminals=150, days=20, seed=8))
+  simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
+  embedded = f'duckdb://{tmp_path}/warehouse.duckdb'
+  bigquery = f'bigquery://{bigquery_emulator}/ingest_{uuid.uuid4().hex[:8]}'
+  ingest.run(_ingest_args(bootstrap, topics, embedded, '--stop_at_end', '--consumer_group', 'to-duckdb'))
+  ingest.run(_ingest_args(bootstrap, topics, bigquery, '--stop_at_end', '--consumer_group', 'to-bigquery',
+                          '--bigquery_temp_location', str(tmp_path / 'bigquery-loads')))
+
+  for table in ('features', 'labels'):
+    rows = [open_warehouse(url).query(f'SELECT * FROM {open_warehouse(url).table_ref(table)}')
+            .sort_values('transaction_id').reset_index(drop=True) for url in (embedded, bigquery)]
+    assert len(rows[0]) == len(simulation.transactions)
+    if 'amount' in rows[0]:  # exact decimals both; the stores keep different scales (13.460000000, 13.46)
+      for frame in rows:
+        frame['amount'] = frame['amount'].map(lambda amount: amount.normalize())
+    pd.testing.assert_frame_equal(rows[0], rows[1], check_dtype=False)

@@ -1,0 +1,36 @@
+"""The warehouse interface: the embedded store and BigQuery (its emulator)."""
+
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from kbml.warehouse import TableSchema, WarehouseError, open_warehouse
+
+SCHEMA = TableSchema(columns=(('id', 'INT64'), ('at', 'TIMESTAMP'), ('amount', 'NUMERIC'), ('score', 'FLOAT64')),
+                     key=('id',))
+ROWS = [{'id': i, 'at': f'2018-04-01T00:00:{i:02d}Z', 'amount': f'{i}.{i:02d}', 'score': i / 7} for i in range(50)]
+
+
+def test_embedded_store_upserts_by_key_and_keeps_decimals_exact(tmp_path):
+  warehouse = open_warehouse(f'duckdb://{tmp_path}/w.duckdb')
+  warehouse.write_rows('t', SCHEMA, ROWS)
+  warehouse.write_rows('t', SCHEMA, ROWS[:10])  # a retried bundle
+  rows = warehouse.query('SELECT * FROM t ORDER BY id')
+  assert len(rows) == 50 and rows['amount'][7] == Decimal('7.07') and rows['score'][7] == 1.0
+  assert warehouse.tables() == ['t']
+
+
+def test_bigquery_warehouse_writes_and_reads_through_the_storage_api(bigquery_emulator):
+  warehouse = open_warehouse(f'bigquery://{bigquery_emulator}/w_{uuid.uuid4().hex[:8]}')
+  warehouse.prepare()
+  warehouse.write_rows('t', SCHEMA, ROWS)
+  rows = warehouse.query(f'SELECT * FROM {warehouse.table_ref("t")} ORDER BY id')
+  assert len(rows) == 50 and rows['amount'][7] == Decimal('7.07') and rows['score'][7] == 1.0
+  assert warehouse.tables() == ['t']
+
+
+@pytest.mark.parametrize('url', ['postgres://db/x', 'bigquery://project-only', 'duck:///x'])
+def test_an_unknown_warehouse_url_is_a_clear_error(url):
+  with pytest.raises(WarehouseError, match='use duckdb:///path/file.duckdb or bigquery://PROJECT/DATASET'):
+    open_warehouse(url)
