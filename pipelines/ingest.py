@@ -11,17 +11,19 @@ It runs unbounded (a streaming job), or bounded (``--stop_at_end``: what the
 topics hold now). ``--replay_from``/``--replay_to`` rebuild the feature rows of
 an event-time range into a new table: the read starts at the beginning of the
 topics so that every customer's and terminal's history is warmed up exactly
-as in the original run, and only the rows of the range are written.
+as in the original run, and only the rows of the range are written;
+``--replay_offsets`` names the range by offsets of the transactions topic.
 
 Example::
 
     python -m pipelines.ingest --stop_at_end
     python -m pipelines.ingest --replay_from 2018-05-01T00:00:00Z --replay_to 2018-05-08T00:00:00Z \\
         --features_table features_replay
+    python -m pipelines.ingest --replay_offsets 0:1000-2000,1:1000-2000 --features_table features_replay
 """
 
 import logging
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -61,16 +63,46 @@ class IngestOptions(PipelineOptions):
                         help='The delay d of the terminal features.')
     parser.add_argument('--replay_from', help='Replay: first event time of the rebuilt range (ISO-8601 UTC).')
     parser.add_argument('--replay_to', help='Replay: end of the rebuilt range, excluded (ISO-8601 UTC).')
+    parser.add_argument(
+        '--replay_offsets', metavar='PARTITION:FROM-TO[,...]',
+        help='Replay: the transactions topic\'s offset ranges to rebuild, FROM included, TO excluded; '
+        'e.g. 0:1000-2000,1:950-1900.')
     parser.add_argument('--bigquery_temp_location', help='Staging folder of BigQuery file loads.')
+
+
+def parse_offset_ranges(text: str) -> Dict[int, Tuple[int, int]]:
+  """Parses ``PARTITION:FROM-TO[,...]`` into {partition: (from, to)}."""
+  ranges = {}
+  for part in text.split(','):
+    try:
+      partition, offsets = part.split(':')
+      start, end = offsets.split('-')
+      ranges[int(partition)] = (int(start), int(end))
+    except ValueError:
+      raise ValueError(f'--replay_offsets: expected PARTITION:FROM-TO[,...], got {part!r}') from None
+  return ranges
+
+
+def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]], bool]]:
+  """The test that keeps a feature row in the replayed range, or None when this is no replay."""
+  if ingest.replay_offsets:
+    ranges = parse_offset_ranges(ingest.replay_offsets)
+    return lambda row: row['kafka_partition'] in ranges and (
+        ranges[row['kafka_partition']][0] <= row['kafka_offset'] < ranges[row['kafka_partition']][1])
+  if ingest.replay_from is None and ingest.replay_to is None:
+    return None
+  if not (ingest.replay_from and ingest.replay_to):
+    raise ValueError('A replay by time needs both --replay_from and --replay_to.')
+  start, end = parse_utc_timestamp(ingest.replay_from), parse_utc_timestamp(ingest.replay_to)
+  return lambda row: start <= parse_utc_timestamp(row['tx_datetime']) < end
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PCollection:
   """Adds the ingest steps to ``pipeline``; returns the feature rows written."""
   kafka = options.view_as(KafkaOptions)
   ingest = options.view_as(IngestOptions)
-  replay = ingest.replay_from is not None or ingest.replay_to is not None
-  if replay and not (ingest.replay_from and ingest.replay_to):
-    raise ValueError('A replay needs both --replay_from and --replay_to.')
+  in_replay_range = replay_range(ingest)
+  replay = in_replay_range is not None
   config = kafka_config(options)
   consumer_config = config if replay else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
   warehouse = ingest.warehouse or default_warehouse_url()
@@ -95,8 +127,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
            'labels': labels[LABEL_SCHEMA.name]}
           | 'ComputeFeatures' >> ComputeFeatures(ingest.label_delay_days))
   if replay:
-    start, end = parse_utc_timestamp(ingest.replay_from), parse_utc_timestamp(ingest.replay_to)
-    rows = rows | 'InReplayRange' >> beam.Filter(lambda row, ts=beam.DoFn.TimestampParam: start <= float(ts) < end)
+    rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:
     _ = (labels[LABEL_SCHEMA.name]
          | 'ToLabelRows' >> beam.Map(label_row)

@@ -85,7 +85,7 @@ def test_valid_records_reach_the_warehouse_and_bad_ones_the_dead_letter_topic(bo
   assert len(sources) == 1_000, 'each dead letter names a distinct source record'
 
 
-def test_replay_of_a_time_range_rebuilds_the_same_rows(bootstrap, topics, tmp_path):
+def test_replay_of_a_time_or_offset_range_rebuilds_the_same_rows(bootstrap, topics, tmp_path):
   simulation = simulate(SimulationConfig(customers=150, terminals=200, days=40, seed=5))
   simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
   warehouse = f'duckdb://{tmp_path}/warehouse.duckdb'
@@ -93,12 +93,20 @@ def test_replay_of_a_time_range_rebuilds_the_same_rows(bootstrap, topics, tmp_pa
   ingest.run(_ingest_args(bootstrap, topics, warehouse, '--replay_from', '2018-04-25T00:00:00Z',
                           '--replay_to', '2018-05-02T00:00:00Z', '--features_table', 'features_replay'))
 
+  ingest.run(_ingest_args(bootstrap, topics, warehouse, '--replay_offsets', '0:500-900,2:100-300',
+                          '--features_table', 'features_replay_offsets'))
+
   store = open_warehouse(warehouse)
   in_range = "WHERE tx_datetime >= TIMESTAMPTZ '2018-04-25 00:00:00+00' AND tx_datetime < TIMESTAMPTZ '2018-05-02'"
   original = store.query(f'SELECT * FROM features {in_range} ORDER BY transaction_id')
   replayed = store.query('SELECT * FROM features_replay ORDER BY transaction_id')
   assert len(original) > 1_000 and (original['TERMINAL_ID_RISK_30DAY_WINDOW'] > 0).any()
   assert replayed.equals(original)
+  in_offsets = ('WHERE (kafka_partition = 0 AND kafka_offset >= 500 AND kafka_offset < 900) '
+                'OR (kafka_partition = 2 AND kafka_offset >= 100 AND kafka_offset < 300)')
+  original = store.query(f'SELECT * FROM features {in_offsets} ORDER BY transaction_id')
+  replayed = store.query('SELECT * FROM features_replay_offsets ORDER BY transaction_id')
+  assert len(original) == 600 and replayed.equals(original)
   assert len(store.query('SELECT * FROM labels')) == len(simulation.transactions)
 
 
