@@ -37,7 +37,9 @@ from transforms.records import (
   LABEL_SCHEMA,
   LABELS_TABLE,
   TRANSACTION_SCHEMA,
+  Label,
   ParseRecords,
+  Transaction,
   dead_letter_message,
   label_row,
   parse_utc_timestamp,
@@ -68,6 +70,11 @@ class IngestOptions(PipelineOptions):
         help='Replay: the transactions topic\'s offset ranges to rebuild, FROM included, TO excluded; '
         'e.g. 0:1000-2000,1:950-1900.')
     parser.add_argument('--bigquery_temp_location', help='Staging folder of BigQuery file loads.')
+
+
+def at_event_time(event):
+  """Timestamps a transaction with its own time; a label keeps its Kafka timestamp, when it became known."""
+  return beam.window.TimestampedValue(event, event.tx_time) if isinstance(event, Transaction) else event
 
 
 def parse_offset_ranges(text: str) -> Dict[int, Tuple[int, int]]:
@@ -111,25 +118,20 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
       kafka.kafka_io, {**consumer_config, 'auto.offset.reset': 'earliest'},
       [ingest.transactions_topic, ingest.labels_topic], expansion_service=kafka.kafka_expansion_service,
       stop_at_end=kafka.stop_at_end or replay, idle_timeout_s=kafka.idle_timeout_s)
-  transactions_records, labels_records = records | 'SplitByTopic' >> beam.Partition(
-      lambda record, _: int(record.topic == ingest.labels_topic), 2)
-  transactions = transactions_records | 'ParseTransactions' >> ParseRecords(TRANSACTION_SCHEMA)
-  labels = labels_records | 'ParseLabels' >> ParseRecords(LABEL_SCHEMA)
-
-  _ = ((transactions[DEAD_LETTER_TAG], labels[DEAD_LETTER_TAG])
-       | 'InvalidRecords' >> beam.Flatten()
+  parsed = records | 'ParseRecords' >> ParseRecords(
+      {ingest.transactions_topic: TRANSACTION_SCHEMA, ingest.labels_topic: LABEL_SCHEMA})
+  _ = (parsed[DEAD_LETTER_TAG]
        | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
        | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, ingest.dead_letter_topic,
                                               expansion_service=kafka.kafka_expansion_service))
 
-  rows = ({'transactions': transactions[TRANSACTION_SCHEMA.name]
-                           | 'AtTransactionTime' >> beam.Map(lambda t: beam.window.TimestampedValue(t, t.tx_time)),
-           'labels': labels[LABEL_SCHEMA.name]}
-          | 'ComputeFeatures' >> ComputeFeatures(ingest.label_delay_days))
+  events = parsed['records'] | 'AtEventTime' >> beam.Map(at_event_time)
+  rows = events | 'ComputeFeatures' >> ComputeFeatures(ingest.label_delay_days)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:
-    _ = (labels[LABEL_SCHEMA.name]
+    _ = (events
+         | 'Labels' >> beam.Filter(lambda event: isinstance(event, Label))
          | 'ToLabelRows' >> beam.Map(label_row)
          | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
                                              temp_location=ingest.bigquery_temp_location))

@@ -51,7 +51,11 @@ def pandas_features(tx: pd.DataFrame) -> pd.DataFrame:
 
 
 def streams(simulation):
-  """Transactions and labels as timestamped elements, in a shuffled order."""
+  """Transactions and labels as timestamped elements, shuffled but for each customer's order.
+
+  Kafka keeps each customer's records in order (they are keyed by customer);
+  everything else may come in any order.
+  """
   delay = DELAY_DAYS * 86_400
   elements = []
   for row in simulation.transactions.itertuples():
@@ -62,7 +66,17 @@ def streams(simulation):
         Label(row.transaction_id, tx_time, row.customer_id, row.terminal_id, row.is_fraud, row.fraud_scenario,
               tx_time + delay), tx_time + delay))
   random.Random(1).shuffle(elements)
-  return elements
+  by_customer = {}
+  for element in elements:
+    by_customer.setdefault(element.value.customer_id, []).append(element)
+  for customer_elements in by_customer.values():
+    transactions = sorted((e for e in customer_elements if isinstance(e.value, Transaction)),
+                          key=lambda e: e.value.transaction_id)
+    slots = [i for i, e in enumerate(customer_elements) if isinstance(e.value, Transaction)]
+    for slot, transaction in zip(slots, transactions, strict=True):
+      customer_elements[slot] = transaction
+  cursor = {customer: iter(customer_elements) for customer, customer_elements in by_customer.items()}
+  return [next(cursor[element.value.customer_id]) for element in elements]
 
 
 def _equal_features(expected: pd.DataFrame):
@@ -92,8 +106,9 @@ def test_streaming_features_equal_pandas_rolling_windows(simulation):
   expected = pandas_features(simulation.transactions)
   elements = streams(simulation)
   with TestPipeline(options=local_options()) as p:
-    events = p | beam.Create(elements)
-    rows = ({'transactions': events | 'Transactions' >> beam.Filter(lambda e: isinstance(e, Transaction)),
-             'labels': events | 'Labels' >> beam.Filter(lambda e: isinstance(e, Label))}
+    # One Create element holding the list: Create alone would reshuffle the elements.
+    rows = (p
+            | beam.Create([elements])
+            | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
             | ComputeFeatures(label_delay_days=DELAY_DAYS))
     assert_that(rows, _equal_features(expected))

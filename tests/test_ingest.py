@@ -1,5 +1,9 @@
 """The ingest pipeline, from a real broker to the embedded warehouse and to BigQuery (its emulator)."""
 
+import contextlib
+import subprocess
+import sys
+import time
 import uuid
 
 import pandas as pd
@@ -7,7 +11,7 @@ import pytest
 
 from kbml import simulator
 from kbml.simulator import SimulationConfig, events, simulate
-from kbml.warehouse import open_warehouse
+from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines import ingest
 from tests.conftest import consume, produce
 from transforms.records import REASON_HEADER, SOURCE_HEADERS
@@ -127,3 +131,33 @@ def test_bigquery_and_the_embedded_warehouse_get_the_same_rows(bootstrap, topics
       for frame in rows:
         frame['amount'] = frame['amount'].map(lambda amount: amount.normalize())
     pd.testing.assert_frame_equal(rows[0], rows[1], check_dtype=False)
+
+
+def test_streaming_ingest_writes_the_same_rows_while_it_runs(bootstrap, topics, tmp_path, group_id):
+  streaming, bounded = f'duckdb://{tmp_path}/streaming.duckdb', f'duckdb://{tmp_path}/bounded.duckdb'
+  job = subprocess.Popen([sys.executable, '-m', 'pipelines.ingest', *_ingest_args(bootstrap, topics, streaming),
+                          '--consumer_group', group_id], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    simulation = simulate(SimulationConfig(customers=100, terminals=150, days=10, seed=9))
+    simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
+    produce(bootstrap, topics['transactions'], [(b'bad', value, []) for value, _ in BAD_RECORDS])
+    # Rows are released as the watermark passes them: all but the last moments' transactions.
+    deadline, written = time.monotonic() + 120, pd.DataFrame()
+    while len(written) < 0.9 * len(simulation.transactions) and time.monotonic() < deadline:
+      time.sleep(2)
+      store = open_warehouse(streaming)
+      with contextlib.suppress(WarehouseError):  # the job holds the file while it writes a bundle
+        if 'features' in store.tables():
+          written = store.query('SELECT * FROM features ORDER BY transaction_id')
+    assert len(written) >= 0.9 * len(simulation.transactions), 'the streaming job writes as the stream flows'
+    assert len(consume(bootstrap, topics['dead-letter'], len(BAD_RECORDS))) == len(BAD_RECORDS)
+    assert job.poll() is None
+  finally:
+    job.kill()
+    job.wait()
+
+  ingest.run(_ingest_args(bootstrap, topics, bounded, '--stop_at_end', '--consumer_group', f'{group_id}-bounded'))
+  ids = ','.join(str(i) for i in written['transaction_id'])
+  expected = open_warehouse(bounded).query(f'SELECT * FROM features WHERE transaction_id IN ({ids}) '
+                                           'ORDER BY transaction_id')
+  assert written.equals(expected)

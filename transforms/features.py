@@ -12,15 +12,19 @@ event time from the streams of transactions and labels:
   them known to be fraudulent (0 when there are none). A label counts only
   once it has arrived, which is what a scorer can know at time t.
 
-Each key's events are applied in event-time order: a stateful DoFn buffers
-them and releases them when the watermark passes their timestamp (a label
-before a transaction of the same instant). So the result does not depend on
-the order in which the runner delivers records from the partitions of the
-two topics, and a replay yields the same rows as the original run.
+Order. A customer's transactions are applied as they arrive: Kafka keeps a
+key's records in order, and the records are keyed by customer (a transaction
+that still arrives late is inserted at its time, so later ones count it). A
+terminal's events come from many customers and from the labels topic, so
+they are buffered and applied in event-time order once the watermark passes
+them (a label before a transaction of the same instant). The result does not
+depend on how the runner interleaves partitions and topics, and a replay
+yields the same rows as the original run. (Only one stage waits for the
+watermark: the local runner does not fire the timers of a second such stage
+fused behind the first.)
 """
 
 import bisect
-import collections
 import datetime
 from typing import Dict, Iterable, List, NamedTuple, Tuple
 
@@ -59,19 +63,24 @@ def calendar_features(transaction: Transaction) -> Dict[str, float]:
 
 
 class CustomerHistory:
-  """A customer's transactions of the last 30 days: times and amounts, oldest first."""
+  """A customer's transactions of the last 30 days: times and amounts, in time order."""
 
   def __init__(self):
-    self._spending = collections.deque()
+    self._times: List[float] = []
+    self._amounts: List[float] = []
 
   def add(self, tx_time: float, amount: float) -> Dict[str, float]:
-    """Adds a transaction; returns the customer features at its time."""
-    self._spending.append((tx_time, amount))
-    while self._spending[0][0] <= tx_time - max(WINDOW_DAYS) * DAY_SECONDS:
-      self._spending.popleft()
+    """Adds a transaction at its place in time; returns the customer features at its time."""
+    position = bisect.bisect_right(self._times, tx_time)
+    self._times.insert(position, tx_time)
+    self._amounts.insert(position, amount)
+    expired = bisect.bisect_right(self._times, self._times[-1] - max(WINDOW_DAYS) * DAY_SECONDS)
+    del self._times[:expired], self._amounts[:expired]
+    end = position + 1 - expired
     features = {}
     for days in WINDOW_DAYS:
-      amounts = [a for t, a in self._spending if t > tx_time - days * DAY_SECONDS]
+      start = bisect.bisect_right(self._times, tx_time - days * DAY_SECONDS, 0, end)
+      amounts = self._amounts[start:end]
       features[f'CUSTOMER_ID_NB_TX_{days}DAY_WINDOW'] = len(amounts)
       features[f'CUSTOMER_ID_AVG_AMOUNT_{days}DAY_WINDOW'] = sum(amounts) / len(amounts)
     return features
@@ -165,17 +174,31 @@ class _EventTimeOrderedFn(beam.DoFn):
       due.set(Timestamp(micros=waiting[-1].micros))
 
 
-class _CustomerFeaturesFn(_EventTimeOrderedFn):
-  """(customer_id, Transaction) -> (Transaction, customer features)."""
+def _sort_fields(event) -> Tuple[int, int]:
+  """Orders a Label before a Transaction of the same instant; then by transaction id."""
+  if isinstance(event, Label):
+    return _LABEL, event.transaction_id
+  transaction = event if isinstance(event, Transaction) else event[0]
+  return _TRANSACTION, transaction.transaction_id
 
-  def new_history(self):
-    return CustomerHistory()
 
-  def sort_fields(self, transaction):
-    return _TRANSACTION, transaction.transaction_id
+class _CustomerFeaturesFn(beam.DoFn):
+  """(customer_id, Transaction or Label) -> (Transaction, customer features), or the Label unchanged.
 
-  def apply(self, history, transaction):
-    yield transaction, history.add(transaction.tx_time, float(transaction.amount))
+  Transactions are applied as they arrive (see the module docstring). Labels
+  only pass through: the terminal stage needs them in the same stream as the
+  transactions.
+  """
+  HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
+
+  def process(self, element, history_state=beam.DoFn.StateParam(HISTORY)):
+    _, event = element
+    if isinstance(event, Label):
+      yield event
+      return
+    history = history_state.read() or CustomerHistory()
+    yield event, history.add(event.tx_time, float(event.amount))
+    history_state.write(history)
 
 
 class _TerminalFeaturesFn(_EventTimeOrderedFn):
@@ -188,9 +211,7 @@ class _TerminalFeaturesFn(_EventTimeOrderedFn):
     return TerminalHistory(self._label_delay_days)
 
   def sort_fields(self, event):
-    if isinstance(event, Label):
-      return _LABEL, event.transaction_id
-    return _TRANSACTION, event[0].transaction_id
+    return _sort_fields(event)
 
   def apply(self, history, event):
     if isinstance(event, Label):
@@ -215,13 +236,18 @@ def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> 
   }
 
 
+def _terminal_id(event) -> int:
+  return event.terminal_id if isinstance(event, Label) else event[0].terminal_id
+
+
 class ComputeFeatures(beam.PTransform):
   """Computes the feature row of every transaction.
 
-  Input: a dict with ``transactions`` (a PCollection of
-  :class:`~transforms.records.Transaction`) and ``labels`` (of
-  :class:`~transforms.records.Label`), both timestamped in event time (a
-  label at the time it became known). Output: one dict per transaction, see
+  Input: one PCollection of :class:`~transforms.records.Transaction` and
+  :class:`~transforms.records.Label` events, timestamped in event time (a
+  transaction at its time, a label when it became known). One stream, not
+  two: the local runner runs a Flatten as a stage boundary, which an
+  unbounded run never crosses. Output: one dict per transaction, see
   :func:`feature_row`, timestamped with the transaction's time.
 
   Args:
@@ -232,13 +258,9 @@ class ComputeFeatures(beam.PTransform):
     super().__init__()
     self._label_delay_days = label_delay_days
 
-  def expand(self, streams):
-    transactions = (
-        streams['transactions']
-        | 'KeyByCustomer' >> beam.Map(lambda t: (t.customer_id, t))
-        | 'CustomerFeatures' >> beam.ParDo(_CustomerFeaturesFn())
-        | 'KeyTransactionsByTerminal' >> beam.Map(lambda tx_features: (tx_features[0].terminal_id, tx_features)))
-    labels = streams['labels'] | 'KeyLabelsByTerminal' >> beam.Map(lambda label: (label.terminal_id, label))
-    return ((transactions, labels)
-            | 'TransactionsAndLabels' >> beam.Flatten()
+  def expand(self, events):
+    return (events
+            | 'KeyByCustomer' >> beam.Map(lambda event: (event.customer_id, event))
+            | 'CustomerFeatures' >> beam.ParDo(_CustomerFeaturesFn())
+            | 'KeyByTerminal' >> beam.Map(lambda event: (_terminal_id(event), event))
             | 'TerminalFeatures' >> beam.ParDo(_TerminalFeaturesFn(self._label_delay_days)))

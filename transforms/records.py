@@ -15,7 +15,7 @@ import dataclasses
 import datetime
 import json
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
@@ -197,27 +197,33 @@ def dead_letter_message(dead: DeadLetter) -> Tuple[Optional[bytes], Optional[byt
 
 
 class _ParseFn(beam.DoFn):
-  def __init__(self, schema: RecordSchema):
-    self._schema = schema
+  def __init__(self, schemas: Mapping[str, RecordSchema]):
+    self._schemas = dict(schemas)
 
   def process(self, record: KafkaRecord) -> Iterable:
+    schema = self._schemas[record.topic]
     try:
-      yield self._schema.with_source(self._schema.parse(record.value), record)
+      yield schema.with_source(schema.parse(record.value), record)
     except InvalidRecord as e:
       yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
 
 
 class ParseRecords(beam.PTransform):
-  """Parses Kafka records against a schema.
+  """Parses Kafka records, each against the schema of its topic.
 
-  Returns a ``DoOutputsTuple``: the main output holds the schema's typed rows,
-  ``dead_letter`` holds a :class:`DeadLetter` for each invalid record.
+  One step for all topics, with one dead-letter output: a local runner runs
+  a Flatten as a stage boundary, which an unbounded run never crosses.
+
+  Returns a ``DoOutputsTuple``: the main output (``records``) holds the typed
+  rows, ``dead_letter`` a :class:`DeadLetter` for each invalid record.
+
+  Args:
+    schemas: topic name -> the schema of its records.
   """
 
-  def __init__(self, schema: RecordSchema):
+  def __init__(self, schemas: Mapping[str, RecordSchema]):
     super().__init__()
-    self._schema = schema
+    self._schemas = dict(schemas)
 
   def expand(self, records):
-    return records | f'Parse{self._schema.name.title()}s' >> beam.ParDo(_ParseFn(self._schema)).with_outputs(
-        DEAD_LETTER_TAG, main=self._schema.name)
+    return records | 'Parse' >> beam.ParDo(_ParseFn(self._schemas)).with_outputs(DEAD_LETTER_TAG, main='records')
