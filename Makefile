@@ -41,6 +41,7 @@ test: $(STAMP) $(BIGQUERY_EMULATOR)
 bench: $(STAMP)
 	$(BIN)/python -m bench.kafka_clients
 	$(BIN)/python -m bench.kafka_io
+	$(BIN)/python -m bench.features
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -71,6 +71,9 @@ class IngestOptions(PipelineOptions):
         'e.g. 0:1000-2000,1:950-1900.')
     parser.add_argument('--bigquery_temp_location', help='Staging folder of BigQuery file loads.')
 
+  def warehouse_url(self) -> str:
+    return self.warehouse or default_warehouse_url()
+
 
 def at_event_time(event):
   """Timestamps a transaction with its own time; a label keeps its Kafka timestamp, when it became known."""
@@ -112,10 +115,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   replay = in_replay_range is not None
   config = kafka_config(options)
   consumer_config = config if replay else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
-  warehouse = ingest.warehouse or default_warehouse_url()
+  warehouse = ingest.warehouse_url()
 
   records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
-      kafka.kafka_io, {**consumer_config, 'auto.offset.reset': 'earliest'},
+      kafka.kafka_io, consumer_config,
       [ingest.transactions_topic, ingest.labels_topic], expansion_service=kafka.kafka_expansion_service,
       stop_at_end=kafka.stop_at_end or replay, idle_timeout_s=kafka.idle_timeout_s)
   parsed = records | 'ParseRecords' >> ParseRecords(
@@ -142,7 +145,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
 
 def run(argv: Optional[List[str]] = None):
   options = pipeline_options(argv, [IngestOptions], prog='python -m pipelines.ingest')
-  open_warehouse(options.view_as(IngestOptions).warehouse or default_warehouse_url()).prepare()
+  open_warehouse(options.view_as(IngestOptions).warehouse_url()).prepare()
   with beam.Pipeline(options=options) as pipeline:
     build_pipeline(pipeline, options)
 

@@ -26,7 +26,7 @@ fused behind the first.)
 
 import bisect
 import datetime
-from typing import Dict, Iterable, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -118,68 +118,8 @@ class TerminalHistory:
 class _PendingEvent(NamedTuple):
   micros: int
   kind: int
-  event_id: int
+  transaction_id: int
   event: object
-
-
-class _EventTimeOrderedFn(beam.DoFn):
-  """Applies each key's events to a per-key history in event-time order.
-
-  Events wait in a bag until the watermark passes their timestamp; then the
-  ones due are applied in (time, kind, id) order and their outputs emitted
-  with their own timestamps. Subclasses say how to start a history and how
-  to apply an event to it.
-
-  Each arrival sets the key's timer to its own timestamp, and a firing that
-  leaves events waiting sets it to the latest of them: the timer fires once
-  the watermark passes everything that waits, and releases it all in one
-  go. (A runner fires newly set timers in a later round; releasing one
-  instant per firing would take a round per event.)
-  """
-  PENDING = BagStateSpec('pending', PickleCoder())
-  HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
-  DUE = TimerSpec('due', TimeDomain.WATERMARK)
-
-  def new_history(self):
-    raise NotImplementedError
-
-  def sort_fields(self, event) -> Tuple[int, int]:
-    """The event's kind and id, which order events of the same instant."""
-    raise NotImplementedError
-
-  def apply(self, history, event) -> Iterable:
-    raise NotImplementedError
-
-  def process(self, element, timestamp=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
-              due=beam.DoFn.TimerParam(DUE)):
-    _, event = element
-    pending.add(_PendingEvent(timestamp.micros, *self.sort_fields(event), event))
-    due.set(timestamp)
-
-  @on_timer(DUE)
-  def release_due_events(self, fired_at=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
-                         history_state=beam.DoFn.StateParam(HISTORY), due=beam.DoFn.TimerParam(DUE)):
-    events = sorted(pending.read())
-    ready = [e for e in events if e.micros <= fired_at.micros]
-    waiting = events[len(ready):]
-    pending.clear()
-    for event in waiting:
-      pending.add(event)
-    history = history_state.read() or self.new_history()
-    for event in ready:
-      for output in self.apply(history, event.event):
-        yield beam.window.TimestampedValue(output, Timestamp(micros=event.micros))
-    history_state.write(history)
-    if waiting:
-      due.set(Timestamp(micros=waiting[-1].micros))
-
-
-def _sort_fields(event) -> Tuple[int, int]:
-  """Orders a Label before a Transaction of the same instant; then by transaction id."""
-  if isinstance(event, Label):
-    return _LABEL, event.transaction_id
-  transaction = event if isinstance(event, Transaction) else event[0]
-  return _TRANSACTION, transaction.transaction_id
 
 
 class _CustomerFeaturesFn(beam.DoFn):
@@ -201,24 +141,56 @@ class _CustomerFeaturesFn(beam.DoFn):
     history_state.write(history)
 
 
-class _TerminalFeaturesFn(_EventTimeOrderedFn):
-  """(terminal_id, Label or (Transaction, customer features)) -> feature row."""
+class _TerminalFeaturesFn(beam.DoFn):
+  """(terminal_id, Label or (Transaction, customer features)) -> feature row, in event-time order.
+
+  Events wait in a bag until the watermark passes their timestamp; then the
+  ones due are applied to the terminal's history in (time, label first,
+  transaction id) order, and each transaction's row is emitted with its own
+  timestamp.
+
+  Each arrival sets the key's timer to its own timestamp, and a firing that
+  leaves events waiting sets it to the latest of them: the timer fires once
+  the watermark passes everything that waits, and releases it all in one
+  go. (A runner fires newly set timers in a later round; releasing one
+  instant per firing would take a round per event.)
+  """
+  PENDING = BagStateSpec('pending', PickleCoder())
+  HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
+  DUE = TimerSpec('due', TimeDomain.WATERMARK)
 
   def __init__(self, label_delay_days: float):
     self._label_delay_days = label_delay_days
 
-  def new_history(self):
-    return TerminalHistory(self._label_delay_days)
-
-  def sort_fields(self, event):
-    return _sort_fields(event)
-
-  def apply(self, history, event):
+  def process(self, element, timestamp=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
+              due=beam.DoFn.TimerParam(DUE)):
+    _, event = element
     if isinstance(event, Label):
-      history.add_label(event)
-      return
-    transaction, customer_features = event
-    yield feature_row(transaction, {**customer_features, **history.add_transaction(transaction.tx_time)})
+      pending.add(_PendingEvent(timestamp.micros, _LABEL, event.transaction_id, event))
+    else:
+      pending.add(_PendingEvent(timestamp.micros, _TRANSACTION, event[0].transaction_id, event))
+    due.set(timestamp)
+
+  @on_timer(DUE)
+  def release_due_events(self, fired_at=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
+                         history_state=beam.DoFn.StateParam(HISTORY), due=beam.DoFn.TimerParam(DUE)):
+    events = sorted(pending.read())
+    ready = [e for e in events if e.micros <= fired_at.micros]
+    waiting = events[len(ready):]
+    pending.clear()
+    for event in waiting:
+      pending.add(event)
+    history = history_state.read() or TerminalHistory(self._label_delay_days)
+    for event in ready:
+      if event.kind == _LABEL:
+        history.add_label(event.event)
+      else:
+        transaction, customer_features = event.event
+        row = feature_row(transaction, {**customer_features, **history.add_transaction(transaction.tx_time)})
+        yield beam.window.TimestampedValue(row, Timestamp(micros=event.micros))
+    history_state.write(history)
+    if waiting:
+      due.set(Timestamp(micros=waiting[-1].micros))
 
 
 def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> Dict[str, object]:

@@ -1,0 +1,84 @@
+"""The Beam feature transform against a plain loop over the same feature classes.
+
+Both compute the 15 features of the same simulated events: the baseline
+applies CustomerHistory and TerminalHistory (transforms/features.py) in one
+event-time-ordered Python loop, the measured one is ComputeFeatures on the
+pinned local runner, start-up included. Run: ``make bench`` or
+``python -m bench.features --customers 5000 --days 3``.
+"""
+
+import argparse
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from bench.common import Timer
+from kbml.simulator import SimulationConfig, simulate
+from pipelines.options import LOCAL_RUNNER
+from transforms.features import (
+  DEFAULT_LABEL_DELAY_DAYS,
+  ComputeFeatures,
+  CustomerHistory,
+  TerminalHistory,
+  feature_row,
+)
+from transforms.records import Label, Transaction
+
+
+def simulated_events(customers: int, days: int):
+  """Transactions and labels of a simulation, in event-time order (labels first at one instant)."""
+  simulation = simulate(SimulationConfig(customers=customers, terminals=2 * customers, days=days))
+  delay = DEFAULT_LABEL_DELAY_DAYS * 86_400
+  events = []
+  for row in simulation.transactions.itertuples():
+    tx_time = row.tx_datetime.timestamp()
+    events.append((tx_time, 1, Transaction(row.transaction_id, tx_time, row.customer_id, row.terminal_id,
+                                           row.amount)))
+    events.append((tx_time + delay, 0, Label(row.transaction_id, tx_time, row.customer_id, row.terminal_id,
+                                             row.is_fraud, row.fraud_scenario, tx_time + delay)))
+  events.sort(key=lambda e: (e[0], e[1], e[2].transaction_id))
+  return events
+
+
+def plain_loop(events):
+  customers, terminals, rows = {}, {}, []
+  for _, _, event in events:
+    terminal = terminals.setdefault(event.terminal_id, TerminalHistory(DEFAULT_LABEL_DELAY_DAYS))
+    if isinstance(event, Label):
+      terminal.add_label(event)
+    else:
+      customer_features = customers.setdefault(event.customer_id, CustomerHistory()).add(event.tx_time,
+                                                                                         float(event.amount))
+      rows.append(feature_row(event, {**customer_features, **terminal.add_transaction(event.tx_time)}))
+  return rows
+
+
+def beam_transform(events):
+  timestamped = [beam.window.TimestampedValue(event, at) for at, _, event in events]
+  with beam.Pipeline(options=PipelineOptions(flags=[], runner=LOCAL_RUNNER)) as pipeline:
+    _ = (pipeline
+         | beam.Create([timestamped])
+         | 'InOrder' >> beam.FlatMap(lambda listed: listed)
+         | ComputeFeatures())
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--customers', type=int, default=5_000, help='Customers (terminals: twice as many).')
+  parser.add_argument('--days', type=int, default=3)
+  args = parser.parse_args(argv)
+  events = simulated_events(args.customers, args.days)
+  with Timer() as loop:
+    rows = plain_loop(events)
+  with Timer() as pipeline:
+    beam_transform(events)
+  print(f'features of {len(rows):,} transactions ({len(events):,} events with the labels), '
+        f'{args.customers:,} customers, {2 * args.customers:,} terminals, {args.days} days')
+  print(f'plain loop over the feature classes   {len(events) / loop.seconds:>9,.0f} events/s  {loop.seconds:7.2f} s')
+  print(f'ComputeFeatures on {LOCAL_RUNNER}        {len(events) / pipeline.seconds:>9,.0f} events/s  '
+        f'{pipeline.seconds:7.2f} s (start-up included)')
+  print(f'Beam / plain loop throughput: {loop.seconds / pipeline.seconds:.4f}x')
+
+
+if __name__ == '__main__':
+  main()
