@@ -69,7 +69,8 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
 @pytest.mark.parametrize('command', [['--help'], ['local', '--help'], ['local', 'up', '--help'],
-                                     ['local', 'status', '--help'], ['mirror', '--help']])
+                                     ['local', 'status', '--help'], ['mirror', '--help'], ['ingest', '--help'],
+                                     ['simulate', '--help'], ['warehouse', 'summary', '--help']])
 def test_every_command_has_help(command):
   result = _kbml(*command)
   assert result.returncode == 0 and 'usage:' in result.stdout.lower(), result.stderr
