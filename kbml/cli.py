@@ -37,6 +37,8 @@ def _local(args) -> int:
 
 
 def _simulate(args) -> int:
+  if args.no_kafka and not args.output_dir:
+    raise ValueError('--no-kafka writes the simulation only to files: give --output-dir too.')
   from kbml import simulator
   config = simulator.SimulationConfig(
       customers=args.customers, terminals=args.terminals, radius=args.radius, start_date=args.start_date,

@@ -8,6 +8,9 @@ warehouse is named by a URL:
 - ``bigquery://PROJECT/DATASET``; set ``KBML_BIGQUERY_ENDPOINT`` to talk to a
   BigQuery emulator instead of Google's service.
 
+(pandas and the database clients are imported when first used: the command
+line imports this module for its error type and must start fast.)
+
 Rows are keyed (the key columns of the table's schema): the embedded store
 replaces a row written twice, so at-least-once delivery leaves no duplicates;
 BigQuery does not enforce keys, so reads of it keep one row per key.
@@ -17,11 +20,12 @@ import dataclasses
 import os
 import time
 import urllib.parse
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
-
-import pandas as pd
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from kbml.local_stack import local_state_dir
+
+if TYPE_CHECKING:
+  import pandas
 
 # Column types, by their BigQuery names, and their DuckDB equivalents.
 _DUCKDB_TYPES = {'INT64': 'BIGINT', 'FLOAT64': 'DOUBLE', 'STRING': 'VARCHAR', 'TIMESTAMP': 'TIMESTAMPTZ',
@@ -67,7 +71,7 @@ class Warehouse:
     """Writes rows; a row whose key is already there replaces it (embedded store)."""
     raise NotImplementedError
 
-  def query(self, sql: str) -> pd.DataFrame:
+  def query(self, sql: str) -> 'pandas.DataFrame':
     """Runs a query; table names are written as {table} placeholders, see :meth:`table_ref`."""
     raise NotImplementedError
 
@@ -113,7 +117,8 @@ class DuckDBWarehouse(Warehouse):
   def write_rows(self, table, schema, rows):
     if not rows:
       return
-    batch = pd.DataFrame.from_records(rows, columns=schema.names)
+    import pandas
+    batch = pandas.DataFrame.from_records(rows, columns=schema.names)
     with self._connect() as connection:
       connection.execute(schema.duckdb_ddl(table))
       connection.register('batch', batch)
