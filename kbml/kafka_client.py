@@ -8,9 +8,9 @@ brokers, the bundled local one among them, list it short).
 
 import logging
 import time
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kbml.kafka_config import redact
@@ -165,3 +165,55 @@ def create_topics(config: Mapping[str, str], topics: Iterable[str], partitions: 
         raise
   _LOG.info('created topics %s with %d partitions', created, partitions)
   return created
+
+
+class AcknowledgedProducer:
+  """An idempotent producer that waits for room when its queue is full and counts what was not acknowledged.
+
+  Every caller that must not lose records (the Beam sink, the simulator)
+  sends through it, then asks :meth:`flush` how many records since the last
+  flush were not delivered, and why.
+
+  Args:
+    config: producer settings, passed through (idempotence and a 5 ms linger
+      unless they say otherwise).
+  """
+
+  def __init__(self, config: Mapping[str, str]):
+    self.config = {'enable.idempotence': True, 'linger.ms': 5, **config}
+    self._producer = Producer(with_client_logger(self.config))
+    self._failures: List[str] = []
+    self._unpolled = 0
+
+  def check_reachable(self, timeout_s: float = 15.0):
+    """Fails clearly, naming the settings, when the cluster does not answer."""
+    try:
+      self._producer.list_topics(timeout=timeout_s)
+    except KafkaException as e:
+      raise unreachable_error(self.config, timeout_s, e) from e
+
+  def _on_delivery(self, error, message):
+    if error is not None:
+      self._failures.append(f'{message.topic()}: {error.str()}')
+
+  def send(self, topic: str, value: Optional[bytes], key: Optional[bytes] = None,
+           headers: Optional[Sequence[Tuple[str, bytes]]] = None, timestamp_ms: int = 0):
+    """Queues one record (timestamp 0: now), waiting while the local queue is full."""
+    while True:
+      try:
+        self._producer.produce(topic, value, key=key, headers=headers, timestamp=timestamp_ms,
+                               on_delivery=self._on_delivery)
+        break
+      except BufferError:
+        self._producer.poll(0.05)  # let deliveries drain the queue
+    self._unpolled += 1
+    if self._unpolled >= 500:  # serve delivery callbacks now and then, not on every record
+      self._producer.poll(0)
+      self._unpolled = 0
+
+  def flush(self, timeout_s: float) -> Tuple[int, List[str]]:
+    """Waits for acknowledgements; returns how many records since the last flush were not delivered, and why."""
+    undelivered = self._producer.flush(timeout_s)
+    failures, self._failures = self._failures, []
+    reasons = failures[:3] or ([f'not acknowledged within {timeout_s:.0f} s'] if undelivered else [])
+    return undelivered + len(failures), reasons

@@ -301,38 +301,25 @@ def produce(simulated: Iterable[Event], producer_config: Dict[str, str], transac
   Raises:
     RuntimeError: some records were not delivered.
   """
-  from confluent_kafka import Producer
-
-  from kbml.kafka_client import cluster_metadata, with_client_logger
-  producer = Producer(with_client_logger({'enable.idempotence': True, 'linger.ms': 5, **producer_config}))
-  cluster_metadata(producer)
-  failures = []
+  from kbml.kafka_client import AcknowledgedProducer
+  producer = AcknowledgedProducer(producer_config)
+  producer.check_reachable()
   counts = [0, 0]
   started = time.monotonic()
   last_report = started
   for event in simulated:
-    topic = labels_topic if event.is_label else transactions_topic
-    while True:
-      try:
-        producer.produce(topic, event.value, key=event.key, timestamp=event.timestamp_ms,
-                         on_delivery=lambda error, _: error and failures.append(error))
-        break
-      except BufferError:
-        producer.poll(0.05)
+    producer.send(labels_topic if event.is_label else transactions_topic, event.value, event.key,
+                  timestamp_ms=event.timestamp_ms)
     counts[event.is_label] += 1
     sent = counts[0] + counts[1]
     if rate and sent % 50 == 0:
       time.sleep(max(0.0, started + sent / rate - time.monotonic()))
-    if sent % 1000 == 0:
-      producer.poll(0)
-      now = time.monotonic()
-      if progress and now - last_report >= 1:
-        progress(*counts)
-        last_report = now
-  undelivered = producer.flush(60)
-  if undelivered or failures:
-    raise RuntimeError(f'{undelivered + len(failures)} simulated records were not delivered to Kafka: '
-                       f'{failures[:1] or "acknowledgement timed out"}')
+    if progress and sent % 1000 == 0 and time.monotonic() - last_report >= 1:
+      progress(*counts)
+      last_report = time.monotonic()
+  undelivered, reasons = producer.flush(60)
+  if undelivered:
+    raise RuntimeError(f'{undelivered} simulated records were not delivered to Kafka: {"; ".join(reasons)}')
   if progress:
     progress(*counts)
   return counts[0], counts[1]

@@ -7,9 +7,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
-from confluent_kafka import Producer, TopicPartition
+from confluent_kafka import TopicPartition
 
-from kbml.kafka_client import create_topics, new_consumer
+from kbml.kafka_client import AcknowledgedProducer, create_topics, new_consumer
 from kbml.local_stack import LocalStack
 from pipelines.options import LOCAL_RUNNER
 
@@ -53,16 +53,13 @@ def local_options(**options) -> PipelineOptions:
 
 def produce(bootstrap: str, topic: str, messages: Iterable[Tuple[Optional[bytes], bytes, Sequence]]) -> int:
   """Produces ``(key, value, headers)`` messages and waits for every acknowledgement."""
-  producer = Producer({'bootstrap.servers': bootstrap, 'linger.ms': 5, 'enable.idempotence': True})
-  failures = []
+  producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   count = 0
   for key, value, headers in messages:
-    producer.produce(topic, value=value, key=key, headers=list(headers) or None,
-                     on_delivery=lambda err, _: err and failures.append(err))
+    producer.send(topic, value, key, list(headers) or None)
     count += 1
-    if count % 5000 == 0:
-      producer.poll(0)
-  assert producer.flush(30) == 0 and not failures, failures[:3]
+  undelivered, reasons = producer.flush(30)
+  assert undelivered == 0, reasons
   return count
 
 

@@ -20,26 +20,24 @@ retries it and nothing is silently dropped.
 import logging
 import sys
 import time
-from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
-from confluent_kafka import KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from kbml.kafka_client import (
   NO_OFFSET,
-  cluster_metadata,
+  AcknowledgedProducer,
   committed_offsets,
   fetched_end_offset,
   list_partitions,
   listed_offsets,
   new_consumer,
   new_probe_consumer,
-  unreachable_error,
-  with_client_logger,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -341,46 +339,22 @@ class _ProduceFn(beam.DoFn):
     self._flush_timeout_s = flush_timeout_s
     self._timeout_s = timeout_s
     self._producer = None
-    self._failures: List[str] = []
 
   def setup(self):
-    settings = {'enable.idempotence': True, 'linger.ms': 5, **self._config}
-    self._producer = Producer(with_client_logger(settings))
-    try:
-      cluster_metadata(self._producer, self._timeout_s)
-    except ConnectionError as e:
-      raise unreachable_error(settings, self._timeout_s, e.__cause__ or e) from None
-
-  def start_bundle(self):
-    self._failures = []
-    self._unpolled = 0
-
-  def _on_delivery(self, error, message):
-    if error is not None:
-      self._failures.append(f'{message.topic()}: {error.str()}')
+    self._producer = AcknowledgedProducer(self._config)
+    self._producer.check_reachable(self._timeout_s)
 
   def process(self, element: KafkaMessage):
     key, value, *rest = element
     headers = list(rest[0]) if rest and rest[0] else None
-    while True:
-      try:
-        self._producer.produce(self._topic, value=_as_bytes(value), key=_as_bytes(key), headers=headers,
-                               on_delivery=self._on_delivery)
-        break
-      except BufferError:
-        self._producer.poll(0.1)  # the local queue is full: let deliveries drain it
-    self._unpolled += 1
-    if self._unpolled >= 500:  # serve delivery callbacks now and then, not on every record
-      self._producer.poll(0)
-      self._unpolled = 0
+    self._producer.send(self._topic, _as_bytes(value), _as_bytes(key), headers)
 
   def finish_bundle(self):
-    undelivered = self._producer.flush(self._flush_timeout_s)
-    if undelivered or self._failures:
-      reasons = '; '.join(self._failures[:3]) or f'not acknowledged within {self._flush_timeout_s:.0f} s'
+    undelivered, reasons = self._producer.flush(self._flush_timeout_s)
+    if undelivered:
       raise RuntimeError(
-          f'{undelivered + len(self._failures)} records of this bundle were not delivered to Kafka topic '
-          f'{self._topic!r} ({reasons}). The bundle fails so that the runner retries it and no record is lost.')
+          f'{undelivered} records of this bundle were not delivered to Kafka topic {self._topic!r} '
+          f'({"; ".join(reasons)}). The bundle fails so that the runner retries it and no record is lost.')
 
   def teardown(self):
     if self._producer is not None:
