@@ -239,24 +239,22 @@ def _iso_times(seconds: np.ndarray, start: datetime.datetime) -> np.ndarray:
   return moments.strftime('%Y-%m-%dT%H:%M:%SZ').to_numpy()
 
 
-def transaction_records(simulation: Simulation) -> List[bytes]:
-  """The transactions as JSON records (the ``transactions`` topic's format)."""
+def records(simulation: Simulation) -> Tuple[List[bytes], List[bytes]]:
+  """The transactions and their labels as JSON records (the formats of the two topics).
+
+  Both start with the transaction's identity (id, time, customer, terminal),
+  formatted once for both.
+  """
   tx = simulation.transactions
   times = _iso_times(tx['tx_time_seconds'].to_numpy(), simulation.config.start)
-  return [b'{"transaction_id": %d, "tx_datetime": "%s", "customer_id": %d, "terminal_id": %d, "amount": %s}' % (
-      i, t.encode(), c, term, repr(float(a)).encode())
-          for i, t, c, term, a in zip(tx['transaction_id'], times, tx['customer_id'], tx['terminal_id'],
-                                      tx['amount'], strict=True)]
-
-
-def label_records(simulation: Simulation) -> List[bytes]:
-  """The labels as JSON records (the ``labels`` topic's format)."""
-  tx = simulation.transactions
-  times = _iso_times(tx['tx_time_seconds'].to_numpy(), simulation.config.start)
-  return [b'{"transaction_id": %d, "tx_datetime": "%s", "customer_id": %d, "terminal_id": %d, '
-          b'"is_fraud": %d, "fraud_scenario": %d}' % (i, t.encode(), c, term, f, s)
-          for i, t, c, term, f, s in zip(tx['transaction_id'], times, tx['customer_id'], tx['terminal_id'],
-                                         tx['is_fraud'], tx['fraud_scenario'], strict=True)]
+  identities = [b'{"transaction_id": %d, "tx_datetime": "%s", "customer_id": %d, "terminal_id": %d' % (
+      i, t.encode(), c, term) for i, t, c, term in zip(tx['transaction_id'], times, tx['customer_id'],
+                                                       tx['terminal_id'], strict=True)]
+  transactions = [b'%s, "amount": %s}' % (identity, repr(float(a)).encode())
+                  for identity, a in zip(identities, tx['amount'], strict=True)]
+  labels = [b'%s, "is_fraud": %d, "fraud_scenario": %d}' % (identity, f, scenario)
+            for identity, f, scenario in zip(identities, tx['is_fraud'], tx['fraud_scenario'], strict=True)]
+  return transactions, labels
 
 
 def events(simulation: Simulation) -> Iterator[Event]:
@@ -274,7 +272,7 @@ def events(simulation: Simulation) -> Iterator[Event]:
   is_label = np.concatenate([np.ones(len(tx), bool), np.zeros(len(tx), bool)])
   rows = np.concatenate([np.arange(len(tx)), np.arange(len(tx))])
   order = np.lexsort((rows, ~is_label, times))  # by time; at one instant, labels first
-  values = (transaction_records(simulation), label_records(simulation))
+  values = records(simulation)
   keys = [b'%d' % c for c in tx['customer_id']]
   for i in order:
     row, label = rows[i], bool(is_label[i])
@@ -285,9 +283,9 @@ def write_files(simulation: Simulation, folder: str) -> Tuple[str, str]:
   """Writes transactions.jsonl and labels.jsonl (one JSON record a line) for offline use."""
   os.makedirs(folder, exist_ok=True)
   paths = os.path.join(folder, 'transactions.jsonl'), os.path.join(folder, 'labels.jsonl')
-  for path, records in zip(paths, (transaction_records(simulation), label_records(simulation)), strict=True):
+  for path, lines in zip(paths, records(simulation), strict=True):
     with open(path, 'wb') as f:
-      f.write(b'\n'.join(records) + b'\n')
+      f.write(b'\n'.join(lines) + b'\n')
   return paths
 
 
