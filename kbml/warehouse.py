@@ -17,6 +17,7 @@ BigQuery does not enforce keys, so reads of it keep one row per key.
 """
 
 import dataclasses
+import datetime
 import os
 import time
 import urllib.parse
@@ -82,6 +83,10 @@ class Warehouse:
   def tables(self) -> List[str]:
     raise NotImplementedError
 
+  def timestamp(self, moment: datetime.datetime) -> str:
+    """A UTC instant as a literal of this warehouse's SQL."""
+    raise NotImplementedError
+
 
 class DuckDBWarehouse(Warehouse):
   """The embedded warehouse: one DuckDB file.
@@ -112,7 +117,17 @@ class DuckDBWarehouse(Warehouse):
 
   def ensure_table(self, table, schema):
     with self._connect() as connection:
-      connection.execute(schema.duckdb_ddl(table))
+      self._ensure_table(connection, table, schema)
+
+  @staticmethod
+  def _ensure_table(connection, table: str, schema: TableSchema):
+    """Creates the table, or adds the columns a newer schema has (new features): existing rows get NULL there."""
+    connection.execute(schema.duckdb_ddl(table))
+    existing = {row[0] for row in connection.execute(
+        'SELECT column_name FROM information_schema.columns WHERE table_name = ?', [table]).fetchall()}
+    for name, kind in schema.columns:
+      if name not in existing:
+        connection.execute(f'ALTER TABLE "{table}" ADD COLUMN "{name}" {_DUCKDB_TYPES[kind]}')
 
   def write_rows(self, table, schema, rows):
     if not rows:
@@ -120,7 +135,7 @@ class DuckDBWarehouse(Warehouse):
     import pandas
     batch = pandas.DataFrame.from_records(rows, columns=schema.names)
     with self._connect() as connection:
-      connection.execute(schema.duckdb_ddl(table))
+      self._ensure_table(connection, table, schema)
       connection.register('batch', batch)
       columns = ', '.join(f'"{name}"' for name in schema.names)
       casts = ', '.join(f'CAST("{name}" AS {_DUCKDB_TYPES[kind]})' for name, kind in schema.columns)
@@ -133,6 +148,9 @@ class DuckDBWarehouse(Warehouse):
 
   def table_ref(self, table):
     return f'"{table}"'
+
+  def timestamp(self, moment):
+    return f"TIMESTAMPTZ '{moment.astimezone(datetime.timezone.utc).isoformat()}'"
 
   def tables(self):
     if not os.path.exists(self.path):
@@ -160,7 +178,13 @@ class BigQueryWarehouse(Warehouse):
     self.prepare()
     client = self._client()
     fields = [bigquery.SchemaField(f['name'], f['type'], mode=f['mode']) for f in schema.bigquery_schema()['fields']]
-    client.create_table(bigquery.Table(f'{self.project}.{self.dataset}.{table}', schema=fields), exists_ok=True)
+    existing = client.create_table(bigquery.Table(f'{self.project}.{self.dataset}.{table}', schema=fields),
+                                   exists_ok=True)
+    known = {field.name for field in existing.schema}
+    added = [bigquery.SchemaField(f.name, f.field_type, mode='NULLABLE') for f in fields if f.name not in known]
+    if added:  # a newer schema (new features): BigQuery adds NULLABLE columns in place
+      existing.schema = [*existing.schema, *added]
+      client.update_table(existing, ['schema'])
 
   def write_rows(self, table, schema, rows):
     if not rows:
@@ -176,6 +200,9 @@ class BigQueryWarehouse(Warehouse):
 
   def table_ref(self, table):
     return f'`{self.project}.{self.dataset}.{table}`'
+
+  def timestamp(self, moment):
+    return f"TIMESTAMP '{moment.astimezone(datetime.timezone.utc).isoformat()}'"
 
   def tables(self):
     return sorted(t.table_id for t in self._client().list_tables(self.dataset))

@@ -34,3 +34,21 @@ def test_bigquery_warehouse_writes_and_reads_through_the_storage_api(bigquery_em
 def test_an_unknown_warehouse_url_is_a_clear_error(url):
   with pytest.raises(WarehouseError, match='use duckdb:///path/file.duckdb or bigquery://PROJECT/DATASET'):
     open_warehouse(url)
+
+
+@pytest.fixture(params=['duckdb', 'bigquery'])
+def any_warehouse(request, tmp_path):
+  if request.param == 'duckdb':
+    return open_warehouse(f'duckdb://{tmp_path}/w.duckdb')
+  warehouse = open_warehouse(f"bigquery://{request.getfixturevalue('bigquery_emulator')}/w_{uuid.uuid4().hex[:8]}")
+  warehouse.prepare()
+  return warehouse
+
+
+def test_a_newer_schema_adds_its_columns_to_an_existing_table(any_warehouse):
+  any_warehouse.write_rows('t', SCHEMA, ROWS[:5])
+  newer = TableSchema(columns=(*SCHEMA.columns, ('new_feature', 'FLOAT64')), key=SCHEMA.key)
+  any_warehouse.write_rows('t', newer, [{**row, 'new_feature': 0.5} for row in ROWS[5:10]])
+  rows = any_warehouse.query(f'SELECT id, new_feature FROM {any_warehouse.table_ref("t")} ORDER BY id')
+  assert list(rows['id']) == list(range(10))
+  assert rows['new_feature'][:5].isna().all() and (rows['new_feature'][5:] == 0.5).all()
