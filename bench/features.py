@@ -47,8 +47,7 @@ def plain_loop(events):
     if isinstance(event, Label):
       terminal.add_label(event)
     else:
-      customer_features = customers.setdefault(event.customer_id, CustomerHistory()).add(event.tx_time,
-                                                                                         float(event.amount))
+      customer_features = customers.setdefault(event.customer_id, CustomerHistory()).add(event)
       rows.append(feature_row(event, {**customer_features, **terminal.add_transaction(event.tx_time)}))
   return rows
 

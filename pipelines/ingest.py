@@ -117,10 +117,11 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   consumer_config = config if replay else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
   warehouse = ingest.warehouse_url()
 
+  bounded = kafka.stop_at_end or replay
   records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
       kafka.kafka_io, consumer_config,
       [ingest.transactions_topic, ingest.labels_topic], expansion_service=kafka.kafka_expansion_service,
-      stop_at_end=kafka.stop_at_end or replay, idle_timeout_s=kafka.idle_timeout_s)
+      stop_at_end=bounded, idle_timeout_s=kafka.idle_timeout_s)
   parsed = records | 'ParseRecords' >> ParseRecords(
       {ingest.transactions_topic: TRANSACTION_SCHEMA, ingest.labels_topic: LABEL_SCHEMA})
   _ = (parsed[DEAD_LETTER_TAG]
@@ -129,7 +130,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
                                               expansion_service=kafka.kafka_expansion_service))
 
   events = parsed['records'] | 'AtEventTime' >> beam.Map(at_event_time)
-  rows = events | 'ComputeFeatures' >> ComputeFeatures(ingest.label_delay_days)
+  rows = events | 'ComputeFeatures' >> ComputeFeatures(ingest.label_delay_days, bounded=bounded)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:

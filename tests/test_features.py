@@ -1,4 +1,4 @@
-"""The 15 features equal an independent pandas computation, whatever the arrival order."""
+"""The features equal an independent pandas computation, whatever the arrival order."""
 
 import random
 from decimal import Decimal
@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
-from transforms.features import FEATURE_NAMES, ComputeFeatures
+from transforms.features import FEATURE_NAMES, HISTORY_FEATURES, ComputeFeatures
 from transforms.records import Label, Transaction
 
 DELAY_DAYS = 7
@@ -48,6 +48,30 @@ def pandas_features(tx: pd.DataFrame) -> pd.DataFrame:
   tx = pd.concat([customer_windows(group) for _, group in tx.groupby('customer_id')])
   tx = pd.concat([terminal_windows(group) for _, group in tx.groupby('terminal_id')])
   return tx.set_index('transaction_id').sort_index()
+
+
+def history_features(tx: pd.DataFrame) -> pd.DataFrame:
+  """The customer-history features, recomputed for each transaction from the customer's whole list."""
+  rows = {}
+  for _, customer in tx.sort_values(['tx_datetime', 'transaction_id']).groupby('customer_id'):
+    times = customer['tx_datetime'].map(pd.Timestamp.timestamp).to_numpy()
+    amounts, terminals = customer['amount'].to_numpy(), customer['terminal_id'].to_numpy()
+    for i, transaction_id in enumerate(customer['transaction_id']):
+      earlier = np.arange(i)[times[:i] > times[i] - 60 * 86_400]
+      if not len(earlier):
+        rows[transaction_id] = dict.fromkeys(HISTORY_FEATURES, 0.0)
+        continue
+      median = np.median(amounts[earlier])
+      week = earlier[times[earlier] > times[i] - 7 * 86_400]
+      rows[transaction_id] = {
+          'CUSTOMER_ID_AMOUNT_LOG_RATIO_60DAY_MEDIAN': np.log((amounts[i] + 1) / (median + 1)),
+          'CUSTOMER_ID_AMOUNT_ZSCORE_60DAY': (amounts[i] - amounts[earlier].mean()) / (amounts[earlier].std() + 1),
+          'CUSTOMER_ID_AMOUNT_RATIO_60DAY_MAX': amounts[i] / (amounts[earlier].max() + 1),
+          'CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW': int((amounts[week] > 3 * median).sum()),
+          'CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY': int((terminals[earlier] == terminals[i]).sum()),
+          'CUSTOMER_ID_LOG_SECONDS_SINCE_PREVIOUS_TX': np.log1p(times[i] - times[i - 1]),
+      }
+  return pd.DataFrame.from_dict(rows, orient='index').sort_index()
 
 
 def streams(simulation):
@@ -95,20 +119,26 @@ def simulation():
   return simulate(SimulationConfig(customers=60, terminals=60, radius=30, days=75, seed=6))
 
 
-def test_population_exercises_every_feature(simulation):
-  expected = pandas_features(simulation.transactions)
+@pytest.fixture(scope='module')
+def expected(simulation):
+  return pandas_features(simulation.transactions).join(history_features(simulation.transactions))
+
+
+def test_population_exercises_every_feature(simulation, expected):
   assert len(expected) > 5_000 and set(simulation.transactions['fraud_scenario']) == {0, 1, 2, 3}
   assert (expected['TERMINAL_ID_RISK_30DAY_WINDOW'] > 0).mean() > 0.1
   assert expected['TX_DURING_WEEKEND'].any() and expected['TX_DURING_NIGHT'].any()
+  assert (expected['CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW'] > 0).any()
+  assert (expected['CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY'] > 0).mean() > 0.5
 
 
-def test_streaming_features_equal_pandas_rolling_windows(simulation):
-  expected = pandas_features(simulation.transactions)
+@pytest.mark.parametrize('bounded', [False, True], ids=['stateful', 'grouped'])
+def test_features_equal_an_independent_pandas_computation(simulation, expected, bounded):
   elements = streams(simulation)
   with TestPipeline(options=local_options()) as p:
     # One Create element holding the list: Create alone would reshuffle the elements.
     rows = (p
             | beam.Create([elements])
             | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
-            | ComputeFeatures(label_delay_days=DELAY_DAYS))
+            | ComputeFeatures(label_delay_days=DELAY_DAYS, bounded=bounded))
     assert_that(rows, _equal_features(expected))

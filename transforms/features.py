@@ -22,16 +22,23 @@ depend on how the runner interleaves partitions and topics, and a replay
 yields the same rows as the original run. (Only one stage waits for the
 watermark: the local runner does not fire the timers of a second such stage
 fused behind the first.)
+
+Bounded input (a backfill, a replay) takes another road to the same rows:
+each customer's and each terminal's events are grouped and applied in time
+order in one go. Keyed state costs a few milliseconds per write on the local
+runner (BENCHMARKS.md); a grouping costs microseconds per event.
 """
 
 import bisect
 import datetime
-from typing import Dict, List, NamedTuple
+import math
+from typing import Dict, Iterable, Iterator, List, NamedTuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from kbml.warehouse import TableSchema
@@ -43,11 +50,18 @@ DEFAULT_LABEL_DELAY_DAYS = 7
 
 CUSTOMER_FEATURES = [f'CUSTOMER_ID_{kind}_{w}DAY_WINDOW' for w in WINDOW_DAYS for kind in ('NB_TX', 'AVG_AMOUNT')]
 TERMINAL_FEATURES = [f'TERMINAL_ID_{kind}_{w}DAY_WINDOW' for w in WINDOW_DAYS for kind in ('NB_TX', 'RISK')]
-FEATURE_NAMES = ['TX_AMOUNT', 'TX_DURING_WEEKEND', 'TX_DURING_NIGHT', *CUSTOMER_FEATURES, *TERMINAL_FEATURES]
+HANDBOOK_FEATURES = ['TX_AMOUNT', 'TX_DURING_WEEKEND', 'TX_DURING_NIGHT', *CUSTOMER_FEATURES, *TERMINAL_FEATURES]
+# Beyond the handbook: the amount against the customer's own earlier ones, and habits. 0 for a first transaction.
+HISTORY_DAYS = 60
+HIGH_AMOUNT_RATIO = 3
+HISTORY_FEATURES = ['CUSTOMER_ID_AMOUNT_LOG_RATIO_60DAY_MEDIAN', 'CUSTOMER_ID_AMOUNT_ZSCORE_60DAY',
+                    'CUSTOMER_ID_AMOUNT_RATIO_60DAY_MAX', 'CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW',
+                    'CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY', 'CUSTOMER_ID_LOG_SECONDS_SINCE_PREVIOUS_TX']
+FEATURE_NAMES = [*HANDBOOK_FEATURES, *HISTORY_FEATURES]
 
 FEATURES_TABLE = TableSchema(
     columns=(*TRANSACTION_COLUMNS, ('amount', 'NUMERIC'), ('kafka_partition', 'INT64'), ('kafka_offset', 'INT64'),
-             *((name, 'INT64' if '_NB_TX_' in name or name.startswith('TX_DURING') else 'FLOAT64')
+             *((name, 'INT64' if '_NB_' in name or name.startswith('TX_DURING') else 'FLOAT64')
                for name in FEATURE_NAMES)),
     key=('transaction_id',))
 
@@ -63,19 +77,22 @@ def calendar_features(transaction: Transaction) -> Dict[str, float]:
 
 
 class CustomerHistory:
-  """A customer's transactions of the last 30 days: times and amounts, in time order."""
+  """A customer's transactions of the last 60 days (time, amount, terminal), in time order."""
 
   def __init__(self):
     self._times: List[float] = []
     self._amounts: List[float] = []
+    self._terminals: List[int] = []
 
-  def add(self, tx_time: float, amount: float) -> Dict[str, float]:
+  def add(self, transaction: Transaction) -> Dict[str, float]:
     """Adds a transaction at its place in time; returns the customer features at its time."""
+    tx_time, amount = transaction.tx_time, float(transaction.amount)
     position = bisect.bisect_right(self._times, tx_time)
     self._times.insert(position, tx_time)
     self._amounts.insert(position, amount)
-    expired = bisect.bisect_right(self._times, self._times[-1] - max(WINDOW_DAYS) * DAY_SECONDS)
-    del self._times[:expired], self._amounts[:expired]
+    self._terminals.insert(position, transaction.terminal_id)
+    expired = bisect.bisect_right(self._times, self._times[-1] - HISTORY_DAYS * DAY_SECONDS)
+    del self._times[:expired], self._amounts[:expired], self._terminals[:expired]
     end = position + 1 - expired
     features = {}
     for days in WINDOW_DAYS:
@@ -83,7 +100,30 @@ class CustomerHistory:
       amounts = self._amounts[start:end]
       features[f'CUSTOMER_ID_NB_TX_{days}DAY_WINDOW'] = len(amounts)
       features[f'CUSTOMER_ID_AVG_AMOUNT_{days}DAY_WINDOW'] = sum(amounts) / len(amounts)
+    features.update(self._habits(end - 1, tx_time, amount, transaction.terminal_id))
     return features
+
+  def _habits(self, position: int, tx_time: float, amount: float, terminal_id: int) -> Dict[str, float]:
+    """How the transaction at ``position`` compares with the customer's earlier ones (HISTORY_FEATURES)."""
+    start = bisect.bisect_right(self._times, tx_time - HISTORY_DAYS * DAY_SECONDS, 0, position)
+    earlier = self._amounts[start:position]
+    if not earlier:
+      return dict.fromkeys(HISTORY_FEATURES, 0)
+    ordered = sorted(earlier)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    mean = sum(earlier) / len(earlier)
+    spread = math.sqrt(sum((earlier_amount - mean) ** 2 for earlier_amount in earlier) / len(earlier))
+    week = bisect.bisect_right(self._times, tx_time - 7 * DAY_SECONDS, 0, position)
+    return {
+        'CUSTOMER_ID_AMOUNT_LOG_RATIO_60DAY_MEDIAN': math.log((amount + 1) / (median + 1)),
+        'CUSTOMER_ID_AMOUNT_ZSCORE_60DAY': (amount - mean) / (spread + 1),
+        'CUSTOMER_ID_AMOUNT_RATIO_60DAY_MAX': amount / (max(earlier) + 1),
+        'CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW': sum(
+            1 for earlier_amount in self._amounts[week:position] if earlier_amount > HIGH_AMOUNT_RATIO * median),
+        'CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY': self._terminals[start:position].count(terminal_id),
+        'CUSTOMER_ID_LOG_SECONDS_SINCE_PREVIOUS_TX': math.log1p(max(tx_time - self._times[position - 1], 0.0)),
+    }
 
 
 class TerminalHistory:
@@ -122,6 +162,24 @@ class _PendingEvent(NamedTuple):
   event: object
 
 
+def _pending_event(event) -> _PendingEvent:
+  """A label at the time it became known, a (Transaction, customer features) at the transaction's time."""
+  if isinstance(event, Label):
+    return _PendingEvent(Timestamp.of(event.known_time).micros, _LABEL, event.transaction_id, event)
+  return _PendingEvent(Timestamp.of(event[0].tx_time).micros, _TRANSACTION, event[0].transaction_id, event)
+
+
+def _apply_in_order(history: TerminalHistory, ready: Iterable[_PendingEvent]) -> Iterator[TimestampedValue]:
+  """Applies a terminal's events, sorted, to its history; yields each transaction's row at its time."""
+  for pending in ready:
+    if pending.kind == _LABEL:
+      history.add_label(pending.event)
+    else:
+      transaction, customer_features = pending.event
+      row = feature_row(transaction, {**customer_features, **history.add_transaction(transaction.tx_time)})
+      yield TimestampedValue(row, Timestamp(micros=pending.micros))
+
+
 class _CustomerFeaturesFn(beam.DoFn):
   """(customer_id, Transaction or Label) -> (Transaction, customer features), or the Label unchanged.
 
@@ -137,7 +195,7 @@ class _CustomerFeaturesFn(beam.DoFn):
       yield event
       return
     history = history_state.read() or CustomerHistory()
-    yield event, history.add(event.tx_time, float(event.amount))
+    yield event, history.add(event)
     history_state.write(history)
 
 
@@ -165,10 +223,7 @@ class _TerminalFeaturesFn(beam.DoFn):
   def process(self, element, timestamp=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
               due=beam.DoFn.TimerParam(DUE)):
     _, event = element
-    if isinstance(event, Label):
-      pending.add(_PendingEvent(timestamp.micros, _LABEL, event.transaction_id, event))
-    else:
-      pending.add(_PendingEvent(timestamp.micros, _TRANSACTION, event[0].transaction_id, event))
+    pending.add(_pending_event(event))
     due.set(timestamp)
 
   @on_timer(DUE)
@@ -181,16 +236,27 @@ class _TerminalFeaturesFn(beam.DoFn):
     for event in waiting:
       pending.add(event)
     history = history_state.read() or TerminalHistory(self._label_delay_days)
-    for event in ready:
-      if event.kind == _LABEL:
-        history.add_label(event.event)
-      else:
-        transaction, customer_features = event.event
-        row = feature_row(transaction, {**customer_features, **history.add_transaction(transaction.tx_time)})
-        yield beam.window.TimestampedValue(row, Timestamp(micros=event.micros))
+    yield from _apply_in_order(history, ready)
     history_state.write(history)
     if waiting:
       due.set(Timestamp(micros=waiting[-1].micros))
+
+
+def _customer_features_of_group(element) -> Iterator:
+  """(customer_id, all its events) -> what _CustomerFeaturesFn yields, transactions in time order."""
+  _, events = element
+  history = CustomerHistory()
+  for event in sorted(events, key=lambda e: (isinstance(e, Transaction), e.tx_time, e.transaction_id)):
+    if isinstance(event, Label):
+      yield event
+    else:
+      yield event, history.add(event)
+
+
+def _terminal_features_of_group(element, label_delay_days: float) -> Iterator[TimestampedValue]:
+  """(terminal_id, all its events) -> the feature rows, as _TerminalFeaturesFn yields them."""
+  _, events = element
+  yield from _apply_in_order(TerminalHistory(label_delay_days), sorted(_pending_event(e) for e in events))
 
 
 def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> Dict[str, object]:
@@ -224,15 +290,25 @@ class ComputeFeatures(beam.PTransform):
 
   Args:
     label_delay_days: the delay d of the terminal features.
+    bounded: the input is bounded (a backfill or a replay): group each key's
+      events instead of keeping them in state. Same rows, much faster.
   """
 
-  def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS):
+  def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS, bounded: bool = False):
     super().__init__()
     self._label_delay_days = label_delay_days
+    self._bounded = bounded
 
   def expand(self, events):
-    return (events
-            | 'KeyByCustomer' >> beam.Map(lambda event: (event.customer_id, event))
+    by_customer = events | 'KeyByCustomer' >> beam.Map(lambda event: (event.customer_id, event))
+    if self._bounded:
+      return (by_customer
+              | 'GroupByCustomer' >> beam.GroupByKey()
+              | 'CustomerFeatures' >> beam.FlatMap(_customer_features_of_group)
+              | 'KeyByTerminal' >> beam.Map(lambda event: (_terminal_id(event), event))
+              | 'GroupByTerminal' >> beam.GroupByKey()
+              | 'TerminalFeatures' >> beam.FlatMap(_terminal_features_of_group, self._label_delay_days))
+    return (by_customer
             | 'CustomerFeatures' >> beam.ParDo(_CustomerFeaturesFn())
             | 'KeyByTerminal' >> beam.Map(lambda event: (_terminal_id(event), event))
             | 'TerminalFeatures' >> beam.ParDo(_TerminalFeaturesFn(self._label_delay_days)))
