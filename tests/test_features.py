@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
-from transforms.features import FEATURE_NAMES, HISTORY_FEATURES, ComputeFeatures
+from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, ComputeFeatures
 from transforms.records import Label, Transaction
 
 DELAY_DAYS = 7
@@ -59,7 +59,7 @@ def history_features(tx: pd.DataFrame) -> pd.DataFrame:
     for i, transaction_id in enumerate(customer['transaction_id']):
       earlier = np.arange(i)[times[:i] > times[i] - 60 * 86_400]
       if not len(earlier):
-        rows[transaction_id] = dict.fromkeys(HISTORY_FEATURES, 0.0)
+        rows[transaction_id] = dict.fromkeys(CUSTOMER_HISTORY_FEATURES, 0.0)
         continue
       median = np.median(amounts[earlier])
       week = earlier[times[earlier] > times[i] - 7 * 86_400]
@@ -71,6 +71,25 @@ def history_features(tx: pd.DataFrame) -> pd.DataFrame:
           'CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY': int((terminals[earlier] == terminals[i]).sum()),
           'CUSTOMER_ID_LOG_SECONDS_SINCE_PREVIOUS_TX': np.log1p(times[i] - times[i - 1]),
       }
+  return pd.DataFrame.from_dict(rows, orient='index').sort_index()
+
+
+def terminal_history_features(tx: pd.DataFrame) -> pd.DataFrame:
+  """The run of known frauds at the terminal, recomputed for each transaction from the terminal's whole list."""
+  rows = {}
+  delay, window = DELAY_DAYS * 86_400, 30 * 86_400
+  for _, terminal in tx.sort_values(['tx_datetime', 'transaction_id']).groupby('terminal_id'):
+    times = terminal['tx_datetime'].map(pd.Timestamp.timestamp).to_numpy()
+    frauds = terminal['is_fraud'].to_numpy()
+    for i, transaction_id in enumerate(terminal['transaction_id']):
+      # Labels arrive `delay` after their transaction; the history keeps the last 30 days before t - delay.
+      known = np.flatnonzero((times + delay <= times[i]) & (times > times[i] - delay - window))
+      run = 0
+      while run < len(known) and frauds[known[-1 - run]]:
+        run += 1
+      rows[transaction_id] = {'TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW': run,
+                              'TERMINAL_ID_DAYS_SINCE_FRAUDS_IN_A_ROW_BEGAN':
+                              (times[i] - times[known[-run]]) / 86_400 if run else 0.0}
   return pd.DataFrame.from_dict(rows, orient='index').sort_index()
 
 
@@ -121,7 +140,9 @@ def simulation():
 
 @pytest.fixture(scope='module')
 def expected(simulation):
-  return pandas_features(simulation.transactions).join(history_features(simulation.transactions))
+  return (pandas_features(simulation.transactions)
+          .join(history_features(simulation.transactions))
+          .join(terminal_history_features(simulation.transactions)))
 
 
 def test_population_exercises_every_feature(simulation, expected):
@@ -130,6 +151,7 @@ def test_population_exercises_every_feature(simulation, expected):
   assert expected['TX_DURING_WEEKEND'].any() and expected['TX_DURING_NIGHT'].any()
   assert (expected['CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW'] > 0).any()
   assert (expected['CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY'] > 0).mean() > 0.5
+  assert (expected['TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW'] > 1).any()
 
 
 @pytest.mark.parametrize('bounded', [False, True], ids=['stateful', 'grouped'])

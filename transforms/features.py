@@ -32,7 +32,7 @@ runner (BENCHMARKS.md); a grouping costs microseconds per event.
 import bisect
 import datetime
 import math
-from typing import Dict, Iterable, Iterator, List, NamedTuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -51,13 +51,15 @@ DEFAULT_LABEL_DELAY_DAYS = 7
 CUSTOMER_FEATURES = [f'CUSTOMER_ID_{kind}_{w}DAY_WINDOW' for w in WINDOW_DAYS for kind in ('NB_TX', 'AVG_AMOUNT')]
 TERMINAL_FEATURES = [f'TERMINAL_ID_{kind}_{w}DAY_WINDOW' for w in WINDOW_DAYS for kind in ('NB_TX', 'RISK')]
 HANDBOOK_FEATURES = ['TX_AMOUNT', 'TX_DURING_WEEKEND', 'TX_DURING_NIGHT', *CUSTOMER_FEATURES, *TERMINAL_FEATURES]
-# Beyond the handbook: the amount against the customer's own earlier ones, and habits. 0 for a first transaction.
+# Beyond the handbook (FRAUD.md): the amount against the customer's own earlier ones and the customer's habits
+# (0 for a first transaction), and the terminal's latest known frauds.
 HISTORY_DAYS = 60
 HIGH_AMOUNT_RATIO = 3
-HISTORY_FEATURES = ['CUSTOMER_ID_AMOUNT_LOG_RATIO_60DAY_MEDIAN', 'CUSTOMER_ID_AMOUNT_ZSCORE_60DAY',
+CUSTOMER_HISTORY_FEATURES = ['CUSTOMER_ID_AMOUNT_LOG_RATIO_60DAY_MEDIAN', 'CUSTOMER_ID_AMOUNT_ZSCORE_60DAY',
                     'CUSTOMER_ID_AMOUNT_RATIO_60DAY_MAX', 'CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW',
                     'CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY', 'CUSTOMER_ID_LOG_SECONDS_SINCE_PREVIOUS_TX']
-FEATURE_NAMES = [*HANDBOOK_FEATURES, *HISTORY_FEATURES]
+TERMINAL_HISTORY_FEATURES = ['TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW', 'TERMINAL_ID_DAYS_SINCE_FRAUDS_IN_A_ROW_BEGAN']
+FEATURE_NAMES = [*HANDBOOK_FEATURES, *CUSTOMER_HISTORY_FEATURES, *TERMINAL_HISTORY_FEATURES]
 
 FEATURES_TABLE = TableSchema(
     columns=(*TRANSACTION_COLUMNS, ('amount', 'NUMERIC'), ('kafka_partition', 'INT64'), ('kafka_offset', 'INT64'),
@@ -104,11 +106,11 @@ class CustomerHistory:
     return features
 
   def _habits(self, position: int, tx_time: float, amount: float, terminal_id: int) -> Dict[str, float]:
-    """How the transaction at ``position`` compares with the customer's earlier ones (HISTORY_FEATURES)."""
+    """How the transaction at ``position`` compares with the customer's earlier ones (CUSTOMER_HISTORY_FEATURES)."""
     start = bisect.bisect_right(self._times, tx_time - HISTORY_DAYS * DAY_SECONDS, 0, position)
     earlier = self._amounts[start:position]
     if not earlier:
-      return dict.fromkeys(HISTORY_FEATURES, 0)
+      return dict.fromkeys(CUSTOMER_HISTORY_FEATURES, 0)
     ordered = sorted(earlier)
     middle = len(ordered) // 2
     median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
@@ -127,16 +129,18 @@ class CustomerHistory:
 
 
 class TerminalHistory:
-  """A terminal's transaction times and known fraud times, oldest first."""
+  """A terminal's transaction times and known labels, oldest first."""
 
   def __init__(self, label_delay_days: float):
     self._delay = label_delay_days * DAY_SECONDS
     self._tx_times: List[float] = []
     self._fraud_times: List[float] = []
+    self._labels: List[Tuple[float, int, int]] = []  # (transaction time, transaction id, is_fraud)
 
   def add_label(self, label: Label):
     if label.is_fraud:
       bisect.insort(self._fraud_times, label.tx_time)
+    bisect.insort(self._labels, (label.tx_time, label.transaction_id, label.is_fraud))
 
   def add_transaction(self, tx_time: float) -> Dict[str, float]:
     """Adds a transaction; returns the terminal features at its time."""
@@ -144,6 +148,7 @@ class TerminalHistory:
     oldest = horizon - max(WINDOW_DAYS) * DAY_SECONDS
     for times in (self._tx_times, self._fraud_times):
       del times[:bisect.bisect_right(times, oldest)]
+    del self._labels[:bisect.bisect_right(self._labels, (oldest, math.inf))]
     features = {}
     for days in WINDOW_DAYS:
       start = horizon - days * DAY_SECONDS
@@ -151,8 +156,21 @@ class TerminalHistory:
       frauds = bisect.bisect_right(self._fraud_times, horizon) - bisect.bisect_right(self._fraud_times, start)
       features[f'TERMINAL_ID_NB_TX_{days}DAY_WINDOW'] = count
       features[f'TERMINAL_ID_RISK_{days}DAY_WINDOW'] = frauds / count if count else 0.0
+    features.update(self._fraud_run(tx_time))
     bisect.insort(self._tx_times, tx_time)
     return features
+
+  def _fraud_run(self, tx_time: float) -> Dict[str, float]:
+    """The run of frauds among the terminal's latest known labels, and how long ago it began.
+
+    A compromised terminal stays compromised for weeks: while its newest
+    labels are all frauds it most likely still is, unless the run is old.
+    """
+    run = 0
+    while run < len(self._labels) and self._labels[-1 - run][2]:
+      run += 1
+    began = (tx_time - self._labels[-run][0]) / DAY_SECONDS if run else 0.0
+    return {'TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW': run, 'TERMINAL_ID_DAYS_SINCE_FRAUDS_IN_A_ROW_BEGAN': began}
 
 
 class _PendingEvent(NamedTuple):
