@@ -17,7 +17,7 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.11,<3.12',
     packages=setuptools.find_packages(include=['kbml', 'kbml.*', 'pipelines', 'pipelines.*', 'transforms',
-                                               'transforms.*']),
+                                               'transforms.*', 'trainer', 'trainer.*']),
     install_requires=[
         'apache-beam[gcp]==2.77.0',  # the pipelines, and Dataflow
         'confluent-kafka==2.16.1',  # the Kafka source and sink (the faster client: BENCHMARKS.md)
@@ -28,11 +28,15 @@ setuptools.setup(
         'db-dtypes==1.9.0',  # BigQuery query results as pandas frames
         'numpy==2.4.6',  # the simulator
         'pandas==3.1.1',  # the simulator, warehouse query results
+        'tensorflow==2.21.0',  # the trainer's Keras model, and scoring
+        'scikit-learn==1.9.1',  # the baseline model and the evaluation metrics
+        'matplotlib==3.11.2',  # the evaluation plots
     ],
     extras_require={
         'test': ['pytest==9.2.0', 'pytest-timeout==2.4.0'],
         'bench': ['kafka-python==3.0.12'],  # measured against confluent-kafka in bench/
         'lint': ['ruff==0.17.5'],
+        'vertex': ['google-cloud-aiplatform==1.165.1'],  # `kbml train --vertex`
     },
     entry_points={'console_scripts': ['kbml=kbml.cli:main']},
 )

@@ -124,18 +124,20 @@ def _add_warehouse_parser(commands):
   summary.set_defaults(handler=_warehouse_summary)
 
 
-# Commands that run a pipeline module: every argument after the name is a pipeline option.
-PIPELINES = {
-    'ingest': 'Validate transactions and labels from Kafka, compute features, write training rows',
-    'mirror': 'Copy one Kafka topic to another',
+# Commands that run a module's run(argv): every argument after the name is the module's own.
+MODULE_COMMANDS = {
+    'ingest': ('pipelines.ingest', 'Validate transactions and labels from Kafka, compute features, write training '
+               'rows (a Beam pipeline)'),
+    'mirror': ('pipelines.mirror', 'Copy one Kafka topic to another (a Beam pipeline)'),
+    'train': ('trainer.task', 'Train, evaluate and publish a fraud model; promote it if it beats the current one'),
 }
 
 
-def _run_pipeline(name: str, pipeline_args: List[str]) -> int:
-  logging.getLogger().setLevel(logging.INFO)
-  module = importlib.import_module(f'pipelines.{name}')
-  module.run(pipeline_args)
-  return 0
+def _run_module(name: str, module_args: List[str]) -> int:
+  module_name, _ = MODULE_COMMANDS[name]
+  if module_name.startswith('pipelines.'):
+    logging.getLogger().setLevel(logging.INFO)
+  return importlib.import_module(module_name).run(module_args) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,19 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_simulate_parser(commands)
   _add_warehouse_parser(commands)
-  for name, summary in PIPELINES.items():
-    commands.add_parser(name, help=f'{summary} (a Beam pipeline: `kbml {name} --help`).', add_help=False)
+  for name, (_, summary) in MODULE_COMMANDS.items():
+    commands.add_parser(name, help=f'{summary}: `kbml {name} --help`.', add_help=False)
   return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    if argv and argv[0] in PIPELINES:
-      return _run_pipeline(argv[0], argv[1:])
+    if argv and argv[0] in MODULE_COMMANDS:
+      return _run_module(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
-  except (LocalStackError, WarehouseError, ConnectionError, ValueError) as e:
+  except (LocalStackError, WarehouseError, ConnectionError, ValueError) as e:  # ModelStoreError is a ValueError
     print(f'kbml: error: {e}', file=sys.stderr)
     return 2
 

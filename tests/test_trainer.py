@@ -1,0 +1,175 @@
+"""The trainer on real ingested data: honest splits, the model store, the blessing gate, reloads."""
+
+import datetime
+import os
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score
+
+from kbml import simulator
+from kbml.simulator import SimulationConfig, simulate
+from kbml.warehouse import WarehouseError, open_warehouse
+from pipelines import ingest
+from trainer import data, evaluate, model, task
+from trainer.registry import ModelStore, ModelStoreError
+from transforms.features import FEATURE_NAMES, FEATURES_TABLE
+from transforms.records import LABELS_TABLE
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+# The simulation starts on 2018-04-01: 28 days of history, then the split.
+TRAIN_START, TRAIN_END = '2018-04-29', '2018-05-05'
+
+
+@pytest.fixture(scope='module')
+def warehouse(bootstrap, tmp_path_factory):
+  """A warehouse filled by the ingest pipeline from a simulation produced to the real broker."""
+  topics = {name: f'trainer-{name}-{uuid.uuid4().hex[:8]}' for name in ('transactions', 'labels', 'dead-letter')}
+  simulation = simulate(SimulationConfig(customers=600, terminals=1200, days=50, seed=3))
+  simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'],
+                    topics['labels'])
+  url = f"duckdb://{tmp_path_factory.mktemp('trainer')}/warehouse.duckdb"
+  ingest.run(['--bootstrap_servers', bootstrap, '--transactions_topic', topics['transactions'],
+              '--labels_topic', topics['labels'], '--dead_letter_topic', topics['dead-letter'], '--warehouse', url,
+              '--stop_at_end', '--consumer_group', f'trainer-{uuid.uuid4().hex[:8]}'])
+  return url
+
+
+def _train(warehouse, model_dir, *extra):
+  args = task.build_parser().parse_args(['--warehouse', warehouse, '--model-dir', str(model_dir),
+                                         '--train-start', TRAIN_START, '--train-end', TRAIN_END, '--epochs', '8',
+                                         *extra])
+  return task.train(args)
+
+
+def test_a_published_model_scores_identically_after_reload(warehouse, tmp_path):
+  result = _train(warehouse, tmp_path)
+
+  store = ModelStore(str(tmp_path))
+  meta = store.metadata(result.version)
+  assert store.versions() == [result.version] and store.current() == result.version and result.promoted
+  assert meta['features'] == FEATURE_NAMES and set(meta['feature_statistics']) == set(FEATURE_NAMES)
+  assert meta['training']['train'] == '2018-04-29..2018-05-03' and meta['training']['test'] == '2018-05-13..2018-05-19'
+  assert meta['parent_version'] is None and meta['blessing']['reason'] == 'no champion yet'
+  assert 0 < meta['threshold'] < 1 and meta['metrics']['frauds'] > 10
+  for name in ('pr_curve.png', 'score_histogram.png'):
+    with open(os.path.join(store.version_dir(result.version), name), 'rb') as f:
+      assert f.read(8) == PNG_MAGIC
+  # The reloaded model reproduces the published test figures from raw features (its own normalisation).
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), datetime.date(2018, 5, 19),
+                                 FEATURE_NAMES)
+  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 4, 29))).test
+  scores = model.predict(store.load_model(result.version), data.feature_matrix(test, FEATURE_NAMES))
+  assert average_precision_score(data.labels(test), scores) == pytest.approx(meta['metrics']['average_precision'],
+                                                                            abs=1e-9)
+
+
+def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_path):
+  untrained = ('--learning-rate', '0', '--epochs', '1')  # the random initial network: a poor model
+  first = _train(warehouse, tmp_path, *untrained)
+  better = _train(warehouse, tmp_path)
+  worse = _train(warehouse, tmp_path, *untrained, '--seed', '1')
+
+  store = ModelStore(str(tmp_path))
+  assert first.promoted
+  assert better.promoted and better.metadata['blessing']['champion'] == first.version
+  assert better.metadata['blessing']['candidate_average_precision'] > (
+      better.metadata['blessing']['champion_average_precision'])
+  assert not worse.promoted and not worse.metadata['blessing']['blessed']
+  assert worse.metadata['blessing']['champion'] == better.version
+  assert worse.metadata['blessing']['champion_average_precision'] == pytest.approx(
+      better.metadata['metrics']['average_precision'], abs=1e-9)
+  assert store.current() == better.version and store.versions() == sorted([first.version, better.version,
+                                                                           worse.version])
+
+
+def test_a_damaged_model_version_is_rejected_with_a_clear_error(warehouse, tmp_path):
+  version = _train(warehouse, tmp_path, '--epochs', '1').version
+  store = ModelStore(str(tmp_path))
+  model_file = store.model_path(version)
+  with open(model_file, 'rb') as f:
+    complete = f.read()
+  with open(model_file, 'wb') as f:
+    f.write(complete[:len(complete) // 2])
+  with pytest.raises(ModelStoreError, match='truncated or corrupt'):
+    store.load_model(version)
+
+  os.remove(os.path.join(store.version_dir(version), 'metadata.json'))
+  with pytest.raises(ModelStoreError, match='has no metadata.json: it is not a published model version'):
+    store.load_model(version)
+  with pytest.raises(ModelStoreError, match='not a published model version'):
+    store.promote(version)
+  assert store.versions() == []
+
+
+def test_training_needs_labelled_rows_in_every_part_of_the_split(warehouse, tmp_path):
+  with pytest.raises(ValueError, match='The test range has 0 labelled transactions'):
+    _train(warehouse, tmp_path, '--train-start', '2018-05-10', '--train-end', '2018-05-16')
+  with pytest.raises(ValueError, match='either --last-days or --train-start'):
+    task.train(task.build_parser().parse_args(['--warehouse', warehouse, '--last-days', '7',
+                                               '--train-start', '2018-05-01']))
+  with pytest.raises(WarehouseError, match='run `kbml ingest` first'):
+    data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 5, 1), datetime.date(2018, 5, 2),
+                            FEATURE_NAMES, features_table='no_such_table')
+
+
+def test_last_days_places_the_test_range_at_the_newest_labels(warehouse):
+  args = task.build_parser().parse_args(['--warehouse', warehouse, '--last-days', '7'])
+  protocol = task.protocol_of(args, open_warehouse(warehouse))
+  assert protocol.test_end == datetime.date(2018, 5, 20) and protocol.train_start == datetime.date(2018, 4, 30)
+
+
+def test_the_protocol_leaves_out_cards_known_to_be_compromised():
+  day = pd.Timestamp('2018-07-25', tz='UTC')
+  rows = pd.DataFrame([
+      # customer, day offset, fraud
+      (1, 2, 1),   # fraud in the training week: card 1 is known before the test
+      (1, 14, 0),
+      (2, 8, 1),   # fraud on the delay period's day 8: known from test day 2 on (day 16)
+      (2, 15, 1),  # test day 1: card 2 not known yet, kept
+      (2, 16, 0),  # test day 2: known, left out
+      (3, 14, 0),
+  ], columns=['customer_id', 'offset', 'is_fraud'])
+  rows['tx_datetime'] = day + pd.to_timedelta(rows.pop('offset'), unit='D') + pd.Timedelta(hours=12)
+  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 7, 25))).test
+  assert sorted(zip(test['customer_id'], test[evaluate.TEST_DAY_COLUMN], strict=True)) == [(2, 1), (3, 0)]
+
+
+def test_card_precision_at_k_ranks_cards_per_day_and_drops_cards_already_detected():
+  test = pd.DataFrame({'customer_id': [1, 1, 2, 3, 1, 2, 4],
+                       evaluate.TEST_DAY_COLUMN: [0, 0, 0, 0, 1, 1, 1],
+                       'is_fraud': [0, 1, 0, 0, 1, 1, 0]})
+  scores = np.array([0.9, 0.1, 0.8, 0.2, 0.9, 0.7, 0.8])
+  # Day 0: cards by best score 1 (0.9, compromised), 2 (0.8), 3: top 2 holds 1 fraud card.
+  # Day 1: card 1 was detected on day 0 and leaves; top 2 are 4 (0.8, genuine) and 2 (0.7, compromised).
+  mean, per_day = evaluate.card_precision_at_k(test, scores, k=2)
+  assert per_day == [0.5, 0.5] and mean == 0.5
+
+
+def test_bigquery_training_rows_equal_the_embedded_stores(warehouse, bigquery_emulator):
+  embedded = open_warehouse(warehouse)
+  first, last = datetime.date(2018, 5, 1), datetime.date(2018, 5, 1)
+  expected = data.read_labelled_rows(embedded, first, last, FEATURE_NAMES)
+  ids = ','.join(map(str, expected['transaction_id']))
+  features = embedded.query(f'SELECT * FROM features WHERE transaction_id IN ({ids})')
+  labels = embedded.query(f'SELECT * FROM labels WHERE transaction_id IN ({ids})')
+  bigquery = open_warehouse(f'bigquery://{bigquery_emulator}/trainer_{uuid.uuid4().hex[:8]}')
+  for table, schema, frame in (('features', FEATURES_TABLE, features), ('labels', LABELS_TABLE, labels)):
+    bigquery.write_rows(table, schema, _json_rows(frame))
+
+  actual = data.read_labelled_rows(bigquery, first, last, FEATURE_NAMES)
+  assert len(expected) > 500
+  pd.testing.assert_frame_equal(actual, expected, check_dtype=False)
+
+
+def _json_rows(frame: pd.DataFrame):
+  rows = frame.astype(object).where(frame.notna(), None).to_dict('records')
+  for row in rows:
+    for name, value in row.items():
+      if isinstance(value, pd.Timestamp):
+        row[name] = value.isoformat()
+      elif not isinstance(value, (int, float, str, type(None))):
+        row[name] = str(value)
+  return rows

@@ -1,0 +1,182 @@
+"""Honest evaluation: the Fraud Detection Handbook's time-based protocol and its metrics.
+
+The protocol (``../shared/FRAUD.md``, chapter 3 of the handbook): train on a
+week, skip the label delay, test on the week after. The test set leaves out
+the cards already known to be compromised: those with a fraud in the training
+week and, for each test day, those with a fraud on a day of the delay period
+up to the day before (a fraud on day D is known on day D + delay). Early
+stopping and the decision threshold use a validation split taken from the end
+of the training range, later in time than the rows the model is fitted on;
+the test week is used for the final figures only.
+
+Metrics: AUC ROC and average precision (scikit-learn), card precision@k per
+test day (the handbook's definition, which no library implements: each
+card's highest score of the day ranks the card, the compromised cards among
+the top k count, and cards detected on earlier days leave the ranking), and
+precision and recall at the threshold.
+"""
+
+import dataclasses
+import datetime
+from typing import TYPE_CHECKING, Dict, List, Mapping, Tuple
+
+import numpy as np
+from sklearn import metrics
+
+from trainer.data import LABEL_COLUMN
+
+if TYPE_CHECKING:
+  import pandas
+
+TEST_DAY_COLUMN = 'test_day'
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """The days of one train / delay / test split (each range's days included)."""
+  train_start: datetime.date
+  train_days: int = 7
+  delay_days: int = 7
+  test_days: int = 7
+  validation_days: int = 2
+
+  def __post_init__(self):
+    if not 0 < self.validation_days < self.train_days:
+      raise ValueError(f'The validation split ({self.validation_days} days) must be a part of the training range '
+                       f'({self.train_days} days).')
+    if self.test_days < 1 or self.delay_days < 0:
+      raise ValueError('The test range needs at least 1 day and the delay cannot be negative.')
+
+  @classmethod
+  def ending_at(cls, last_day: datetime.date, **kwargs) -> 'Protocol':
+    """The split whose test range ends on ``last_day`` (the most recent labelled data)."""
+    protocol = cls(last_day, **kwargs)
+    return dataclasses.replace(protocol, train_start=last_day - (protocol.test_end - protocol.train_start))
+
+  def day(self, offset: int) -> datetime.date:
+    return self.train_start + datetime.timedelta(days=offset)
+
+  @property
+  def train_end(self) -> datetime.date:
+    return self.day(self.train_days - 1)
+
+  @property
+  def fit_end(self) -> datetime.date:
+    """The last day the model is fitted on; the validation split follows."""
+    return self.day(self.train_days - self.validation_days - 1)
+
+  @property
+  def test_start(self) -> datetime.date:
+    return self.day(self.train_days + self.delay_days)
+
+  @property
+  def test_end(self) -> datetime.date:
+    return self.day(self.train_days + self.delay_days + self.test_days - 1)
+
+  def describe(self) -> Dict[str, str]:
+    return {'train': f'{self.train_start}..{self.fit_end}',
+            'validation': f'{self.day(self.train_days - self.validation_days)}..{self.train_end}',
+            'delay_days': str(self.delay_days), 'test': f'{self.test_start}..{self.test_end}'}
+
+
+@dataclasses.dataclass
+class Split:
+  train: 'pandas.DataFrame'
+  validation: 'pandas.DataFrame'
+  test: 'pandas.DataFrame'  # compromised cards already known removed; a test_day column (0, 1, ...)
+
+
+def split(rows: 'pandas.DataFrame', protocol: Protocol) -> Split:
+  """Splits labelled rows of ``protocol.train_start`` .. ``protocol.test_end`` (see the module docstring)."""
+  import pandas
+  start = pandas.Timestamp(protocol.train_start, tz='UTC')
+  days = (rows['tx_datetime'].dt.tz_convert('UTC').dt.floor('D') - start).dt.days
+  fit_days = protocol.train_days - protocol.validation_days
+  train = rows[(days >= 0) & (days < fit_days)]
+  validation = rows[(days >= fit_days) & (days < protocol.train_days)]
+  frauds = rows[LABEL_COLUMN] == 1
+  known_compromised = set(rows.loc[frauds & (days >= 0) & (days < protocol.train_days), 'customer_id'])
+  test_days = []
+  for test_day in range(protocol.test_days):
+    # The fraud labels of the delay period's day before this test day (minus the delay) have arrived by now.
+    newly_known = protocol.train_days + test_day - 1
+    if newly_known >= protocol.train_days:
+      known_compromised |= set(rows.loc[frauds & (days == newly_known), 'customer_id'])
+    day_rows = rows[days == protocol.train_days + protocol.delay_days + test_day]
+    test_days.append(day_rows[~day_rows['customer_id'].isin(known_compromised)].assign(**{TEST_DAY_COLUMN: test_day}))
+  return Split(train, validation, pandas.concat(test_days))
+
+
+def card_precision_at_k(test: 'pandas.DataFrame', scores: np.ndarray, k: int = 100) -> Tuple[float, List[float]]:
+  """The mean card precision@k over the test days, and each day's value."""
+  ranked = test[['customer_id', TEST_DAY_COLUMN, LABEL_COLUMN]].assign(score=scores)
+  detected, per_day = set(), []
+  for _, day in ranked.groupby(TEST_DAY_COLUMN, sort=True):
+    cards = day.groupby('customer_id').agg(score=('score', 'max'), compromised=(LABEL_COLUMN, 'max'))
+    top = cards[~cards.index.isin(detected)].sort_values('score', ascending=False, kind='stable').head(k)
+    per_day.append(float(top['compromised'].sum()) / k)
+    detected |= set(top.index[top['compromised'] == 1])
+  return float(np.mean(per_day)), per_day
+
+
+def choose_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
+  """The score threshold with the best F1 on (validation) data."""
+  precision, recall, thresholds = metrics.precision_recall_curve(targets, scores)
+  f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+  return float(thresholds[int(np.argmax(f1))]) if len(thresholds) else 0.5
+
+
+def test_metrics(test: 'pandas.DataFrame', scores: np.ndarray, threshold: float, k: int = 100) -> Dict[str, object]:
+  """The figures of one model on the test set."""
+  targets = test[LABEL_COLUMN].to_numpy()
+  decisions = scores >= threshold
+  card_precision, per_day = card_precision_at_k(test, scores, k)
+  return {
+      'auc_roc': float(metrics.roc_auc_score(targets, scores)),
+      'average_precision': float(metrics.average_precision_score(targets, scores)),
+      f'card_precision_at_{k}': card_precision,
+      f'card_precision_at_{k}_per_day': per_day,
+      'threshold': threshold,
+      'precision_at_threshold': float(metrics.precision_score(targets, decisions, zero_division=0)),
+      'recall_at_threshold': float(metrics.recall_score(targets, decisions, zero_division=0)),
+      'transactions': len(targets),
+      'frauds': int(targets.sum()),
+  }
+
+
+def plot_precision_recall(targets: np.ndarray, scores_by_model: Mapping[str, np.ndarray], path: str):
+  """PR curves of the models on the same test rows, as a PNG."""
+  figure, axes = _figure()
+  for name, scores in scores_by_model.items():
+    precision, recall, _ = metrics.precision_recall_curve(targets, scores)
+    average_precision = metrics.average_precision_score(targets, scores)
+    axes.step(recall, precision, where='post', label=f'{name} (AP {average_precision:.3f})')
+  axes.set(xlabel='recall', ylabel='precision', xlim=(0, 1), ylim=(0, 1.02), title='Precision-recall, test set')
+  axes.legend(loc='lower left')
+  _save(figure, path)
+
+
+def plot_score_histogram(targets: np.ndarray, scores: np.ndarray, threshold: float, path: str):
+  """Histograms of the scores of genuine and fraudulent test transactions, with the threshold, as a PNG."""
+  figure, axes = _figure()
+  bins = np.linspace(0, 1, 51)
+  axes.hist(scores[targets == 0], bins=bins, alpha=0.6, label='genuine', log=True)
+  axes.hist(scores[targets == 1], bins=bins, alpha=0.6, label='fraud', log=True)
+  axes.axvline(threshold, color='black', linestyle='--', label=f'threshold {threshold:.3f}')
+  axes.set(xlabel='score', ylabel='transactions (log)', title='Scores, test set')
+  axes.legend()
+  _save(figure, path)
+
+
+def _figure():
+  import matplotlib
+  matplotlib.use('Agg')  # files only: no display on servers and CI
+  from matplotlib import pyplot
+  return pyplot.subplots(figsize=(6.4, 4.8))
+
+
+def _save(figure, path: str):
+  from matplotlib import pyplot
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  pyplot.close(figure)

@@ -1,0 +1,169 @@
+"""The model store: versioned models with their metadata, and the pointer to the one in service.
+
+A store is a folder, local or on Cloud Storage (``gs://bucket/prefix``),
+reached through Beam's ``FileSystems`` like the pipelines' files::
+
+    ROOT/versions/VERSION/model.keras        the Keras 3 model, normalisation inside
+    ROOT/versions/VERSION/metadata.json      version, training range, features and their
+                                             statistics, metrics, threshold, parent, blessing
+    ROOT/versions/VERSION/*.png              the evaluation plots
+    ROOT/current                             {"version": ..., "promoted_at": ...}: the champion
+
+Publishing is atomic: a version's files are written first and its
+``metadata.json`` last, under a temporary name renamed into place (a rename
+on a local disk, one object creation on Cloud Storage). A version without
+metadata is not a version, so a half-written model is never visible, and
+the metadata records the model file's size and SHA-256, so a truncated or
+corrupt file is refused when loaded. ``current`` is replaced the same way.
+"""
+
+import datetime
+import hashlib
+import json
+import secrets
+from typing import Any, Dict, List, Optional
+
+from apache_beam.io.filesystem import BeamIOError
+from apache_beam.io.filesystems import FileSystems
+
+MODEL_FILE = 'model.keras'
+METADATA_FILE = 'metadata.json'
+CURRENT_FILE = 'current'
+
+
+class ModelStoreError(ValueError):
+  """A model version is missing, incomplete or corrupt: not something to load or serve."""
+
+
+def new_version(now: Optional[datetime.datetime] = None) -> str:
+  """A version name that sorts by creation time: ``20261121-101502-3fa2c1``."""
+  now = now or datetime.datetime.now(datetime.timezone.utc)
+  return f'{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}'
+
+
+def _read(path: str) -> bytes:
+  with FileSystems.open(path) as f:
+    return f.read()
+
+
+def _write_atomically(path: str, data: bytes):
+  staging = f'{path}.tmp-{secrets.token_hex(4)}'
+  with FileSystems.create(staging) as f:
+    f.write(data)
+  if FileSystems.exists(path):
+    FileSystems.delete([path])
+  FileSystems.rename([staging], [path])
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+class ModelStore:
+  """A folder of model versions (see the module docstring).
+
+  Args:
+    root: a local folder or a ``gs://`` prefix; created on first write.
+  """
+
+  def __init__(self, root: str):
+    self.root = root.rstrip('/')
+
+  def version_dir(self, version: str) -> str:
+    return FileSystems.join(self.root, 'versions', version)
+
+  def model_path(self, version: str) -> str:
+    return FileSystems.join(self.version_dir(version), MODEL_FILE)
+
+  def publish(self, version: str, model_file: str, metadata: Dict[str, Any], extra_files: Dict[str, str]) -> str:
+    """Copies a saved model and its plots into the store, then commits the metadata.
+
+    Args:
+      version: the new version's name (:func:`new_version`).
+      model_file: the local ``.keras`` file to publish.
+      metadata: what to record; the model file's size and checksum are added.
+      extra_files: name in the version folder -> local file (plots).
+
+    Returns:
+      The version folder.
+    """
+    folder = self.version_dir(version)
+    if FileSystems.exists(FileSystems.join(folder, METADATA_FILE)):
+      raise ModelStoreError(f'Version {version} already exists in {self.root}.')
+    with open(model_file, 'rb') as f:
+      model_bytes = f.read()
+    for name, path in {MODEL_FILE: model_file, **extra_files}.items():
+      with open(path, 'rb') as source, FileSystems.create(FileSystems.join(folder, name)) as f:
+        f.write(source.read())
+    metadata = {**metadata, 'version': version, 'model_file': MODEL_FILE, 'model_bytes': len(model_bytes),
+                'model_sha256': _sha256(model_bytes), 'files': sorted(extra_files)}
+    _write_atomically(FileSystems.join(folder, METADATA_FILE), json.dumps(metadata, indent=2).encode())
+    return folder
+
+  def versions(self) -> List[str]:
+    """The published versions (those with metadata), oldest first."""
+    try:
+      matches = FileSystems.match([FileSystems.join(self.root, 'versions', '*', METADATA_FILE)])[0].metadata_list
+    except BeamIOError:
+      return []
+    return sorted(m.path.rstrip('/').split('/')[-2] for m in matches)
+
+  def metadata(self, version: str) -> Dict[str, Any]:
+    """A version's metadata; ModelStoreError if the version is not (completely) published."""
+    path = FileSystems.join(self.version_dir(version), METADATA_FILE)
+    try:
+      return json.loads(_read(path))
+    except (BeamIOError, OSError) as e:
+      raise ModelStoreError(f'{self.version_dir(version)} has no {METADATA_FILE}: it is not a published model '
+                            f'version (a publication that did not finish, or a wrong path).') from e
+    except json.JSONDecodeError as e:
+      raise ModelStoreError(f'{path} is not valid JSON: {e}') from e
+
+  def update_metadata(self, version: str, **changes):
+    """Records more about a published version (the blessing decision)."""
+    metadata = {**self.metadata(version), **changes}
+    _write_atomically(FileSystems.join(self.version_dir(version), METADATA_FILE),
+                      json.dumps(metadata, indent=2).encode())
+
+  def verified_model_bytes(self, version: str) -> bytes:
+    """The model file's bytes, checked against the size and checksum in the metadata."""
+    metadata = self.metadata(version)
+    path = self.model_path(version)
+    try:
+      data = _read(path)
+    except (BeamIOError, OSError) as e:
+      raise ModelStoreError(f'Model version {version} has no model file {path}.') from e
+    if len(data) != metadata['model_bytes'] or _sha256(data) != metadata['model_sha256']:
+      raise ModelStoreError(
+          f'The model file {path} is truncated or corrupt: {len(data):,} bytes with SHA-256 {_sha256(data)[:12]}..., '
+          f'the metadata says {metadata["model_bytes"]:,} bytes, {metadata["model_sha256"][:12]}... '
+          'Publish the version again; do not serve this one.')
+    return data
+
+  def load_model(self, version: str):
+    """Loads a version's Keras model after checking its file (ModelStoreError if it is damaged)."""
+    import tempfile
+
+    import keras
+    data = self.verified_model_bytes(version)
+    with tempfile.NamedTemporaryFile(suffix='.keras') as f:
+      f.write(data)
+      f.flush()
+      try:
+        return keras.models.load_model(f.name)
+      except Exception as e:  # noqa: BLE001 - Keras raises many kinds; all mean the same to a caller
+        raise ModelStoreError(f'Model version {version} cannot be loaded: {e}') from e
+
+  def current(self) -> Optional[str]:
+    """The version in service, or None before the first promotion."""
+    path = FileSystems.join(self.root, CURRENT_FILE)
+    try:
+      return json.loads(_read(path))['version']
+    except (BeamIOError, OSError):
+      return None
+
+  def promote(self, version: str):
+    """Makes a published version the one in service."""
+    self.metadata(version)
+    pointer = {'version': version, 'promoted_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    _write_atomically(FileSystems.join(self.root, CURRENT_FILE), json.dumps(pointer).encode())

@@ -1,0 +1,283 @@
+"""Trains, evaluates and publishes a fraud model: ``kbml train`` / ``python -m trainer.task``.
+
+Reads the labelled feature rows of a train / delay / test split from the
+warehouse (trainer.evaluate.Protocol), fits the Keras network with early
+stopping on the validation split and a logistic-regression baseline on the
+same rows, chooses the decision threshold on the validation split, evaluates
+both on the test range, and publishes the network to the model store with
+its metadata and plots. The new version is promoted to ``current`` only if
+its average precision on the test range is not worse than the champion's on
+the same rows (the blessing gate).
+
+Examples::
+
+    kbml train --train-start 2018-07-25 --train-end 2018-07-31   # the handbook's split
+    kbml train --last-days 7                                      # the most recent data
+    kbml train --vertex --dry-run --last-days 7                   # the Vertex AI job spec
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from kbml.local_stack import local_state_dir
+from kbml.warehouse import open_warehouse
+from trainer import data, evaluate, model, vertex
+from trainer.registry import ModelStore, new_version
+from transforms.features import FEATURE_NAMES, HANDBOOK_FEATURES
+
+FEATURE_SETS = ('all', 'handbook')
+
+
+def default_model_dir() -> str:
+  return os.path.join(local_state_dir(), 'models')
+
+
+def _date(text: str) -> datetime.date:
+  try:
+    return datetime.date.fromisoformat(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a date YYYY-MM-DD, got {text!r}') from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='kbml train', allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=__doc__.split('\n\n', 1)[1])
+  data_args = parser.add_argument_group('Data')
+  data_args.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
+                         'bigquery://PROJECT/DATASET.')
+  data_args.add_argument('--features-table', default='features')
+  data_args.add_argument('--labels-table', default='labels')
+  data_args.add_argument('--feature-set', choices=FEATURE_SETS, default='all',
+                         help='all: the handbook\'s 15 features and the customer-history ones; handbook: the 15 only '
+                         '(default: %(default)s).')
+  split = parser.add_argument_group('Split (days in UTC)')
+  split.add_argument('--train-start', type=_date, help='First day of the training range.')
+  split.add_argument('--train-end', type=_date, help='Last day of the training range (included).')
+  split.add_argument('--last-days', type=int,
+                     help='Instead: train on this many days, placed so that the test range ends on the most recent '
+                     'labelled day.')
+  split.add_argument('--delay-days', type=int, default=7, help='Days skipped between training and test: the label '
+                     'delay (default: %(default)s).')
+  split.add_argument('--test-days', type=int, default=7, help='Days of the test range (default: %(default)s).')
+  split.add_argument('--validation-days', type=int, default=2,
+                     help='The last days of the training range, held out for early stopping and the threshold '
+                     '(default: %(default)s).')
+  fitting = parser.add_argument_group('Model')
+  fitting.add_argument('--epochs', type=int, default=40, help='At most this many epochs (default: %(default)s).')
+  fitting.add_argument('--patience', type=int, default=5, help='Stop after this many epochs without a better '
+                       'validation average precision (default: %(default)s).')
+  fitting.add_argument('--batch-size', type=int, default=512)
+  fitting.add_argument('--hidden-units', default=','.join(map(str, model.DEFAULT_HIDDEN_UNITS)),
+                       help='Sizes of the hidden layers (default: %(default)s).')
+  fitting.add_argument('--learning-rate', type=float, default=1e-3)
+  fitting.add_argument('--fraud-weight', type=float, default=model.DEFAULT_FRAUD_WEIGHT,
+                       help='Weight of a fraud in the loss, against 1 for a genuine one (default: %(default)s).')
+  fitting.add_argument('--seed', type=int, default=0)
+  store = parser.add_argument_group('Model store')
+  store.add_argument('--model-dir', default=default_model_dir(),
+                     help='The model store: a folder or gs:// prefix (default: .kbml/models).')
+  store.add_argument('--tolerance', type=float, default=0.0,
+                     help='Promote when the new average precision is at least the champion\'s minus this '
+                     '(default: %(default)s).')
+  store.add_argument('--no-promote', action='store_true', help='Publish the version, never make it current.')
+  vertex.add_vertex_arguments(parser)
+  return parser
+
+
+def protocol_of(args, warehouse) -> evaluate.Protocol:
+  """The split the arguments name."""
+  days = dict(delay_days=args.delay_days, test_days=args.test_days, validation_days=args.validation_days)
+  if args.last_days is not None:
+    if args.train_start or args.train_end:
+      raise ValueError('Give either --last-days or --train-start/--train-end, not both.')
+    last_day = data.last_labelled_day(warehouse, args.features_table, args.labels_table)
+    if last_day is None:
+      raise ValueError(f'The warehouse {warehouse.url} holds no labelled transactions: run `kbml ingest` first.')
+    return evaluate.Protocol.ending_at(last_day, train_days=args.last_days, **days)
+  if not (args.train_start and args.train_end):
+    raise ValueError('Name the training range: --train-start and --train-end, or --last-days.')
+  if args.train_end < args.train_start:
+    raise ValueError(f'--train-end {args.train_end} is before --train-start {args.train_start}.')
+  return evaluate.Protocol(args.train_start, train_days=(args.train_end - args.train_start).days + 1, **days)
+
+
+def _check_split(split: evaluate.Split, protocol: evaluate.Protocol, warehouse_url: str):
+  for name, rows in (('training', split.train), ('validation', split.validation), ('test', split.test)):
+    if len(rows) == 0 or rows[data.LABEL_COLUMN].sum() == 0:
+      ranges = ', '.join(f'{part} {days}' for part, days in protocol.describe().items())
+      raise ValueError(f'The {name} range has {len(rows):,} labelled transactions and '
+                       f'{int(rows[data.LABEL_COLUMN].sum()) if len(rows) else 0} frauds in {warehouse_url} '
+                       f'({ranges}); it needs both. Ingest more days or choose other dates.')
+
+
+@dataclasses.dataclass
+class Result:
+  """What a training run produced and decided."""
+  version: str
+  metadata: Dict[str, object]
+  promoted: bool
+
+
+def train(args) -> Result:
+  """Trains, evaluates and publishes one version (see the module docstring)."""
+  started = time.monotonic()
+  warehouse = open_warehouse(args.warehouse)
+  protocol = protocol_of(args, warehouse)
+  feature_names = feature_names_of(args.feature_set)
+  rows = data.read_labelled_rows(warehouse, protocol.train_start, protocol.test_end, feature_names,
+                                 args.features_table, args.labels_table)
+  split = evaluate.split(rows, protocol)
+  _check_split(split, protocol, warehouse.url)
+  train_x, train_y = data.feature_matrix(split.train, feature_names), data.labels(split.train)
+  validation_x, validation_y = data.feature_matrix(split.validation, feature_names), data.labels(split.validation)
+  test_x, test_y = data.feature_matrix(split.test, feature_names), data.labels(split.test)
+  print(f'read {len(rows):,} labelled transactions from {warehouse.url} in {time.monotonic() - started:.1f} s; '
+        + ', '.join(f'{part} {days}' for part, days in protocol.describe().items()), flush=True)
+
+  strategy, devices = model.distribution_strategy()
+  print(f'training on {", ".join(devices)} ({type(strategy).__name__}): {len(train_x):,} rows, '
+        f'{int(train_y.sum()):,} frauds; validation {len(validation_x):,} rows, {int(validation_y.sum()):,} frauds',
+        flush=True)
+  fit_started = time.monotonic()
+  with strategy.scope():
+    network = model.build_model(train_x, [int(units) for units in args.hidden_units.split(',')],
+                                learning_rate=args.learning_rate, seed=args.seed)
+  batch_size = args.batch_size * strategy.num_replicas_in_sync
+  history = model.fit(network, data.to_dataset(train_x, train_y, batch_size, shuffle_seed=args.seed),
+                      data.to_dataset(validation_x, validation_y, batch_size), args.epochs, args.patience,
+                      args.fraud_weight)
+  fit_seconds = time.monotonic() - fit_started
+  baseline = model.train_baseline(train_x, train_y, args.seed)
+
+  threshold = evaluate.choose_threshold(validation_y, model.predict(network, validation_x))
+  test_scores = model.predict(network, test_x)
+  baseline_scores = baseline.predict_proba(test_x)[:, 1]
+  metrics = evaluate.test_metrics(split.test, test_scores, threshold)
+  baseline_metrics = evaluate.test_metrics(split.test, baseline_scores,
+                                           evaluate.choose_threshold(validation_y,
+                                                                     baseline.predict_proba(validation_x)[:, 1]))
+  store = ModelStore(args.model_dir)
+  champion = store.current()
+  champion_scores = _champion_scores(store, champion, split.test)
+
+  version = new_version()
+  validation_scores = model.predict(network, validation_x)
+  metadata = {
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'model': {'kind': 'keras', 'name': network.name, 'hidden_units': args.hidden_units, 'epochs_run':
+                len(history.history['loss']), 'fit_seconds': round(fit_seconds, 1), 'devices': devices},
+      'training': {'warehouse': warehouse.url, 'features_table': args.features_table,
+                   'labels_table': args.labels_table, **protocol.describe(),
+                   'rows': {'train': len(train_x), 'validation': len(validation_x), 'test': len(test_x)},
+                   'frauds': {'train': int(train_y.sum()), 'validation': int(validation_y.sum()),
+                              'test': int(test_y.sum())}},
+      'features': feature_names,
+      'feature_statistics': data.feature_statistics(train_x, feature_names),
+      'score_statistics': data.feature_statistics(validation_scores[:, None], ['score'])['score'],
+      'threshold': threshold,
+      'metrics': metrics,
+      'baseline': {'kind': 'logistic regression (scikit-learn)', 'metrics': baseline_metrics},
+      'parent_version': champion,
+  }
+  with tempfile.TemporaryDirectory() as scratch:
+    plots = {'pr_curve.png': os.path.join(scratch, 'pr_curve.png'),
+             'score_histogram.png': os.path.join(scratch, 'score_histogram.png')}
+    curves = {'this model': test_scores, 'logistic baseline': baseline_scores}
+    if champion_scores is not None:
+      curves[f'champion {champion}'] = champion_scores
+    evaluate.plot_precision_recall(test_y, curves, plots['pr_curve.png'])
+    evaluate.plot_score_histogram(test_y, test_scores, threshold, plots['score_histogram.png'])
+    model_file = os.path.join(scratch, 'model.keras')
+    network.save(model_file)
+    store.publish(version, model_file, metadata, plots)
+
+  decision = bless(metrics['average_precision'], champion, champion_scores, test_y, args.tolerance)
+  promoted = decision['blessed'] and not args.no_promote
+  store.update_metadata(version, blessing={**decision, 'promoted': promoted})
+  if promoted:
+    store.promote(version)
+  return Result(version, store.metadata(version), promoted)
+
+
+def feature_names_of(feature_set: str) -> List[str]:
+  return list(HANDBOOK_FEATURES if feature_set == 'handbook' else FEATURE_NAMES)
+
+
+def _champion_scores(store: ModelStore, champion: Optional[str], test) -> Optional[np.ndarray]:
+  """The champion's scores of the test rows, for the gate (None without a champion)."""
+  if champion is None:
+    return None
+  champion_features = store.metadata(champion)['features']
+  missing = sorted(set(champion_features) - set(test.columns))
+  if missing:
+    raise ValueError(f'The champion {champion} needs features this run did not read: {", ".join(missing)}. '
+                     'Train with the same --feature-set, or promote by hand.')
+  return model.predict(store.load_model(champion), data.feature_matrix(test, champion_features))
+
+
+def bless(candidate_ap: float, champion: Optional[str], champion_scores: Optional[np.ndarray],
+          test_y: np.ndarray, tolerance: float) -> Dict[str, object]:
+  """The blessing gate's decision: no champion, or an average precision not worse than its, less the tolerance."""
+  if champion is None:
+    return {'blessed': True, 'reason': 'no champion yet', 'candidate_average_precision': candidate_ap}
+  from sklearn.metrics import average_precision_score
+  champion_ap = float(average_precision_score(test_y, champion_scores))
+  blessed = candidate_ap >= champion_ap - tolerance
+  comparison = '>=' if blessed else '<'
+  return {'blessed': blessed, 'champion': champion, 'champion_average_precision': champion_ap,
+          'candidate_average_precision': candidate_ap, 'tolerance': tolerance,
+          'reason': f'average precision {candidate_ap:.4f} {comparison} champion {champion_ap:.4f} - tolerance '
+                    f'{tolerance} on the same test rows'}
+
+
+def summary(result: Result, model_dir: str) -> str:
+  """The end-of-run report, for people."""
+  meta = result.metadata
+  metrics, baseline = meta['metrics'], meta['baseline']['metrics']
+  training = meta['training']
+  lines = [
+      f"model {result.version}: {meta['model']['epochs_run']} epochs in {meta['model']['fit_seconds']} s on "
+      f"{', '.join(meta['model']['devices'])}; {len(meta['features'])} features",
+      f"train {training['train']} ({training['rows']['train']:,} rows), validation {training['validation']}, "
+      f"delay {training['delay_days']} days, test {training['test']}: {metrics['transactions']:,} transactions, "
+      f"{metrics['frauds']:,} frauds (cards already known to be compromised left out)",
+      f"{'':24}{'AUC ROC':>9}{'avg prec':>10}{'CP@100':>8}{'threshold':>11}{'precision':>11}{'recall':>8}",
+  ]
+  for name, figures in (('keras network', metrics), ('logistic baseline', baseline)):
+    lines.append(f"{name:24}{figures['auc_roc']:>9.3f}{figures['average_precision']:>10.3f}"
+                 f"{figures['card_precision_at_100']:>8.3f}{figures['threshold']:>11.3f}"
+                 f"{figures['precision_at_threshold']:>11.3f}{figures['recall_at_threshold']:>8.3f}")
+  blessing = meta['blessing']
+  verdict = 'promoted: now current' if blessing['promoted'] else (
+      'blessed, not promoted (--no-promote)' if blessing['blessed'] else 'refused: the champion stays current')
+  store = ModelStore(model_dir)
+  lines += [f"blessing gate: {blessing['reason']} -> {verdict}",
+            f"plots: {', '.join(FileSystems.join(store.version_dir(result.version), name) for name in meta['files'])}",
+            f"metadata: {FileSystems.join(store.version_dir(result.version), 'metadata.json')}"]
+  return '\n'.join(lines)
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = build_parser().parse_args(argv)
+  if args.vertex:
+    return vertex.run_vertex(args, vertex.trainer_arguments(argv))
+  if args.dry_run:
+    raise ValueError('--dry-run prints a Vertex AI job spec: use it with --vertex.')
+  result = train(args)
+  print(summary(result, args.model_dir))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(run())

@@ -1,0 +1,269 @@
+"""Runs the trainer as a Vertex AI custom job: ``kbml train --vertex [Vertex AI options] [trainer args]``.
+
+The job installs this project's source distribution (built from the checkout and uploaded to the
+staging bucket on submit, or ``--package-uri``) in a prebuilt Vertex AI training container and runs
+``python -m trainer.task`` with the trainer's arguments, less the Vertex AI options. ``--dry-run``
+prints the job spec as JSON and submits nothing; it needs no project, bucket or credentials.
+
+Note on the container: Vertex AI runs a Python package only in one of its prebuilt training images,
+and no prebuilt TensorFlow image has Python 3.11, which this package requires (``python_requires``;
+pandas 3 and numpy 2.4 too): the newest, TensorFlow 2.17 with CUDA 12, has Python 3.10, and Google's
+table gives its end of availability as 11 July 2026. pip would refuse to install the package there,
+so a submission whose image tag names another Python (``.py310``) stops before anything is uploaded.
+The default stays that image, to move to a ``.py311`` one when Google publishes it; until then,
+submitting needs ``--container-image`` naming a prebuilt image with Python 3.11 (or a custom
+container, which this module does not build).
+
+Example::
+
+    kbml train --vertex --project my-project --staging-bucket gs://my-bucket/kbml \\
+        --train-start 2018-07-25 --train-end 2018-07-31 --model-dir gs://my-bucket/models
+"""
+
+import argparse
+import copy
+import datetime
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TRAINER_MODULE = 'trainer.task'
+DIST_NAME = 'kafka-beam-ml'
+# The newest prebuilt TensorFlow training images (TensorFlow 2.17, CUDA 12): the closest to our TensorFlow 2.21 and
+# Keras 3 among the images Vertex AI runs a Python package in, and pip installs our pin over theirs. But they have
+# Python 3.10, which our package excludes: see the module docstring.
+IMAGE = '{host}-docker.pkg.dev/vertex-ai/training/tf-{kind}.2-17.py310:latest'
+NO_ACCELERATOR = ('NONE', 'ACCELERATOR_TYPE_UNSPECIFIED')
+STAGING_PLACEHOLDER = 'gs://STAGING_BUCKET'
+NO_CREDENTIALS = ('no Google Cloud credentials found: run `gcloud auth application-default login`, or set '
+                  'GOOGLE_APPLICATION_CREDENTIALS to a service account key file (--dry-run needs neither)')
+_GCE_PRODUCT_FILE = '/sys/class/dmi/id/product_name'
+
+
+def add_vertex_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the "Vertex AI" argument group: ``--vertex``, ``--dry-run`` and the job's settings."""
+  group = parser.add_argument_group('Vertex AI', 'Run the training as a Vertex AI custom job; the other arguments '
+                                    'go to the trainer in the job.')
+  group.add_argument('--vertex', action='store_true', help='Run as a Vertex AI custom job instead of locally.')
+  group.add_argument('--dry-run', action='store_true', help='With --vertex: print the job spec (JSON), submit nothing.')
+  group.add_argument('--project', default=os.environ.get('GOOGLE_CLOUD_PROJECT'),
+                     help='Google Cloud project of the job (default: $GOOGLE_CLOUD_PROJECT).')
+  group.add_argument('--region', default='us-central1', help='Vertex AI region (default: %(default)s).')
+  group.add_argument('--staging-bucket', help='gs://BUCKET[/PREFIX] for the trainer package and the job outputs '
+                     '(required to submit).')
+  group.add_argument('--machine-type', default='n1-standard-8', help='Machine of the job (default: %(default)s).')
+  group.add_argument('--accelerator-type', default='NVIDIA_TESLA_T4',
+                     help='GPU, as Vertex AI names it (NVIDIA_L4, NVIDIA_TESLA_A100, ...), or "none" for CPU only '
+                     '(default: %(default)s).')
+  group.add_argument('--accelerator-count', type=int, default=1, help='GPUs per machine (default: %(default)s).')
+  group.add_argument('--container-image',
+                     help='Prebuilt Vertex AI training image that installs and runs the trainer package (default: '
+                     'the newest TensorFlow one, TensorFlow 2.17 with CUDA 12, its GPU or CPU variant in the '
+                     'region\'s registry: ' + IMAGE.format(host='us', kind='gpu') + '). No prebuilt TensorFlow image '
+                     'has Python 3.11 yet, which this package requires, so submitting with the default is refused: '
+                     'name a prebuilt image with Python 3.11.')
+  group.add_argument('--package-uri', help='gs:// URI of the trainer\'s source distribution (default: built from this '
+                     'checkout and uploaded to STAGING_BUCKET/packages/DISPLAY_NAME/ on submit).')
+  group.add_argument('--service-account', help='Service account the job runs as (default: Vertex AI\'s).')
+  group.add_argument('--display-name', default=datetime.datetime.now(datetime.UTC).strftime('kbml-train-%Y%m%d-%H%M%S'),
+                     help='Name of the job (default: kbml-train-YYYYmmdd-HHMMSS, UTC).')
+
+
+def trainer_arguments(argv: list[str]) -> list[str]:
+  """Returns ``argv`` (the trainer's command line) without the Vertex AI options and their values.
+
+  The options must be spelled in full (``--staging-bucket``, not an abbreviation), as ``--option value`` or
+  ``--option=value``.
+  """
+  parser = argparse.ArgumentParser(add_help=False)
+  add_vertex_arguments(parser)
+  takes_value = {option: action.nargs != 0 for action in parser._actions for option in action.option_strings}
+  kept, skip = [], False
+  for i, arg in enumerate(argv):
+    if skip:
+      skip = False
+    elif arg == '--':
+      return kept + argv[i:]
+    elif arg.split('=', 1)[0] in takes_value:
+      skip = takes_value[arg.split('=', 1)[0]] and '=' not in arg
+    else:
+      kept.append(arg)
+  return kept
+
+
+def _accelerator(name: str) -> str | None:
+  """The Vertex AI accelerator type named (case-insensitively) by ``name``; None for CPU only."""
+  from google.cloud.aiplatform_v1 import AcceleratorType
+  name = (name or 'none').upper()
+  if name in NO_ACCELERATOR:
+    return None
+  if name not in AcceleratorType.__members__:
+    names = ', '.join(n for n in AcceleratorType.__members__ if n not in NO_ACCELERATOR)
+    raise ValueError(f'unknown --accelerator-type {name}: use none or one of {names}')
+  return name
+
+
+def _sdist_name() -> str:
+  try:
+    version = importlib.metadata.version(DIST_NAME)
+  except importlib.metadata.PackageNotFoundError:
+    version = 'VERSION'
+  return f'{DIST_NAME.replace("-", "_")}-{version}.tar.gz'
+
+
+def custom_job_spec(args: argparse.Namespace, trainer_args: list[str]) -> dict:
+  """The custom job as a plain dict in the shape of Vertex AI's ``CustomJob``, checked against its proto.
+
+  Args:
+    args: parsed arguments of a parser given ``add_vertex_arguments``.
+    trainer_args: the trainer's arguments (Vertex AI options are dropped).
+
+  Raises:
+    ValueError: an unknown accelerator, a bucket or package not on gs://, or a spec the proto rejects.
+  """
+  from google.cloud import aiplatform_v1
+  staging = (args.staging_bucket or STAGING_PLACEHOLDER).rstrip('/')
+  package = args.package_uri or f'{staging}/packages/{args.display_name}/{_sdist_name()}'
+  for option, uri in (('--staging-bucket', staging), ('--package-uri', package)):
+    if not uri.startswith('gs://'):
+      raise ValueError(f'{option} must be a gs:// URI, not {uri}')
+  accelerator = _accelerator(args.accelerator_type)
+  machine_spec = {'machine_type': args.machine_type}
+  if accelerator:
+    if args.accelerator_count < 1:
+      raise ValueError(f'--accelerator-count must be at least 1 with {accelerator} (or use --accelerator-type none)')
+    machine_spec.update(accelerator_type=accelerator, accelerator_count=args.accelerator_count)
+  host = {'europe': 'europe', 'asia': 'asia', 'australia': 'asia'}.get(args.region.split('-')[0], 'us')
+  image = args.container_image or IMAGE.format(host=host, kind='gpu' if accelerator else 'cpu')
+  job_spec = {
+      'worker_pool_specs': [{
+          'machine_spec': machine_spec,
+          'replica_count': 1,
+          'python_package_spec': {
+              'executor_image_uri': image,
+              'package_uris': [package],
+              'python_module': TRAINER_MODULE,
+              # Stripped again: a --vertex reaching the job would make it submit another job.
+              'args': trainer_arguments(list(trainer_args)),
+          },
+      }],
+      'base_output_directory': {'output_uri_prefix': f'{staging}/{args.display_name}'},
+  }
+  if args.service_account:
+    job_spec['service_account'] = args.service_account
+  spec = {'display_name': args.display_name, 'job_spec': job_spec}
+  try:
+    aiplatform_v1.CustomJob(spec)  # fails on a misspelt field or an unknown enum name
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'invalid Vertex AI job spec: {e}') from e
+  return spec
+
+
+def python_mismatch(image: str) -> str | None:
+  """Why ``image`` cannot install this package, when its tag names a Python (``.py310``) the package excludes."""
+  from packaging.specifiers import SpecifierSet
+  match = re.search(r'\.(?:py|cp)3(\d+)\b', image)
+  try:
+    requires = importlib.metadata.metadata(DIST_NAME)['Requires-Python']
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  if not (match and requires) or SpecifierSet(requires).contains(f'3.{match.group(1)}'):
+    return None
+  return (f'{image} has Python 3.{match.group(1)} but {DIST_NAME} requires Python {requires}, so pip would not install '
+          'it in the job: pass --container-image naming a prebuilt image with such a Python')
+
+
+def _on_google_cloud() -> bool:
+  """Whether a metadata server can answer here: Compute Engine (GKE nodes too) or Cloud Run."""
+  if os.environ.get('NO_GCE_CHECK') == 'true':
+    return False
+  if os.environ.get('K_SERVICE') or os.environ.get('CLOUD_RUN_JOB'):
+    return True
+  try:
+    return Path(_GCE_PRODUCT_FILE).read_text().startswith('Google')
+  except OSError:
+    return False
+
+
+def check_credentials():
+  """Returns the Application Default Credentials; raises ValueError at once, saying how to get some, if none.
+
+  google.auth.default() ends by probing the Compute Engine metadata server, which off Google Cloud takes 12 s
+  where the address drops packets (3 tries of 3 s, measured): it runs only where a key file, gcloud's
+  credentials or a metadata server can be found.
+  """
+  import google.auth
+  import google.auth.exceptions
+  from google.auth import _cloud_sdk  # where gcloud keeps the credentials, CLOUDSDK_CONFIG included
+  key_file = os.environ.get('GOOGLE_APPLICATION_CREDENTIALS')
+  if key_file and not os.path.isfile(key_file):
+    raise ValueError(f'GOOGLE_APPLICATION_CREDENTIALS names {key_file}, which does not exist: point it to a service '
+                     'account key file, or unset it and run `gcloud auth application-default login`')
+  if not (key_file or os.path.isfile(_cloud_sdk.get_application_default_credentials_path()) or _on_google_cloud()):
+    raise ValueError(NO_CREDENTIALS)
+  try:
+    credentials, _ = google.auth.default(scopes=['https://www.googleapis.com/auth/cloud-platform'])
+  except google.auth.exceptions.DefaultCredentialsError as e:
+    raise ValueError(f'{NO_CREDENTIALS}: {" ".join(str(e).split())}') from e
+  return credentials
+
+
+def build_sdist(out_dir: str) -> str:
+  """Builds this project's source distribution into ``out_dir``; returns its path."""
+  # egg_info would otherwise write into the checkout, which may be shared.
+  command = [sys.executable, 'setup.py', '-q', 'egg_info', '--egg-base', out_dir, 'sdist', '--dist-dir', out_dir]
+  done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+  built = sorted(Path(out_dir).glob('*.tar.gz'))
+  if done.returncode or len(built) != 1:
+    raise ValueError(f'building the trainer package failed: {(done.stderr.strip().splitlines() or ["?"])[-1]}')
+  return str(built[0])
+
+
+def run_vertex(args: argparse.Namespace, trainer_args: list[str]) -> int:
+  """Prints the job spec (``--dry-run``), or uploads the trainer package and submits the job without waiting.
+
+  Raises:
+    ValueError: no project or staging bucket, an unusable spec or image, no credentials, a failed build.
+  """
+  spec = custom_job_spec(args, trainer_args)
+  mismatch = python_mismatch(spec['job_spec']['worker_pool_specs'][0]['python_package_spec']['executor_image_uri'])
+  if args.dry_run:
+    print(json.dumps(spec, indent=2))
+    if mismatch:
+      print(f'warning: {mismatch}', file=sys.stderr)
+    print(f'dry run: nothing was submitted (project {args.project or "not given"}, region {args.region})',
+          file=sys.stderr)
+    return 0
+  if not args.project:
+    raise ValueError('--vertex needs a Google Cloud project: pass --project or set GOOGLE_CLOUD_PROJECT')
+  if not args.staging_bucket:
+    raise ValueError('--vertex needs --staging-bucket gs://BUCKET[/PREFIX], for the trainer package and job outputs')
+  if mismatch:
+    raise ValueError(mismatch)
+  credentials = check_credentials()
+  from google.cloud import aiplatform, storage
+  if not args.package_uri:
+    args = copy.copy(args)
+    with tempfile.TemporaryDirectory() as out_dir:
+      sdist = build_sdist(out_dir)
+      args.package_uri = f'{args.staging_bucket.rstrip("/")}/packages/{args.display_name}/{Path(sdist).name}'
+      bucket, _, blob = args.package_uri.removeprefix('gs://').partition('/')
+      client = storage.Client(project=args.project, credentials=credentials)
+      client.bucket(bucket).blob(blob).upload_from_filename(sdist)
+    print(f'uploaded the trainer package to {args.package_uri}', file=sys.stderr)
+    spec = custom_job_spec(args, trainer_args)
+  job_spec = spec['job_spec']
+  job = aiplatform.CustomJob(
+      display_name=spec['display_name'], worker_pool_specs=job_spec['worker_pool_specs'],
+      base_output_dir=job_spec['base_output_directory']['output_uri_prefix'], project=args.project,
+      location=args.region, staging_bucket=args.staging_bucket, credentials=credentials)
+  job.submit(service_account=args.service_account)
+  print(f'submitted {job.resource_name}')
+  # The SDK's own link follows the console's renames (pinned SDK version).
+  print(f'console: {job._dashboard_uri()}')
+  return 0
