@@ -271,6 +271,9 @@ def run(argv: Optional[List[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
   if args.vertex:
+    if not (args.model_dir.startswith('gs://') and (args.warehouse or '').startswith('bigquery://')):
+      raise ValueError('A Vertex AI job reads and writes only what it can reach: give --warehouse '
+                       'bigquery://PROJECT/DATASET and --model-dir gs://BUCKET/PATH.')
     return vertex.run_vertex(args, vertex.trainer_arguments(argv))
   if args.dry_run:
     raise ValueError('--dry-run prints a Vertex AI job spec: use it with --vertex.')
