@@ -15,7 +15,7 @@ $(STAMP): setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "kafka-beam-ml needs Python 3.11; set PYTHON=/path/to/python3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test,bench,lint]'
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test,bench,lint,vertex]'
 	@touch $@
 
 venv: $(STAMP)
@@ -24,15 +24,21 @@ $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 	bash tests/install_bigquery_emulator.sh $(BIGQUERY_EMULATOR_VENV)
 	@touch $@
 
-# The demo: the local broker, three simulated days of card transactions (with their labels, 7 days
-# later), ingested into the embedded warehouse.
-DEMO_DAYS ?= 3
+# The demo, from a clean slate (the broker keeps its data in memory; the demo's warehouse is rebuilt):
+# the local broker, 50 simulated days of card transactions of 1,000 customers (with their labels, 7 days
+# later), ingested into the embedded warehouse, and a model trained on the latest labelled weeks,
+# evaluated, published to the model store (.kbml/models) and promoted if it beats the current one.
+DEMO_CUSTOMERS ?= 1000
+DEMO_DAYS ?= 50
 
 demo: $(STAMP)
+	$(BIN)/kbml local down
+	rm -f .kbml/warehouse.duckdb
 	$(BIN)/kbml local up
-	$(BIN)/kbml simulate --days $(DEMO_DAYS)
+	$(BIN)/kbml simulate --customers $(DEMO_CUSTOMERS) --terminals $$((2 * $(DEMO_CUSTOMERS))) --days $(DEMO_DAYS)
 	$(BIN)/kbml ingest --stop_at_end
 	$(BIN)/kbml warehouse summary
+	$(BIN)/kbml train --last-days 7
 	$(BIN)/kbml local status
 
 test: $(STAMP) $(BIGQUERY_EMULATOR)
@@ -42,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.kafka_clients
 	$(BIN)/python -m bench.kafka_io
 	$(BIN)/python -m bench.features
+	$(BIN)/python -m bench.trainer
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

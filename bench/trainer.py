@@ -1,0 +1,95 @@
+"""The handbook's protocol end to end, and the time to train and evaluate one week.
+
+Simulates the standard run (5,000 customers, 10,000 terminals, 183 days from
+2018-04-01, 1.8 million transactions), produces it to a local broker, ingests it with the ingest
+pipeline (bounded) into an embedded warehouse, then trains and evaluates with
+the trainer on the handbook's split: train 2018-07-25..07-31, 7 days of
+delay, test 2018-08-08..08-14. It prints the test figures of each feature
+set next to the handbook's published ones (FRAUD.md), and the time of
+training + evaluation (target: 60 s on 2 cores) against the time of the
+logistic-regression baseline's fit on the same rows, measured in the same
+run. Run: ``make bench`` or ``python -m bench.trainer``.
+"""
+
+import argparse
+import datetime
+import os
+import tempfile
+import time
+
+from bench.common import Timer, local_broker
+from kbml import simulator
+from kbml.warehouse import open_warehouse
+from pipelines import ingest
+from trainer import data, model, task
+from transforms.features import HANDBOOK_FEATURES
+
+PUBLISHED = [  # FRAUD.md: model, AUC ROC, average precision, card precision@100, source
+    ('logistic regression', 0.871, 0.606, 0.291, 'ch.3'),
+    ('random forest', 0.867, 0.658, 0.287, 'ch.3'),
+    ('XGBoost, tuned', 0.872, 0.692, 0.304, 'ch.5'),
+    ('feed-forward network', 0.876, 0.675, 0.303, 'ch.7'),
+]
+TARGET_SECONDS = 60
+
+
+def build_warehouse(url: str, days: int):
+  config = simulator.SimulationConfig(days=days)
+  with Timer() as simulated:
+    simulation = simulator.simulate(config)
+  with local_broker() as bootstrap:
+    with Timer() as produced:
+      simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, 'transactions', 'labels')
+    with Timer() as ingested:
+      ingest.run(['--bootstrap_servers', bootstrap, '--warehouse', url, '--stop_at_end'])
+  count = len(simulation.transactions)
+  print(f'{count:,} transactions ({simulation.transactions["is_fraud"].mean():.3%} fraudulent): simulated in '
+        f'{simulated.seconds:.0f} s, produced with their labels in {produced.seconds:.0f} s, ingested in '
+        f'{ingested.seconds:.0f} s ({2 * count / ingested.seconds:,.0f} events/s)', flush=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--warehouse', help='Reuse a warehouse that holds the standard run (skips the ingest).')
+  parser.add_argument('--days', type=int, default=simulator.SimulationConfig().days,
+                      help='Simulated days (default: the standard run\'s %(default)s; 136 reach the test week\'s end).')
+  args = parser.parse_args(argv)
+  with tempfile.TemporaryDirectory() as scratch:
+    url = args.warehouse or f'duckdb://{scratch}/warehouse.duckdb'
+    if not args.warehouse:
+      build_warehouse(url, args.days)
+    results = {}
+    for feature_set in ('handbook', 'all'):
+      train_args = task.build_parser().parse_args(
+          ['--warehouse', url, '--model-dir', os.path.join(scratch, f'models-{feature_set}'), '--train-start',
+           '2018-07-25', '--train-end', '2018-07-31', '--feature-set', feature_set])
+      started = time.perf_counter()
+      result = task.train(train_args)
+      results[feature_set] = (result, time.perf_counter() - started)
+
+    split = result.metadata['training']
+    rows = data.read_labelled_rows(open_warehouse(url), datetime.date(2018, 7, 25), datetime.date(2018, 7, 29),
+                                   HANDBOOK_FEATURES)
+    with Timer() as baseline:
+      model.train_baseline(data.feature_matrix(rows, HANDBOOK_FEATURES), data.labels(rows))
+
+  print(f"\nhandbook protocol: train {split['train']} + validation {split['validation']}, delay "
+        f"{split['delay_days']} days, test {split['test']}")
+  print(f"{'model':46}{'AUC ROC':>9}{'avg prec':>10}{'CP@100':>8}")
+  for name, auc, ap, cp, source in PUBLISHED:
+    print(f'{"published: " + name + " (" + source + ")":46}{auc:>9.3f}{ap:>10.3f}{cp:>8.3f}')
+  for result, _ in results.values():
+    features = len(result.metadata['features'])
+    for name, figures in ((f'keras network, {features} features', result.metadata['metrics']),
+                          (f'logistic baseline, {features} features', result.metadata['baseline']['metrics'])):
+      print(f"{'ours: ' + name:46}{figures['auc_roc']:>9.3f}{figures['average_precision']:>10.3f}"
+            f"{figures['card_precision_at_100']:>8.3f}")
+  for result, seconds in results.values():
+    print(f"train + evaluate, {len(result.metadata['features'])} features: {seconds:.1f} s "
+          f"({seconds / TARGET_SECONDS:.2f}x the {TARGET_SECONDS} s target; {seconds / baseline.seconds:.0f}x the "
+          f"{baseline.seconds:.2f} s logistic-regression fit on the same rows); "
+          f"{result.metadata['model']['epochs_run']} epochs")
+
+
+if __name__ == '__main__':
+  main()
