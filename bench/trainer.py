@@ -88,7 +88,7 @@ def main(argv=None):
     print(f"train + evaluate, {len(result.metadata['features'])} features: {seconds:.1f} s "
           f"({seconds / TARGET_SECONDS:.2f}x the {TARGET_SECONDS} s target; {seconds / baseline.seconds:.0f}x the "
           f"{baseline.seconds:.2f} s logistic-regression fit on the same rows); "
-          f"{result.metadata['model']['epochs_run']} epochs")
+          f"{'+'.join(map(str, result.metadata['model']['epochs_run']))} epochs")
 
 
 if __name__ == '__main__':

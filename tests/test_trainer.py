@@ -45,7 +45,7 @@ def _train(warehouse, model_dir, *extra):
 
 
 def test_a_published_model_scores_identically_after_reload(warehouse, tmp_path):
-  result = _train(warehouse, tmp_path)
+  result = _train(warehouse, tmp_path)  # the default model: an ensemble of networks
 
   store = ModelStore(str(tmp_path))
   meta = store.metadata(result.version)
@@ -54,6 +54,7 @@ def test_a_published_model_scores_identically_after_reload(warehouse, tmp_path):
   assert meta['training']['train'] == '2018-04-29..2018-05-03' and meta['training']['test'] == '2018-05-13..2018-05-19'
   assert meta['parent_version'] is None and meta['blessing']['reason'] == 'no champion yet'
   assert 0 < meta['threshold'] < 1 and meta['metrics']['frauds'] > 10
+  assert meta['model']['ensemble'] == model.DEFAULT_ENSEMBLE > 1
   for name in ('pr_curve.png', 'score_histogram.png'):
     with open(os.path.join(store.version_dir(result.version), name), 'rb') as f:
       assert f.read(8) == PNG_MAGIC
@@ -68,9 +69,9 @@ def test_a_published_model_scores_identically_after_reload(warehouse, tmp_path):
 
 def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_path):
   untrained = ('--learning-rate', '0', '--epochs', '1')  # the random initial network: a poor model
-  first = _train(warehouse, tmp_path, *untrained)
-  better = _train(warehouse, tmp_path)
-  worse = _train(warehouse, tmp_path, *untrained, '--seed', '1')
+  first = _train(warehouse, tmp_path, '--ensemble', '1', *untrained)
+  better = _train(warehouse, tmp_path, '--ensemble', '1')
+  worse = _train(warehouse, tmp_path, '--ensemble', '1', *untrained, '--seed', '1')
 
   store = ModelStore(str(tmp_path))
   assert first.promoted
@@ -86,7 +87,7 @@ def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_
 
 
 def test_a_damaged_model_version_is_rejected_with_a_clear_error(warehouse, tmp_path):
-  version = _train(warehouse, tmp_path, '--epochs', '1').version
+  version = _train(warehouse, tmp_path, '--ensemble', '1', '--epochs', '1').version
   store = ModelStore(str(tmp_path))
   model_file = store.model_path(version)
   with open(model_file, 'rb') as f:

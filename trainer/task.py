@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
   fitting.add_argument('--learning-rate', type=float, default=1e-3)
   fitting.add_argument('--fraud-weight', type=float, default=model.DEFAULT_FRAUD_WEIGHT,
                        help='Weight of a fraud in the loss, against 1 for a genuine one (default: %(default)s).')
+  fitting.add_argument('--ensemble', type=int, default=model.DEFAULT_ENSEMBLE,
+                       help='Networks fitted from different random starts; the model scores their mean (default: '
+                       '%(default)s).')
   fitting.add_argument('--seed', type=int, default=0)
   store = parser.add_argument_group('Model store')
   store.add_argument('--model-dir', default=default_model_dir(),
@@ -149,13 +152,18 @@ def train(args) -> Result:
         f'{int(train_y.sum()):,} frauds; validation {len(validation_x):,} rows, {int(validation_y.sum()):,} frauds',
         flush=True)
   fit_started = time.monotonic()
-  with strategy.scope():
-    network = model.build_model(train_x, [int(units) for units in args.hidden_units.split(',')],
-                                learning_rate=args.learning_rate, seed=args.seed)
   batch_size = args.batch_size * strategy.num_replicas_in_sync
-  history = model.fit(network, data.to_dataset(train_x, train_y, batch_size, shuffle_seed=args.seed),
-                      data.to_dataset(validation_x, validation_y, batch_size), args.epochs, args.patience,
-                      args.fraud_weight)
+  members, epochs_run = [], []
+  for seed in range(args.seed, args.seed + args.ensemble):
+    with strategy.scope():
+      member = model.build_model(train_x, [int(units) for units in args.hidden_units.split(',')],
+                                 learning_rate=args.learning_rate, seed=seed)
+    history = model.fit(member, data.to_dataset(train_x, train_y, batch_size, shuffle_seed=seed),
+                        data.to_dataset(validation_x, validation_y, batch_size), args.epochs, args.patience,
+                        args.fraud_weight)
+    members.append(member)
+    epochs_run.append(len(history.history['loss']))
+  network = model.average(members)
   fit_seconds = time.monotonic() - fit_started
   baseline = model.train_baseline(train_x, train_y, args.seed)
 
@@ -174,8 +182,9 @@ def train(args) -> Result:
   validation_scores = model.predict(network, validation_x)
   metadata = {
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'model': {'kind': 'keras', 'name': network.name, 'hidden_units': args.hidden_units, 'epochs_run':
-                len(history.history['loss']), 'fit_seconds': round(fit_seconds, 1), 'devices': devices},
+      'model': {'kind': 'keras', 'name': network.name, 'hidden_units': args.hidden_units, 'ensemble': args.ensemble,
+                'fraud_weight': args.fraud_weight, 'epochs_run': epochs_run, 'fit_seconds': round(fit_seconds, 1),
+                'devices': devices},
       'training': {'warehouse': warehouse.url, 'features_table': args.features_table,
                    'labels_table': args.labels_table, **protocol.describe(),
                    'rows': {'train': len(train_x), 'validation': len(validation_x), 'test': len(test_x)},
@@ -246,8 +255,10 @@ def summary(result: Result, model_dir: str) -> str:
   metrics, baseline = meta['metrics'], meta['baseline']['metrics']
   training = meta['training']
   lines = [
-      f"model {result.version}: {meta['model']['epochs_run']} epochs in {meta['model']['fit_seconds']} s on "
-      f"{', '.join(meta['model']['devices'])}; {len(meta['features'])} features",
+      f"model {result.version}: {meta['model']['ensemble']} network(s), "
+      f"{'+'.join(map(str, meta['model']['epochs_run']))} epochs in {meta['model']['fit_seconds']} s on "
+      f"{', '.join(meta['model']['devices'])}; "
+      f"{len(meta['features'])} features",
       f"train {training['train']} ({training['rows']['train']:,} rows), validation {training['validation']}, "
       f"delay {training['delay_days']} days, test {training['test']}: {metrics['transactions']:,} transactions, "
       f"{metrics['frauds']:,} frauds (cards already known to be compromised left out)",
