@@ -50,13 +50,14 @@ def build_warehouse(url: str, days: int):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--warehouse', help='Reuse a warehouse that holds the standard run (skips the ingest).')
+  parser.add_argument('--warehouse', help='Where to keep the ingested run (default: a temporary file); when it '
+                      'already holds one, the simulation and the ingest are skipped.')
   parser.add_argument('--days', type=int, default=simulator.SimulationConfig().days,
                       help='Simulated days (default: the standard run\'s %(default)s; 136 reach the test week\'s end).')
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as scratch:
     url = args.warehouse or f'duckdb://{scratch}/warehouse.duckdb'
-    if not args.warehouse:
+    if 'features' not in open_warehouse(url).tables():
       build_warehouse(url, args.days)
     results = {}
     for feature_set in ('handbook', 'all'):
