@@ -221,7 +221,8 @@ def build_sdist(out_dir: str) -> str:
   built = sorted(Path(out_dir).glob('*.tar.gz'))
   if done.returncode or len(built) != 1:
     raise ValueError(f'building the trainer package failed: {(done.stderr.strip().splitlines() or ["?"])[-1]}')
-  return str(built[0])
+  # Older setuptools keep the dashes of the name; the spec names the package as PEP 625 does.
+  return str(built[0].rename(Path(out_dir) / _sdist_name()))
 
 
 def run_vertex(args: argparse.Namespace, trainer_args: list[str]) -> int:
