@@ -147,39 +147,23 @@ def train(args) -> Result:
   print(f'read {len(rows):,} labelled transactions from {warehouse.url} in {time.monotonic() - started:.1f} s; '
         + ', '.join(f'{part} {days}' for part, days in protocol.describe().items()), flush=True)
 
-  strategy, devices = model.distribution_strategy()
-  print(f'training on {", ".join(devices)} ({type(strategy).__name__}): {len(train_x):,} rows, '
-        f'{int(train_y.sum()):,} frauds; validation {len(validation_x):,} rows, {int(validation_y.sum()):,} frauds',
-        flush=True)
   fit_started = time.monotonic()
-  batch_size = args.batch_size * strategy.num_replicas_in_sync
-  members, epochs_run = [], []
-  for seed in range(args.seed, args.seed + args.ensemble):
-    with strategy.scope():
-      member = model.build_model(train_x, [int(units) for units in args.hidden_units.split(',')],
-                                 learning_rate=args.learning_rate, seed=seed)
-    history = model.fit(member, data.to_dataset(train_x, train_y, batch_size, shuffle_seed=seed),
-                        data.to_dataset(validation_x, validation_y, batch_size), args.epochs, args.patience,
-                        args.fraud_weight)
-    members.append(member)
-    epochs_run.append(len(history.history['loss']))
-  network = model.average(members)
+  network, devices, epochs_run = _fit_networks(args, train_x, train_y, validation_x, validation_y)
   fit_seconds = time.monotonic() - fit_started
   baseline = model.train_baseline(train_x, train_y, args.seed)
 
-  threshold = evaluate.choose_threshold(validation_y, model.predict(network, validation_x))
+  validation_scores = model.predict(network, validation_x)
+  threshold = evaluate.choose_threshold(validation_y, validation_scores)
   test_scores = model.predict(network, test_x)
   baseline_scores = baseline.predict_proba(test_x)[:, 1]
   metrics = evaluate.test_metrics(split.test, test_scores, threshold)
-  baseline_metrics = evaluate.test_metrics(split.test, baseline_scores,
-                                           evaluate.choose_threshold(validation_y,
-                                                                     baseline.predict_proba(validation_x)[:, 1]))
+  baseline_threshold = evaluate.choose_threshold(validation_y, baseline.predict_proba(validation_x)[:, 1])
+  baseline_metrics = evaluate.test_metrics(split.test, baseline_scores, baseline_threshold)
   store = ModelStore(args.model_dir)
   champion = store.current()
   champion_scores = _champion_scores(store, champion, split.test)
 
   version = new_version()
-  validation_scores = model.predict(network, validation_x)
   metadata = {
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'model': {'kind': 'keras', 'name': network.name, 'hidden_units': args.hidden_units, 'ensemble': args.ensemble,
@@ -216,6 +200,26 @@ def train(args) -> Result:
   if promoted:
     store.promote(version)
   return Result(version, store.metadata(version), promoted)
+
+
+def _fit_networks(args, train_x, train_y, validation_x, validation_y):
+  """Fits ``args.ensemble`` networks from consecutive seeds; returns their mean, the devices, the epochs run."""
+  strategy, devices = model.distribution_strategy()
+  print(f'training on {", ".join(devices)} ({type(strategy).__name__}): {len(train_x):,} rows, '
+        f'{int(train_y.sum()):,} frauds; validation {len(validation_x):,} rows, {int(validation_y.sum()):,} frauds',
+        flush=True)
+  batch_size = args.batch_size * strategy.num_replicas_in_sync
+  members, epochs_run = [], []
+  for seed in range(args.seed, args.seed + args.ensemble):
+    with strategy.scope():
+      member = model.build_model(train_x, [int(units) for units in args.hidden_units.split(',')],
+                                 learning_rate=args.learning_rate, seed=seed)
+    history = model.fit(member, data.to_dataset(train_x, train_y, batch_size, shuffle_seed=seed),
+                        data.to_dataset(validation_x, validation_y, batch_size), args.epochs, args.patience,
+                        args.fraud_weight)
+    members.append(member)
+    epochs_run.append(len(history.history['loss']))
+  return model.average(members), devices, epochs_run
 
 
 def feature_names_of(feature_set: str) -> List[str]:
