@@ -26,10 +26,10 @@ import logging
 from typing import Callable, Dict, List, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.warehouse import default_warehouse_url, open_warehouse
-from pipelines.options import KafkaOptions, kafka_config, pipeline_options
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
 from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FEATURES_TABLE, ComputeFeatures
 from transforms.kafka_io import read_from_kafka, write_to_kafka
 from transforms.records import (
@@ -121,7 +121,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
       kafka.kafka_io, consumer_config,
       [ingest.transactions_topic, ingest.labels_topic], expansion_service=kafka.kafka_expansion_service,
-      stop_at_end=bounded, idle_timeout_s=kafka.idle_timeout_s)
+      stop_at_end=bounded, idle_timeout_s=kafka.idle_timeout_s,
+      # The local runner gives the feature stage's timers no watermark: read the partitions in event-time step.
+      align_partitions=not bounded and options.view_as(StandardOptions).runner == LOCAL_RUNNER)
   parsed = records | 'ParseRecords' >> ParseRecords(
       {ingest.transactions_topic: TRANSACTION_SCHEMA, ingest.labels_topic: LABEL_SCHEMA})
   _ = (parsed[DEAD_LETTER_TAG]

@@ -122,7 +122,8 @@ def streams(simulation):
   return [next(cursor[element.value.customer_id]) for element in elements]
 
 
-def _equal_features(expected: pd.DataFrame):
+def equal_features(expected: pd.DataFrame):
+  """An assert_that check: the rows' features equal ``expected`` (indexed by transaction id)."""
   def check(rows):
     actual = pd.DataFrame(rows).set_index('transaction_id').sort_index()
     assert list(actual.index) == list(expected.index), 'one row per transaction'
@@ -138,11 +139,14 @@ def simulation():
   return simulate(SimulationConfig(customers=60, terminals=60, radius=30, days=75, seed=6))
 
 
+def independent_features(tx: pd.DataFrame) -> pd.DataFrame:
+  """Every feature of every transaction, computed without transforms.features."""
+  return pandas_features(tx).join(history_features(tx)).join(terminal_history_features(tx))
+
+
 @pytest.fixture(scope='module')
 def expected(simulation):
-  return (pandas_features(simulation.transactions)
-          .join(history_features(simulation.transactions))
-          .join(terminal_history_features(simulation.transactions)))
+  return independent_features(simulation.transactions)
 
 
 def test_population_exercises_every_feature(simulation, expected):
@@ -163,4 +167,4 @@ def test_features_equal_an_independent_pandas_computation(simulation, expected, 
             | beam.Create([elements])
             | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
             | ComputeFeatures(label_delay_days=DELAY_DAYS, bounded=bounded))
-    assert_that(rows, _equal_features(expected))
+    assert_that(rows, equal_features(expected))

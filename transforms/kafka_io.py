@@ -12,14 +12,23 @@ partition is Kafka's unit of order and of parallelism). Offsets are committed
 to the consumer group in bundle finalization, that is only after the runner
 has durably committed the bundle's output: at-least-once delivery.
 
+With ``align_partitions`` the partitions are read in step in event time. The
+local runner (FnApiRunner) needs it: it gives the stage fused with the read
+no watermark of the read's (its input watermark is the end of time from the
+start), so an event-time timer there fires one bundle after it is set while
+the partitions drift days apart in event time. See :class:`_ReadPartitionsFn`.
+
 Writing uses an idempotent producer, flushes at the end of each bundle and
 fails the bundle if any record was not acknowledged, so that the runner
 retries it and nothing is silently dropped.
 """
 
 import logging
+import math
 import sys
+import threading
 import time
+import uuid
 from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
@@ -71,6 +80,8 @@ class _ReadSpec(NamedTuple):
   read_budget_s: float
   read_budget_records: int
   timeout_s: float
+  topics: Tuple[str, ...] = ()
+  align_group: Optional[str] = None  # set: partitions are read in step in event time (names the shared progress)
 
   @property
   def bounded(self) -> bool:
@@ -109,6 +120,13 @@ class _ListPartitionsFn(beam.DoFn):
       consumer.close()
 
 
+# Aligned reads' progress: {align_group: {(topic, partition): newest Kafka timestamp fetched, in ms}}; -inf before
+# a partition's first fetch, +inf once it has nothing more to give. Process-wide: an aligned read needs all its
+# partitions read in one process, as the local runner does.
+_FETCHED_THROUGH: Dict[str, Dict[Tuple[str, int], float]] = {}
+_FETCHED_THROUGH_LOCK = threading.Lock()
+
+
 class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
   """Reads partitions as a splittable DoFn; see the module docstring.
 
@@ -117,6 +135,19 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
   ``auto.offset.reset`` says (``earliest`` by default). The range ends at the
   end offset seen when the read starts (``stop_at_end``), ``max_records``
   later, or never (the reader may still stop on idleness).
+
+  Records are fetched into a buffer per partition and emitted when due. An
+  ordinary read has every record due at once. An aligned read
+  (``align_group``) has only records older than the bundle's alignment
+  watermark W due: the least, over the partitions, of the newest timestamp
+  fetched, taken when the bundle starts. Records older than W were all
+  fetched by then (a partition is in time order), so they are all emitted in
+  this bundle, and later bundles emit only records at W or after: downstream,
+  events arrive in event-time order from one bundle to the next. A partition
+  with nothing more to give (its stop reached, idle past ``idle_timeout_s``,
+  or caught up with its end in an unbounded read) holds nobody back; a record
+  that reaches it later can come after newer ones of other partitions, as
+  with any idleness rule.
   """
 
   def __init__(self, spec: _ReadSpec):
@@ -128,6 +159,25 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self._positions = {}
     self._committed = {}
     self._metadata_consumer = None
+    self._buffers = {}  # (topic, partition) -> fetched messages not yet emitted, in offset order
+    self._last_record_at = {}
+    self._due_before_ms = math.inf
+
+  def start_bundle(self):
+    group = self._spec.align_group
+    if group is None:
+      return
+    with _FETCHED_THROUGH_LOCK:
+      if group not in _FETCHED_THROUGH:
+        _FETCHED_THROUGH[group] = dict.fromkeys(
+            list_partitions(self._metadata_client(), self._spec.topics, self._spec.timeout_s), -math.inf)
+      self._due_before_ms = min(_FETCHED_THROUGH[group].values(), default=math.inf)
+
+  def _fetched_through(self, key: Tuple[str, int], timestamp_ms: float):
+    if self._spec.align_group is not None:
+      with _FETCHED_THROUGH_LOCK:
+        progress = _FETCHED_THROUGH[self._spec.align_group]
+        progress[key] = max(progress.get(key, -math.inf), timestamp_ms)
 
   def __getstate__(self):
     return {'_spec': self._spec}
@@ -199,49 +249,67 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       tracker=beam.DoFn.RestrictionParam(),
       watermark_estimator=_RECORD_TIME_WATERMARK):
     topic, partition = element
+    key = (topic, partition)
     spec = self._spec
     restriction = tracker.current_restriction()
     next_offset = restriction.start
-    consumer = self._consumer_at(topic, partition, next_offset)
+    buffer = self._buffers.get(key)
+    if not buffer or buffer[0].offset() != next_offset:
+      buffer = self._buffers[key] = []  # a new restriction, or another instance read the last part
+    consumer = self._consumer_at(topic, partition, buffer[-1].offset() + 1 if buffer else next_offset)
     deadline = time.monotonic() + spec.read_budget_s
-    last_record_at = time.monotonic()
     emitted = 0
     finished = False
+    newest_ms = None
     while not finished and time.monotonic() < deadline and emitted < spec.read_budget_records:
-      messages = consumer.consume(num_messages=min(1000, spec.read_budget_records - emitted), timeout=0.1)
-      if not messages:
-        idle_s = time.monotonic() - last_record_at
-        if spec.stop_at_end and next_offset >= restriction.stop:
-          finished = True
-        elif spec.idle_timeout_s is not None and idle_s >= spec.idle_timeout_s:
-          tracker.try_claim(restriction.stop)
-          finished = True
-        continue
-      last_record_at = time.monotonic()
-      newest_ms = None
-      for message in messages:
-        if message.error():
-          raise KafkaException(message.error())
-        offset = message.offset()
-        if not tracker.try_claim(offset):
+      position = self._positions[key]
+      fetched = []
+      if len(buffer) < spec.read_budget_records and position < restriction.stop:
+        fetched = [m for m in consumer.consume(num_messages=min(1000, spec.read_budget_records - len(buffer)),
+                                               timeout=0.1) if not _raise_error(m) and m.offset() < restriction.stop]
+      if fetched:
+        buffer.extend(fetched)
+        self._positions[key] = position = fetched[-1].offset() + 1
+        self._last_record_at[key] = time.monotonic()
+        self._fetched_through(key, max(m.timestamp()[1] for m in fetched))
+      if position >= restriction.stop:
+        self._fetched_through(key, math.inf)
+      elif not fetched:
+        idle_s = time.monotonic() - self._last_record_at.setdefault(key, time.monotonic())
+        if spec.idle_timeout_s is not None and idle_s >= spec.idle_timeout_s:
+          self._fetched_through(key, math.inf)
+          if not buffer:
+            tracker.try_claim(restriction.stop)
+            finished = True
+        elif not spec.bounded and 0 <= consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                                      cached=True)[1] <= position:
+          self._fetched_through(key, math.inf)  # caught up: an idle partition holds nobody back
+      due = 0
+      while (due < len(buffer) and emitted + due < spec.read_budget_records
+             and buffer[due].timestamp()[1] < self._due_before_ms):
+        due += 1
+      for message in buffer[:due]:
+        if not tracker.try_claim(message.offset()):
           finished = True
           break
         timestamp_ms = message.timestamp()[1]
         yield beam.window.TimestampedValue(
-            KafkaRecord(topic, partition, offset, timestamp_ms, message.key(), message.value(),
+            KafkaRecord(topic, partition, message.offset(), timestamp_ms, message.key(), message.value(),
                         tuple(message.headers() or ())),
             timestamp_ms / 1000.0)
         newest_ms = timestamp_ms if newest_ms is None else max(newest_ms, timestamp_ms)
-        next_offset = offset + 1
+        next_offset = message.offset() + 1
         emitted += 1
-      self._positions[(topic, partition)] = messages[-1].offset() + 1
-      if newest_ms is not None:
-        newest = Timestamp(micros=newest_ms * 1000)
-        current = watermark_estimator.current_watermark()
-        if current is None or newest > current:
-          watermark_estimator.set_watermark(newest)
-    if spec.stop_at_end and next_offset >= restriction.stop and not finished:
-      finished = True
+      del buffer[:due]
+      if not buffer and next_offset >= restriction.stop:
+        finished = True
+      elif not (fetched or due) and spec.align_group is not None:
+        break  # nothing more is due before the next bundle's alignment watermark
+    if newest_ms is not None:
+      newest = Timestamp(micros=newest_ms * 1000)
+      current = watermark_estimator.current_watermark()
+      if current is None or newest > current:
+        watermark_estimator.set_watermark(newest)
     if spec.commit_offsets and next_offset > restriction.start:
       bundle_finalizer.register(lambda: self._commit(topic, partition, next_offset))
     if not finished:
@@ -252,6 +320,12 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       if consumer is not None:
         consumer.close()
     self.setup()
+
+
+def _raise_error(message) -> bool:
+  if message.error():
+    raise KafkaException(message.error())
+  return False
 
 
 class _UnboundedReadPartitionsFn(_ReadPartitionsFn):
@@ -297,12 +371,18 @@ class ReadFromKafka(beam.PTransform):
       bounds the latency from a record to the output of the fused stage.
     read_budget_records: most records one bundle reads before it checkpoints.
     timeout_s: how long to wait for the cluster before failing clearly.
+    align_partitions: read the partitions in step in event time, so that a
+      stateful DoFn with event-time timers fused behind the read gets its
+      events in event-time order from one bundle to the next. For the local
+      runner, which gives such a stage no usable watermark (see the module
+      docstring); it needs every partition read in one process.
   """
 
   def __init__(self, consumer_config: Mapping[str, str], topics: Union[str, Sequence[str]], *,
                stop_at_end: bool = False, max_records_per_partition: Optional[int] = None,
                idle_timeout_s: Optional[float] = None, commit_offsets: bool = True,
-               read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0):
+               read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0,
+               align_partitions: bool = False):
     super().__init__()
     self._topics = [topics] if isinstance(topics, str) else list(topics)
     if not self._topics:
@@ -311,7 +391,7 @@ class ReadFromKafka(beam.PTransform):
         consumer_config=dict(consumer_config), commit_offsets=commit_offsets and 'group.id' in consumer_config,
         stop_at_end=stop_at_end, max_records_per_partition=max_records_per_partition,
         idle_timeout_s=idle_timeout_s, read_budget_s=read_budget_s, read_budget_records=read_budget_records,
-        timeout_s=timeout_s)
+        timeout_s=timeout_s, topics=tuple(self._topics), align_group=uuid.uuid4().hex if align_partitions else None)
 
   def expand(self, pbegin):
     read_fn = _ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn
@@ -438,6 +518,7 @@ def read_from_kafka(kafka_io: str, consumer_config: Mapping[str, str], topics: S
   if kafka_io == KAFKA_IO_PYTHON:
     return ReadFromKafka(consumer_config, topics, **bounds)
   if kafka_io == KAFKA_IO_JAVA:
+    bounds.pop('align_partitions', None)  # Beam's KafkaIO runs where the runner tracks the watermark
     if bounds.get('stop_at_end'):
       raise ValueError('Beam\'s Java KafkaIO cannot stop at the end offsets: use --kafka_io=python.')
     return _JavaReadFromKafka(consumer_config, topics, expansion_service,
