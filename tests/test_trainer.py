@@ -67,6 +67,21 @@ def test_a_published_model_scores_identically_after_reload(warehouse, tmp_path):
                                                                             abs=1e-9)
 
 
+def test_a_stored_ensemble_gives_the_very_same_scores_after_reload(warehouse, tmp_path):
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), datetime.date(2018, 5, 1),
+                                 FEATURE_NAMES)
+  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+  members = [model.build_model(features, seed=seed) for seed in (0, 1)]
+  for member in members:
+    member.fit(features, targets, epochs=1, verbose=0)
+  network = model.average(members)
+  network.save(str(tmp_path / 'model.keras'))
+  store = ModelStore(str(tmp_path / 'store'))
+  store.publish('v1', str(tmp_path / 'model.keras'), {'features': FEATURE_NAMES}, {})
+
+  np.testing.assert_array_equal(model.predict(store.load_model('v1'), features), model.predict(network, features))
+
+
 def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_path):
   untrained = ('--learning-rate', '0', '--epochs', '1')  # the random initial network: a poor model
   first = _train(warehouse, tmp_path, '--ensemble', '1', *untrained)
