@@ -2,7 +2,7 @@
 
 Every record of the ``transactions`` and ``labels`` topics is parsed against
 its schema; a bad one goes to the ``dead-letter`` topic with its original
-bytes, its source and the reason. Valid transactions get their 15 features
+bytes, its source and the reason. Valid transactions get their features
 (computed in event time with the labels that have arrived) and are written to
 the warehouse's ``features`` table; labels go to its ``labels`` table. The
 trainer joins the two.

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
   data_args.add_argument('--features-table', default='features')
   data_args.add_argument('--labels-table', default='labels')
   data_args.add_argument('--feature-set', choices=FEATURE_SETS, default='all',
-                         help='all: the handbook\'s 15 features and the customer-history ones; handbook: the 15 only '
+                         help='all: the handbook\'s 15 features and the 8 streaming ones; handbook: the 15 only '
                          '(default: %(default)s).')
   split = parser.add_argument_group('Split (days in UTC)')
   split.add_argument('--train-start', type=_date, help='First day of the training range.')

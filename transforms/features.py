@@ -12,6 +12,13 @@ event time from the streams of transactions and labels:
   them known to be fraudulent (0 when there are none). A label counts only
   once it has arrived, which is what a scorer can know at time t.
 
+And 8 more from the same histories (FRAUD.md found such features help every
+model): the amount against the customer's earlier 60 days (log ratio to the
+median, z-score, ratio to the maximum), high amounts in the last 7 days,
+earlier visits to this terminal, the time since the previous transaction;
+the terminal's latest known labels that are frauds in a row, and how long
+ago that run began.
+
 Order. A customer's transactions are applied as they arrive: Kafka keeps a
 key's records in order, and the records are keyed by customer (a transaction
 that still arrives late is inserted at its time, so later ones count it). A
@@ -56,8 +63,8 @@ HANDBOOK_FEATURES = ['TX_AMOUNT', 'TX_DURING_WEEKEND', 'TX_DURING_NIGHT', *CUSTO
 HISTORY_DAYS = 60
 HIGH_AMOUNT_RATIO = 3
 CUSTOMER_HISTORY_FEATURES = ['CUSTOMER_ID_AMOUNT_LOG_RATIO_60DAY_MEDIAN', 'CUSTOMER_ID_AMOUNT_ZSCORE_60DAY',
-                    'CUSTOMER_ID_AMOUNT_RATIO_60DAY_MAX', 'CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW',
-                    'CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY', 'CUSTOMER_ID_LOG_SECONDS_SINCE_PREVIOUS_TX']
+                             'CUSTOMER_ID_AMOUNT_RATIO_60DAY_MAX', 'CUSTOMER_ID_NB_HIGH_AMOUNT_7DAY_WINDOW',
+                             'CUSTOMER_ID_NB_TX_AT_TERMINAL_60DAY', 'CUSTOMER_ID_LOG_SECONDS_SINCE_PREVIOUS_TX']
 TERMINAL_HISTORY_FEATURES = ['TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW', 'TERMINAL_ID_DAYS_SINCE_FRAUDS_IN_A_ROW_BEGAN']
 FEATURE_NAMES = [*HANDBOOK_FEATURES, *CUSTOMER_HISTORY_FEATURES, *TERMINAL_HISTORY_FEATURES]
 
@@ -134,7 +141,7 @@ class TerminalHistory:
   def __init__(self, label_delay_days: float):
     self._delay = label_delay_days * DAY_SECONDS
     self._tx_times: List[float] = []
-    self._fraud_times: List[float] = []
+    self._fraud_times: List[float] = []  # the frauds of _labels, by time: the risk windows bisect them
     self._labels: List[Tuple[float, int, int]] = []  # (transaction time, transaction id, is_fraud)
 
   def add_label(self, label: Label):
@@ -278,7 +285,7 @@ def _terminal_features_of_group(element, label_delay_days: float) -> Iterator[Ti
 
 
 def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> Dict[str, object]:
-  """A transaction's identity and its 15 features, as a warehouse row."""
+  """A transaction's identity and its features, as a warehouse row."""
   features = {**calendar_features(transaction), **window_features}
   return {
       'transaction_id': transaction.transaction_id,
