@@ -44,6 +44,7 @@ demo: $(STAMP)
 test: $(STAMP) $(BIGQUERY_EMULATOR)
 	KBML_BIGQUERY_EMULATOR_VENV=$(abspath $(BIGQUERY_EMULATOR_VENV)) $(BIN)/python -m pytest
 
+# bench.trainer simulates and ingests the standard run (3.6 million events) first: about 12 minutes on 2 cores.
 bench: $(STAMP)
 	$(BIN)/python -m bench.kafka_clients
 	$(BIN)/python -m bench.kafka_io
