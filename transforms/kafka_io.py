@@ -80,7 +80,7 @@ class _ReadSpec(NamedTuple):
   read_budget_s: float
   read_budget_records: int
   timeout_s: float
-  topics: Tuple[str, ...] = ()
+  topics: Tuple[str, ...]
   align_group: Optional[str] = None  # set: partitions are read in step in event time (names the shared progress)
 
   @property
@@ -108,14 +108,13 @@ class _CheckpointOnlyOffsetTracker(OffsetRestrictionTracker):
 class _ListPartitionsFn(beam.DoFn):
   """Turns the topic names into ``(topic, partition)`` pairs at run time."""
 
-  def __init__(self, spec: _ReadSpec, topics: Sequence[str]):
+  def __init__(self, spec: _ReadSpec):
     self._spec = spec
-    self._topics = list(topics)
 
   def process(self, unused_impulse) -> Iterable[Tuple[str, int]]:
     consumer = new_consumer(self._spec.consumer_config)
     try:
-      yield from list_partitions(consumer, self._topics, self._spec.timeout_s)
+      yield from list_partitions(consumer, self._spec.topics, self._spec.timeout_s)
     finally:
       consumer.close()
 
@@ -384,21 +383,21 @@ class ReadFromKafka(beam.PTransform):
                read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0,
                align_partitions: bool = False):
     super().__init__()
-    self._topics = [topics] if isinstance(topics, str) else list(topics)
-    if not self._topics:
+    topics = [topics] if isinstance(topics, str) else list(topics)
+    if not topics:
       raise ValueError('ReadFromKafka needs at least one topic.')
     self._spec = _ReadSpec(
         consumer_config=dict(consumer_config), commit_offsets=commit_offsets and 'group.id' in consumer_config,
         stop_at_end=stop_at_end, max_records_per_partition=max_records_per_partition,
         idle_timeout_s=idle_timeout_s, read_budget_s=read_budget_s, read_budget_records=read_budget_records,
-        timeout_s=timeout_s, topics=tuple(self._topics), align_group=uuid.uuid4().hex if align_partitions else None)
+        timeout_s=timeout_s, topics=tuple(topics), align_group=uuid.uuid4().hex if align_partitions else None)
 
   def expand(self, pbegin):
     read_fn = _ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn
     return (
         pbegin
         | 'Impulse' >> beam.Impulse()
-        | 'ListPartitions' >> beam.ParDo(_ListPartitionsFn(self._spec, self._topics))
+        | 'ListPartitions' >> beam.ParDo(_ListPartitionsFn(self._spec))
         | 'ReadPartitions' >> beam.ParDo(read_fn(self._spec)))
 
 
