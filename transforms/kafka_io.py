@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
@@ -264,8 +264,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       position = self._positions[key]
       fetched = []
       if len(buffer) < spec.read_budget_records and position < restriction.stop:
-        fetched = [m for m in consumer.consume(num_messages=min(1000, spec.read_budget_records - len(buffer)),
-                                               timeout=0.1) if not _raise_error(m) and m.offset() < restriction.stop]
+        fetched = _fetch(consumer, min(1000, spec.read_budget_records - len(buffer)), restriction.stop)
       if fetched:
         buffer.extend(fetched)
         self._positions[key] = position = fetched[-1].offset() + 1
@@ -321,10 +320,13 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self.setup()
 
 
-def _raise_error(message) -> bool:
-  if message.error():
-    raise KafkaException(message.error())
-  return False
+def _fetch(consumer, count: int, stop: int) -> List:
+  """Up to ``count`` messages of the consumer's partition before offset ``stop``; raises on a fetch error."""
+  messages = consumer.consume(num_messages=count, timeout=0.1)
+  for message in messages:
+    if message.error():
+      raise KafkaException(message.error())
+  return [message for message in messages if message.offset() < stop]
 
 
 class _UnboundedReadPartitionsFn(_ReadPartitionsFn):
