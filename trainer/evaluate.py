@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Tuple
 import numpy as np
 from sklearn import metrics
 
-from trainer.data import LABEL_COLUMN
+from trainer.data import LABEL_COLUMN, utc_day
 
 if TYPE_CHECKING:
   import pandas
@@ -89,8 +89,7 @@ class Split:
 def split(rows: 'pandas.DataFrame', protocol: Protocol) -> Split:
   """Splits labelled rows of ``protocol.train_start`` .. ``protocol.test_end`` (see the module docstring)."""
   import pandas
-  start = pandas.Timestamp(protocol.train_start, tz='UTC')
-  days = (rows['tx_datetime'].dt.tz_convert('UTC').dt.floor('D') - start).dt.days
+  days = (rows['tx_datetime'].dt.tz_convert('UTC').dt.floor('D') - utc_day(protocol.train_start)).dt.days
   fit_days = protocol.train_days - protocol.validation_days
   train = rows[(days >= 0) & (days < fit_days)]
   validation = rows[(days >= fit_days) & (days < protocol.train_days)]
