@@ -124,12 +124,60 @@ def _add_warehouse_parser(commands):
   summary.set_defaults(handler=_warehouse_summary)
 
 
+def _promote(args) -> int:
+  from trainer.registry import ModelStore
+  from trainer.task import default_model_dir
+  store = ModelStore(args.model_dir or default_model_dir())
+  previous = store.current()
+  store.verified_model_bytes(args.version)
+  store.promote(args.version)
+  print(f'version {args.version} is in service in {store.root} (was {previous}); running scorers take it '
+        'within seconds')
+  return 0
+
+
+def _add_promote_parser(commands):
+  promote = commands.add_parser(
+      'promote', help='Put a published model version in service (a rollback too).',
+      description='Puts a published model version in service: running scorers switch to it without a restart. '
+      'The version\'s model file is checked against its metadata first.')
+  promote.add_argument('version', help='The version, as `kbml train` printed it (a folder of MODEL_DIR/versions).')
+  promote.add_argument('--model-dir', help='The model store (default: .kbml/models).')
+  promote.set_defaults(handler=_promote)
+
+
+def _watch(args) -> int:
+  from kbml.watch import watch_predictions
+  config = kafka_client_config(args.bootstrap_servers or local_bootstrap_servers(), args.kafka_config,
+                               args.kafka_config_file)
+  watch_predictions(config, args.predictions_topic, args.alerts_topic, args.seconds, args.interval)
+  return 0
+
+
+def _add_watch_parser(commands):
+  watch = commands.add_parser(
+      'watch', help='Follow the predictions as they arrive: events/s, model versions, flags, alerts.',
+      description='Reads the predictions and alerts topics from now on and prints, every few seconds, the '
+      'predictions per second, the model versions that made them, how many were flagged and the alerts so far.')
+  watch.add_argument('--seconds', type=float, help='Stop after this long (default: until Ctrl-C).')
+  watch.add_argument('--interval', type=float, default=2.0, help='Seconds between lines.')
+  watch.add_argument('--predictions-topic', default='predictions')
+  watch.add_argument('--alerts-topic', default='alerts')
+  watch.add_argument('--bootstrap-servers', help='Kafka; default: the local broker (`kbml local up`).')
+  watch.add_argument('--kafka-config', action='append', default=[], metavar='KEY=VALUE',
+                     help='Kafka client setting, passed through (repeatable).')
+  watch.add_argument('--kafka-config-file', help='A .properties file of Kafka client settings.')
+  watch.set_defaults(handler=_watch)
+
+
 # Commands that run a module's run(argv): every argument after the name is the module's own.
 MODULE_COMMANDS = {
     'ingest': ('pipelines.ingest', 'Validate transactions and labels from Kafka, compute features, write training '
                'rows (a Beam pipeline)'),
     'mirror': ('pipelines.mirror', 'Copy one Kafka topic to another (a Beam pipeline)'),
     'train': ('trainer.task', 'Train, evaluate and publish a fraud model; promote it if it beats the current one'),
+    'score': ('pipelines.scoring', 'Score transactions from Kafka with the model in service, taking new models '
+              'live; predictions to Kafka (a Beam pipeline)'),
 }
 
 
@@ -162,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_simulate_parser(commands)
   _add_warehouse_parser(commands)
+  _add_promote_parser(commands)
+  _add_watch_parser(commands)
   for name, (_, summary) in MODULE_COMMANDS.items():
     commands.add_parser(name, help=f'{summary}: `kbml {name} --help`.', add_help=False)
   return parser

@@ -39,7 +39,7 @@ from transforms.records import (
   TRANSACTION_SCHEMA,
   Label,
   ParseRecords,
-  Transaction,
+  at_event_time,
   dead_letter_message,
   label_row,
   parse_utc_timestamp,
@@ -73,11 +73,6 @@ class IngestOptions(PipelineOptions):
 
   def warehouse_url(self) -> str:
     return self.warehouse or default_warehouse_url()
-
-
-def at_event_time(event):
-  """Timestamps a transaction with its own time; a label keeps its Kafka timestamp, when it became known."""
-  return beam.window.TimestampedValue(event, event.tx_time) if isinstance(event, Transaction) else event
 
 
 def parse_offset_ranges(text: str) -> Dict[int, Tuple[int, int]]:

@@ -20,7 +20,14 @@ from tests import test_features
 from tests.conftest import consume, local_options, produce
 from transforms.features import ComputeFeatures
 from transforms.kafka_io import ReadFromKafka
-from transforms.records import LABEL_SCHEMA, REASON_HEADER, SOURCE_HEADERS, TRANSACTION_SCHEMA, ParseRecords
+from transforms.records import (
+  LABEL_SCHEMA,
+  REASON_HEADER,
+  SOURCE_HEADERS,
+  TRANSACTION_SCHEMA,
+  ParseRecords,
+  at_event_time,
+)
 
 VALID = (b'{"transaction_id": %d, "tx_datetime": "2018-04-01T10:%02d:%02dZ", "customer_id": %d, '
          b'"terminal_id": %d, "amount": %d.%02d}')
@@ -179,6 +186,6 @@ def test_streaming_features_from_kafka_are_exact(bootstrap, topics):
                                 stop_at_end=True, read_budget_records=300, align_partitions=True)
     parsed = records | ParseRecords({topics['transactions']: TRANSACTION_SCHEMA, topics['labels']: LABEL_SCHEMA})
     rows = (parsed['records']
-            | beam.Map(ingest.at_event_time)
+            | beam.Map(at_event_time)
             | ComputeFeatures(bounded=False))
     assert_that(rows, test_features.equal_features(test_features.independent_features(simulation.transactions)))

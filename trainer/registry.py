@@ -8,6 +8,9 @@ reached through Beam's ``FileSystems`` like the pipelines' files::
                                              statistics, metrics, threshold, parent, blessing
     ROOT/versions/VERSION/*.png              the evaluation plots
     ROOT/current                             {"version": ..., "promoted_at": ...}: the champion
+    ROOT/promotions/TIME-VERSION.json        one record per promotion, never changed: the
+                                             history a backtest replays, and the files a
+                                             scorer's WatchFilePattern side input watches
 
 Publishing is atomic: a version's files are written first and its
 ``metadata.json`` last, under a temporary name renamed into place (a rename
@@ -21,7 +24,7 @@ import datetime
 import hashlib
 import json
 import secrets
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
@@ -29,10 +32,18 @@ from apache_beam.io.filesystems import FileSystems
 MODEL_FILE = 'model.keras'
 METADATA_FILE = 'metadata.json'
 CURRENT_FILE = 'current'
+PROMOTIONS_DIR = 'promotions'
 
 
 class ModelStoreError(ValueError):
   """A model version is missing, incomplete or corrupt: not something to load or serve."""
+
+
+class Promotion(NamedTuple):
+  """A version put in service at a time (seconds since the epoch), recorded in a file."""
+  promoted_at: float
+  version: str
+  path: str
 
 
 def new_version(now: Optional[datetime.datetime] = None) -> str:
@@ -162,8 +173,36 @@ class ModelStore:
     except (BeamIOError, OSError):
       return None
 
-  def promote(self, version: str):
-    """Makes a published version the one in service."""
+  def promote(self, version: str) -> Promotion:
+    """Makes a published version the one in service: records the promotion, then moves the pointer."""
     self.metadata(version)
-    pointer = {'version': version, 'promoted_at': datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    _write_atomically(FileSystems.join(self.root, CURRENT_FILE), json.dumps(pointer).encode())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = json.dumps({'version': version, 'promoted_at': now.isoformat()}).encode()
+    path = FileSystems.join(self.promotions_dir(), f'{now:%Y%m%dT%H%M%S%fZ}-{version}.json')
+    _write_atomically(path, record)
+    _write_atomically(FileSystems.join(self.root, CURRENT_FILE), record)
+    return Promotion(now.timestamp(), version, path)
+
+  def promotions_dir(self) -> str:
+    return FileSystems.join(self.root, PROMOTIONS_DIR)
+
+  def promotion_pattern(self) -> str:
+    """The glob of the promotion records: a new match is a new model in service."""
+    return FileSystems.join(self.promotions_dir(), '*.json')
+
+  def promotion(self, path: str) -> Promotion:
+    """Reads one promotion record."""
+    try:
+      record = json.loads(_read(path))
+      promoted_at = datetime.datetime.fromisoformat(record['promoted_at']).timestamp()
+      return Promotion(promoted_at, record['version'], path)
+    except (BeamIOError, OSError, ValueError, KeyError) as e:
+      raise ModelStoreError(f'{path} is not a readable promotion record: {e}') from e
+
+  def promotions(self) -> List[Promotion]:
+    """Every promotion so far, oldest first."""
+    try:
+      matches = FileSystems.match([self.promotion_pattern()])[0].metadata_list
+    except BeamIOError:
+      return []
+    return sorted(self.promotion(m.path) for m in matches)

@@ -193,6 +193,11 @@ class _PendingEvent(NamedTuple):
   event: object
 
 
+def _in_order(events: Iterable[_PendingEvent]) -> List[_PendingEvent]:
+  """Sorted by (time, label first, transaction id); a duplicate record keeps its place, never compared further."""
+  return sorted(events, key=lambda pending: pending[:3])
+
+
 def _pending_event(event) -> _PendingEvent:
   """A label at the time it became known, a (Transaction, customer features) at the transaction's time."""
   if isinstance(event, Label):
@@ -260,7 +265,7 @@ class _TerminalFeaturesFn(beam.DoFn):
   @on_timer(DUE)
   def release_due_events(self, fired_at=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
                          history_state=beam.DoFn.StateParam(HISTORY), due=beam.DoFn.TimerParam(DUE)):
-    events = sorted(pending.read())
+    events = _in_order(pending.read())
     ready = [e for e in events if e.micros <= fired_at.micros]
     waiting = events[len(ready):]
     pending.clear()
@@ -287,7 +292,7 @@ def _customer_features_of_group(element) -> Iterator:
 def _terminal_features_of_group(element, label_delay_days: float) -> Iterator[TimestampedValue]:
   """(terminal_id, all its events) -> the feature rows, as _TerminalFeaturesFn yields them."""
   _, events = element
-  yield from _apply_in_order(TerminalHistory(label_delay_days), sorted(_pending_event(e) for e in events))
+  yield from _apply_in_order(TerminalHistory(label_delay_days), _in_order(_pending_event(e) for e in events))
 
 
 def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> Dict[str, object]:

@@ -23,6 +23,7 @@ fails the bundle if any record was not acknowledged, so that the runner
 retries it and nothing is silently dropped.
 """
 
+import collections
 import logging
 import math
 import sys
@@ -82,6 +83,8 @@ class _ReadSpec(NamedTuple):
   timeout_s: float
   topics: Tuple[str, ...]
   align_group: Optional[str] = None  # set: partitions are read in step in event time (names the shared progress)
+  from_beginning: bool = False
+  commit_delay_bundles: int = 0
 
   @property
   def bounded(self) -> bool:
@@ -135,6 +138,9 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
   end offset seen when the read starts (``stop_at_end``), ``max_records``
   later, or never (the reader may still stop on idleness).
 
+  The offsets a bundle reached are committed in its finalization, or
+  ``commit_delay_bundles`` bundles of the same partition later.
+
   Records are fetched into a buffer per partition and emitted when due. An
   ordinary read has every record due at once. An aligned read
   (``align_group``) has only records older than the bundle's alignment
@@ -157,6 +163,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self._consumers = {}
     self._positions = {}
     self._committed = {}
+    self._uncommitted = collections.defaultdict(collections.deque)  # per partition: offsets reached, oldest first
     self._metadata_consumer = None
     self._buffers = {}  # (topic, partition) -> fetched messages not yet emitted, in offset order
     self._last_record_at = {}
@@ -192,7 +199,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
   def _start_offset(self, topic: str, partition: int) -> int:
     consumer = self._metadata_client()
     config = self._spec.consumer_config
-    if 'group.id' in config:
+    if 'group.id' in config and not self._spec.from_beginning:
       committed = committed_offsets(consumer, [(topic, partition)], self._spec.timeout_s)[(topic, partition)]
       if committed >= 0:
         return committed
@@ -309,7 +316,11 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       if current is None or newest > current:
         watermark_estimator.set_watermark(newest)
     if spec.commit_offsets and next_offset > restriction.start:
-      bundle_finalizer.register(lambda: self._commit(topic, partition, next_offset))
+      reached = self._uncommitted[key]
+      reached.append(next_offset)
+      if len(reached) > spec.commit_delay_bundles:
+        commit_offset = reached.popleft()
+        bundle_finalizer.register(lambda: self._commit(topic, partition, commit_offset))
     if not finished:
       tracker.defer_remainder(Duration.of(0) if emitted else Duration.of(0.05))
 
@@ -372,6 +383,15 @@ class ReadFromKafka(beam.PTransform):
       bounds the latency from a record to the output of the fused stage.
     read_budget_records: most records one bundle reads before it checkpoints.
     timeout_s: how long to wait for the cluster before failing clearly.
+    from_beginning: start every partition at its earliest offset even when
+      the group has committed offsets (to rebuild keyed state from the
+      topic); offsets are still committed to the group.
+    commit_delay_bundles: commit the offsets a bundle reached only this many
+      bundles (of the same partition) later. For stages that hold elements
+      in keyed state until a timer fires and keep that state only in memory
+      (the local runner): there a timer set in one bundle fires in the next,
+      so with a delay of N the outputs of N rounds of timers are written
+      before the offsets that fed them are committed.
     align_partitions: read the partitions in step in event time, so that a
       stateful DoFn with event-time timers fused behind the read gets its
       events in event-time order from one bundle to the next. For the local
@@ -383,7 +403,7 @@ class ReadFromKafka(beam.PTransform):
                stop_at_end: bool = False, max_records_per_partition: Optional[int] = None,
                idle_timeout_s: Optional[float] = None, commit_offsets: bool = True,
                read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0,
-               align_partitions: bool = False):
+               align_partitions: bool = False, from_beginning: bool = False, commit_delay_bundles: int = 0):
     super().__init__()
     topics = [topics] if isinstance(topics, str) else list(topics)
     if not topics:
@@ -392,7 +412,8 @@ class ReadFromKafka(beam.PTransform):
         consumer_config=dict(consumer_config), commit_offsets=commit_offsets and 'group.id' in consumer_config,
         stop_at_end=stop_at_end, max_records_per_partition=max_records_per_partition,
         idle_timeout_s=idle_timeout_s, read_budget_s=read_budget_s, read_budget_records=read_budget_records,
-        timeout_s=timeout_s, topics=tuple(topics), align_group=uuid.uuid4().hex if align_partitions else None)
+        timeout_s=timeout_s, topics=tuple(topics), align_group=uuid.uuid4().hex if align_partitions else None,
+        from_beginning=from_beginning, commit_delay_bundles=commit_delay_bundles)
 
   def expand(self, pbegin):
     read_fn = _ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn
@@ -520,6 +541,9 @@ def read_from_kafka(kafka_io: str, consumer_config: Mapping[str, str], topics: S
     return ReadFromKafka(consumer_config, topics, **bounds)
   if kafka_io == KAFKA_IO_JAVA:
     bounds.pop('align_partitions', None)  # Beam's KafkaIO runs where the runner tracks the watermark
+    if bounds.get('from_beginning') or bounds.get('commit_delay_bundles'):
+      raise ValueError('Beam\'s Java KafkaIO cannot rebuild state from the beginning of the topics or delay its '
+                       'commits: use --kafka_io=python.')
     if bounds.get('stop_at_end'):
       raise ValueError('Beam\'s Java KafkaIO cannot stop at the end offsets: use --kafka_io=python.')
     return _JavaReadFromKafka(consumer_config, topics, expansion_service,

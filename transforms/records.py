@@ -176,9 +176,15 @@ LABEL_SCHEMA = RecordSchema('label', {
 }, Label, lambda row, record: row._replace(known_time=record.timestamp_ms / 1000))
 
 
-def utc_iso(seconds: float) -> str:
-  """Formats epoch seconds as the records' timestamp text (UTC, Z suffix)."""
-  return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+def at_event_time(event):
+  """Timestamps a transaction with its own time; a label keeps its Kafka timestamp, when it became known."""
+  return beam.window.TimestampedValue(event, event.tx_time) if isinstance(event, Transaction) else event
+
+
+def utc_iso(seconds: float, milliseconds: bool = False) -> str:
+  """Formats epoch seconds as the records' timestamp text (UTC, Z suffix), to the second or millisecond."""
+  moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+  return moment.isoformat(timespec='milliseconds' if milliseconds else 'seconds').replace('+00:00', 'Z')
 
 
 class DeadLetter(NamedTuple):

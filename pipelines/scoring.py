@@ -1,0 +1,305 @@
+"""Scoring: Kafka transactions -> validation -> features -> RunInference -> Kafka predictions.
+
+Every transaction gets the features ingest computes (the same transform, fed
+by the transactions and the labels), is scored by the model in service and
+its prediction goes to the ``predictions`` topic, keyed by transaction id:
+the score, the decision at the model's threshold, the model version, the
+event time and the scoring time. Invalid records, rows that cannot be scored
+and batches whose inference failed go to the ``dead-letter`` topic with the
+reason.
+
+The model changes without a restart. On Dataflow and Flink, RunInference
+takes it from a side input: WatchFilePattern on the model store's promotion
+records. On the local runner, whose unbounded runs never deliver a side
+input, the model handler reads the store's ``current`` pointer every
+``--model_poll_s`` seconds instead (``--model_reload`` chooses). A promoted
+version whose file is truncated or corrupt is refused: the old one keeps
+scoring and a ``model_refused`` alert goes to the ``alerts`` topic.
+
+Delivery is at least once. The customer and terminal histories are rebuilt
+from the beginning of the topics at every start, and only transactions at or
+after the consumer group's committed offsets are scored (without committed
+offsets: those that arrive from now on, or all with ``--score_from
+earliest``). Offsets are committed only once the predictions of the records
+before them are flushed to Kafka. After a crash some transactions may be
+scored twice (same transaction id); none is skipped.
+
+``--backtest_from``/``--backtest_to`` score a bounded range of event time
+instead, each transaction with the version that was in service at its time
+(the promotion history as a windowed side input), and print what each
+version flagged.
+
+Example::
+
+    python -m pipelines.scoring
+    python -m pipelines.scoring --backtest_from 2026-11-01T00:00:00Z --backtest_to 2026-11-08T00:00:00Z \\
+        --predictions_topic predictions-backtest
+    python -m pipelines.scoring --runner DataflowRunner --project P --region R --temp_location gs://B/tmp \\
+        --streaming --enable_streaming_engine --setup_file ./setup.py --model_dir gs://B/models \\
+        --bootstrap_servers BROKER:9092
+"""
+
+import json
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.utils import WatchFilePattern
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from kbml.alerts import ALERTS_TOPIC, AlertSink
+from kbml.kafka_client import committed_offsets, fetched_end_offset, list_partitions, listed_offsets, new_probe_consumer
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
+from trainer.registry import ModelStore, ModelStoreError
+from trainer.task import default_model_dir
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS, ComputeFeatures
+from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
+from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
+from transforms.records import (
+  DEAD_LETTER_TAG,
+  LABEL_SCHEMA,
+  TRANSACTION_SCHEMA,
+  DeadLetter,
+  ParseRecords,
+  at_event_time,
+  dead_letter_message,
+  parse_utc_timestamp,
+  utc_iso,
+)
+
+DEFAULT_CONSUMER_GROUP = 'kbml-scoring'
+RELOAD_POLL = 'poll'
+RELOAD_WATCH = 'watch'
+# Terminal features release a transaction one or two timer rounds after it is read (transforms/features.py), and
+# the local runner fires a round per bundle: commit two bundles late so that its prediction is flushed first.
+LOCAL_COMMIT_DELAY_BUNDLES = 2
+BACKTEST_NAMESPACE = 'kbml.backtest'
+
+PartitionOffsets = Dict[int, int]
+
+
+class ScoringOptions(PipelineOptions):
+  """Topics, model store, model reload and backtest range (the consumer group: KafkaOptions)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--transactions_topic', default='transactions')
+    parser.add_argument('--labels_topic', default='labels', help='Labels feed the terminal features.')
+    parser.add_argument('--predictions_topic', default='predictions')
+    parser.add_argument('--dead_letter_topic', default='dead-letter', help='Where records that cannot be scored go.')
+    parser.add_argument('--alerts_topic', default=ALERTS_TOPIC, help='Where a refused model is reported.')
+    parser.add_argument('--model_dir', help='The model store, a folder or gs:// prefix (default: .kbml/models).')
+    parser.add_argument(
+        '--model_reload', choices=(RELOAD_POLL, RELOAD_WATCH),
+        help='How a newly promoted model is taken without a restart. watch: RunInference\'s side input from '
+        'WatchFilePattern on the promotion records (Dataflow, Flink; the default there). poll: the model '
+        'handler reads the store\'s current pointer (the local runner, where side inputs do not update '
+        'while a job runs; the default there).')
+    parser.add_argument('--model_poll_s', type=float, default=1.0,
+                        help='How often the store is checked for a new model, in seconds.')
+    parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
+                        help='The delay d of the terminal features: the one the model was trained with.')
+    parser.add_argument(
+        '--score_from', choices=('latest', 'earliest'), default='latest',
+        help='Without committed offsets for the consumer group: score the transactions that arrive from now on '
+        '(latest) or every one in the topic (earliest). Either way, the histories are built from the start.')
+    parser.add_argument('--min_batch_size', type=int, default=1, help='RunInference batches at least this many.')
+    parser.add_argument('--max_batch_size', type=int, default=1024, help='... and at most this many.')
+    parser.add_argument('--backtest_from', help='Backtest: first event time scored (ISO-8601 UTC).')
+    parser.add_argument('--backtest_to', help='Backtest: end of the range, excluded (ISO-8601 UTC).')
+
+  def model_store(self) -> ModelStore:
+    return ModelStore(self.model_dir or default_model_dir())
+
+  def backtest_range(self) -> Optional[Tuple[float, float]]:
+    if self.backtest_from is None and self.backtest_to is None:
+      return None
+    if not (self.backtest_from and self.backtest_to):
+      raise ValueError('A backtest needs both --backtest_from and --backtest_to.')
+    return parse_utc_timestamp(self.backtest_from), parse_utc_timestamp(self.backtest_to)
+
+
+def model_reload(options: PipelineOptions) -> str:
+  """The reload mechanism: as chosen, else polling on the local runner and the side input elsewhere."""
+  chosen = options.view_as(ScoringOptions).model_reload
+  if chosen:
+    return chosen
+  return RELOAD_POLL if options.view_as(StandardOptions).runner == LOCAL_RUNNER else RELOAD_WATCH
+
+
+def first_unscored_offsets(config: Dict[str, str], group: str, topic: str, score_from: str,
+                           timeout_s: float = 15.0) -> PartitionOffsets:
+  """Per partition of ``topic``: the group's committed offset, else its start or end (``score_from``)."""
+  consumer = new_probe_consumer({**config, 'group.id': group})
+  try:
+    partitions = list_partitions(consumer, [topic], timeout_s)
+    committed = committed_offsets(consumer, partitions, timeout_s)
+    offsets = {}
+    for _, partition in partitions:
+      offset = committed[(topic, partition)]
+      if offset < 0:
+        low, _ = listed_offsets(consumer, topic, partition, timeout_s)
+        offset = low if score_from == 'earliest' else fetched_end_offset(consumer, topic, partition, low, timeout_s)
+      offsets[partition] = offset
+    return offsets
+  finally:
+    consumer.close()
+
+
+def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:
+  """The ``(key, value)`` of a prediction record: key the transaction id, value JSON."""
+  row, score = result.example, result.inference
+  prediction = {
+      'transaction_id': row['transaction_id'],
+      'customer_id': row['customer_id'],
+      'terminal_id': row['terminal_id'],
+      'tx_datetime': row['tx_datetime'],
+      'score': score.score,
+      'flagged': score.flagged,
+      'threshold': score.threshold,
+      'model_version': result.model_id,
+      'scored_at': utc_iso(score.scored_at, milliseconds=True),
+      'kafka_partition': row['kafka_partition'],
+      'kafka_offset': row['kafka_offset'],
+  }
+  return str(row['transaction_id']).encode(), json.dumps(prediction).encode()
+
+
+def unscored_dead_letters(failed, transactions_topic: str) -> List[DeadLetter]:
+  """Dead letters for a row (failed preprocessing) or a batch of rows (failed inference), with the error.
+
+  The record written is the transaction as it was read (its fields, its
+  source partition and offset), so that producing it again scores it.
+  """
+  rows, (_, error, _) = failed
+  letters = []
+  for row in rows if isinstance(rows, list) else [rows]:
+    fields = json.dumps({name: row[name] for name in ('transaction_id', 'tx_datetime', 'customer_id', 'terminal_id')})
+    value = f'{fields[:-1]}, "amount": {row["amount"]}}}'  # the amount as the exact decimal it was read as
+    record = KafkaRecord(transactions_topic, row['kafka_partition'], row['kafka_offset'],
+                         int(parse_utc_timestamp(row['tx_datetime']) * 1000), str(row['transaction_id']).encode(),
+                         value.encode(), ())
+    letters.append(DeadLetter(record, f'not scored: {error}'))
+  return letters
+
+
+class _CountByVersionFn(beam.DoFn):
+  """Counts a backtest's predictions and flags per model version (Beam metrics), passing them on."""
+
+  def process(self, result: PredictionResult):
+    Metrics.counter(BACKTEST_NAMESPACE, f'scored:{result.model_id}').inc()
+    if result.inference.flagged:
+      Metrics.counter(BACKTEST_NAMESPACE, f'flagged:{result.model_id}').inc()
+    yield result
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   first_unscored: Optional[PartitionOffsets] = None) -> beam.PCollection:
+  """Adds the scoring steps to ``pipeline``; returns the PredictionResults.
+
+  Args:
+    pipeline: the pipeline to add to.
+    options: its options (ScoringOptions, KafkaOptions).
+    first_unscored: streaming: per transactions partition, the first offset
+      to score (:func:`first_unscored_offsets`); the earlier records only
+      warm up the histories. Ignored in a backtest.
+  """
+  kafka = options.view_as(KafkaOptions)
+  scoring = options.view_as(ScoringOptions)
+  local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
+  backtest = scoring.backtest_range()
+  config = kafka_config(options)
+  store = scoring.model_store()
+  consumer_config = config if backtest else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
+
+  records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
+      kafka.kafka_io, consumer_config, [scoring.transactions_topic, scoring.labels_topic],
+      expansion_service=kafka.kafka_expansion_service, stop_at_end=bool(backtest),
+      idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
+      align_partitions=local and not backtest, commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local else 0)
+  parsed = records | 'ParseRecords' >> ParseRecords(
+      {scoring.transactions_topic: TRANSACTION_SCHEMA, scoring.labels_topic: LABEL_SCHEMA})
+  _ = (parsed[DEAD_LETTER_TAG]
+       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
+       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, scoring.dead_letter_topic,
+                                              expansion_service=kafka.kafka_expansion_service))
+  rows = (parsed['records']
+          | 'AtEventTime' >> beam.Map(at_event_time)
+          | 'ComputeFeatures' >> ComputeFeatures(scoring.label_delay_days, bounded=bool(backtest)))
+
+  handler = ModelStoreHandler(
+      store.root, alerts=AlertSink(config, scoring.alerts_topic),
+      poll_s=scoring.model_poll_s if not backtest and model_reload(options) == RELOAD_POLL else None,
+      min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size).with_preprocess_fn(check_features)
+  if backtest:
+    start, end = backtest
+    side_input, promoted_at = promotion_history(pipeline, store)
+    first_promotion = min(promoted_at, default=float('inf'))
+    rows = (rows
+            | 'InBacktestRange' >> beam.Filter(
+                lambda row: max(start, first_promotion) <= parse_utc_timestamp(row['tx_datetime']) < end)
+            | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(promoted_at)))
+    inference = RunInference(handler, model_metadata_pcoll=side_input)
+  else:
+    first_unscored = first_unscored or {}
+    rows = rows | 'NotYetScored' >> beam.Filter(
+        lambda row: row['kafka_offset'] >= first_unscored.get(row['kafka_partition'], 0))
+    side_input = None
+    if model_reload(options) == RELOAD_WATCH:
+      side_input = pipeline | 'WatchPromotions' >> WatchFilePattern(
+          file_pattern=store.promotion_pattern(), interval=max(1, round(scoring.model_poll_s)))
+    inference = RunInference(handler, model_metadata_pcoll=side_input)
+  predictions, failed = rows | 'Score' >> inference.with_exception_handling()
+  if backtest:
+    predictions = predictions | 'CountByVersion' >> beam.ParDo(_CountByVersionFn())
+  _ = (predictions
+       | 'ToPredictionMessages' >> beam.Map(prediction_message)
+       | 'WritePredictions' >> write_to_kafka(kafka.kafka_io, config, scoring.predictions_topic,
+                                              expansion_service=kafka.kafka_expansion_service))
+  for name, unscored in [('FailedInference', failed.failed_inferences),
+                         *[(f'FailedChecks{i}', pcoll) for i, pcoll in enumerate(failed.failed_preprocessing)]]:
+    _ = (unscored
+         | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, scoring.transactions_topic)
+         | f'{name}ToMessages' >> beam.Map(dead_letter_message)
+         | f'Write{name}' >> write_to_kafka(kafka.kafka_io, config, scoring.dead_letter_topic,
+                                            expansion_service=kafka.kafka_expansion_service))
+  return predictions
+
+
+def backtest_summary(result) -> Dict[str, Dict[str, int]]:
+  """{version: {'scored': n, 'flagged': m}} from a finished backtest's metrics."""
+  summary: Dict[str, Dict[str, int]] = {}
+  for counter in result.metrics().query(MetricsFilter().with_namespace(BACKTEST_NAMESPACE))['counters']:
+    kind, version = counter.key.metric.name.split(':', 1)
+    summary.setdefault(version, {'scored': 0, 'flagged': 0})[kind] += counter.committed or counter.attempted
+  return summary
+
+
+def run(argv: Optional[List[str]] = None):
+  options = pipeline_options(argv, [ScoringOptions], prog='python -m pipelines.scoring')
+  kafka = options.view_as(KafkaOptions)
+  scoring = options.view_as(ScoringOptions)
+  store = scoring.model_store()
+  if store.current() is None:
+    raise ModelStoreError(f'No model is in service in {store.root}: train one first (`kbml train`).')
+  first_unscored = None
+  if not scoring.backtest_range():
+    first_unscored = first_unscored_offsets(kafka_config(options), kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+                                            scoring.transactions_topic, scoring.score_from)
+    logging.info('scoring %s from offsets %s; the earlier records only build the histories',
+                 scoring.transactions_topic, first_unscored)
+  pipeline = beam.Pipeline(options=options)
+  build_pipeline(pipeline, options, first_unscored)
+  result = pipeline.run()
+  result.wait_until_finish()
+  if scoring.backtest_range():
+    for version, counts in sorted(backtest_summary(result).items()):
+      print(f'model version {version}: {counts["scored"]:,} transactions scored, {counts["flagged"]:,} flagged')
+
+
+if __name__ == '__main__':
+  logging.getLogger().setLevel(logging.INFO)
+  run()

@@ -1,0 +1,236 @@
+"""Scoring feature rows with the model store's versions in Beam's RunInference.
+
+:class:`ModelStoreHandler` is a RunInference model handler for the versions
+of a model store (``trainer/registry.py``). It loads a version only after
+checking its file against the size and checksum of its metadata, and scores
+feature rows with the version's network, features and threshold. Which
+version it serves:
+
+- at load time, the store's ``current`` pointer;
+- with ``poll_s``, the pointer read again every ``poll_s`` seconds while
+  scoring: how the local runner takes a new model without a restart (its
+  unbounded runs never deliver a side input, DESIGN.md);
+- given a promotion record through RunInference's side input
+  (``model_metadata_pcoll``: WatchFilePattern on the promotion records on
+  Dataflow and Flink, the promotion history in a backtest), that record's
+  version.
+
+A version that fails its check (truncated, corrupt, not loadable) is
+refused: the version in service keeps scoring, and one ``model_refused``
+alert is sent for it.
+"""
+
+import bisect
+import logging
+import math
+import time
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.coders.coders import IntervalWindowCoder
+from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, PredictionResult
+from apache_beam.transforms.window import IntervalWindow, NonMergingWindowFn
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
+
+from kbml.alerts import MODEL_REFUSED, AlertSink
+from trainer.registry import ModelStore, ModelStoreError
+from transforms.features import FEATURE_NAMES
+
+_LOG = logging.getLogger(__name__)
+
+# Loaded versions kept for reuse: a backtest's periods may come in any order; the local runner holds one.
+_LOADED_VERSIONS = 3
+
+
+class ScoringModel(NamedTuple):
+  """A loaded version: its network, and the features and threshold it was trained with."""
+  network: Any
+  version: str
+  threshold: float
+  feature_names: Tuple[str, ...]
+
+
+class Score(NamedTuple):
+  """The inference of one row: the score, the decision at the model's threshold, and when it was made."""
+  score: float
+  flagged: bool
+  threshold: float
+  scored_at: float
+
+
+class _ModelInService:
+  """What RunInference holds as the model: the version scoring now, which polling may replace."""
+
+  def __init__(self, scoring: ScoringModel, check_at: float):
+    self.scoring = scoring
+    self.check_at = check_at
+
+
+def check_features(row: Dict[str, Any]) -> Dict[str, Any]:
+  """Passes a feature row whose features are all finite numbers; raises ValueError otherwise.
+
+  RunInference's preprocessing step: a row that fails goes to the dead
+  letters alone, where a failed batch would take its neighbours along.
+  """
+  bad = [name for name in FEATURE_NAMES if not math.isfinite(row[name])]
+  if bad:
+    raise ValueError(f'transaction {row["transaction_id"]} has non-finite features: '
+                     + ', '.join(f'{name}={row[name]}' for name in bad))
+  return row
+
+
+class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInService]):
+  """Scores feature rows (dicts with the features by name) with the model store's versions.
+
+  Each result is a ``PredictionResult(example=row, inference=Score,
+  model_id=version)``.
+
+  Args:
+    model_dir: the model store (a local folder or ``gs://`` prefix).
+    poll_s: read the ``current`` pointer this often while scoring, and swap
+      to a newly promoted version; None: only when a model is loaded.
+    alerts: where ``model_refused`` alerts go; None: logged only.
+    min_batch_size: the least rows RunInference batches together.
+    max_batch_size: the most.
+  """
+
+  def __init__(self, model_dir: str, *, poll_s: Optional[float] = None, alerts: Optional[AlertSink] = None,
+               min_batch_size: int = 1, max_batch_size: int = 1024):
+    super().__init__()
+    self._model_dir = model_dir
+    self._poll_s = poll_s
+    self._alerts = alerts
+    self._batching = {'min_batch_size': min_batch_size, 'max_batch_size': max_batch_size}
+    self._promotion_path: Optional[str] = None
+    self._loaded: Dict[str, ScoringModel] = {}
+    self._refused: Dict[str, str] = {}
+    self._in_service: Optional[ScoringModel] = None
+
+  def update_model_path(self, model_path: Optional[str] = None):
+    """Serves the version of this promotion record (RunInference's side input)."""
+    self._promotion_path = model_path or None
+
+  def load_model(self) -> _ModelInService:
+    store = ModelStore(self._model_dir)
+    try:
+      version = store.promotion(self._promotion_path).version if self._promotion_path else store.current()
+    except ModelStoreError as e:
+      version = None
+      self._refuse(self._promotion_path, str(e))
+    if version is None and self._in_service is None:
+      raise ModelStoreError(f'No model is in service in {self._model_dir}: train one (`kbml train`), '
+                            'which promotes it, or promote one (`kbml promote VERSION`).')
+    scoring = self._load_or_refuse(store, version) if version is not None else None
+    if scoring is None:
+      if self._in_service is None:
+        raise ModelStoreError(f'The model in service, version {version}, was refused ({self._refused[version]}) '
+                              'and no earlier version has been loaded. Promote a sound version.')
+      scoring = self._in_service
+    self._in_service = scoring
+    return _ModelInService(scoring, time.monotonic() + (self._poll_s or 0))
+
+  def _load_or_refuse(self, store: ModelStore, version: str) -> Optional[ScoringModel]:
+    """The version loaded and checked, or None if it is (or was) refused."""
+    if version in self._loaded:
+      return self._loaded[version]
+    if version in self._refused:
+      return None
+    try:
+      metadata = store.metadata(version)
+      network = store.load_model(version)
+    except ModelStoreError as e:
+      self._refuse(version, str(e))
+      return None
+    scoring = ScoringModel(network, version, float(metadata['threshold']), tuple(metadata['features']))
+    while len(self._loaded) >= _LOADED_VERSIONS:
+      del self._loaded[next(iter(self._loaded))]
+    self._loaded[version] = scoring
+    _LOG.info('model version %s loaded from %s (threshold %.4f)', version, self._model_dir, scoring.threshold)
+    return scoring
+
+  def _refuse(self, version: str, reason: str):
+    self._refused[version] = reason
+    in_service = self._in_service.version if self._in_service else None
+    message = (f'Model version {version} was promoted but is refused: {reason} '
+               f'Version {in_service} keeps scoring.' if in_service else
+               f'Model version {version} was promoted but is refused: {reason}')
+    if self._alerts is None:
+      _LOG.error(message)
+    else:
+      self._alerts.send(MODEL_REFUSED, message, version=version, reason=reason, version_in_service=in_service,
+                        model_dir=self._model_dir)
+
+  def _follow_current(self, model: _ModelInService):
+    version = ModelStore(self._model_dir).current()
+    if version is not None and version != model.scoring.version:
+      scoring = self._load_or_refuse(ModelStore(self._model_dir), version)
+      if scoring is not None:
+        _LOG.info('now scoring with model version %s (was %s)', version, model.scoring.version)
+        model.scoring = self._in_service = scoring
+    model.check_at = time.monotonic() + self._poll_s
+
+  def run_inference(self, batch: Sequence[Dict[str, Any]], model: _ModelInService,
+                    inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
+    if self._poll_s is not None and time.monotonic() >= model.check_at:
+      self._follow_current(model)
+    scoring = model.scoring
+    features = np.array([[row[name] for name in scoring.feature_names] for row in batch], dtype=np.float32)
+    scores = np.asarray(scoring.network.predict_on_batch(features), dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(scores)):
+      raise ValueError(f'model version {scoring.version} gave non-finite scores')
+    scored_at = time.time()
+    return [PredictionResult(row, Score(score, bool(score >= scoring.threshold), scoring.threshold, scored_at),
+                             scoring.version)
+            for row, score in zip(batch, scores.tolist(), strict=True)]
+
+  def get_num_bytes(self, batch: Sequence[Dict[str, Any]]) -> int:
+    return len(batch) * len(FEATURE_NAMES) * np.dtype(np.float32).itemsize
+
+  def get_metrics_namespace(self) -> str:
+    return 'kbml.scoring'
+
+  def batch_elements_kwargs(self) -> Dict[str, int]:
+    return dict(self._batching)
+
+
+class ServicePeriods(NonMergingWindowFn):
+  """Windows each element into the period its time falls in, between one promotion and the next.
+
+  With the promotion records as RunInference's side input in the same
+  windows, each element is scored by the version that was in service at
+  its time. Elements before the first promotion fall into a period of no
+  model.
+
+  Args:
+    promoted_at: the promotion times, in seconds since the epoch.
+  """
+
+  def __init__(self, promoted_at: Sequence[float]):
+    self._starts: List[float] = sorted(promoted_at)
+
+  def assign(self, context) -> List[IntervalWindow]:
+    index = bisect.bisect_right(self._starts, float(context.timestamp)) - 1
+    start = Timestamp.of(self._starts[index]) if index >= 0 else MIN_TIMESTAMP
+    end = Timestamp.of(self._starts[index + 1]) if index + 1 < len(self._starts) else MAX_TIMESTAMP
+    return [IntervalWindow(start, end)]
+
+  def get_window_coder(self):
+    return IntervalWindowCoder()
+
+
+def promotion_history(pipeline: beam.Pipeline, store: ModelStore) -> Tuple[beam.PCollection, List[float]]:
+  """The store's promotions as ModelMetadata side-input elements, windowed into their service periods.
+
+  Returns:
+    The side-input PCollection, and the promotion times (for the main
+    input's :class:`ServicePeriods`).
+  """
+  promotions = store.promotions()
+  times = [p.promoted_at for p in promotions]
+  metadata = (pipeline
+              | 'Promotions' >> beam.Create([
+                  beam.window.TimestampedValue(ModelMetadata(model_id=p.path, model_name=p.version), p.promoted_at)
+                  for p in promotions])
+              | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(times)))
+  return metadata, times
