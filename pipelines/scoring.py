@@ -279,6 +279,7 @@ def backtest_summary(result) -> Dict[str, Dict[str, int]]:
 
 
 def run(argv: Optional[List[str]] = None):
+  logging.getLogger('apache_beam.transforms.util').setLevel(logging.WARNING)  # BatchElements logs every bundle
   options = pipeline_options(argv, [ScoringOptions], prog='python -m pipelines.scoring')
   kafka = options.view_as(KafkaOptions)
   scoring = options.view_as(ScoringOptions)

@@ -229,8 +229,8 @@ def promotion_history(pipeline: beam.Pipeline, store: ModelStore) -> Tuple[beam.
   promotions = store.promotions()
   times = [p.promoted_at for p in promotions]
   metadata = (pipeline
-              | 'Promotions' >> beam.Create([
-                  beam.window.TimestampedValue(ModelMetadata(model_id=p.path, model_name=p.version), p.promoted_at)
-                  for p in promotions])
-              | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(times)))
+              | 'Promotions' >> beam.Create([(p.promoted_at, p.path, p.version) for p in promotions])
+              | 'AtPromotionTime' >> beam.MapTuple(lambda at, path, version: beam.window.TimestampedValue(
+                  ModelMetadata(model_id=path, model_name=version), at)).with_output_types(ModelMetadata)
+              | 'PromotionsIntoServicePeriods' >> beam.WindowInto(ServicePeriods(times)))
   return metadata, times

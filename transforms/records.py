@@ -25,6 +25,7 @@ from transforms.kafka_io import KafkaRecord
 DEAD_LETTER_TAG = 'dead_letter'
 MAX_RECORD_BYTES = 64 * 1024
 MAX_ID = 2 ** 53  # ids stay exact as JSON numbers
+MAX_AMOUNT = Decimal(2 ** 53) / 100
 
 # Headers of a dead-letter record: what went wrong and where the record came from
 # (the value is the original bytes, unchanged).
@@ -52,6 +53,9 @@ def _amount(value: Any) -> Decimal:
     raise InvalidRecord(f'must be finite, got {value}')
   if amount < 0:
     raise InvalidRecord(f'must not be negative, got {value}')
+  if amount > MAX_AMOUNT:
+    raise InvalidRecord(f'must be at most {MAX_AMOUNT} (features are floats, exact to the cent up to there), '
+                        f'got {value}'[:200])
   if amount.as_tuple().exponent < -2:
     raise InvalidRecord(f'must have at most 2 decimals, got {value}')
   return amount

@@ -1,0 +1,269 @@
+"""The scoring pipeline against the real broker, real Keras models and a real model store.
+
+The live tests run ``python -m pipelines.scoring`` in its own process, as a
+user does, while simulated traffic is produced: a model swap, a SIGKILL and a
+restart, a corrupt model and bad records must leave no transaction unscored.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Dict, List
+
+import apache_beam as beam
+import pytest
+from apache_beam.portability.api import beam_runner_api_pb2
+from confluent_kafka import TopicPartition
+
+from kbml import simulator
+from kbml.kafka_client import fetched_end_offset, list_partitions, new_consumer
+from kbml.simulator import SimulationConfig, simulate
+from pipelines import scoring
+from pipelines.options import pipeline_options
+from tests.conftest import produce
+from tests.scoring_models import publish_model
+from tests.test_dataflow_graph import DATAFLOW_DRY_RUN
+from trainer.registry import ModelStore
+from transforms.records import REASON_HEADER, parse_utc_timestamp
+
+TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
+LIVE_RATE = 800  # events/s
+
+
+class Scorer:
+  """``python -m pipelines.scoring`` in a process of its own; its log goes to a file."""
+
+  def __init__(self, bootstrap: str, topics: Dict[str, str], model_dir: str, group: str, log_path: str):
+    self._command = [sys.executable, '-m', 'pipelines.scoring', '--bootstrap_servers', bootstrap,
+                     '--model_dir', model_dir, '--consumer_group', group, '--model_poll_s', '0.5',
+                     *[f'--{name.replace("-", "_")}_topic={topic}' for name, topic in topics.items()]]
+    self._log_path = log_path
+    self._process = None
+
+  def start(self):
+    log = open(self._log_path, 'ab')
+    self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=os.path.dirname(os.path.dirname(__file__)))
+
+  def kill(self):
+    self._process.send_signal(signal.SIGKILL)
+    self._process.wait()
+
+  def log_tail(self) -> str:
+    with open(self._log_path, 'rb') as f:
+      return f.read()[-3000:].decode(errors='replace')
+
+
+class TopicReader:
+  """Reads a topic from its start; keeps each record's JSON value decoded, or the raw messages."""
+
+  def __init__(self, bootstrap: str, topic: str, decode: bool = True):
+    self._consumer = new_consumer({'bootstrap.servers': bootstrap})
+    self._consumer.assign([TopicPartition(t, p, 0) for t, p in list_partitions(self._consumer, [topic])])
+    self._decode = decode
+    self.records: List = []
+
+  def read_until(self, done, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done(self.records) and time.monotonic() < deadline:
+      for message in self._consumer.consume(1000, 0.2):
+        if not message.error():
+          self.records.append(json.loads(message.value()) if self._decode else message)
+    return done(self.records)
+
+
+@pytest.fixture
+def stream(bootstrap, new_topic, group_id, tmp_path):
+  """Topics, a model store with a promoted model, a simulation split into history (produced) and live events."""
+  topics = {name: new_topic(suffix=f'-{name}') for name in TOPICS}
+  simulation = simulate(SimulationConfig(customers=300, terminals=600, days=20, seed=11))
+  events = list(simulator.events(simulation))
+  split_ms = int(simulation.config.start.timestamp() * 1000) + 12 * 86_400_000
+  history = [e for e in events if e.timestamp_ms < split_ms]
+  simulator.produce(history, {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
+  _commit_end_offsets(bootstrap, group_id, topics['transactions'])  # score what comes after the history
+  model_dir = str(tmp_path / 'models')
+  first_version = publish_model(model_dir, seed=1)
+  scorer = Scorer(bootstrap, topics, model_dir, group_id, str(tmp_path / 'scorer.log'))
+  live = [e for e in events if e.timestamp_ms >= split_ms]
+  yield {'topics': topics, 'model_dir': model_dir, 'version': first_version, 'scorer': scorer, 'live': live,
+         'bootstrap': bootstrap}
+  if scorer._process and scorer._process.poll() is None:
+    scorer.kill()
+
+
+def _commit_end_offsets(bootstrap: str, group: str, topic: str):
+  consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': group})
+  ends = [TopicPartition(t, p, fetched_end_offset(consumer, t, p, 0)) for t, p in list_partitions(consumer, [topic])]
+  consumer.commit(offsets=ends, asynchronous=False)
+  consumer.close()
+
+
+def _transaction_ids(events) -> set:
+  return {json.loads(e.value)['transaction_id'] for e in events if not e.is_label}
+
+
+def _start_scoring(stream) -> TopicReader:
+  """Starts the scorer and produces the first live events; returns once their first prediction arrived."""
+  stream['scorer'].start()
+  simulator.produce(stream['live'][:200], {'bootstrap.servers': stream['bootstrap']},
+                    stream['topics']['transactions'], stream['topics']['labels'])
+  predictions = TopicReader(stream['bootstrap'], stream['topics']['predictions'])
+  assert predictions.read_until(len, 120), f'no prediction within 120 s:\n{stream["scorer"].log_tail()}'
+  return predictions
+
+
+def _produce_in_background(stream, events) -> threading.Thread:
+  thread = threading.Thread(target=simulator.produce, args=(
+      events, {'bootstrap.servers': stream['bootstrap']}, stream['topics']['transactions'],
+      stream['topics']['labels'], LIVE_RATE))
+  thread.start()
+  return thread
+
+
+def _all_scored(ids):
+  return lambda records: ids <= {r['transaction_id'] for r in records}
+
+
+def test_a_promoted_model_scores_within_5_seconds_and_no_transaction_is_missed(stream):
+  predictions = _start_scoring(stream)
+  producing = _produce_in_background(stream, stream['live'][200:])
+  time.sleep(3)
+  second_version = publish_model(stream['model_dir'], seed=2, promote=False)
+  promotion = ModelStore(stream['model_dir']).promote(second_version)
+  producing.join()
+  live_ids = _transaction_ids(stream['live'])
+  predictions.read_until(_all_scored(live_ids), 60)
+
+  scored = {r['transaction_id'] for r in predictions.records}
+  print(f'{len(live_ids - scored)} of {len(live_ids):,} live transactions missing')
+  assert not live_ids - scored
+  by_new_model = [r for r in predictions.records if r['model_version'] == second_version]
+  assert by_new_model, 'the promoted version never scored'
+  swap_s = min(parse_utc_timestamp(r['scored_at']) for r in by_new_model) - promotion.promoted_at
+  print(f'first prediction by the promoted version {swap_s:.2f} s after the promotion')
+  assert swap_s <= 5
+  late_by_old_model = [r for r in predictions.records if r['model_version'] == stream['version']
+                       and parse_utc_timestamp(r['scored_at']) > promotion.promoted_at + 5]
+  assert not late_by_old_model
+  assert all(0 <= r['score'] <= 1 and r['flagged'] == (r['score'] >= r['threshold']) for r in predictions.records)
+
+
+def test_a_killed_scorer_restarts_without_losing_a_transaction(stream):
+  predictions = _start_scoring(stream)
+  producing = _produce_in_background(stream, stream['live'][200:])
+  time.sleep(4)
+  stream['scorer'].kill()
+  predictions.read_until(lambda records: False, 2)
+  scored_before_kill = len(predictions.records)
+  stream['scorer'].start()
+  producing.join()
+  live_ids = _transaction_ids(stream['live'])
+  predictions.read_until(_all_scored(live_ids), 180)
+
+  scored = [r['transaction_id'] for r in predictions.records]
+  missing = live_ids - set(scored)
+  duplicates = len(scored) - len(set(scored))
+  print(f'killed after {scored_before_kill:,} predictions; {len(live_ids):,} live transactions: '
+        f'{len(missing)} missing, {duplicates} duplicate predictions')
+  assert not missing, stream['scorer'].log_tail()
+  assert set(scored) <= live_ids, 'only transactions that arrived after the scorer first started are scored'
+
+
+def test_a_corrupt_promoted_model_is_refused_and_bad_records_go_to_the_dead_letters(stream):
+  predictions = _start_scoring(stream)
+  store = ModelStore(stream['model_dir'])
+  corrupt_version = publish_model(stream['model_dir'], seed=3, promote=False)
+  with open(store.model_path(corrupt_version), 'r+b') as f:
+    f.truncate(os.path.getsize(store.model_path(corrupt_version)) // 2)
+  store.promote(corrupt_version)
+  bad_records = [b'not json', b'{"transaction_id": 1}',
+                 b'{"transaction_id": 2, "tx_datetime": "2018-04-20T00:00:00Z", "customer_id": 1, '
+                 b'"terminal_id": 1, "amount": 1e400}']
+  produce(stream['bootstrap'], stream['topics']['transactions'], [(None, value, ()) for value in bad_records])
+  producing = _produce_in_background(stream, stream['live'][200:1200])
+  producing.join()
+  live_ids = _transaction_ids(stream['live'][:1200])
+  predictions.read_until(_all_scored(live_ids), 60)
+
+  assert live_ids <= {r['transaction_id'] for r in predictions.records}
+  assert {r['model_version'] for r in predictions.records} == {stream['version']}
+  alerts = TopicReader(stream['bootstrap'], stream['topics']['alerts'])
+  assert alerts.read_until(len, 30), 'no alert'
+  (alert,) = alerts.records
+  assert alert['kind'] == 'model_refused' and alert['version'] == corrupt_version
+  assert alert['version_in_service'] == stream['version'] and 'truncated or corrupt' in alert['reason']
+  dead = TopicReader(stream['bootstrap'], stream['topics']['dead-letter'], decode=False)
+  dead.read_until(lambda letters: len(letters) >= len(bad_records), 30)
+  assert sorted(m.value() for m in dead.records) == sorted(bad_records)
+  reasons = [dict(m.headers())[REASON_HEADER].decode() for m in dead.records]
+  assert any('must be at most' in reason for reason in reasons), reasons
+
+
+def test_a_backtest_scores_each_transaction_with_the_version_in_service_at_its_time(bootstrap, new_topic, tmp_path):
+  topics = {name: new_topic(suffix=f'-{name}') for name in ('transactions', 'labels', 'predictions')}
+  model_dir = str(tmp_path / 'models')
+
+  def transactions_now(first_id: int, count: int):
+    time.sleep(1.1)  # event times have whole seconds: keep them clear of the promotions
+    now = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    produce(bootstrap, topics['transactions'], [
+        (b'%d' % i, b'{"transaction_id": %d, "tx_datetime": "%s", "customer_id": %d, "terminal_id": %d, '
+         b'"amount": 12.5}' % (i, now.encode(), i % 7, i % 5), ()) for i in range(first_id, first_id + count)])
+    time.sleep(1.1)
+    return time.time()
+
+  before_any = transactions_now(0, 10)  # no model in service yet: not scored
+  first_version = publish_model(model_dir, seed=1)
+  transactions_now(100, 20)
+  second_version = publish_model(model_dir, seed=2)
+  end = transactions_now(200, 30)
+  start = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(before_any - 30))
+  argv = ['--bootstrap_servers', bootstrap, '--model_dir', model_dir, '--backtest_from', start,
+          '--backtest_to', time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(end + 1)),
+          *[f'--{name}_topic={topic}' for name, topic in topics.items()]]
+  scoring.run(argv)
+
+  predictions = TopicReader(bootstrap, topics['predictions'])
+  predictions.read_until(lambda records: len(records) >= 50, 30)
+  versions = {r['transaction_id']: r['model_version'] for r in predictions.records}
+  assert len(predictions.records) == 50
+  assert versions == {**dict.fromkeys(range(100, 120), first_version),
+                      **dict.fromkeys(range(200, 230), second_version)}
+
+
+def test_dataflow_job_feeds_run_inference_from_a_watch_file_pattern_side_input():
+  options = pipeline_options(DATAFLOW_DRY_RUN + [
+      '--streaming', '--bootstrap_servers=broker-1:9092', '--model_dir=gs://bkt/models', '--setup_file=./setup.py'])
+  pipeline = beam.Pipeline(options=options)
+  scoring.build_pipeline(pipeline, options, first_unscored={0: 0})
+  components = pipeline.run().job.proto_pipeline.components
+  transforms = {t.unique_name: t for t in components.transforms.values()}
+  producers = {output: name for name, t in transforms.items() if not t.subtransforms for output in t.outputs.values()}
+
+  inference = transforms['Score/BeamML_RunInference/ParDo(_RunInferenceDoFn)/ParDo(_RunInferenceDoFn)']
+  payload = beam_runner_api_pb2.ParDoPayload.FromString(inference.spec.payload)
+  (side_input,) = payload.side_inputs
+  side_pcollection = inference.inputs[side_input]
+  assert producers[side_pcollection].startswith('WatchPromotions/'), producers[side_pcollection]
+  assert 'WatchPromotions/MatchContinuously/Watch/ParDo(_WatchGrowthDoFn)' in transforms
+  source = transforms['ReadTransactionsAndLabels/ReadPartitions']
+  assert beam_runner_api_pb2.ParDoPayload.FromString(source.spec.payload).requests_finalization
+
+
+def test_scoring_options_choose_the_reload_by_runner():
+  assert scoring.model_reload(pipeline_options([])) == scoring.RELOAD_POLL
+  assert scoring.model_reload(pipeline_options(['--runner=DataflowRunner'])) == scoring.RELOAD_WATCH
+  assert scoring.model_reload(pipeline_options(['--runner=FlinkRunner'])) == scoring.RELOAD_WATCH
+  assert scoring.model_reload(pipeline_options(['--model_reload=watch'])) == scoring.RELOAD_WATCH
+
+
+def test_scoring_refuses_to_start_without_a_model(bootstrap, tmp_path):
+  with pytest.raises(ValueError, match='No model is in service'):
+    scoring.run(['--bootstrap_servers', bootstrap, '--model_dir', str(tmp_path), '--transactions_topic',
+                 f'none-{uuid.uuid4().hex[:6]}'])
