@@ -27,9 +27,14 @@ $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 # The demo, from a clean slate (the broker keeps its data in memory; the demo's warehouse is rebuilt):
 # the local broker, 50 simulated days of card transactions of 1,000 customers (with their labels, 7 days
 # later), ingested into the embedded warehouse, and a model trained on the latest labelled weeks,
-# evaluated, published to the model store (.kbml/models) and promoted if it beats the current one.
+# evaluated, published to the model store (.kbml/models) and promoted if it beats the current one. Then
+# the scorer runs on live traffic (3 more days at 1,000 events/s): it rebuilds the customers' and terminals'
+# histories from the topics, scores each new transaction and writes its prediction to Kafka, while
+# `kbml watch` shows predictions/s, the model version and the alerts.
 DEMO_CUSTOMERS ?= 1000
 DEMO_DAYS ?= 50
+DEMO_LIVE = --customers $(DEMO_CUSTOMERS) --terminals $$((2 * $(DEMO_CUSTOMERS))) --days 3 --seed 1 \
+	--start-date $$(date -u -d '2018-04-01 + $(DEMO_DAYS) days' +%F) --first-transaction-id 100000000 --rate 1000
 
 demo: $(STAMP)
 	$(BIN)/kbml local down
@@ -39,6 +44,11 @@ demo: $(STAMP)
 	$(BIN)/kbml ingest --stop_at_end
 	$(BIN)/kbml warehouse summary
 	$(BIN)/kbml train --last-days 7
+	$(BIN)/kbml score > .kbml/scorer.log 2>&1 & echo $$! > .kbml/scorer.pid
+	sleep 15
+	$(BIN)/kbml simulate $(DEMO_LIVE) > .kbml/live-simulation.log 2>&1 &
+	$(BIN)/kbml watch --seconds 75 --interval 5
+	kill $$(cat .kbml/scorer.pid)
 	$(BIN)/kbml local status
 
 test: $(STAMP) $(BIGQUERY_EMULATOR)

@@ -43,7 +43,7 @@ def _simulate(args) -> int:
   config = simulator.SimulationConfig(
       customers=args.customers, terminals=args.terminals, radius=args.radius, start_date=args.start_date,
       days=args.days, seed=args.seed, label_delay_days=args.label_delay_days, drift_from_day=args.drift_from_day,
-      drift_cards_per_day=args.drift_cards_per_day)
+      drift_cards_per_day=args.drift_cards_per_day, first_transaction_id=args.first_transaction_id)
   started = time.monotonic()
   simulation = simulator.simulate(config)
   tx = simulation.transactions
@@ -87,6 +87,8 @@ def _add_simulate_parser(commands):
                         help='How long after a transaction its label is produced.')
   simulate.add_argument('--drift-from-day', type=int, help='Start the drift fraud scenario (4) on this day.')
   simulate.add_argument('--drift-cards-per-day', type=int, default=defaults.drift_cards_per_day)
+  simulate.add_argument('--first-transaction-id', type=int, default=0,
+                        help='Id of the first transaction: to continue a stream already produced.')
   simulate.add_argument('--rate', type=float, help='Events per second (default: as fast as possible).')
   simulate.add_argument('--output-dir', help='Also write transactions.jsonl and labels.jsonl here.')
   simulate.add_argument('--no-kafka', action='store_true', help='Only write files (with --output-dir).')

@@ -43,6 +43,8 @@ class SimulationConfig:
     label_delay_days: how long after a transaction its label (fraud or not) arrives.
     drift_from_day: first day of the drift scenario (4); None for none.
     drift_cards_per_day: cards compromised by the drift scenario each day.
+    first_transaction_id: the first transaction's id; a run that continues
+      a stream already produced starts after its last id.
   """
   customers: int = 5_000
   terminals: int = 10_000
@@ -53,6 +55,7 @@ class SimulationConfig:
   label_delay_days: float = 7.0
   drift_from_day: Optional[int] = None
   drift_cards_per_day: int = 10
+  first_transaction_id: int = 0
 
   @property
   def start(self) -> datetime.datetime:
@@ -139,7 +142,7 @@ def _transactions(rng: np.random.Generator, customers: pd.DataFrame, terminals: 
 
 def _sorted_by_time(transactions: pd.DataFrame, config: SimulationConfig) -> pd.DataFrame:
   transactions = transactions.sort_values('tx_time_seconds', kind='stable').reset_index(drop=True)
-  transactions.insert(0, 'transaction_id', np.arange(len(transactions)))
+  transactions.insert(0, 'transaction_id', config.first_transaction_id + np.arange(len(transactions)))
   transactions['tx_time_days'] = transactions['tx_time_seconds'] // SECONDS_PER_DAY
   start = pd.Timestamp(config.start)
   transactions['tx_datetime'] = start + pd.to_timedelta(transactions['tx_time_seconds'], unit='s')

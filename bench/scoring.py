@@ -1,0 +1,237 @@
+"""The scoring pipeline against a hand-written consume -> features -> batch predict -> produce loop.
+
+Both score the same simulated transactions (with their labels, which feed
+the terminal features) from the same local broker with the same Keras model
+(the trainer's default shape: the mean of 3 networks of 128 and 64 units),
+and write one JSON prediction per transaction:
+
+- throughput: the topics are filled first; each reader scores the whole
+  backlog. Measured from the first prediction to the last, so neither the
+  process start nor the model load counts. The loop applies the feature
+  classes of ``transforms/features.py`` in event-time order per fetched
+  batch and predicts batches of up to 1,024 rows.
+- latency: the scorer runs live while transactions are produced at a steady
+  rate; each transaction's latency runs from its send to the arrival of its
+  prediction at a consumer. A new model is promoted halfway: the swap time is
+  from the promotion to the first prediction by the new version.
+
+Run: ``make bench`` or ``python -m bench.scoring --customers 2000 --days 10``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import numpy as np
+from confluent_kafka import TopicPartition
+
+from bench.common import local_broker
+from kbml import simulator
+from kbml.kafka_client import AcknowledgedProducer, create_topics, list_partitions, new_consumer
+from kbml.simulator import SimulationConfig, simulate
+from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS, average, build_model
+from trainer.registry import ModelStore, new_version
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FEATURE_NAMES, CustomerHistory, TerminalHistory, feature_row
+from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA, Label, utc_iso
+
+TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
+
+
+def publish_default_shaped_model(model_dir: str, seed: int) -> str:
+  """Publishes and promotes an untrained model of the trainer's default shape: inference costs the same."""
+  rng = np.random.default_rng(seed)
+  statistics = rng.normal(size=(256, len(FEATURE_NAMES))).astype(np.float32)
+  network = average([build_model(statistics, DEFAULT_HIDDEN_UNITS, seed=seed + i) for i in range(DEFAULT_ENSEMBLE)])
+  store = ModelStore(model_dir)
+  version = new_version()
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, 'model.keras')
+    network.save(path)
+    store.publish(version, path, {'threshold': 0.5, 'features': FEATURE_NAMES}, {})
+  store.promote(version)
+  return version
+
+
+class PredictionClock:
+  """Consumes a predictions topic in a thread; records when each transaction's first prediction arrived."""
+
+  def __init__(self, bootstrap: str, topic: str):
+    self.arrived = {}
+    self.versions = {}
+    self._stop = threading.Event()
+    self._consumer = new_consumer({'bootstrap.servers': bootstrap})
+    self._consumer.assign([TopicPartition(t, p, 0) for t, p in list_partitions(self._consumer, [topic])])
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    while not self._stop.is_set():
+      for message in self._consumer.consume(1000, 0.05):
+        if not message.error():
+          now = time.time()
+          prediction = json.loads(message.value())
+          self.arrived.setdefault(prediction['transaction_id'], now)
+          self.versions.setdefault(prediction['transaction_id'], prediction['model_version'])
+
+  def wait_for(self, count: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while len(self.arrived) < count and time.monotonic() < deadline:
+      time.sleep(0.1)
+    return len(self.arrived) >= count
+
+  def stop(self):
+    self._stop.set()
+    self._thread.join()
+
+
+def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int) -> float:
+  """Consume -> features in event-time order -> batch predict -> produce; returns transactions/s."""
+  store = ModelStore(model_dir)
+  version = store.current()
+  network = store.load_model(version)
+  consumer = new_consumer({'bootstrap.servers': bootstrap})
+  consumer.assign([TopicPartition(t, p, 0) for t, p in list_partitions(
+      consumer, [topics['transactions'], topics['labels']])])
+  producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
+  customers, terminals = {}, {}
+  scored = 0
+  first = None
+  while scored < transactions:
+    events = []
+    for message in consumer.consume(5000, 0.2):
+      if message.error():
+        continue
+      if message.topic() == topics['labels']:
+        label = LABEL_SCHEMA.parse(message.value())._replace(known_time=message.timestamp()[1] / 1000)
+        events.append((label.known_time, 0, label))
+      else:
+        transaction = TRANSACTION_SCHEMA.parse(message.value())._replace(
+            kafka_partition=message.partition(), kafka_offset=message.offset())
+        events.append((transaction.tx_time, 1, transaction))
+    rows = []
+    for _, _, event in sorted(events, key=lambda e: e[:2]):
+      terminal = terminals.setdefault(event.terminal_id, TerminalHistory(DEFAULT_LABEL_DELAY_DAYS))
+      if isinstance(event, Label):
+        terminal.add_label(event)
+      else:
+        customer_features = customers.setdefault(event.customer_id, CustomerHistory()).add(event)
+        rows.append(feature_row(event, {**customer_features, **terminal.add_transaction(event.tx_time)}))
+    for start in range(0, len(rows), 1024):
+      batch = rows[start:start + 1024]
+      features = np.array([[row[name] for name in FEATURE_NAMES] for row in batch], dtype=np.float32)
+      scores = np.asarray(network.predict_on_batch(features)).reshape(-1)
+      scored_at = utc_iso(time.time(), milliseconds=True)
+      for row, score in zip(batch, scores.tolist(), strict=True):
+        producer.send(topics['predictions'], json.dumps({
+            'transaction_id': row['transaction_id'], 'customer_id': row['customer_id'],
+            'terminal_id': row['terminal_id'], 'tx_datetime': row['tx_datetime'], 'score': score,
+            'flagged': score >= 0.5, 'threshold': 0.5, 'model_version': version, 'scored_at': scored_at,
+            'kafka_partition': row['kafka_partition'], 'kafka_offset': row['kafka_offset']}).encode(),
+            str(row['transaction_id']).encode())
+      producer.flush(60)
+      first = first or time.perf_counter()
+      scored += len(batch)
+  return scored / (time.perf_counter() - first)
+
+
+def start_scorer(bootstrap: str, topics, model_dir: str, *extra) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.scoring', '--bootstrap_servers', bootstrap, '--model_dir', model_dir,
+       '--consumer_group', f'bench-{uuid.uuid4().hex[:8]}',
+       *[f'--{name.replace("-", "_")}_topic={topic}' for name, topic in topics.items()], *extra],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def fresh_topics(bootstrap: str):
+  topics = {name: f'bench-{name}-{uuid.uuid4().hex[:8]}' for name in TOPICS}
+  create_topics({'bootstrap.servers': bootstrap}, topics.values(), 4)
+  return topics
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--customers', type=int, default=2_000, help='Customers (terminals: twice as many).')
+  parser.add_argument('--days', type=int, default=10, help='Days of backlog for the throughput figure.')
+  parser.add_argument('--rate', type=float, default=2_000, help='Live transactions per second (labels extra).')
+  parser.add_argument('--live-seconds', type=float, default=30)
+  args = parser.parse_args(argv)
+  simulation = simulate(SimulationConfig(customers=args.customers, terminals=2 * args.customers, days=args.days))
+  events = list(simulator.events(simulation))
+  transactions = len(simulation.transactions)
+  with local_broker() as bootstrap, tempfile.TemporaryDirectory() as model_dir:
+    config = {'bootstrap.servers': bootstrap}
+    publish_default_shaped_model(model_dir, seed=0)
+    print(f'{transactions:,} transactions ({len(events):,} events with the labels), {args.customers:,} customers, '
+          f'{args.days} days; model: mean of {DEFAULT_ENSEMBLE} networks {DEFAULT_HIDDEN_UNITS}')
+
+    topics = fresh_topics(bootstrap)
+    simulator.produce(events, config, topics['transactions'], topics['labels'])
+    loop_rate = hand_written_loop(bootstrap, topics, model_dir, transactions)
+    print(f'{"hand-written consume -> features -> predict -> produce":58}{loop_rate:>9,.0f} transactions/s')
+
+    topics = fresh_topics(bootstrap)
+    simulator.produce(events, config, topics['transactions'], topics['labels'])
+    clock = PredictionClock(bootstrap, topics['predictions'])
+    scorer = start_scorer(bootstrap, topics, model_dir, '--score_from', 'earliest')
+    try:
+      complete = clock.wait_for(transactions, 1800)
+    finally:
+      scorer.kill()
+      clock.stop()
+    arrivals = sorted(clock.arrived.values())
+    beam_rate = len(arrivals) / (arrivals[-1] - arrivals[0])
+    print(f'{"kbml score (pipelines/scoring.py) on FnApiRunner":58}{beam_rate:>9,.0f} transactions/s: '
+          f'{beam_rate / loop_rate:.2f}x the loop{"" if complete else " (INCOMPLETE)"}')
+
+    live_latency(bootstrap, model_dir, args, simulation)
+
+
+def live_latency(bootstrap, model_dir, args, simulation):
+  """Steady traffic at --rate transactions/s into a running scorer; a promotion halfway."""
+  topics = fresh_topics(bootstrap)
+  clock = PredictionClock(bootstrap, topics['predictions'])
+  scorer = start_scorer(bootstrap, topics, model_dir)
+  live = [e for e in simulator.events(simulation) if not e.is_label]
+  producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
+  sent_at = {}
+  try:
+    probe = live[0]
+    deadline = time.monotonic() + 180
+    while not clock.arrived and time.monotonic() < deadline:  # the scorer is up once a probe gets scored
+      producer.send(topics['transactions'], probe.value, probe.key)
+      producer.flush(10)
+      time.sleep(1)
+    count = min(int(args.rate * args.live_seconds), len(live) - 1)
+    started = time.monotonic()
+    promotion = None
+    for i, event in enumerate(live[1:count + 1]):
+      if promotion is None and i >= count // 2:
+        promotion = ModelStore(model_dir).promote(publish_default_shaped_model(model_dir, seed=1))
+      time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
+      sent_at[json.loads(event.value)['transaction_id']] = time.time()
+      producer.send(topics['transactions'], event.value, event.key)
+      if i % 100 == 0:
+        producer._producer.poll(0)
+    producer.flush(30)
+    achieved = count / (time.monotonic() - started)
+    clock.wait_for(count + 1, 120)
+  finally:
+    scorer.kill()
+    clock.stop()
+  latencies = np.array([clock.arrived[t] - sent for t, sent in sent_at.items() if t in clock.arrived])
+  missing = len(sent_at) - len(latencies)
+  new_version = ModelStore(model_dir).current()
+  swap_s = min(clock.arrived[t] for t, v in clock.versions.items() if v == new_version) - promotion.promoted_at
+  print(f'live at {achieved:,.0f} transactions/s for {count / achieved:.0f} s: event -> prediction latency '
+        f'p50 {np.percentile(latencies, 50):.3f} s, p99 {np.percentile(latencies, 99):.3f} s, '
+        f'max {latencies.max():.3f} s; {missing} missing; model swap {swap_s:.2f} s after the promotion')
+
+
+if __name__ == '__main__':
+  main()
