@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.kafka_clients
 	$(BIN)/python -m bench.kafka_io
 	$(BIN)/python -m bench.features
+	$(BIN)/python -m bench.scoring
 	$(BIN)/python -m bench.trainer
 
 lint: $(STAMP)

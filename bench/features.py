@@ -41,8 +41,11 @@ def simulated_events(customers: int, days: int):
   return events
 
 
-def plain_loop(events):
-  customers, terminals, rows = {}, {}, []
+def plain_loop(events, customers=None, terminals=None):
+  """Feature rows of (time, kind, event) tuples in order; ``customers``/``terminals``: histories kept across calls."""
+  customers = {} if customers is None else customers
+  terminals = {} if terminals is None else terminals
+  rows = []
   for _, _, event in events:
     terminal = terminals.setdefault(event.terminal_id, TerminalHistory(DEFAULT_LABEL_DELAY_DAYS))
     if isinstance(event, Label):

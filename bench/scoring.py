@@ -32,13 +32,14 @@ import numpy as np
 from confluent_kafka import TopicPartition
 
 from bench.common import local_broker
+from bench.features import plain_loop
 from kbml import simulator
 from kbml.kafka_client import AcknowledgedProducer, create_topics, list_partitions, new_consumer
 from kbml.simulator import SimulationConfig, simulate
 from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS, average, build_model
 from trainer.registry import ModelStore, new_version
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FEATURE_NAMES, CustomerHistory, TerminalHistory, feature_row
-from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA, Label, utc_iso
+from transforms.features import FEATURE_NAMES
+from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA, utc_iso
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 
@@ -114,14 +115,7 @@ def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int)
         transaction = TRANSACTION_SCHEMA.parse(message.value())._replace(
             kafka_partition=message.partition(), kafka_offset=message.offset())
         events.append((transaction.tx_time, 1, transaction))
-    rows = []
-    for _, _, event in sorted(events, key=lambda e: e[:2]):
-      terminal = terminals.setdefault(event.terminal_id, TerminalHistory(DEFAULT_LABEL_DELAY_DAYS))
-      if isinstance(event, Label):
-        terminal.add_label(event)
-      else:
-        customer_features = customers.setdefault(event.customer_id, CustomerHistory()).add(event)
-        rows.append(feature_row(event, {**customer_features, **terminal.add_transaction(event.tx_time)}))
+    rows = plain_loop(sorted(events, key=lambda e: e[:2]), customers, terminals)
     for start in range(0, len(rows), 1024):
       batch = rows[start:start + 1024]
       features = np.array([[row[name] for name in FEATURE_NAMES] for row in batch], dtype=np.float32)

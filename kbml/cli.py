@@ -68,6 +68,13 @@ def _simulate(args) -> int:
   return 0
 
 
+def _add_kafka_arguments(parser):
+  parser.add_argument('--bootstrap-servers', help='Kafka; default: the local broker (`kbml local up`).')
+  parser.add_argument('--kafka-config', action='append', default=[], metavar='KEY=VALUE',
+                      help='Kafka client setting, passed through (repeatable).')
+  parser.add_argument('--kafka-config-file', help='A .properties file of Kafka client settings.')
+
+
 def _add_simulate_parser(commands):
   from kbml.simulator import SimulationConfig
   defaults = SimulationConfig()
@@ -94,10 +101,7 @@ def _add_simulate_parser(commands):
   simulate.add_argument('--no-kafka', action='store_true', help='Only write files (with --output-dir).')
   simulate.add_argument('--transactions-topic', default='transactions')
   simulate.add_argument('--labels-topic', default='labels')
-  simulate.add_argument('--bootstrap-servers', help='Kafka; default: the local broker (`kbml local up`).')
-  simulate.add_argument('--kafka-config', action='append', default=[], metavar='KEY=VALUE',
-                        help='Kafka client setting, passed through (repeatable).')
-  simulate.add_argument('--kafka-config-file', help='A .properties file of Kafka client settings.')
+  _add_kafka_arguments(simulate)
   simulate.set_defaults(handler=_simulate)
 
 
@@ -165,10 +169,7 @@ def _add_watch_parser(commands):
   watch.add_argument('--interval', type=float, default=2.0, help='Seconds between lines.')
   watch.add_argument('--predictions-topic', default='predictions')
   watch.add_argument('--alerts-topic', default='alerts')
-  watch.add_argument('--bootstrap-servers', help='Kafka; default: the local broker (`kbml local up`).')
-  watch.add_argument('--kafka-config', action='append', default=[], metavar='KEY=VALUE',
-                     help='Kafka client setting, passed through (repeatable).')
-  watch.add_argument('--kafka-config-file', help='A .properties file of Kafka client settings.')
+  _add_kafka_arguments(watch)
   watch.set_defaults(handler=_watch)
 
 
