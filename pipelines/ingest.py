@@ -29,8 +29,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.warehouse import default_warehouse_url, open_warehouse
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FEATURES_TABLE, ComputeFeatures
+from pipelines.options import LOCAL_RUNNER, EventOptions, KafkaOptions, kafka_config, pipeline_options
+from transforms.features import FEATURES_TABLE, ComputeFeatures
 from transforms.kafka_io import read_from_kafka, write_to_kafka
 from transforms.records import (
   DEAD_LETTER_TAG,
@@ -54,15 +54,10 @@ class IngestOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--transactions_topic', default='transactions')
-    parser.add_argument('--labels_topic', default='labels')
-    parser.add_argument('--dead_letter_topic', default='dead-letter', help='Where invalid records go.')
     parser.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
                         'bigquery://PROJECT/DATASET.')
     parser.add_argument('--features_table', default='features')
     parser.add_argument('--labels_table', default='labels')
-    parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
-                        help='The delay d of the terminal features.')
     parser.add_argument('--replay_from', help='Replay: first event time of the rebuilt range (ISO-8601 UTC).')
     parser.add_argument('--replay_to', help='Replay: end of the rebuilt range, excluded (ISO-8601 UTC).')
     parser.add_argument(
@@ -106,6 +101,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   """Adds the ingest steps to ``pipeline``; returns the feature rows written."""
   kafka = options.view_as(KafkaOptions)
   ingest = options.view_as(IngestOptions)
+  events_options = options.view_as(EventOptions)
   in_replay_range = replay_range(ingest)
   replay = in_replay_range is not None
   config = kafka_config(options)
@@ -115,19 +111,19 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   bounded = kafka.stop_at_end or replay
   records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
       kafka.kafka_io, consumer_config,
-      [ingest.transactions_topic, ingest.labels_topic], expansion_service=kafka.kafka_expansion_service,
+      [events_options.transactions_topic, events_options.labels_topic], expansion_service=kafka.kafka_expansion_service,
       stop_at_end=bounded, idle_timeout_s=kafka.idle_timeout_s,
       # The local runner gives the feature stage's timers no watermark: read the partitions in event-time step.
       align_partitions=not bounded and options.view_as(StandardOptions).runner == LOCAL_RUNNER)
   parsed = records | 'ParseRecords' >> ParseRecords(
-      {ingest.transactions_topic: TRANSACTION_SCHEMA, ingest.labels_topic: LABEL_SCHEMA})
+      {events_options.transactions_topic: TRANSACTION_SCHEMA, events_options.labels_topic: LABEL_SCHEMA})
   _ = (parsed[DEAD_LETTER_TAG]
        | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
-       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, ingest.dead_letter_topic,
+       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events_options.dead_letter_topic,
                                               expansion_service=kafka.kafka_expansion_service))
 
   events = parsed['records'] | 'AtEventTime' >> beam.Map(at_event_time)
-  rows = events | 'ComputeFeatures' >> ComputeFeatures(ingest.label_delay_days, bounded=bounded)
+  rows = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bounded)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:
@@ -142,7 +138,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
 
 
 def run(argv: Optional[List[str]] = None):
-  options = pipeline_options(argv, [IngestOptions], prog='python -m pipelines.ingest')
+  options = pipeline_options(argv, [IngestOptions, EventOptions], prog='python -m pipelines.ingest')
   open_warehouse(options.view_as(IngestOptions).warehouse_url()).prepare()
   with beam.Pipeline(options=options) as pipeline:
     build_pipeline(pipeline, options)

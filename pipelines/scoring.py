@@ -52,10 +52,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from kbml.alerts import ALERTS_TOPIC, AlertSink
 from kbml.kafka_client import committed_offsets, fetched_end_offset, list_partitions, listed_offsets, new_probe_consumer
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
+from pipelines.options import LOCAL_RUNNER, EventOptions, KafkaOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
 from trainer.task import default_model_dir
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, ComputeFeatures
+from transforms.features import ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
 from transforms.records import (
@@ -86,10 +86,7 @@ class ScoringOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--transactions_topic', default='transactions')
-    parser.add_argument('--labels_topic', default='labels', help='Labels feed the terminal features.')
     parser.add_argument('--predictions_topic', default='predictions')
-    parser.add_argument('--dead_letter_topic', default='dead-letter', help='Where records that cannot be scored go.')
     parser.add_argument('--alerts_topic', default=ALERTS_TOPIC, help='Where a refused model is reported.')
     parser.add_argument('--model_dir', help='The model store, a folder or gs:// prefix (default: .kbml/models).')
     parser.add_argument(
@@ -100,8 +97,6 @@ class ScoringOptions(PipelineOptions):
         'while a job runs; the default there).')
     parser.add_argument('--model_poll_s', type=float, default=1.0,
                         help='How often the store is checked for a new model, in seconds.')
-    parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
-                        help='The delay d of the terminal features: the one the model was trained with.')
     parser.add_argument(
         '--score_from', choices=('latest', 'earliest'), default='latest',
         help='Without committed offsets for the consumer group: score the transactions that arrive from now on '
@@ -209,6 +204,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   """
   kafka = options.view_as(KafkaOptions)
   scoring = options.view_as(ScoringOptions)
+  events_options = options.view_as(EventOptions)
   local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
   backtest = scoring.backtest_range()
   config = kafka_config(options)
@@ -216,19 +212,19 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   consumer_config = config if backtest else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
 
   records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
-      kafka.kafka_io, consumer_config, [scoring.transactions_topic, scoring.labels_topic],
+      kafka.kafka_io, consumer_config, [events_options.transactions_topic, events_options.labels_topic],
       expansion_service=kafka.kafka_expansion_service, stop_at_end=bool(backtest),
       idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
       align_partitions=local and not backtest, commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local else 0)
   parsed = records | 'ParseRecords' >> ParseRecords(
-      {scoring.transactions_topic: TRANSACTION_SCHEMA, scoring.labels_topic: LABEL_SCHEMA})
+      {events_options.transactions_topic: TRANSACTION_SCHEMA, events_options.labels_topic: LABEL_SCHEMA})
   _ = (parsed[DEAD_LETTER_TAG]
        | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
-       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, scoring.dead_letter_topic,
+       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events_options.dead_letter_topic,
                                               expansion_service=kafka.kafka_expansion_service))
   rows = (parsed['records']
           | 'AtEventTime' >> beam.Map(at_event_time)
-          | 'ComputeFeatures' >> ComputeFeatures(scoring.label_delay_days, bounded=bool(backtest)))
+          | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bool(backtest)))
 
   handler = ModelStoreHandler(
       store.root, alerts=AlertSink(config, scoring.alerts_topic),
@@ -262,9 +258,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   for name, unscored in [('FailedInference', failed.failed_inferences),
                          *[(f'FailedChecks{i}', pcoll) for i, pcoll in enumerate(failed.failed_preprocessing)]]:
     _ = (unscored
-         | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, scoring.transactions_topic)
+         | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, events_options.transactions_topic)
          | f'{name}ToMessages' >> beam.Map(dead_letter_message)
-         | f'Write{name}' >> write_to_kafka(kafka.kafka_io, config, scoring.dead_letter_topic,
+         | f'Write{name}' >> write_to_kafka(kafka.kafka_io, config, events_options.dead_letter_topic,
                                             expansion_service=kafka.kafka_expansion_service))
   return predictions
 
@@ -280,18 +276,19 @@ def backtest_summary(result) -> Dict[str, Dict[str, int]]:
 
 def run(argv: Optional[List[str]] = None):
   logging.getLogger('apache_beam.transforms.util').setLevel(logging.WARNING)  # BatchElements logs every bundle
-  options = pipeline_options(argv, [ScoringOptions], prog='python -m pipelines.scoring')
+  options = pipeline_options(argv, [ScoringOptions, EventOptions], prog='python -m pipelines.scoring')
   kafka = options.view_as(KafkaOptions)
   scoring = options.view_as(ScoringOptions)
+  events_options = options.view_as(EventOptions)
   store = scoring.model_store()
   if store.current() is None:
     raise ModelStoreError(f'No model is in service in {store.root}: train one first (`kbml train`).')
   first_unscored = None
   if not scoring.backtest_range():
     first_unscored = first_unscored_offsets(kafka_config(options), kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-                                            scoring.transactions_topic, scoring.score_from)
+                                            events_options.transactions_topic, scoring.score_from)
     logging.info('scoring %s from offsets %s; the earlier records only build the histories',
-                 scoring.transactions_topic, first_unscored)
+                 events_options.transactions_topic, first_unscored)
   pipeline = beam.Pipeline(options=options)
   build_pipeline(pipeline, options, first_unscored)
   result = pipeline.run()
