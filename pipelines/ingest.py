@@ -29,18 +29,12 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.warehouse import default_warehouse_url, open_warehouse
-from pipelines.options import LOCAL_RUNNER, EventOptions, KafkaOptions, kafka_config, pipeline_options
+from pipelines.events import EventOptions, read_events
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
 from transforms.features import FEATURES_TABLE, ComputeFeatures
-from transforms.kafka_io import read_from_kafka, write_to_kafka
 from transforms.records import (
-  DEAD_LETTER_TAG,
-  LABEL_SCHEMA,
   LABELS_TABLE,
-  TRANSACTION_SCHEMA,
   Label,
-  ParseRecords,
-  at_event_time,
-  dead_letter_message,
   label_row,
   parse_utc_timestamp,
 )
@@ -104,25 +98,14 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   events_options = options.view_as(EventOptions)
   in_replay_range = replay_range(ingest)
   replay = in_replay_range is not None
-  config = kafka_config(options)
-  consumer_config = config if replay else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
   warehouse = ingest.warehouse_url()
 
   bounded = kafka.stop_at_end or replay
-  records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
-      kafka.kafka_io, consumer_config,
-      [events_options.transactions_topic, events_options.labels_topic], expansion_service=kafka.kafka_expansion_service,
-      stop_at_end=bounded, idle_timeout_s=kafka.idle_timeout_s,
+  events = read_events(
+      pipeline, options, kafka_config(options), None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+      stop_at_end=bounded,
       # The local runner gives the feature stage's timers no watermark: read the partitions in event-time step.
       align_partitions=not bounded and options.view_as(StandardOptions).runner == LOCAL_RUNNER)
-  parsed = records | 'ParseRecords' >> ParseRecords(
-      {events_options.transactions_topic: TRANSACTION_SCHEMA, events_options.labels_topic: LABEL_SCHEMA})
-  _ = (parsed[DEAD_LETTER_TAG]
-       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
-       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events_options.dead_letter_topic,
-                                              expansion_service=kafka.kafka_expansion_service))
-
-  events = parsed['records'] | 'AtEventTime' >> beam.Map(at_event_time)
   rows = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bounded)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)

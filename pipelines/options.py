@@ -17,7 +17,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from kbml.kafka_config import kafka_client_config
 from kbml.local_stack import local_bootstrap_servers
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS
 from transforms.kafka_io import KAFKA_IO_JAVA, KAFKA_IO_PYTHON
 
 LOCAL_RUNNER = 'FnApiRunner'
@@ -50,19 +49,6 @@ class KafkaOptions(PipelineOptions):
     parser.add_argument('--stop_at_end', action='store_true',
                         help='Bounded: read what the topics hold when the job starts, then stop.')
     parser.add_argument('--idle_timeout_s', type=float, help='Bounded: stop a partition after this many idle seconds.')
-
-
-class EventOptions(PipelineOptions):
-  """The topics of the events every fraud pipeline reads, and the features' label delay."""
-
-  @classmethod
-  def _add_argparse_args(cls, parser):
-    parser.add_argument('--transactions_topic', default='transactions')
-    parser.add_argument('--labels_topic', default='labels', help='Labels feed the terminal features.')
-    parser.add_argument('--dead_letter_topic', default='dead-letter', help='Where invalid records go, with the reason.')
-    parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
-                        help='The delay d of the terminal features (a model is scored with the one it was trained '
-                        'with).')
 
 
 def kafka_config(options: PipelineOptions) -> Dict[str, str]:

@@ -52,19 +52,15 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from kbml.alerts import ALERTS_TOPIC, AlertSink
 from kbml.kafka_client import committed_offsets, fetched_end_offset, list_partitions, listed_offsets, new_probe_consumer
-from pipelines.options import LOCAL_RUNNER, EventOptions, KafkaOptions, kafka_config, pipeline_options
+from pipelines.events import EventOptions, read_events
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
 from trainer.task import default_model_dir
 from transforms.features import ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
-from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
+from transforms.kafka_io import KafkaRecord, write_to_kafka
 from transforms.records import (
-  DEAD_LETTER_TAG,
-  LABEL_SCHEMA,
-  TRANSACTION_SCHEMA,
   DeadLetter,
-  ParseRecords,
-  at_event_time,
   dead_letter_message,
   parse_utc_timestamp,
   utc_iso,
@@ -209,26 +205,16 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   backtest = scoring.backtest_range()
   config = kafka_config(options)
   store = scoring.model_store()
-  consumer_config = config if backtest else {**config, 'group.id': kafka.consumer_group or DEFAULT_CONSUMER_GROUP}
 
-  records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
-      kafka.kafka_io, consumer_config, [events_options.transactions_topic, events_options.labels_topic],
-      expansion_service=kafka.kafka_expansion_service, stop_at_end=bool(backtest),
-      idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
-      align_partitions=local and not backtest, commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local else 0)
-  parsed = records | 'ParseRecords' >> ParseRecords(
-      {events_options.transactions_topic: TRANSACTION_SCHEMA, events_options.labels_topic: LABEL_SCHEMA})
-  _ = (parsed[DEAD_LETTER_TAG]
-       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
-       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events_options.dead_letter_topic,
-                                              expansion_service=kafka.kafka_expansion_service))
-  rows = (parsed['records']
-          | 'AtEventTime' >> beam.Map(at_event_time)
+  rows = (read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+                      stop_at_end=bool(backtest), from_beginning=True, align_partitions=local and not backtest,
+                      commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local else 0)
           | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bool(backtest)))
 
+  reload = None if backtest else model_reload(options)
   handler = ModelStoreHandler(
       store.root, alerts=AlertSink(config, scoring.alerts_topic),
-      poll_s=scoring.model_poll_s if not backtest and model_reload(options) == RELOAD_POLL else None,
+      poll_s=scoring.model_poll_s if reload == RELOAD_POLL else None,
       min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size).with_preprocess_fn(check_features)
   if backtest:
     start, end = backtest
@@ -238,17 +224,16 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
             | 'InBacktestRange' >> beam.Filter(
                 lambda row: max(start, first_promotion) <= parse_utc_timestamp(row['tx_datetime']) < end)
             | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(promoted_at)))
-    inference = RunInference(handler, model_metadata_pcoll=side_input)
   else:
     first_unscored = first_unscored or {}
     rows = rows | 'NotYetScored' >> beam.Filter(
         lambda row: row['kafka_offset'] >= first_unscored.get(row['kafka_partition'], 0))
     side_input = None
-    if model_reload(options) == RELOAD_WATCH:
+    if reload == RELOAD_WATCH:
       side_input = pipeline | 'WatchPromotions' >> WatchFilePattern(
           file_pattern=store.promotion_pattern(), interval=max(1, round(scoring.model_poll_s)))
-    inference = RunInference(handler, model_metadata_pcoll=side_input)
-  predictions, failed = rows | 'Score' >> inference.with_exception_handling()
+  predictions, failed = rows | 'Score' >> RunInference(
+      handler, model_metadata_pcoll=side_input).with_exception_handling()
   if backtest:
     predictions = predictions | 'CountByVersion' >> beam.ParDo(_CountByVersionFn())
   _ = (predictions

@@ -1,0 +1,61 @@
+"""The events every fraud pipeline reads: transactions and labels from Kafka, validated, in event time."""
+
+from typing import Dict, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.options import KafkaOptions
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS
+from transforms.kafka_io import read_from_kafka, write_to_kafka
+from transforms.records import (
+  DEAD_LETTER_TAG,
+  LABEL_SCHEMA,
+  TRANSACTION_SCHEMA,
+  ParseRecords,
+  at_event_time,
+  dead_letter_message,
+)
+
+
+class EventOptions(PipelineOptions):
+  """The topics of the events every fraud pipeline reads, and the features' label delay."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--transactions_topic', default='transactions')
+    parser.add_argument('--labels_topic', default='labels', help='Labels feed the terminal features.')
+    parser.add_argument('--dead_letter_topic', default='dead-letter', help='Where invalid records go, with the reason.')
+    parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
+                        help='The delay d of the terminal features (a model is scored with the one it was trained '
+                        'with).')
+
+
+def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[str, str], group: Optional[str],
+                **read_bounds) -> beam.PCollection:
+  """Reads the transactions and labels topics; invalid records go to the dead-letter topic with the reason.
+
+  Args:
+    pipeline: the pipeline to add the steps to.
+    options: its options (EventOptions, KafkaOptions).
+    config: the Kafka client settings (:func:`pipelines.options.kafka_config`).
+    group: the consumer group whose offsets the read starts from and commits; None: no group.
+    **read_bounds: :class:`~transforms.kafka_io.ReadFromKafka` stop and alignment settings.
+
+  Returns:
+    The valid :class:`~transforms.records.Transaction` and :class:`~transforms.records.Label` events, a
+    transaction timestamped at its time, a label when it became known.
+  """
+  kafka = options.view_as(KafkaOptions)
+  events = options.view_as(EventOptions)
+  records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
+      kafka.kafka_io, {**config, 'group.id': group} if group else config,
+      [events.transactions_topic, events.labels_topic], expansion_service=kafka.kafka_expansion_service,
+      idle_timeout_s=kafka.idle_timeout_s, **read_bounds)
+  parsed = records | 'ParseRecords' >> ParseRecords(
+      {events.transactions_topic: TRANSACTION_SCHEMA, events.labels_topic: LABEL_SCHEMA})
+  _ = (parsed[DEAD_LETTER_TAG]
+       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
+       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
+                                              expansion_service=kafka.kafka_expansion_service))
+  return parsed['records'] | 'AtEventTime' >> beam.Map(at_event_time)
