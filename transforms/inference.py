@@ -98,7 +98,7 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
   def __init__(self, model_dir: str, *, poll_s: Optional[float] = None, alerts: Optional[AlertSink] = None,
                min_batch_size: int = 1, max_batch_size: int = 1024):
     super().__init__()
-    self._model_dir = model_dir
+    self._store = ModelStore(model_dir)
     self._poll_s = poll_s
     self._alerts = alerts
     self._batching = {'min_batch_size': min_batch_size, 'max_batch_size': max_batch_size}
@@ -112,16 +112,16 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     self._promotion_path = model_path or None
 
   def load_model(self) -> _ModelInService:
-    store = ModelStore(self._model_dir)
     try:
-      version = store.promotion(self._promotion_path).version if self._promotion_path else store.current()
+      version = (self._store.promotion(self._promotion_path).version if self._promotion_path
+                 else self._store.current())
     except ModelStoreError as e:
       version = None
       self._refuse(self._promotion_path, str(e))
     if version is None and self._in_service is None:
-      raise ModelStoreError(f'No model is in service in {self._model_dir}: train one (`kbml train`), '
+      raise ModelStoreError(f'No model is in service in {self._store.root}: train one (`kbml train`), '
                             'which promotes it, or promote one (`kbml promote VERSION`).')
-    scoring = self._load_or_refuse(store, version) if version is not None else None
+    scoring = self._load_or_refuse(version) if version is not None else None
     if scoring is None:
       if self._in_service is None:
         raise ModelStoreError(f'The model in service, version {version}, was refused ({self._refused[version]}) '
@@ -130,15 +130,15 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     self._in_service = scoring
     return _ModelInService(scoring, time.monotonic() + (self._poll_s or 0))
 
-  def _load_or_refuse(self, store: ModelStore, version: str) -> Optional[ScoringModel]:
+  def _load_or_refuse(self, version: str) -> Optional[ScoringModel]:
     """The version loaded and checked, or None if it is (or was) refused."""
     if version in self._loaded:
       return self._loaded[version]
     if version in self._refused:
       return None
     try:
-      metadata = store.metadata(version)
-      network = store.load_model(version)
+      metadata = self._store.metadata(version)
+      network = self._store.load_model(version)
     except ModelStoreError as e:
       self._refuse(version, str(e))
       return None
@@ -146,7 +146,7 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     while len(self._loaded) >= _LOADED_VERSIONS:
       del self._loaded[next(iter(self._loaded))]
     self._loaded[version] = scoring
-    _LOG.info('model version %s loaded from %s (threshold %.4f)', version, self._model_dir, scoring.threshold)
+    _LOG.info('model version %s loaded from %s (threshold %.4f)', version, self._store.root, scoring.threshold)
     return scoring
 
   def _refuse(self, version: str, reason: str):
@@ -159,12 +159,12 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
       _LOG.error(message)
     else:
       self._alerts.send(MODEL_REFUSED, message, version=version, reason=reason, version_in_service=in_service,
-                        model_dir=self._model_dir)
+                        model_dir=self._store.root)
 
   def _follow_current(self, model: _ModelInService):
-    version = ModelStore(self._model_dir).current()
+    version = self._store.current()
     if version is not None and version != model.scoring.version:
-      scoring = self._load_or_refuse(ModelStore(self._model_dir), version)
+      scoring = self._load_or_refuse(version)
       if scoring is not None:
         _LOG.info('now scoring with model version %s (was %s)', version, model.scoring.version)
         model.scoring = self._in_service = scoring
