@@ -20,7 +20,6 @@ Run: ``make bench`` or ``python -m bench.scoring --customers 2000 --days 10``.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -36,27 +35,13 @@ from bench.features import plain_loop
 from kbml import simulator
 from kbml.kafka_client import AcknowledgedProducer, create_topics, list_partitions, new_consumer
 from kbml.simulator import SimulationConfig, simulate
-from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS, average, build_model
-from trainer.registry import ModelStore, new_version
+from tests.scoring_models import publish_model
+from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS
+from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES
 from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA, utc_iso
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
-
-
-def publish_default_shaped_model(model_dir: str, seed: int) -> str:
-  """Publishes and promotes an untrained model of the trainer's default shape: inference costs the same."""
-  rng = np.random.default_rng(seed)
-  statistics = rng.normal(size=(256, len(FEATURE_NAMES))).astype(np.float32)
-  network = average([build_model(statistics, DEFAULT_HIDDEN_UNITS, seed=seed + i) for i in range(DEFAULT_ENSEMBLE)])
-  store = ModelStore(model_dir)
-  version = new_version()
-  with tempfile.TemporaryDirectory() as folder:
-    path = os.path.join(folder, 'model.keras')
-    network.save(path)
-    store.publish(version, path, {'threshold': 0.5, 'features': FEATURE_NAMES}, {})
-  store.promote(version)
-  return version
 
 
 class PredictionClock:
@@ -160,7 +145,7 @@ def main(argv=None):
   transactions = len(simulation.transactions)
   with local_broker() as bootstrap, tempfile.TemporaryDirectory() as model_dir:
     config = {'bootstrap.servers': bootstrap}
-    publish_default_shaped_model(model_dir, seed=0)
+    publish_model(model_dir, seed=0, hidden_units=DEFAULT_HIDDEN_UNITS, ensemble=DEFAULT_ENSEMBLE)
     print(f'{transactions:,} transactions ({len(events):,} events with the labels), {args.customers:,} customers, '
           f'{args.days} days; model: mean of {DEFAULT_ENSEMBLE} networks {DEFAULT_HIDDEN_UNITS}')
 
@@ -206,12 +191,11 @@ def live_latency(bootstrap, model_dir, args, simulation):
     promotion = None
     for i, event in enumerate(live[1:count + 1]):
       if promotion is None and i >= count // 2:
-        promotion = ModelStore(model_dir).promote(publish_default_shaped_model(model_dir, seed=1))
+        promotion = ModelStore(model_dir).promote(publish_model(
+            model_dir, seed=1, promote=False, hidden_units=DEFAULT_HIDDEN_UNITS, ensemble=DEFAULT_ENSEMBLE))
       time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
       sent_at[json.loads(event.value)['transaction_id']] = time.time()
       producer.send(topics['transactions'], event.value, event.key)
-      if i % 100 == 0:
-        producer._producer.poll(0)
     producer.flush(30)
     achieved = count / (time.monotonic() - started)
     clock.wait_for(count + 1, 120)
