@@ -5,7 +5,7 @@ import importlib
 import logging
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from kbml import __version__
 from kbml.kafka_config import kafka_client_config
@@ -54,8 +54,7 @@ def _simulate(args) -> int:
     print('wrote ' + ' and '.join(simulator.write_files(simulation, args.output_dir)))
   if args.no_kafka:
     return 0
-  config = kafka_client_config(args.bootstrap_servers or local_bootstrap_servers(), args.kafka_config,
-                               args.kafka_config_file)
+  config = _kafka_config(args)
 
   def progress(transactions, labels):
     print(f'\rproduced {transactions:,}/{len(tx):,} transactions and {labels:,}/{len(tx):,} labels',
@@ -66,6 +65,12 @@ def _simulate(args) -> int:
   print(f'\nproduced {transactions:,} transactions to {args.transactions_topic!r} and {labels:,} labels '
         f'to {args.labels_topic!r} at {config["bootstrap.servers"]}')
   return 0
+
+
+def _kafka_config(args) -> Dict[str, str]:
+  """The Kafka client settings of a command that took :func:`_add_kafka_arguments`."""
+  return kafka_client_config(args.bootstrap_servers or local_bootstrap_servers(), args.kafka_config,
+                             args.kafka_config_file)
 
 
 def _add_kafka_arguments(parser):
@@ -154,9 +159,7 @@ def _add_promote_parser(commands):
 
 def _watch(args) -> int:
   from kbml.watch import watch_predictions
-  config = kafka_client_config(args.bootstrap_servers or local_bootstrap_servers(), args.kafka_config,
-                               args.kafka_config_file)
-  watch_predictions(config, args.predictions_topic, args.alerts_topic, args.seconds, args.interval)
+  watch_predictions(_kafka_config(args), args.predictions_topic, args.alerts_topic, args.seconds, args.interval)
   return 0
 
 

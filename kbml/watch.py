@@ -62,7 +62,7 @@ def watch_predictions(config: Dict[str, str], predictions_topic: str, alerts_top
         in_service = ', '.join(f'{version} ({count:,})' for version, count in versions.most_common())
         out(f'{datetime.datetime.now():%H:%M:%S}  {since_line / (now - last_line):8,.0f} predictions/s  '
             f'{total:,} in all, {flagged:,} flagged  by model {in_service or "-"}  '
-            f'alerts so far: {sum(alerts.values())}{" " + dict(alerts).__repr__() if alerts else ""}')
+            f'alerts so far: {sum(alerts.values())}{f" {dict(alerts)}" if alerts else ""}')
         last_line, since_line = now, 0
   except KeyboardInterrupt:
     pass
