@@ -1,6 +1,6 @@
 """Alerts: JSON records on the ``alerts`` topic that a person or a job acts on.
 
-Every alert has a ``kind`` (``model_refused``, ...), the time it was raised,
+Every alert has a ``kind`` (``model_refused``, ``drift``, ...), the time it was raised,
 a sentence that says what happened and what to do, and the details of its
 kind. The key is the kind, so that one kind's alerts stay in order.
 """
@@ -16,6 +16,11 @@ _LOG = logging.getLogger(__name__)
 
 ALERTS_TOPIC = 'alerts'
 MODEL_REFUSED = 'model_refused'
+DRIFT = 'drift'  # a feature's or the score's distribution moved away from the training data's
+PRECISION_BELOW_FLOOR = 'precision_below_floor'
+RECALL_BELOW_FLOOR = 'recall_below_floor'
+DEAD_LETTER_RATE = 'dead_letter_rate'
+SCORER_LAG = 'scorer_lag'
 
 
 def alert_record(kind: str, message: str, **details) -> bytes:

@@ -8,6 +8,8 @@ reached through Beam's ``FileSystems`` like the pipelines' files::
                                              statistics, metrics, threshold, parent, blessing
     ROOT/versions/VERSION/*.png              the evaluation plots
     ROOT/current                             {"version": ..., "promoted_at": ...}: the champion
+    ROOT/challenger                          {"version": ..., "since": ...}: a version scored in the
+                                             shadow of the champion (optional)
     ROOT/promotions/TIME-VERSION.json        one record per promotion, never changed: the
                                              history a backtest replays, and the files a
                                              scorer's WatchFilePattern side input watches
@@ -32,6 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 MODEL_FILE = 'model.keras'
 METADATA_FILE = 'metadata.json'
 CURRENT_FILE = 'current'
+CHALLENGER_FILE = 'challenger'
 PROMOTIONS_DIR = 'promotions'
 
 
@@ -167,11 +170,28 @@ class ModelStore:
 
   def current(self) -> Optional[str]:
     """The version in service, or None before the first promotion."""
-    path = FileSystems.join(self.root, CURRENT_FILE)
+    return self._pointer(CURRENT_FILE)
+
+  def challenger(self) -> Optional[str]:
+    """The version scored in the champion's shadow, or None."""
+    return self._pointer(CHALLENGER_FILE)
+
+  def _pointer(self, name: str) -> Optional[str]:
     try:
-      return json.loads(_read(path))['version']
+      return json.loads(_read(FileSystems.join(self.root, name)))['version']
     except (BeamIOError, OSError):
       return None
+
+  def set_challenger(self, version: Optional[str]):
+    """Puts a published version in the champion's shadow (its scores are recorded, not acted on); None: none."""
+    path = FileSystems.join(self.root, CHALLENGER_FILE)
+    if version is None:
+      if FileSystems.exists(path):
+        FileSystems.delete([path])
+      return
+    self.metadata(version)
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    _write_atomically(path, json.dumps({'version': version, 'since': since}).encode())
 
   def promote(self, version: str) -> Promotion:
     """Makes a published version the one in service: records the promotion, then moves the pointer."""
@@ -181,6 +201,8 @@ class ModelStore:
     path = FileSystems.join(self.promotions_dir(), f'{now:%Y%m%dT%H%M%S%fZ}-{version}.json')
     _write_atomically(path, record)
     _write_atomically(FileSystems.join(self.root, CURRENT_FILE), record)
+    if self.challenger() == version:
+      self.set_challenger(None)
     return Promotion(now.timestamp(), version, path)
 
   def promotions_dir(self) -> str:

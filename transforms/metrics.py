@@ -1,0 +1,237 @@
+"""Model monitoring metrics as partial sums, and what is derived from them.
+
+The monitoring pipeline (``pipelines/monitoring.py``) writes, for each event-
+time window, model version and role (the champion, whose decisions are
+published, or a shadow challenger), counts that add up: several rows for the
+same window, version, role, metric and bin are summed when read. Each flush of
+the pipeline writes its own rows (its own ``part``), so repeated bounded runs
+and repeated firings of a streaming job add up to the metrics of one run.
+
+Metrics (``metric`` column; ``bin`` 0 unless said):
+
+- ``predictions``, ``flagged``: predictions made, and those above the
+  model's threshold;
+- ``score``: all predictions by score bin (bin ``i`` holds scores in
+  ``[i / SCORE_BINS, (i + 1) / SCORE_BINS)``);
+- ``labelled``, ``frauds``, ``true_positives``, ``false_positives``: the
+  predictions whose label has arrived;
+- ``fraud_score``, ``genuine_score``: the labelled predictions by score bin,
+  from which precision-recall curves and average precision are computed;
+- ``drift:NAME``: the champion's predictions by the bins of feature NAME (or
+  ``score``) in the version's training statistics (``feature_statistics`` and
+  ``score_statistics`` in its metadata), for the population stability index.
+
+Average precision from score bins equals scikit-learn's
+``average_precision_score`` of the scores rounded down to their bins: the
+curve's steps are the bins.
+
+The labelled predictions are also written one row per transaction and role
+(``labelled_predictions``), keyed, so that a duplicate replaces itself: card
+precision@k needs each card's best score of a day, which no sum gives.
+"""
+
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from kbml.warehouse import TableSchema, Warehouse
+
+METRICS_TABLE = 'monitoring_metrics'
+LABELLED_PREDICTIONS_TABLE = 'labelled_predictions'
+CHAMPION = 'champion'
+CHALLENGER = 'challenger'
+SCORE_BINS = 1000
+DRIFT_PREFIX = 'drift:'
+SCORE_DRIFT = DRIFT_PREFIX + 'score'
+# PSI floors empty bins at this share, as is usual, so that a bin empty on one side does not make it infinite.
+PSI_FLOOR = 1e-4
+
+METRICS_SCHEMA = TableSchema(
+    columns=(('window_start', 'TIMESTAMP'), ('window_end', 'TIMESTAMP'), ('model_version', 'STRING'),
+             ('role', 'STRING'), ('metric', 'STRING'), ('bin', 'INT64'), ('value', 'FLOAT64'), ('part', 'STRING'),
+             ('written_at', 'TIMESTAMP')),
+    key=('part', 'window_start', 'model_version', 'role', 'metric', 'bin'))
+
+LABELLED_PREDICTIONS_SCHEMA = TableSchema(
+    columns=(('transaction_id', 'INT64'), ('tx_datetime', 'TIMESTAMP'), ('customer_id', 'INT64'),
+             ('model_version', 'STRING'), ('role', 'STRING'), ('score', 'FLOAT64'), ('flagged', 'INT64'),
+             ('is_fraud', 'INT64')),
+    key=('transaction_id', 'role'))
+
+SCALAR_METRICS = ('predictions', 'flagged', 'labelled', 'frauds', 'true_positives', 'false_positives')
+
+WindowKey = Tuple[float, float, str, str]  # window start, window end (epoch seconds), model version, role
+Sums = Dict[Tuple[str, int], float]  # (metric, bin) -> value
+
+
+def score_bin(score: float) -> int:
+  return min(SCORE_BINS - 1, max(0, int(math.floor(score * SCORE_BINS))))
+
+
+def statistic_bin(value: float, bin_edges: Sequence[float]) -> int:
+  """The training-statistics bin of a value (``trainer.data.feature_statistics``: right-closed inner edges)."""
+  return int(np.searchsorted(bin_edges, value, side='right'))
+
+
+def prediction_sums(score: float, flagged: bool, drift_bins: Mapping[str, int] = None) -> Sums:
+  """The counts one prediction adds (``drift_bins``: its bin of each feature and of the score)."""
+  sums = {('predictions', 0): 1.0, ('flagged', 0): float(flagged), ('score', score_bin(score)): 1.0}
+  for name, index in (drift_bins or {}).items():
+    sums[(DRIFT_PREFIX + name, index)] = 1.0
+  return sums
+
+
+def labelled_sums(score: float, flagged: bool, is_fraud: bool) -> Sums:
+  """The counts one prediction adds once its label is known."""
+  return {('labelled', 0): 1.0, ('frauds', 0): float(is_fraud),
+          ('true_positives', 0): float(flagged and is_fraud), ('false_positives', 0): float(flagged and not is_fraud),
+          ('fraud_score' if is_fraud else 'genuine_score', score_bin(score)): 1.0}
+
+
+def add_sums(total: Sums, more: Mapping[Tuple[str, int], float]):
+  for key, value in more.items():
+    total[key] = total.get(key, 0.0) + value
+
+
+def metric_rows(sums_by_window: Mapping[WindowKey, Sums], part: str, written_at: str) -> List[Dict[str, object]]:
+  """Warehouse rows of partial sums (zero counts are left out)."""
+  from transforms.records import utc_iso
+  return [{'window_start': utc_iso(start), 'window_end': utc_iso(end), 'model_version': version, 'role': role,
+           'metric': metric, 'bin': index, 'value': value, 'part': part, 'written_at': written_at}
+          for (start, end, version, role), sums in sums_by_window.items()
+          for (metric, index), value in sums.items() if value]
+
+
+def read_sums(warehouse: Warehouse, where: str = 'TRUE', table: str = METRICS_TABLE) -> 'pandas.DataFrame':
+  """The summed metrics: one row per window, version, role, metric and bin (``where``: a SQL condition)."""
+  if table not in warehouse.tables():
+    import pandas
+    return pandas.DataFrame(columns=['window_start', 'window_end', 'model_version', 'role', 'metric', 'bin', 'value'])
+  return warehouse.query(
+      f'SELECT window_start, window_end, model_version, role, metric, bin, SUM(value) AS value FROM {{{table}}} '
+      f'WHERE {where} GROUP BY window_start, window_end, model_version, role, metric, bin '
+      f'ORDER BY window_start, model_version, role, metric, bin')
+
+
+def histogram(sums: 'pandas.DataFrame', metric: str, bins: int) -> np.ndarray:
+  """The counts of a binned metric, from rows of one window, version and role."""
+  counts = np.zeros(bins)
+  rows = sums[sums['metric'] == metric]
+  np.add.at(counts, rows['bin'].to_numpy(dtype=np.int64), rows['value'].to_numpy(dtype=np.float64))
+  return counts
+
+
+def average_precision(fraud_counts: np.ndarray, genuine_counts: np.ndarray) -> float:
+  """Average precision of binned scores, as scikit-learn computes it (each bin one threshold)."""
+  frauds = fraud_counts[::-1].cumsum()
+  flagged = frauds + genuine_counts[::-1].cumsum()
+  total = frauds[-1] if len(frauds) else 0
+  if total == 0:
+    return float('nan')
+  nonempty = (fraud_counts + genuine_counts)[::-1] > 0
+  recall_steps = np.diff(np.concatenate([[0.0], frauds[nonempty]])) / total
+  precision = frauds[nonempty] / flagged[nonempty]
+  return float(np.sum(recall_steps * precision))
+
+
+def precision_recall_curve(fraud_counts: np.ndarray, genuine_counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(precision, recall) at each score bin taken as the threshold, from the highest bin down."""
+  frauds = fraud_counts[::-1].cumsum()
+  flagged = frauds + genuine_counts[::-1].cumsum()
+  nonempty = flagged > 0
+  total = max(frauds[-1], 1.0) if len(frauds) else 1.0
+  return frauds[nonempty] / flagged[nonempty], frauds[nonempty] / total
+
+
+def population_stability_index(live_counts: Sequence[float], training_fractions: Sequence[float]) -> float:
+  """PSI = sum over bins of (live share - training share) * ln(live share / training share)."""
+  live = np.asarray(live_counts, dtype=np.float64)
+  if live.sum() == 0:
+    return float('nan')
+  live = np.maximum(live / live.sum(), PSI_FLOOR)
+  expected = np.maximum(np.asarray(training_fractions, dtype=np.float64), PSI_FLOOR)
+  return float(np.sum((live - expected) * np.log(live / expected)))
+
+
+def training_distributions(metadata: Mapping[str, object]) -> Dict[str, Dict[str, List[float]]]:
+  """Each drift statistic's training bins of a version: its features' and its score's."""
+  distributions = dict(metadata.get('feature_statistics') or {})
+  if metadata.get('score_statistics'):
+    distributions['score'] = metadata['score_statistics']
+  return distributions
+
+
+def drift_by_statistic(sums: 'pandas.DataFrame', metadata: Mapping[str, object]) -> Dict[str, float]:
+  """PSI of each feature and of the score, from rows of one window and version, against its training data."""
+  drift = {}
+  for name, distribution in training_distributions(metadata).items():
+    fractions = distribution['bin_fractions']
+    counts = histogram(sums, DRIFT_PREFIX + name, len(fractions))
+    if counts.sum():
+      drift[name] = population_stability_index(counts, fractions)
+  return drift
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+  return numerator / denominator if denominator else float('nan')
+
+
+def window_summary(sums: 'pandas.DataFrame') -> Dict[str, float]:
+  """The headline figures of rows of one window, version and role."""
+  scalars = {metric: float(sums.loc[sums['metric'] == metric, 'value'].sum()) for metric in SCALAR_METRICS}
+  return {
+      **scalars,
+      'flagged_rate': _ratio(scalars['flagged'], scalars['predictions']),
+      'precision': _ratio(scalars['true_positives'], scalars['true_positives'] + scalars['false_positives']),
+      'recall': _ratio(scalars['true_positives'], scalars['frauds']),
+      'average_precision': average_precision(histogram(sums, 'fraud_score', SCORE_BINS),
+                                             histogram(sums, 'genuine_score', SCORE_BINS)),
+  }
+
+
+def summaries(sums: 'pandas.DataFrame', group_by: Iterable[str] = ('window_start', 'window_end', 'model_version',
+                                                                    'role')) -> 'pandas.DataFrame':
+  """:func:`window_summary` of each group of summed rows (default: each window, version and role)."""
+  import pandas
+  group_by = list(group_by)
+  rows = [{**dict(zip(group_by, key if isinstance(key, tuple) else (key,), strict=True)), **window_summary(group)}
+          for key, group in sums.groupby(group_by, sort=True)]
+  return pandas.DataFrame(rows, columns=[*group_by, *SCALAR_METRICS, 'flagged_rate', 'precision', 'recall',
+                                         'average_precision'])
+
+
+def card_precision_at_k(warehouse: Warehouse, k: int = 100, role: str = CHAMPION,
+                        table: str = LABELLED_PREDICTIONS_TABLE) -> 'pandas.DataFrame':
+  """Per day and model version: the share of frauds among the k cards with the highest scores that day.
+
+  The handbook's daily card precision, on the labelled live predictions
+  (without its removal of cards already known to be compromised, which
+  live monitoring does not know of).
+  """
+  import pandas
+  if table not in warehouse.tables():
+    return pandas.DataFrame(columns=['day', 'model_version', 'cards', 'card_precision_at_k'])
+  cards = warehouse.query(
+      f'SELECT CAST(tx_datetime AS DATE) AS day, model_version, customer_id, MAX(score) AS score, '
+      f"MAX(is_fraud) AS compromised FROM {{{table}}} WHERE role = '{role}' "
+      f'GROUP BY day, model_version, customer_id')
+  rows = []
+  for (day, version), group in cards.groupby(['day', 'model_version'], sort=True):
+    top = group.sort_values('score', ascending=False, kind='stable').head(k)
+    rows.append({'day': day, 'model_version': version, 'cards': len(group),
+                 'card_precision_at_k': float(top['compromised'].sum()) / k})
+  return pandas.DataFrame(rows, columns=['day', 'model_version', 'cards', 'card_precision_at_k'])
+
+
+def window_drift(warehouse: Warehouse, metadata_of, version: Optional[str] = None) -> 'pandas.DataFrame':
+  """PSI per statistic of each window and champion version (``metadata_of(version)`` gives its metadata)."""
+  import pandas
+  sums = read_sums(warehouse, f"role = '{CHAMPION}' AND metric LIKE '{DRIFT_PREFIX}%'"
+                   + (f" AND model_version = '{version}'" if version else ''))
+  rows = []
+  for (start, end, model_version), group in sums.groupby(['window_start', 'window_end', 'model_version'], sort=True):
+    for name, psi in drift_by_statistic(group, metadata_of(model_version)).items():
+      rows.append({'window_start': start, 'window_end': end, 'model_version': model_version, 'statistic': name,
+                   'psi': psi})
+  return pandas.DataFrame(rows, columns=['window_start', 'window_end', 'model_version', 'statistic', 'psi'])
