@@ -184,6 +184,12 @@ MODULE_COMMANDS = {
     'train': ('trainer.task', 'Train, evaluate and publish a fraud model; promote it if it beats the current one'),
     'score': ('pipelines.scoring', 'Score transactions from Kafka with the model in service, taking new models '
               'live; predictions to Kafka (a Beam pipeline)'),
+    'monitor': ('pipelines.monitoring', 'Windowed metrics of the predictions per model version, accuracy as labels '
+                'arrive, drift against the training data; alerts to Kafka (a Beam pipeline)'),
+    'retrain': ('trainer.retrain', 'Retrain on the most recent days and promote if better: now, on a schedule '
+                '(--every) or when drift is reported (--on-drift)'),
+    'status': ('kbml.status', 'The state of the system in one screen: broker, lag, events/s, model, alerts'),
+    'report': ('kbml.report', 'Write an HTML report with plots of the live metrics, drift and PR curves'),
 }
 
 
