@@ -145,6 +145,22 @@ def committed_offsets(consumer: Consumer, pairs: Iterable[Partition], timeout_s:
   return {(tp.topic, tp.partition): tp.offset for tp in committed}
 
 
+def group_lag(config: Mapping[str, str], group: str, topics: Iterable[str], timeout_s: float = 15.0) -> Optional[int]:
+  """Records of ``topics`` the group has not consumed (end offset minus committed, over the partitions it
+  committed to); None if it has committed nothing there."""
+  consumer = new_probe_consumer({**config, 'group.id': group})
+  try:
+    partitions = list_partitions(consumer, topics, timeout_s)
+    committed = {pair: offset for pair, offset in committed_offsets(consumer, partitions, timeout_s).items()
+                 if offset >= 0}
+    if not committed:
+      return None
+    return sum(max(0, fetched_end_offset(consumer, topic, partition, offset, timeout_s) - offset)
+               for (topic, partition), offset in committed.items())
+  finally:
+    consumer.close()
+
+
 def create_topics(config: Mapping[str, str], topics: Iterable[str], partitions: int,
                   timeout_s: float = 15.0) -> List[str]:
   """Creates the topics that do not exist yet; returns the ones it created."""

@@ -51,12 +51,11 @@ from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.alerts import ALERTS_TOPIC, AlertSink
-from kbml.kafka_client import committed_offsets, fetched_end_offset, list_partitions, listed_offsets, new_probe_consumer
-from pipelines.events import EventOptions, read_events
+from pipelines.events import EventOptions, PartitionOffsets, group_start_offsets, read_events
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
 from trainer.task import default_model_dir
-from transforms.features import ComputeFeatures
+from transforms.features import FEATURE_NAMES, ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import KafkaRecord, write_to_kafka
 from transforms.records import (
@@ -73,9 +72,6 @@ RELOAD_WATCH = 'watch'
 # the local runner fires a round per bundle: commit two bundles late so that its prediction is flushed first.
 LOCAL_COMMIT_DELAY_BUNDLES = 2
 BACKTEST_NAMESPACE = 'kbml.backtest'
-
-PartitionOffsets = Dict[int, int]
-
 
 class ScoringOptions(PipelineOptions):
   """Topics, model store, model reload and backtest range (the consumer group: KafkaOptions)."""
@@ -121,28 +117,15 @@ def model_reload(options: PipelineOptions) -> str:
   return RELOAD_POLL if options.view_as(StandardOptions).runner == LOCAL_RUNNER else RELOAD_WATCH
 
 
-def first_unscored_offsets(config: Dict[str, str], group: str, topic: str, score_from: str,
-                           timeout_s: float = 15.0) -> PartitionOffsets:
-  """Per partition of ``topic``: the group's committed offset, else its start or end (``score_from``)."""
-  consumer = new_probe_consumer({**config, 'group.id': group})
-  try:
-    partitions = list_partitions(consumer, [topic], timeout_s)
-    committed = committed_offsets(consumer, partitions, timeout_s)
-    offsets = {}
-    for _, partition in partitions:
-      offset = committed[(topic, partition)]
-      if offset < 0:
-        low, _ = listed_offsets(consumer, topic, partition, timeout_s)
-        offset = low if score_from == 'earliest' else fetched_end_offset(consumer, topic, partition, low, timeout_s)
-      offsets[partition] = offset
-    return offsets
-  finally:
-    consumer.close()
-
-
 def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:
-  """The ``(key, value)`` of a prediction record: key the transaction id, value JSON."""
+  """The ``(key, value)`` of a prediction record: key the transaction id, value JSON.
+
+  The value holds the champion's score and decision, a shadow challenger's
+  score (null without one), and the features the scores were computed from
+  (monitoring compares their distribution with the training data's).
+  """
   row, score = result.example, result.inference
+  challenger = score.challenger
   prediction = {
       'transaction_id': row['transaction_id'],
       'customer_id': row['customer_id'],
@@ -155,6 +138,10 @@ def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:
       'scored_at': utc_iso(score.scored_at, milliseconds=True),
       'kafka_partition': row['kafka_partition'],
       'kafka_offset': row['kafka_offset'],
+      'challenger_version': challenger.version if challenger else None,
+      'challenger_score': challenger.score if challenger else None,
+      'challenger_flagged': challenger.flagged if challenger else None,
+      'features': {name: row[name] for name in FEATURE_NAMES},
   }
   return str(row['transaction_id']).encode(), json.dumps(prediction).encode()
 
@@ -195,7 +182,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     pipeline: the pipeline to add to.
     options: its options (ScoringOptions, KafkaOptions).
     first_unscored: streaming: per transactions partition, the first offset
-      to score (:func:`first_unscored_offsets`); the earlier records only
+      to score (:func:`~pipelines.events.group_start_offsets`); the earlier records only
       warm up the histories. Ignored in a backtest.
   """
   kafka = options.view_as(KafkaOptions)
@@ -215,6 +202,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   handler = ModelStoreHandler(
       store.root, alerts=AlertSink(config, scoring.alerts_topic),
       poll_s=scoring.model_poll_s if reload == RELOAD_POLL else None,
+      shadow_poll_s=None if backtest else scoring.model_poll_s,
       min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size).with_preprocess_fn(check_features)
   if backtest:
     start, end = backtest
@@ -270,8 +258,8 @@ def run(argv: Optional[List[str]] = None):
     raise ModelStoreError(f'No model is in service in {store.root}: train one first (`kbml train`).')
   first_unscored = None
   if not scoring.backtest_range():
-    first_unscored = first_unscored_offsets(kafka_config(options), kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-                                            events_options.transactions_topic, scoring.score_from)
+    first_unscored = group_start_offsets(kafka_config(options), kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+                                         events_options.transactions_topic, scoring.score_from)
     logging.info('scoring %s from offsets %s; the earlier records only build the histories',
                  events_options.transactions_topic, first_unscored)
   pipeline = beam.Pipeline(options=options)

@@ -15,6 +15,11 @@ version it serves:
   Dataflow and Flink, the promotion history in a backtest), that record's
   version.
 
+With ``shadow_poll_s``, the store's ``challenger`` pointer is read that
+often too, and a challenger version scores every row in the champion's
+shadow: its score is recorded with the prediction, the champion's decision
+is the one published (the shadow deployment of a challenger).
+
 A version that fails its check (truncated, corrupt, not loadable) is
 refused: the version in service keeps scoring, and one ``model_refused``
 alert is sent for it.
@@ -51,20 +56,29 @@ class ScoringModel(NamedTuple):
   feature_names: Tuple[str, ...]
 
 
+class ShadowScore(NamedTuple):
+  """A challenger's score of a row: recorded beside the champion's, never acted on."""
+  version: str
+  score: float
+  flagged: bool
+
+
 class Score(NamedTuple):
   """The inference of one row: the score, the decision at the model's threshold, and when it was made."""
   score: float
   flagged: bool
   threshold: float
   scored_at: float
+  challenger: Optional[ShadowScore] = None
 
 
 class _ModelInService:
-  """What RunInference holds as the model: the version scoring now, which polling may replace."""
+  """What RunInference holds as the model: the version scoring now and its shadow, which polling may replace."""
 
-  def __init__(self, scoring: ScoringModel, check_at: float):
+  def __init__(self, scoring: ScoringModel, check_at: float, challenger: Optional[ScoringModel] = None):
     self.scoring = scoring
     self.check_at = check_at
+    self.challenger = challenger
 
 
 def check_features(row: Dict[str, Any]) -> Dict[str, Any]:
@@ -91,15 +105,18 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     poll_s: read the ``current`` pointer this often while scoring, and swap
       to a newly promoted version; None: only when a model is loaded.
     alerts: where ``model_refused`` alerts go; None: logged only.
+    shadow_poll_s: read the ``challenger`` pointer this often, and score
+      every row with the challenger too; None: no challenger.
     min_batch_size: the least rows RunInference batches together.
     max_batch_size: the most.
   """
 
   def __init__(self, model_dir: str, *, poll_s: Optional[float] = None, alerts: Optional[AlertSink] = None,
-               min_batch_size: int = 1, max_batch_size: int = 1024):
+               shadow_poll_s: Optional[float] = None, min_batch_size: int = 1, max_batch_size: int = 1024):
     super().__init__()
     self._store = ModelStore(model_dir)
     self._poll_s = poll_s
+    self._shadow_poll_s = shadow_poll_s
     self._alerts = alerts
     self._batching = {'min_batch_size': min_batch_size, 'max_batch_size': max_batch_size}
     self._promotion_path: Optional[str] = None
@@ -128,7 +145,18 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
                               'and no earlier version has been loaded. Promote a sound version.')
       scoring = self._in_service
     self._in_service = scoring
-    return _ModelInService(scoring, time.monotonic() + (self._poll_s or 0))
+    return _ModelInService(scoring, time.monotonic() + (self._check_interval() or 0), self._shadow())
+
+  def _check_interval(self) -> Optional[float]:
+    intervals = [s for s in (self._poll_s, self._shadow_poll_s) if s is not None]
+    return min(intervals) if intervals else None
+
+  def _shadow(self) -> Optional[ScoringModel]:
+    """The challenger version loaded (None without one, or if it is refused)."""
+    if self._shadow_poll_s is None:
+      return None
+    version = self._store.challenger()
+    return self._load_or_refuse(version) if version is not None else None
 
   def _load_or_refuse(self, version: str) -> Optional[ScoringModel]:
     """The version loaded and checked, or None if it is (or was) refused."""
@@ -161,28 +189,33 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
       self._alerts.send(MODEL_REFUSED, message, version=version, reason=reason, version_in_service=in_service,
                         model_dir=self._store.root)
 
-  def _follow_current(self, model: _ModelInService):
-    version = self._store.current()
+  def _follow_store(self, model: _ModelInService):
+    """Takes a newly promoted champion (when polling) and the current challenger (when shadowing)."""
+    version = self._store.current() if self._poll_s is not None else None
     if version is not None and version != model.scoring.version:
       scoring = self._load_or_refuse(version)
       if scoring is not None:
         _LOG.info('now scoring with model version %s (was %s)', version, model.scoring.version)
         model.scoring = self._in_service = scoring
-    model.check_at = time.monotonic() + self._poll_s
+    challenger = self._shadow()
+    if challenger is not model.challenger:
+      _LOG.info('challenger in the shadow: %s', challenger.version if challenger else 'none')
+      model.challenger = challenger
+    model.check_at = time.monotonic() + self._check_interval()
 
   def run_inference(self, batch: Sequence[Dict[str, Any]], model: _ModelInService,
                     inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    if self._poll_s is not None and time.monotonic() >= model.check_at:
-      self._follow_current(model)
-    scoring = model.scoring
-    features = np.array([[row[name] for name in scoring.feature_names] for row in batch], dtype=np.float32)
-    scores = np.asarray(scoring.network.predict_on_batch(features), dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(scores)):
-      raise ValueError(f'model version {scoring.version} gave non-finite scores')
+    if self._check_interval() is not None and time.monotonic() >= model.check_at:
+      self._follow_store(model)
+    scoring, challenger = model.scoring, model.challenger
+    scores = _scores(scoring, batch)
+    shadow_scores = _scores(challenger, batch) if challenger else [None] * len(batch)
     scored_at = time.time()
-    return [PredictionResult(row, Score(score, bool(score >= scoring.threshold), scoring.threshold, scored_at),
-                             scoring.version)
-            for row, score in zip(batch, scores.tolist(), strict=True)]
+    return [PredictionResult(
+        row, Score(score, bool(score >= scoring.threshold), scoring.threshold, scored_at,
+                   None if shadow is None else ShadowScore(challenger.version, shadow, shadow >= challenger.threshold)),
+        scoring.version)
+            for row, score, shadow in zip(batch, scores, shadow_scores, strict=True)]
 
   def get_num_bytes(self, batch: Sequence[Dict[str, Any]]) -> int:
     return len(batch) * len(FEATURE_NAMES) * np.dtype(np.float32).itemsize
@@ -192,6 +225,14 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
 
   def batch_elements_kwargs(self) -> Dict[str, int]:
     return dict(self._batching)
+
+
+def _scores(scoring: ScoringModel, batch: Sequence[Dict[str, Any]]) -> List[float]:
+  features = np.array([[row[name] for name in scoring.feature_names] for row in batch], dtype=np.float32)
+  scores = np.asarray(scoring.network.predict_on_batch(features), dtype=np.float64).reshape(-1)
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(f'model version {scoring.version} gave non-finite scores')
+  return scores.tolist()
 
 
 class ServicePeriods(NonMergingWindowFn):

@@ -31,11 +31,14 @@ precision@k needs each card's best score of a day, which no sum gives.
 """
 
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from kbml.warehouse import TableSchema, Warehouse
+
+if TYPE_CHECKING:
+  import pandas
 
 METRICS_TABLE = 'monitoring_metrics'
 LABELLED_PREDICTIONS_TABLE = 'labelled_predictions'
@@ -109,8 +112,9 @@ def read_sums(warehouse: Warehouse, where: str = 'TRUE', table: str = METRICS_TA
     import pandas
     return pandas.DataFrame(columns=['window_start', 'window_end', 'model_version', 'role', 'metric', 'bin', 'value'])
   return warehouse.query(
-      f'SELECT window_start, window_end, model_version, role, metric, bin, SUM(value) AS value FROM {{{table}}} '
-      f'WHERE {where} GROUP BY window_start, window_end, model_version, role, metric, bin '
+      f'SELECT window_start, window_end, model_version, role, metric, bin, SUM(value) AS value '
+      f'FROM {warehouse.table_ref(table)} WHERE {where} '
+      f'GROUP BY window_start, window_end, model_version, role, metric, bin '
       f'ORDER BY window_start, model_version, role, metric, bin')
 
 
@@ -214,7 +218,7 @@ def card_precision_at_k(warehouse: Warehouse, k: int = 100, role: str = CHAMPION
     return pandas.DataFrame(columns=['day', 'model_version', 'cards', 'card_precision_at_k'])
   cards = warehouse.query(
       f'SELECT CAST(tx_datetime AS DATE) AS day, model_version, customer_id, MAX(score) AS score, '
-      f"MAX(is_fraud) AS compromised FROM {{{table}}} WHERE role = '{role}' "
+      f"MAX(is_fraud) AS compromised FROM {warehouse.table_ref(table)} WHERE role = '{role}' "
       f'GROUP BY day, model_version, customer_id')
   rows = []
   for (day, version), group in cards.groupby(['day', 'model_version'], sort=True):

@@ -1,0 +1,195 @@
+"""Monitoring: Kafka predictions + labels + dead letters -> windowed model metrics in the warehouse -> alerts.
+
+For each event-time window (a day by default) and model version, the
+pipeline counts predictions, flags and the score histogram, and, once the
+labels arrive, the labelled counts that give precision, recall, average
+precision and card precision@k; a shadow challenger's scores are counted
+under its own version and role. The counts are partial sums
+(``transforms/metrics.py``) written to the warehouse's ``monitoring_metrics``
+table, so that repeated bounded runs locally, or the panes of a streaming job,
+add up to the right totals; ``kbml status`` and ``kbml report`` read them.
+
+When a window is complete it is checked: each feature's and the score's
+population stability index against the model version's training data
+(``drift``), the share of dead letters, and, once its labels are in,
+precision and recall against floors. The scorer's consumer lag is checked
+too. Alerts go to the ``alerts`` topic, which ``kbml retrain --on-drift``
+listens to.
+
+The read starts at the beginning of the topics (a label meets a prediction
+read by an earlier run) and counts only the records at or after the consumer
+group's committed offsets (``transforms/monitoring.py``). A crash between a
+bundle's write and its offsets' commit counts that bundle twice when the
+pipeline restarts: the metrics are at least once, like the predictions.
+
+Example::
+
+    python -m pipelines.monitoring                  # streaming, on the local runner
+    python -m pipelines.monitoring --stop_at_end    # what the topics hold now, then stop
+    python -m pipelines.monitoring --runner DataflowRunner --project P --region R --temp_location gs://B/tmp \\
+        --streaming --setup_file ./setup.py --warehouse bigquery://P/fraud --model_dir gs://B/models \\
+        --bootstrap_servers BROKER:9092
+"""
+
+import logging
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from kbml.alerts import ALERTS_TOPIC
+from kbml.warehouse import default_warehouse_url, open_warehouse
+from pipelines.events import EventOptions, PartitionOffsets, group_start_offsets
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
+from trainer.task import default_model_dir
+from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
+from transforms.metrics import read_sums, summaries
+from transforms.monitoring import (
+  DEAD_LETTER,
+  LABEL,
+  PREDICTION,
+  JoinLabelsFn,
+  MonitoringSettings,
+  Observation,
+  WindowMetricsFn,
+  dead_letter_source,
+  parse_prediction,
+)
+from transforms.records import DEAD_LETTER_TAG, LABEL_SCHEMA, DeadLetter, InvalidRecord, dead_letter_message
+
+DEFAULT_CONSUMER_GROUP = 'kbml-monitoring'
+# The join emits as records arrive, but its stage may run a bundle behind the read on the local runner (a bounded
+# run commits when it has finished).
+LOCAL_COMMIT_DELAY_BUNDLES = 1
+
+
+class MonitoringOptions(PipelineOptions):
+  """Topics, warehouse, windows and alert thresholds (topics of the events: EventOptions)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--predictions_topic', default='predictions')
+    parser.add_argument('--alerts_topic', default=ALERTS_TOPIC)
+    parser.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
+                        'bigquery://PROJECT/DATASET: where the metrics go.')
+    parser.add_argument('--model_dir', help='The model store, for the versions\' training statistics (default: '
+                        '.kbml/models).')
+    parser.add_argument('--window_hours', type=float, default=24.0, help='Length of the event-time windows.')
+    parser.add_argument('--grace_hours', type=float, default=1.0,
+                        help='A window is checked once a prediction this much later than its end has arrived.')
+    parser.add_argument('--psi_threshold', type=float, default=0.2,
+                        help='Drift alert above this population stability index (0.1: moderate, 0.25: major).')
+    parser.add_argument('--min_window_predictions', type=int, default=200,
+                        help='No drift check on windows with fewer predictions.')
+    parser.add_argument('--precision_floor', type=float, default=0.0, help='Alert below this labelled precision.')
+    parser.add_argument('--recall_floor', type=float, default=0.0, help='Alert below this labelled recall.')
+    parser.add_argument('--min_labelled_frauds', type=int, default=10,
+                        help='No precision or recall check on windows with fewer labelled frauds.')
+    parser.add_argument('--max_dead_letter_rate', type=float, default=0.01,
+                        help='Alert when a larger share of a window\'s records are dead letters.')
+    parser.add_argument('--scorer_group', default='kbml-scoring', help='The scorer\'s consumer group (its lag).')
+    parser.add_argument('--max_scorer_lag', type=int, default=10_000,
+                        help='Alert when the scorer is more transactions behind.')
+    parser.add_argument('--monitor_from', choices=('earliest', 'latest'), default='earliest',
+                        help='Without committed offsets for the consumer group: count every record in the topics '
+                        '(earliest) or those that arrive from now on (latest).')
+
+
+def settings_of(options: PipelineOptions) -> MonitoringSettings:
+  monitoring = options.view_as(MonitoringOptions)
+  events = options.view_as(EventOptions)
+  config = kafka_config(options)
+  return MonitoringSettings(
+      warehouse_url=monitoring.warehouse or default_warehouse_url(), model_dir=monitoring.model_dir or
+      default_model_dir(), alerts_config=config, alerts_topic=monitoring.alerts_topic,
+      window_s=monitoring.window_hours * 3600, grace_s=monitoring.grace_hours * 3600,
+      label_delay_s=events.label_delay_days * 86_400, psi_threshold=monitoring.psi_threshold,
+      min_window_predictions=monitoring.min_window_predictions, precision_floor=monitoring.precision_floor,
+      recall_floor=monitoring.recall_floor, min_labelled_frauds=monitoring.min_labelled_frauds,
+      max_dead_letter_rate=monitoring.max_dead_letter_rate, scorer_group=monitoring.scorer_group,
+      transactions_topic=events.transactions_topic, max_scorer_lag=monitoring.max_scorer_lag, kafka_config=config)
+
+
+class _ObserveFn(beam.DoFn):
+  """Kafka records -> (key, Observation): predictions and labels by transaction id, dead letters by source."""
+
+  def __init__(self, predictions_topic: str, labels_topic: str, first_new: Dict[str, PartitionOffsets]):
+    self._predictions_topic = predictions_topic
+    self._labels_topic = labels_topic
+    self._first_new = first_new
+
+  def process(self, record: KafkaRecord) -> Iterable:
+    is_new = record.offset >= self._first_new.get(record.topic, {}).get(record.partition, 0)
+    try:
+      if record.topic == self._predictions_topic:
+        fields = parse_prediction(record.value)
+        yield str(fields['transaction_id']), Observation(PREDICTION, fields, is_new)
+      elif record.topic == self._labels_topic:
+        label = LABEL_SCHEMA.parse(record.value)
+        yield str(label.transaction_id), Observation(
+            LABEL, {'is_fraud': label.is_fraud, 'known_time': record.timestamp_ms / 1000}, is_new)
+      else:
+        source, source_time = dead_letter_source(record)
+        yield f'{DEAD_LETTER}:{source}', Observation(DEAD_LETTER, {'source_time': source_time}, is_new)
+    except InvalidRecord as e:
+      if is_new:
+        yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   first_new: Optional[Dict[str, PartitionOffsets]] = None):
+  """Adds the monitoring steps to ``pipeline``.
+
+  Args:
+    pipeline: the pipeline to add to.
+    options: its options (MonitoringOptions, EventOptions, KafkaOptions).
+    first_new: per topic and partition, the first offset to count
+      (:func:`~pipelines.events.group_start_offsets`); the earlier records
+      only let late labels meet their predictions. None: count everything.
+  """
+  kafka = options.view_as(KafkaOptions)
+  monitoring = options.view_as(MonitoringOptions)
+  events = options.view_as(EventOptions)
+  local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
+  config = kafka_config(options)
+  group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
+  topics = [monitoring.predictions_topic, events.labels_topic, events.dead_letter_topic]
+  observed = (pipeline
+              | 'ReadPredictionsAndLabels' >> read_from_kafka(
+                  kafka.kafka_io, {**config, 'group.id': group}, topics,
+                  expansion_service=kafka.kafka_expansion_service, stop_at_end=kafka.stop_at_end,
+                  idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
+                  commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local and not kafka.stop_at_end else 0)
+              | 'Observe' >> beam.ParDo(_ObserveFn(monitoring.predictions_topic, events.labels_topic,
+                                                   first_new or {})).with_outputs(DEAD_LETTER_TAG, main='observed'))
+  _ = (observed[DEAD_LETTER_TAG]
+       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
+       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
+                                              expansion_service=kafka.kafka_expansion_service))
+  _ = (observed['observed']
+       | 'JoinLabels' >> beam.ParDo(JoinLabelsFn()).with_input_types(Tuple[str, Observation])
+       | 'WindowMetrics' >> beam.ParDo(WindowMetricsFn(settings_of(options))))
+
+
+def run(argv: Optional[List[str]] = None):
+  options = pipeline_options(argv, [MonitoringOptions, EventOptions], prog='python -m pipelines.monitoring')
+  kafka = options.view_as(KafkaOptions)
+  monitoring = options.view_as(MonitoringOptions)
+  events = options.view_as(EventOptions)
+  config = kafka_config(options)
+  group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
+  first_new = {topic: group_start_offsets(config, group, topic, monitoring.monitor_from)
+               for topic in (monitoring.predictions_topic, events.labels_topic, events.dead_letter_topic)}
+  logging.info('monitoring from offsets %s; the earlier records only join late labels', first_new)
+  pipeline = beam.Pipeline(options=options)
+  build_pipeline(pipeline, options, first_new)
+  pipeline.run().wait_until_finish()
+  if kafka.stop_at_end:
+    settings = settings_of(options)
+    windows = summaries(read_sums(open_warehouse(settings.warehouse_url)))
+    print(windows.tail(10).to_string(index=False, float_format=lambda x: f'{x:.3f}'))
+
+
+if __name__ == '__main__':
+  logging.getLogger().setLevel(logging.INFO)
+  run()

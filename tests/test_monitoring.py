@@ -1,0 +1,141 @@
+"""The monitoring pipeline on the real broker and warehouse: metrics, their sums across runs, drift alerts."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, precision_score, recall_score
+
+from kbml.alerts import DRIFT
+from kbml.kafka_client import AcknowledgedProducer
+from kbml.warehouse import open_warehouse
+from pipelines import monitoring
+from tests.conftest import consume
+from tests.scoring_models import publish_model
+from trainer.data import feature_statistics
+from trainer.registry import ModelStore
+from transforms.features import FEATURE_NAMES
+from transforms.metrics import SCORE_BINS, read_sums, score_bin, summaries
+
+DAY_MS = 86_400_000
+START_MS = 1_700_006_400_000  # 2023-11-15T00:00:00Z, a day boundary
+LABEL_DELAY_MS = 7 * DAY_MS
+
+
+def _iso(ms: int) -> str:
+  return pd.Timestamp(ms, unit='ms', tz='UTC').strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+def _traffic(count: int, days: int, seed: int, drift_from_day=None, version='v1', challenger=None):
+  """Predictions and labels of ``count`` transactions over ``days`` days: (time ms, topic kind, key, value)."""
+  rng = np.random.default_rng(seed)
+  times = np.sort(rng.integers(START_MS, START_MS + days * DAY_MS, count))
+  is_fraud = rng.random(count) < 0.1
+  scores = np.clip(rng.beta(1, 6, count) + 0.4 * is_fraud * rng.random(count), 0, 1)
+  records = []
+  for i, (ms, fraud, score) in enumerate(zip(times.tolist(), is_fraud.tolist(), scores.tolist(), strict=True)):
+    drifted = drift_from_day is not None and ms >= START_MS + drift_from_day * DAY_MS
+    features = {name: float(rng.normal(3.0 if drifted else 0.0)) for name in FEATURE_NAMES}
+    identity = {'transaction_id': i, 'tx_datetime': _iso(ms), 'customer_id': i % 50, 'terminal_id': i % 70}
+    prediction = {**identity, 'score': score, 'flagged': score >= 0.5, 'threshold': 0.5, 'model_version': version,
+                  'features': features, 'challenger_version': None, 'challenger_score': None,
+                  'challenger_flagged': None}
+    if challenger:
+      shadow = float(np.clip(score + rng.normal(0, challenger[1]), 0, 1))
+      prediction.update(challenger_version=challenger[0], challenger_score=shadow, challenger_flagged=shadow >= 0.5)
+    label = {**identity, 'is_fraud': int(fraud), 'fraud_scenario': int(fraud)}
+    records.append((ms, 'predictions', i, json.dumps(prediction).encode()))
+    records.append((ms + LABEL_DELAY_MS, 'labels', i, json.dumps(label).encode()))
+  return sorted(records, key=lambda r: r[0])
+
+
+def _produce(bootstrap, topics, records):
+  producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
+  for ms, kind, key, value in records:
+    producer.send(topics[kind], value, str(key).encode(), timestamp_ms=ms)
+  undelivered, reasons = producer.flush(30)
+  assert undelivered == 0, reasons
+
+
+@pytest.fixture
+def setup(bootstrap, new_topic, tmp_path):
+  topics = {kind: new_topic(suffix=f'-{kind}') for kind in ('predictions', 'labels', 'dead-letter', 'alerts',
+                                                            'transactions')}
+  model_dir = str(tmp_path / 'models')
+  version = publish_model(model_dir)
+  rng = np.random.default_rng(0)
+  ModelStore(model_dir).update_metadata(
+      version, feature_statistics=feature_statistics(rng.normal(size=(2000, len(FEATURE_NAMES))), FEATURE_NAMES),
+      score_statistics=feature_statistics(rng.beta(1, 6, (2000, 1)), ['score'])['score'])
+  return topics, model_dir, version
+
+
+def _monitor(bootstrap, topics, model_dir, warehouse, group, *extra):
+  monitoring.run(['--bootstrap_servers', bootstrap, '--predictions_topic', topics['predictions'],
+                  '--labels_topic', topics['labels'], '--dead_letter_topic', topics['dead-letter'],
+                  '--alerts_topic', topics['alerts'], '--transactions_topic', topics['transactions'],
+                  '--warehouse', warehouse, '--model_dir', model_dir, '--consumer_group', group, '--stop_at_end',
+                  *extra])
+
+
+def test_precision_recall_and_average_precision_equal_scikit_learns(bootstrap, setup, tmp_path, group_id):
+  topics, model_dir, version = setup
+  records = _traffic(1500, days=10, seed=1, version=version)
+  duplicates = [r for r in records if r[1] == 'predictions'][:40]  # the scorer delivers at least once
+  _produce(bootstrap, topics, records + duplicates + [(START_MS, 'predictions', 'bad', b'not json')])
+  warehouse = f'duckdb://{tmp_path}/metrics.duckdb'
+  _monitor(bootstrap, topics, model_dir, warehouse, group_id)
+
+  sums = read_sums(open_warehouse(warehouse))
+  overall = summaries(sums[sums['role'] == 'champion'], group_by=['model_version']).iloc[0]
+  predictions = pd.DataFrame([json.loads(v) for _, kind, _, v in records if kind == 'predictions'])
+  labels = pd.DataFrame([json.loads(v) for _, kind, _, v in records if kind == 'labels'])
+  joined = predictions.merge(labels[['transaction_id', 'is_fraud']], on='transaction_id')
+  assert overall['predictions'] == len(predictions)  # each transaction once, duplicates left out
+  assert overall['labelled'] == len(joined)
+  assert overall['precision'] == pytest.approx(precision_score(joined['is_fraud'], joined['flagged']), abs=1e-12)
+  assert overall['recall'] == pytest.approx(recall_score(joined['is_fraud'], joined['flagged']), abs=1e-12)
+  binned = joined['score'].map(score_bin) / SCORE_BINS
+  assert overall['average_precision'] == pytest.approx(average_precision_score(joined['is_fraud'], binned), abs=1e-12)
+  assert overall['average_precision'] == pytest.approx(average_precision_score(joined['is_fraud'], joined['score']),
+                                                       abs=0.01)
+  dead = consume(bootstrap, topics['dead-letter'], 1)
+  assert [m.value() for m in dead] == [b'not json']
+
+
+def test_metrics_of_several_bounded_runs_equal_those_of_one_run(bootstrap, setup, tmp_path, group_id):
+  topics, model_dir, version = setup
+  records = _traffic(1200, days=12, seed=2, version=version)
+  one_run = f'duckdb://{tmp_path}/one.duckdb'
+  split_runs = f'duckdb://{tmp_path}/split.duckdb'
+  cuts = [0, len(records) // 3, 2 * len(records) // 3, len(records)]
+  for first, last in zip(cuts, cuts[1:], strict=False):
+    _produce(bootstrap, topics, records[first:last])
+    _monitor(bootstrap, topics, model_dir, split_runs, group_id)  # a pair split across runs counts once
+  _monitor(bootstrap, topics, model_dir, one_run, f'{group_id}-one')
+
+  def metrics(url):
+    return read_sums(open_warehouse(url)).sort_values(['window_start', 'model_version', 'role', 'metric', 'bin'],
+                                                     ignore_index=True)
+
+  split, whole = metrics(split_runs), metrics(one_run)
+  assert len(whole) > 100 and whole['value'].sum() > 0
+  pd.testing.assert_frame_equal(split, whole)
+
+
+def test_drifted_features_raise_one_drift_alert_per_statistic_and_window(bootstrap, setup, tmp_path, group_id):
+  topics, model_dir, version = setup
+  _produce(bootstrap, topics, _traffic(3000, days=6, seed=3, drift_from_day=3, version=version))
+  warehouse = f'duckdb://{tmp_path}/drift.duckdb'
+  _monitor(bootstrap, topics, model_dir, warehouse, group_id)
+  _monitor(bootstrap, topics, model_dir, warehouse, group_id)  # nothing new: no alert raised twice
+  alerts = [json.loads(m.value()) for m in consume(bootstrap, topics['alerts'], 10_000, timeout_s=5)]
+  drift = [a for a in alerts if a['kind'] == DRIFT]
+  windows = {a['window_start'] for a in drift}
+  # Days 0-2 are like the training data; from day 3 every feature moved by 3 standard deviations. The last
+  # day's window has not closed (no later prediction): days 3 and 4 alert.
+  assert windows == {_iso(START_MS + 3 * DAY_MS), _iso(START_MS + 4 * DAY_MS)}
+  assert {a['statistic'] for a in drift} == set(FEATURE_NAMES)
+  assert len(drift) == len({(a['window_start'], a['statistic']) for a in drift})
+  assert all(a['psi'] > 0.2 and a['model_version'] == version for a in drift)

@@ -1,0 +1,392 @@
+"""Monitoring transforms: predictions joined with their late labels, windowed partial sums, and alerts.
+
+:class:`JoinLabelsFn` is a stateful DoFn keyed by transaction id. It keeps
+the first prediction of each transaction (the scorer delivers at least once:
+a duplicate changes nothing) until its label arrives, days later, and emits
+what each record adds to the metrics: a prediction's counts when it
+arrives, its labelled counts when the pair is complete.
+
+Each record is read with whether it is new: at or after the consumer group's
+committed offsets. The pipeline reads the topics from the beginning, so that
+a label can meet a prediction read by an earlier run, but only new records
+count, and a pair counts in the run that completes it. Several bounded runs
+thus add up to the metrics of one run over the same records.
+
+:class:`WindowMetricsFn` sums the counts of a bundle by event-time window,
+model version and role (:mod:`transforms.metrics`), writes them to the
+warehouse at the end of the bundle and then checks the windows that have
+closed: drift of the features and of the score (PSI against the version's
+training statistics) and the dead-letter rate when a window's transactions
+are all in, precision and recall floors when its labels are, and the
+scorer's consumer lag. Alerts go to the ``alerts`` topic, each once: the
+alerts raised are recorded in the warehouse too.
+"""
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+
+from kbml.alerts import (
+  DEAD_LETTER_RATE,
+  DRIFT,
+  PRECISION_BELOW_FLOOR,
+  RECALL_BELOW_FLOOR,
+  SCORER_LAG,
+  AlertSink,
+)
+from kbml.kafka_client import group_lag
+from kbml.warehouse import TableSchema, open_warehouse
+from trainer.registry import ModelStore, ModelStoreError
+from transforms.kafka_io import KafkaRecord
+from transforms.metrics import (
+  CHALLENGER,
+  CHAMPION,
+  LABELLED_PREDICTIONS_SCHEMA,
+  LABELLED_PREDICTIONS_TABLE,
+  METRICS_SCHEMA,
+  METRICS_TABLE,
+  Sums,
+  WindowKey,
+  add_sums,
+  drift_by_statistic,
+  labelled_sums,
+  metric_rows,
+  prediction_sums,
+  read_sums,
+  statistic_bin,
+  training_distributions,
+  window_summary,
+)
+from transforms.records import SOURCE_HEADERS, InvalidRecord, parse_utc_timestamp, utc_iso
+
+_LOG = logging.getLogger(__name__)
+
+PREDICTION, LABEL, DEAD_LETTER = 'prediction', 'label', 'dead_letter'
+# Counts that belong to no model: the dead letters of a window.
+PIPELINE_ROLE = 'pipeline'
+ALERTS_TABLE = 'monitoring_alerts'
+ALERTS_SCHEMA = TableSchema(
+    columns=(('kind', 'STRING'), ('window_start', 'TIMESTAMP'), ('model_version', 'STRING'), ('subject', 'STRING'),
+             ('raised_at', 'TIMESTAMP'), ('message', 'STRING')),
+    key=('kind', 'window_start', 'model_version', 'subject'))
+_PREDICTION_FIELDS = ('transaction_id', 'tx_datetime', 'customer_id', 'score', 'flagged', 'model_version')
+
+
+class Observation(NamedTuple):
+  """A record the join sees: what it is, its fields, and whether this run counts it (new offsets)."""
+  kind: str
+  fields: Dict[str, Any]
+  is_new: bool
+
+
+class Contribution(NamedTuple):
+  """What a record adds to the metrics: a new prediction, a completed pair, or a dead letter."""
+  kind: str
+  prediction: Dict[str, Any]
+  is_fraud: Optional[int] = None
+  known_time: Optional[float] = None
+
+
+def parse_prediction(payload: Optional[bytes]) -> Dict[str, Any]:
+  """A prediction record's fields; raises InvalidRecord if it is not one the scorer writes."""
+  try:
+    fields = json.loads(payload)
+  except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InvalidRecord(f'not valid JSON: {e}') from None
+  if not isinstance(fields, dict):
+    raise InvalidRecord('a prediction record must be a JSON object')
+  missing = [name for name in _PREDICTION_FIELDS if name not in fields]
+  if missing:
+    raise InvalidRecord(f'prediction record without {", ".join(missing)}')
+  score = fields['score']
+  if not isinstance(score, (int, float)) or not 0 <= score <= 1:
+    raise InvalidRecord(f'field score must be a number from 0 to 1, got {score!r}'[:200])
+  fields['tx_time'] = parse_utc_timestamp(fields['tx_datetime'])
+  return fields
+
+
+def dead_letter_source(record: KafkaRecord) -> Tuple[str, float]:
+  """A dead letter's identity (source topic, partition, offset) and its source record's time."""
+  headers = {name: value.decode('utf-8', 'replace') for name, value in record.headers if value is not None}
+  topic, partition, offset, timestamp_ms = (headers.get(name, '') for name in SOURCE_HEADERS)
+  try:
+    source_time = int(timestamp_ms) / 1000
+  except ValueError:
+    source_time = record.timestamp_ms / 1000
+  return f'{topic}/{partition}/{offset}', source_time
+
+
+class JoinLabelsFn(beam.DoFn):
+  """Keyed by transaction id: the first prediction meets the first label (see the module docstring)."""
+
+  PREDICTION_STATE = ReadModifyWriteStateSpec('prediction', PickleCoder())
+  LABEL_STATE = ReadModifyWriteStateSpec('label', PickleCoder())
+
+  def process(self, element: Tuple[str, Observation], prediction_state=beam.DoFn.StateParam(PREDICTION_STATE),
+              label_state=beam.DoFn.StateParam(LABEL_STATE)) -> Iterable[Contribution]:
+    _, observation = element
+    prediction, label = prediction_state.read(), label_state.read()
+    if observation.kind == DEAD_LETTER:
+      if prediction is None:  # a dead letter written by two pipelines counts once
+        prediction_state.write(observation)
+        if observation.is_new:
+          yield Contribution(DEAD_LETTER, observation.fields)
+      return
+    if observation.kind == PREDICTION:
+      if prediction is not None:
+        return
+      # The features are counted now and not needed for the labelled counts: only the rest waits for the label.
+      prediction = observation._replace(fields={k: v for k, v in observation.fields.items() if k != 'features'})
+      prediction_state.write(prediction)
+      if observation.is_new:
+        yield Contribution(PREDICTION, observation.fields)
+    else:
+      if label is not None:
+        return
+      label = observation
+      label_state.write(label)
+    if prediction is not None and label is not None and (prediction.is_new or label.is_new):
+      yield Contribution(LABEL, prediction.fields, label.fields['is_fraud'], label.fields['known_time'])
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitoringSettings:
+  """Where metrics and alerts go, the windows, and the alert thresholds.
+
+  Attributes:
+    warehouse_url: the warehouse of the metrics tables.
+    model_dir: the model store (the versions' training statistics).
+    alerts_config: Kafka producer settings for the alerts.
+    alerts_topic: the alerts topic.
+    window_s: length of the event-time windows.
+    grace_s: a window is complete once a prediction this much later than
+      its end has arrived (predictions come roughly in event-time order).
+    label_delay_s: how long after a transaction its label arrives.
+    psi_threshold: PSI above which a statistic has drifted.
+    min_window_predictions: fewer predictions in a window: no drift check.
+    precision_floor: alert when a window's labelled precision is lower.
+    recall_floor: alert when its labelled recall is lower.
+    min_labelled_frauds: fewer frauds in a window: no precision or recall check.
+    max_dead_letter_rate: alert when a window's share of dead letters is higher.
+    scorer_group: the scorer's consumer group, for its lag.
+    transactions_topic: the topic the scorer reads.
+    max_scorer_lag: alert when the scorer is more records behind.
+    lag_check_s: how often the lag is checked.
+    kafka_config: Kafka client settings, for the lag.
+  """
+  warehouse_url: str
+  model_dir: str
+  alerts_config: Dict[str, str]
+  alerts_topic: str
+  window_s: float = 86_400.0
+  grace_s: float = 3_600.0
+  label_delay_s: float = 7 * 86_400.0
+  psi_threshold: float = 0.2
+  min_window_predictions: int = 200
+  precision_floor: float = 0.0
+  recall_floor: float = 0.0
+  min_labelled_frauds: int = 10
+  max_dead_letter_rate: float = 0.01
+  scorer_group: str = 'kbml-scoring'
+  transactions_topic: str = 'transactions'
+  max_scorer_lag: int = 10_000
+  lag_check_s: float = 30.0
+  kafka_config: Dict[str, str] = dataclasses.field(default_factory=dict)
+  metrics_table: str = METRICS_TABLE
+  labelled_table: str = LABELLED_PREDICTIONS_TABLE
+
+
+class WindowMetricsFn(beam.DoFn):
+  """Sums contributions by window, version and role; writes them each bundle; raises alerts for closed windows."""
+
+  def __init__(self, settings: MonitoringSettings):
+    self._settings = settings
+
+  def setup(self):
+    settings = self._settings
+    self._warehouse = open_warehouse(settings.warehouse_url)
+    self._warehouse.prepare()
+    for table, schema in ((settings.metrics_table, METRICS_SCHEMA), (settings.labelled_table,
+                                                                     LABELLED_PREDICTIONS_SCHEMA),
+                          (ALERTS_TABLE, ALERTS_SCHEMA)):
+      self._warehouse.ensure_table(table, schema)
+    self._store = ModelStore(settings.model_dir)
+    self._alerts = AlertSink(settings.alerts_config, settings.alerts_topic)
+    self._distributions: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
+    self._newest_tx_time = self._newest_label_time = -math.inf
+    self._checked_tx_horizon = self._checked_label_horizon = -math.inf
+    self._next_lag_check = 0.0
+    self._lagging = False
+
+  def start_bundle(self):
+    self._sums: Dict[WindowKey, Sums] = {}
+    self._labelled_rows: List[Dict[str, object]] = []
+
+  def _window(self, tx_time: float) -> Tuple[float, float]:
+    start = math.floor(tx_time / self._settings.window_s) * self._settings.window_s
+    return start, start + self._settings.window_s
+
+  def _add(self, tx_time: float, version: str, role: str, sums: Sums):
+    add_sums(self._sums.setdefault((*self._window(tx_time), version, role), {}), sums)
+
+  def _drift_bins(self, version: str, features: Dict[str, float], score: float) -> Dict[str, int]:
+    if version not in self._distributions:
+      try:
+        self._distributions[version] = training_distributions(self._store.metadata(version))
+      except ModelStoreError as e:
+        _LOG.warning('no training statistics for model version %s, no drift measured for it: %s', version, e)
+        self._distributions[version] = {}
+    values = {**(features or {}), 'score': score}
+    return {name: statistic_bin(values[name], distribution['bin_edges'])
+            for name, distribution in self._distributions[version].items() if name in values}
+
+  def process(self, contribution: Contribution):
+    fields = contribution.prediction
+    if contribution.kind == DEAD_LETTER:
+      self._add(fields['source_time'], '', PIPELINE_ROLE, {('dead_letters', 0): 1.0})
+      return
+    tx_time, version = fields['tx_time'], fields['model_version']
+    challenger = fields.get('challenger_version')
+    if contribution.kind == PREDICTION:
+      self._newest_tx_time = max(self._newest_tx_time, tx_time)
+      self._add(tx_time, version, CHAMPION, prediction_sums(
+          fields['score'], fields['flagged'], self._drift_bins(version, fields.get('features'), fields['score'])))
+      if challenger:
+        self._add(tx_time, challenger, CHALLENGER,
+                  prediction_sums(fields['challenger_score'], fields['challenger_flagged']))
+      return
+    self._newest_label_time = max(self._newest_label_time, contribution.known_time)
+    scored = [(version, CHAMPION, fields['score'], fields['flagged'])]
+    if challenger:
+      scored.append((challenger, CHALLENGER, fields['challenger_score'], fields['challenger_flagged']))
+    for model_version, role, score, flagged in scored:
+      self._add(tx_time, model_version, role, labelled_sums(score, flagged, bool(contribution.is_fraud)))
+      self._labelled_rows.append({
+          'transaction_id': fields['transaction_id'], 'tx_datetime': fields['tx_datetime'],
+          'customer_id': fields['customer_id'], 'model_version': model_version, 'role': role, 'score': score,
+          'flagged': int(flagged), 'is_fraud': int(contribution.is_fraud)})
+
+  def finish_bundle(self):
+    settings = self._settings
+    if self._sums:
+      self._warehouse.write_rows(settings.metrics_table, METRICS_SCHEMA, metric_rows(
+          self._sums, uuid.uuid4().hex, utc_iso(time.time())))
+    if self._labelled_rows:
+      self._warehouse.write_rows(settings.labelled_table, LABELLED_PREDICTIONS_SCHEMA, self._labelled_rows)
+    self._check_closed_windows()
+    self._check_scorer_lag()
+
+  def _check_closed_windows(self):
+    settings = self._settings
+    tx_horizon = self._newest_tx_time - settings.grace_s
+    if tx_horizon > self._checked_tx_horizon:
+      for window, version, sums in self._closed_windows(self._checked_tx_horizon, tx_horizon):
+        self._check_drift(window, version, sums)
+      self._checked_tx_horizon = tx_horizon
+    label_horizon = self._newest_label_time - settings.label_delay_s - settings.grace_s
+    if label_horizon > self._checked_label_horizon:
+      for window, version, sums in self._closed_windows(self._checked_label_horizon, label_horizon):
+        self._check_accuracy(window, version, sums)
+      self._checked_label_horizon = label_horizon
+
+  def _closed_windows(self, after: float, until: float):
+    """(window, version, summed rows) of the champion windows that ended in (after, until]."""
+    after = max(after, until - 3 * self._settings.window_s)  # only recent windows: the older ones were checked
+    sums = read_sums(self._warehouse, f"window_end > {self._warehouse.timestamp(_utc(after))} AND window_end <= "
+                     f"{self._warehouse.timestamp(_utc(until))} AND role IN ('{CHAMPION}', '{PIPELINE_ROLE}')",
+                     self._settings.metrics_table)
+    dead_letters = sums[sums['role'] == PIPELINE_ROLE]
+    for (start, end, version), rows in sums[sums['role'] == CHAMPION].groupby(
+        ['window_start', 'window_end', 'model_version'], sort=True):
+      window_dead_letters = dead_letters.loc[dead_letters['window_start'] == start, 'value'].sum()
+      yield (_seconds(start), _seconds(end)), version, (rows, float(window_dead_letters))
+
+  def _check_drift(self, window, version: str, sums):
+    rows, dead_letters = sums
+    summary = window_summary(rows)
+    predictions = summary['predictions']
+    settings = self._settings
+    if predictions + dead_letters and dead_letters / (predictions + dead_letters) > settings.max_dead_letter_rate:
+      rate = dead_letters / (predictions + dead_letters)
+      self._raise(DEAD_LETTER_RATE, window, version, 'records',
+                  f'{rate:.1%} of the records of the window {_describe(window)} went to the dead-letter topic (more '
+                  f'than {settings.max_dead_letter_rate:.1%}): look at their reasons (header kbml.error.reason) and '
+                  f'fix the producer.', rate=rate, threshold=settings.max_dead_letter_rate)
+    if predictions < settings.min_window_predictions:
+      return
+    try:
+      metadata = self._store.metadata(version)
+    except ModelStoreError:
+      return
+    for statistic, psi in sorted(drift_by_statistic(rows, metadata).items()):
+      if psi > settings.psi_threshold:
+        self._raise(DRIFT, window, version, statistic,
+                    f'{statistic} drifted in the window {_describe(window)}: PSI {psi:.3f} > {settings.psi_threshold} '
+                    f'against the training data of model {version} ({int(predictions):,} predictions). The model '
+                    'may no longer fit: retrain on recent data (`kbml retrain`).',
+                    statistic=statistic, psi=psi, threshold=settings.psi_threshold, predictions=predictions)
+
+  def _check_accuracy(self, window, version: str, sums):
+    rows, _ = sums
+    summary = window_summary(rows)
+    settings = self._settings
+    if summary['frauds'] < settings.min_labelled_frauds:
+      return
+    for kind, name, value, floor in ((PRECISION_BELOW_FLOOR, 'precision', summary['precision'],
+                                      settings.precision_floor),
+                                     (RECALL_BELOW_FLOOR, 'recall', summary['recall'], settings.recall_floor)):
+      if not math.isnan(value) and value < floor:
+        self._raise(kind, window, version, name,
+                    f'the {name} of model {version} in the window {_describe(window)} is {value:.3f}, below the '
+                    f'floor {floor} ({int(summary["labelled"]):,} labelled, {int(summary["frauds"]):,} frauds): '
+                    'retrain (`kbml retrain`) or roll back (`kbml promote VERSION`).',
+                    **{name: value, 'floor': floor, 'labelled': summary['labelled'], 'frauds': summary['frauds'],
+                       'average_precision': summary['average_precision']})
+
+  def _raise(self, kind: str, window: Tuple[float, float], version: str, subject: str, message: str, **details):
+    """Sends an alert unless the same one (kind, window, version, subject) was raised before."""
+    start = utc_iso(window[0])
+    key = f"kind = '{kind}' AND model_version = '{version}' AND subject = '{subject}' AND window_start = " \
+          f'{self._warehouse.timestamp(_utc(window[0]))}'
+    if len(self._warehouse.query(f'SELECT kind FROM {self._warehouse.table_ref(ALERTS_TABLE)} WHERE {key}')):
+      return
+    self._alerts.send(kind, message, window_start=start, window_end=utc_iso(window[1]), model_version=version,
+                      **details)
+    self._warehouse.write_rows(ALERTS_TABLE, ALERTS_SCHEMA, [{
+        'kind': kind, 'window_start': start, 'model_version': version, 'subject': subject,
+        'raised_at': utc_iso(time.time()), 'message': message}])
+
+  def _check_scorer_lag(self):
+    settings = self._settings
+    if time.monotonic() < self._next_lag_check or not settings.kafka_config:
+      return
+    self._next_lag_check = time.monotonic() + settings.lag_check_s
+    lag = group_lag(settings.kafka_config, settings.scorer_group, [settings.transactions_topic])
+    if lag is None:  # the scorer has committed nothing yet
+      return
+    if lag > settings.max_scorer_lag and not self._lagging:
+      message = (f'the scorer (group {settings.scorer_group}) is {lag:,} transactions behind (more than '
+                 f'{settings.max_scorer_lag:,}): predictions are late; is it running, and keeping up?')
+      self._alerts.send(SCORER_LAG, message, lag=lag, threshold=settings.max_scorer_lag, group=settings.scorer_group)
+    self._lagging = lag > settings.max_scorer_lag
+
+
+def _utc(seconds: float) -> datetime.datetime:
+  return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+
+
+def _seconds(moment) -> float:
+  return moment.timestamp()
+
+
+def _describe(window: Tuple[float, float]) -> str:
+  return f'{utc_iso(window[0])} to {utc_iso(window[1])}'
