@@ -139,21 +139,68 @@ def _promote(args) -> int:
   from trainer.registry import ModelStore
   from trainer.task import default_model_dir
   store = ModelStore(args.model_dir or default_model_dir())
-  previous = store.current()
+  if args.if_better:
+    return _promote_challenger_if_better(store, args)
+  if not args.version:
+    raise ValueError('Name the version to promote, or give --if-better to promote the challenger on its live '
+                     'record.')
   store.verified_model_bytes(args.version)
+  if args.challenger:
+    store.set_challenger(args.version)
+    print(f'version {args.version} is the challenger in {store.root}: running scorers score every transaction with '
+          f'it too, in the shadow of {store.current()}; `kbml monitor` records both, and `kbml promote --if-better` '
+          'promotes it once it has proved better')
+    return 0
+  previous = store.current()
   store.promote(args.version)
   print(f'version {args.version} is in service in {store.root} (was {previous}); running scorers take it '
         'within seconds')
   return 0
 
 
+def _promote_challenger_if_better(store, args) -> int:
+  """Promotes the challenger if its live average precision beats the champion's on the same labelled events."""
+  from kbml.warehouse import open_warehouse
+  from transforms.metrics import shadow_comparison
+  champion, challenger = store.current(), store.challenger()
+  if challenger is None:
+    raise ValueError(f'No challenger in {store.root}: put one in the shadow first (`kbml promote VERSION '
+                     '--challenger`).')
+  live = shadow_comparison(open_warehouse(args.warehouse), champion, challenger)
+  record = (f"on {live['labelled']:,} labelled transactions ({live['frauds']:,} frauds) both scored: challenger "
+            f"{challenger} average precision {live['challenger_average_precision']:.4f}, champion {champion} "
+            f"{live['champion_average_precision']:.4f}")
+  if live['labelled'] < args.min_labelled or not live['frauds']:
+    print(f'not promoted: too few labelled events yet ({live["labelled"]:,} < {args.min_labelled:,}, or no fraud); '
+          f'{record}')
+    return 0
+  if not live['challenger_average_precision'] > live['champion_average_precision']:
+    print(f'not promoted: the challenger is not better; {record}')
+    return 0
+  store.verified_model_bytes(challenger)
+  store.promote(challenger)
+  print(f'promoted {challenger}: {record}')
+  return 0
+
+
 def _add_promote_parser(commands):
   promote = commands.add_parser(
-      'promote', help='Put a published model version in service (a rollback too).',
+      'promote', help='Put a published model version in service (a rollback too), or in the shadow.',
       description='Puts a published model version in service: running scorers switch to it without a restart. '
-      'The version\'s model file is checked against its metadata first.')
-  promote.add_argument('version', help='The version, as `kbml train` printed it (a folder of MODEL_DIR/versions).')
+      'The version\'s model file is checked against its metadata first. With --challenger the version is scored '
+      'in the shadow of the one in service instead; --if-better promotes that challenger once its live average '
+      'precision beats the champion\'s on the same labelled transactions.')
+  promote.add_argument('version', nargs='?',
+                       help='The version, as `kbml train` printed it (a folder of MODEL_DIR/versions).')
   promote.add_argument('--model-dir', help='The model store (default: .kbml/models).')
+  promote.add_argument('--challenger', action='store_true', help='Score the version in the shadow; act on the '
+                       'champion\'s decisions.')
+  promote.add_argument('--if-better', action='store_true',
+                       help='Promote the challenger if it beats the champion on live labels (`kbml monitor` '
+                       'records them).')
+  promote.add_argument('--min-labelled', type=int, default=1000,
+                       help='--if-better decides on at least this many labelled transactions (default: %(default)s).')
+  promote.add_argument('--warehouse', help='Where `kbml monitor` writes (default: .kbml/warehouse.duckdb).')
   promote.set_defaults(handler=_promote)
 
 

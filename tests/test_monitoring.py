@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, precision_score, recall_score
 
+from kbml import cli
 from kbml.alerts import DRIFT
 from kbml.kafka_client import AcknowledgedProducer
 from kbml.warehouse import open_warehouse
@@ -28,11 +29,15 @@ def _iso(ms: int) -> str:
 
 
 def _traffic(count: int, days: int, seed: int, drift_from_day=None, version='v1', challenger=None):
-  """Predictions and labels of ``count`` transactions over ``days`` days: (time ms, topic kind, key, value)."""
+  """Predictions and labels of ``count`` transactions over ``days`` days: (time ms, topic kind, key, value).
+
+  The champion's scores separate frauds with a lift of 0.4; a ``challenger`` (version, lift) with its own lift.
+  """
   rng = np.random.default_rng(seed)
   times = np.sort(rng.integers(START_MS, START_MS + days * DAY_MS, count))
   is_fraud = rng.random(count) < 0.1
-  scores = np.clip(rng.beta(1, 6, count) + 0.4 * is_fraud * rng.random(count), 0, 1)
+  base, lifts = rng.beta(1, 6, count), rng.random(count)
+  scores = np.clip(base + 0.4 * is_fraud * lifts, 0, 1)
   records = []
   for i, (ms, fraud, score) in enumerate(zip(times.tolist(), is_fraud.tolist(), scores.tolist(), strict=True)):
     drifted = drift_from_day is not None and ms >= START_MS + drift_from_day * DAY_MS
@@ -42,7 +47,7 @@ def _traffic(count: int, days: int, seed: int, drift_from_day=None, version='v1'
                   'features': features, 'challenger_version': None, 'challenger_score': None,
                   'challenger_flagged': None}
     if challenger:
-      shadow = float(np.clip(score + rng.normal(0, challenger[1]), 0, 1))
+      shadow = float(np.clip(base[i] + challenger[1] * fraud * lifts[i], 0, 1))
       prediction.update(challenger_version=challenger[0], challenger_score=shadow, challenger_flagged=shadow >= 0.5)
     label = {**identity, 'is_fraud': int(fraud), 'fraud_scenario': int(fraud)}
     records.append((ms, 'predictions', i, json.dumps(prediction).encode()))
@@ -139,3 +144,25 @@ def test_drifted_features_raise_one_drift_alert_per_statistic_and_window(bootstr
   assert {a['statistic'] for a in drift} == set(FEATURE_NAMES)
   assert len(drift) == len({(a['window_start'], a['statistic']) for a in drift})
   assert all(a['psi'] > 0.2 and a['model_version'] == version for a in drift)
+
+
+@pytest.mark.parametrize('lift, promoted', [(0.8, True), (0.1, False)])
+def test_a_shadow_challenger_is_promoted_only_if_better_on_live_labels(bootstrap, setup, tmp_path, group_id, lift,
+                                                                       promoted, capsys):
+  topics, model_dir, champion = setup
+  challenger = publish_model(model_dir, seed=1, promote=False)
+  store = ModelStore(model_dir)
+  assert cli.main(['promote', challenger, '--challenger', '--model-dir', model_dir]) == 0
+  assert store.challenger() == challenger and store.current() == champion
+  _produce(bootstrap, topics, _traffic(1500, days=10, seed=4, version=champion, challenger=(challenger, lift)))
+  warehouse = f'duckdb://{tmp_path}/shadow.duckdb'
+  _monitor(bootstrap, topics, model_dir, warehouse, group_id)
+
+  promote = ['promote', '--if-better', '--model-dir', model_dir, '--warehouse', warehouse]
+  assert cli.main([*promote, '--min-labelled', '5000']) == 0
+  assert store.current() == champion and 'too few labelled events' in capsys.readouterr().out
+  assert cli.main([*promote, '--min-labelled', '1000']) == 0
+  output = capsys.readouterr().out
+  assert store.current() == (challenger if promoted else champion), output
+  assert ('promoted ' if promoted else 'not promoted: the challenger is not better') in output
+  assert store.challenger() == (None if promoted else challenger)

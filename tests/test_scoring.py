@@ -16,6 +16,7 @@ import uuid
 from typing import Dict, List
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.portability.api import beam_runner_api_pb2
 from confluent_kafka import TopicPartition
@@ -267,3 +268,27 @@ def test_scoring_refuses_to_start_without_a_model(bootstrap, tmp_path):
   with pytest.raises(ValueError, match='No model is in service'):
     scoring.run(['--bootstrap_servers', bootstrap, '--model_dir', str(tmp_path), '--transactions_topic',
                  f'none-{uuid.uuid4().hex[:6]}'])
+
+
+def test_a_challenger_scores_every_row_in_the_shadow_of_the_champion(tmp_path):
+  from transforms.features import FEATURE_NAMES
+  from transforms.inference import ModelStoreHandler
+  model_dir = str(tmp_path / 'models')
+  champion = publish_model(model_dir, seed=0)
+  challenger = publish_model(model_dir, seed=5, promote=False)
+  store = ModelStore(model_dir)
+  store.set_challenger(challenger)
+  rows = [{name: float(i + j) / 10 for j, name in enumerate(FEATURE_NAMES)} for i in range(5)]
+  handler = ModelStoreHandler(model_dir, shadow_poll_s=0.0)
+  model = handler.load_model()
+
+  results = list(handler.run_inference(rows, model))
+  assert {r.model_id for r in results} == {champion}
+  assert {r.inference.challenger.version for r in results} == {challenger}
+  features = np.array([[row[name] for name in FEATURE_NAMES] for row in rows], dtype=np.float32)
+  expected = np.asarray(store.load_model(challenger).predict_on_batch(features)).reshape(-1)
+  assert [r.inference.challenger.score for r in results] == pytest.approx(expected.tolist(), rel=1e-6)
+  assert [r.inference.score for r in results] != [r.inference.challenger.score for r in results]
+
+  store.set_challenger(None)
+  assert all(r.inference.challenger is None for r in handler.run_inference(rows, model))

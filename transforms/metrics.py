@@ -239,3 +239,27 @@ def window_drift(warehouse: Warehouse, metadata_of, version: Optional[str] = Non
       rows.append({'window_start': start, 'window_end': end, 'model_version': model_version, 'statistic': name,
                    'psi': psi})
   return pandas.DataFrame(rows, columns=['window_start', 'window_end', 'model_version', 'statistic', 'psi'])
+
+
+def shadow_comparison(warehouse: Warehouse, champion: str, challenger: str,
+                      table: str = LABELLED_PREDICTIONS_TABLE) -> Dict[str, float]:
+  """The champion's and the challenger's average precision on the same labelled transactions.
+
+  Only the transactions both scored count: those since the challenger
+  entered the shadow, whose labels have arrived.
+  """
+  from sklearn.metrics import average_precision_score
+  if table not in warehouse.tables():
+    return {'labelled': 0, 'frauds': 0, 'champion_average_precision': float('nan'),
+            'challenger_average_precision': float('nan')}
+  rows = warehouse.query(
+      f'SELECT champion.score AS champion_score, challenger.score AS challenger_score, champion.is_fraud '
+      f'FROM {warehouse.table_ref(table)} AS champion JOIN {warehouse.table_ref(table)} AS challenger '
+      f'ON champion.transaction_id = challenger.transaction_id '
+      f"WHERE champion.role = '{CHAMPION}' AND champion.model_version = '{champion}' "
+      f"AND challenger.role = '{CHALLENGER}' AND challenger.model_version = '{challenger}'")
+  frauds = int(rows['is_fraud'].sum())
+  both_classes = 0 < frauds < len(rows)
+  return {'labelled': len(rows), 'frauds': frauds,
+          **{f'{role}_average_precision': float(average_precision_score(rows['is_fraud'], rows[f'{role}_score']))
+             if both_classes else float('nan') for role in (CHAMPION, CHALLENGER)}}
