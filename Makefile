@@ -51,7 +51,13 @@ demo: $(STAMP)
 	kill $$(cat .kbml/scorer.pid)
 	$(BIN)/kbml local status
 
-test: $(STAMP) $(BIGQUERY_EMULATOR)
+# tests/test_report.py renders `kbml report` with headless Chromium: Debian's package (CI runs as root).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update && apt-get install -y --no-install-recommends chromium
+
+test: $(STAMP) $(BIGQUERY_EMULATOR) $(CHROMIUM)
 	KBML_BIGQUERY_EMULATOR_VENV=$(abspath $(BIGQUERY_EMULATOR_VENV)) $(BIN)/python -m pytest
 
 # bench.trainer simulates and ingests the standard run (3.6 million events) first: about 12 minutes on 2 cores.
