@@ -27,7 +27,6 @@ import datetime
 import html
 import io
 import os
-import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -76,14 +75,10 @@ figcaption { color: #555; font-size: 0.9em; }
 
 
 class _MonitoringTables(Warehouse):
-  """The warehouse as ``transforms.metrics`` reads it.
+  """The warehouse with the default monitoring table names pointing at the ones given on the command line.
 
-  Its queries name tables as ``{table}`` placeholders, as ``Warehouse.query``'s
-  docstring describes, but the warehouses run the text as it is: this view
-  puts each table's reference in their place. It also points the module's
-  default table names at the ones given on the command line, since
-  ``window_drift`` takes no table name. (Harmless once the module names its
-  tables with ``table_ref`` or the warehouses fill the placeholders in.)
+  ``transforms.metrics.window_drift`` takes no table name: it reads the
+  default one, through ``table_ref``.
   """
 
   def __init__(self, warehouse: Warehouse, tables: Mapping[str, str]):
@@ -92,7 +87,7 @@ class _MonitoringTables(Warehouse):
     self.url = warehouse.url
 
   def query(self, sql):
-    return self._warehouse.query(re.sub(r'\{(\w+)\}', lambda match: self.table_ref(match.group(1)), sql))
+    return self._warehouse.query(sql)
 
   def table_ref(self, table):
     return self._warehouse.table_ref(self._tables.get(table, table))
