@@ -77,6 +77,26 @@ def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) 
 
 
 @pytest.fixture(scope='session')
+def warehouse(bootstrap, tmp_path_factory) -> str:
+  """A warehouse filled by the ingest pipeline from a simulation produced to the real broker; returns its URL.
+
+  600 customers over 50 days from 2018-04-01 (the last labelled day is 2018-05-20). One per session: the
+  trainer's and the retrainer's tests only read it.
+  """
+  from kbml import simulator
+  from pipelines import ingest
+  topics = {name: f'ingested-{name}-{uuid.uuid4().hex[:8]}' for name in ('transactions', 'labels', 'dead-letter')}
+  simulation = simulator.simulate(simulator.SimulationConfig(customers=600, terminals=1200, days=50, seed=3))
+  simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'],
+                    topics['labels'])
+  url = f"duckdb://{tmp_path_factory.mktemp('ingested')}/warehouse.duckdb"
+  ingest.run(['--bootstrap_servers', bootstrap, '--transactions_topic', topics['transactions'],
+              '--labels_topic', topics['labels'], '--dead_letter_topic', topics['dead-letter'], '--warehouse', url,
+              '--stop_at_end', '--consumer_group', f'ingested-{uuid.uuid4().hex[:8]}'])
+  return url
+
+
+@pytest.fixture(scope='session')
 def bigquery_emulator(tmp_path_factory):
   """A running BigQuery emulator, with Beam and kbml's clients pointed at it; yields its project."""
   from tests.bigquery_emulator import PROJECT, local_bigquery, redirect_beam_bigquery

@@ -9,10 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from kbml import simulator
-from kbml.simulator import SimulationConfig, simulate
 from kbml.warehouse import WarehouseError, open_warehouse
-from pipelines import ingest
 from trainer import data, evaluate, model, task
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.features import FEATURE_NAMES, FEATURES_TABLE
@@ -21,20 +18,6 @@ from transforms.records import LABELS_TABLE
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # The simulation starts on 2018-04-01: 28 days of history, then the split.
 TRAIN_START, TRAIN_END = '2018-04-29', '2018-05-05'
-
-
-@pytest.fixture(scope='module')
-def warehouse(bootstrap, tmp_path_factory):
-  """A warehouse filled by the ingest pipeline from a simulation produced to the real broker."""
-  topics = {name: f'trainer-{name}-{uuid.uuid4().hex[:8]}' for name in ('transactions', 'labels', 'dead-letter')}
-  simulation = simulate(SimulationConfig(customers=600, terminals=1200, days=50, seed=3))
-  simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'],
-                    topics['labels'])
-  url = f"duckdb://{tmp_path_factory.mktemp('trainer')}/warehouse.duckdb"
-  ingest.run(['--bootstrap_servers', bootstrap, '--transactions_topic', topics['transactions'],
-              '--labels_topic', topics['labels'], '--dead_letter_topic', topics['dead-letter'], '--warehouse', url,
-              '--stop_at_end', '--consumer_group', f'trainer-{uuid.uuid4().hex[:8]}'])
-  return url
 
 
 def _train(warehouse, model_dir, *extra):

@@ -1,0 +1,487 @@
+"""Retrains the fraud model on the freshest labelled data: ``kbml retrain``.
+
+A retrain is ``kbml train`` on the most recent labelled days, its evaluation,
+the blessing gate (the new version is promoted only if its average precision
+on the test rows is not worse than the champion's) and the promotion, which
+running scorers take live. Its split differs from ``kbml train``'s: the test
+range is the last 3 labelled days and the training range the 14 days before,
+with no gap, because a model meant to learn a new pattern must have seen it.
+Each version a retrain publishes records why in its metadata (``retrain``:
+the trigger, manual, schedule or drift; the alert that caused it; when it
+started and finished); ``kbml status`` shows the newest as the last retrain.
+
+When:
+
+- no option: once, now; exits 2 when the data is missing or incomplete;
+- ``--every 6h``: now and then every 6 hours, in the foreground; a failed run
+  is reported and the schedule goes on;
+- ``--on-drift``: listens to the alerts topic with a consumer group (from its
+  committed offsets; on the group's first start from the end, as earlier
+  alerts are history) and retrains when the monitor reports drift, or
+  precision or recall below their floor. Labels arrive days late, so the
+  retrain waits until the warehouse has ``--drift-labelled-days`` days of
+  labels from the day the alert's window started. One drift episode raises
+  many alerts (several features, several windows): after the first, alerts
+  are ignored while its retrain waits and for ``--cooldown`` after it.
+
+``--every`` and ``--on-drift`` combine.
+
+Examples::
+
+    kbml retrain                                  # once, now
+    kbml retrain --every 6h                       # now and every 6 hours, until Ctrl-C
+    kbml retrain --on-drift --cooldown 12h        # when the monitor reports drift
+    kbml retrain --every 1d --on-drift --last-days 21 --epochs 20
+
+Scheduling without a process that stays up: cron runs a one-off retrain at
+each time (``crontab -e``)::
+
+    0 */6 * * * cd /path/to/kafka-beam-ml && .venv/bin/kbml retrain >> .kbml/retrain.log 2>&1
+
+On Google Cloud, Cloud Scheduler can create a Vertex AI custom job running
+the trainer with the retrain's split. ``kbml train --vertex`` builds that job;
+``--dry-run`` prints its spec (a real submission uploads the trainer package
+first and prints where: give that URI with ``--package-uri``)::
+
+    kbml train --vertex --dry-run --project PROJECT --region us-central1 \\
+        --staging-bucket gs://BUCKET/kbml --package-uri gs://BUCKET/kbml/packages/NAME/kafka_beam_ml-VERSION.tar.gz \\
+        --container-image IMAGE --warehouse bigquery://PROJECT/DATASET --model-dir gs://BUCKET/models \\
+        --last-days 14 --delay-days 0 --test-days 3 > retrain-job.json
+    gcloud scheduler jobs create http kbml-retrain --location us-central1 --schedule '0 */6 * * *' \\
+        --uri https://us-central1-aiplatform.googleapis.com/v1/projects/PROJECT/locations/us-central1/customJobs \\
+        --http-method POST --headers Content-Type=application/json --message-body-from-file retrain-job.json \\
+        --oauth-service-account-email SCHEDULER_ACCOUNT@PROJECT.iam.gserviceaccount.com
+
+The job trains, gates and promotes like this command but records no
+``retrain`` entry. ``--on-drift`` needs a process that stays up and reaches
+Kafka (a VM, or a GKE deployment running ``kbml retrain --on-drift``).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import re
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from kbml.alerts import ALERTS_TOPIC, DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR
+from kbml.cli import _add_kafka_arguments, _kafka_config
+from kbml.kafka_client import (
+  committed_offsets,
+  fetched_end_offset,
+  list_partitions,
+  listed_offsets,
+  new_consumer,
+  new_probe_consumer,
+)
+from kbml.warehouse import WarehouseError, open_warehouse
+from trainer import data, task
+from trainer.registry import ModelStore
+
+# The alerts that say the model no longer fits the data: a retrain may fix them.
+TRIGGERING_KINDS = (DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR)
+MANUAL, SCHEDULE, DRIFT_TRIGGER = 'manual', 'schedule', 'drift'
+# What a retrain in a loop survives: data not there yet, an unreadable warehouse or store.
+RETRAIN_ERRORS = (ValueError, WarehouseError, OSError)
+# After a first alert, how long to gather the rest of its burst before deciding.
+BURST_S = 0.2
+
+_DURATION = re.compile(r'(\d+(?:\.\d+)?)([smhd])')
+_UNIT_SECONDS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
+
+Say = Callable[[str], None]
+
+
+def _say(line: str):
+  print(line, flush=True)
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+  """Reads a duration written as a number and a unit: ``30s``, ``15m``, ``6h``, ``1d`` (``1.5h`` too).
+
+  Raises:
+    argparse.ArgumentTypeError: anything else, or a duration of zero.
+  """
+  match = _DURATION.fullmatch(text.strip().lower())
+  if not match or float(match.group(1)) == 0:
+    raise argparse.ArgumentTypeError(
+        f'expected a duration above zero: a number and a unit, s, m, h or d (30s, 15m, 6h, 1d), got {text!r}')
+  return datetime.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def format_duration(duration: datetime.timedelta) -> str:
+  """A duration for people, in its largest whole unit: ``6h``, ``90m``, ``45s``."""
+  seconds = duration.total_seconds()
+  for unit in ('d', 'h', 'm'):
+    if seconds >= _UNIT_SECONDS[unit] and seconds % _UNIT_SECONDS[unit] == 0:
+      return f'{seconds // _UNIT_SECONDS[unit]:.0f}{unit}'
+  return f'{seconds:g}s'
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The trainer's parser with the retrain's defaults and its options of when to retrain."""
+  parser = task.build_parser()
+  parser.prog = 'kbml retrain'
+  parser.description = __doc__.split('\n\n', 1)[1]
+  parser.set_defaults(last_days=14, delay_days=0, test_days=3, validation_days=2)
+  for action in parser._actions:  # a retrain always takes the most recent days: a fixed range is refused
+    if action.dest in ('train_start', 'train_end'):
+      action.help = argparse.SUPPRESS
+    elif action.dest == 'last_days':
+      action.help = ('Train on this many days, placed so that the test range ends on the most recent labelled day '
+                     '(default: %(default)s).')
+  when = parser.add_argument_group('When to retrain', 'Without --every or --on-drift: once, now.')
+  when.add_argument('--every', type=parse_duration, metavar='DURATION',
+                    help='Retrain now, then every DURATION (30s, 15m, 6h, 1d) until stopped.')
+  when.add_argument('--on-drift', action='store_true',
+                    help=f'Retrain when the alerts topic reports {", ".join(TRIGGERING_KINDS)}.')
+  when.add_argument('--cooldown', type=parse_duration, default='6h', metavar='DURATION',
+                    help='After a drift retrain, ignore further alerts for this long (default: %(default)s).')
+  when.add_argument('--drift-labelled-days', type=int, default=3, metavar='N',
+                    help='A drift retrain waits until the warehouse has labels for N days from the day the alert\'s '
+                    'window started (default: %(default)s).')
+  when.add_argument('--check-interval-s', type=float, default=10.0,
+                    help='Seconds between checks of the warehouse\'s labels while a drift retrain waits '
+                    '(default: %(default)s).')
+  when.add_argument('--max-retrains', type=int, metavar='N', help='Stop after N retrains (default: never).')
+  when.add_argument('--seconds', type=float, help='Stop after this long (default: until Ctrl-C).')
+  alerts = parser.add_argument_group('Alerts (--on-drift)')
+  alerts.add_argument('--alerts-topic', default=ALERTS_TOPIC, help='Default: %(default)s.')
+  alerts.add_argument('--consumer-group', default='kbml-retrain',
+                      help='Its committed offsets say which alerts were handled (default: %(default)s).')
+  _add_kafka_arguments(alerts)
+  return parser
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
+  if args.vertex or args.dry_run:
+    parser.error('--vertex and --dry-run belong to `kbml train`: to retrain on Vertex AI, schedule '
+                 '`kbml train --vertex --last-days 14 ...` (see the Cloud Scheduler example in --help)')
+  if args.train_start or args.train_end:
+    parser.error('a retrain trains on the most recent days (--last-days); --train-start and --train-end are for '
+                 '`kbml train`')
+  looping = args.every or args.on_drift
+  if not looping and (args.max_retrains is not None or args.seconds is not None):
+    parser.error('--max-retrains and --seconds apply to --every and --on-drift')
+  if args.max_retrains is not None and args.max_retrains < 1:
+    parser.error('--max-retrains must be at least 1')
+  if args.drift_labelled_days < 1 or args.check_interval_s <= 0:
+    parser.error('--drift-labelled-days must be at least 1 and --check-interval-s above zero')
+
+
+def _utc_now() -> datetime.datetime:
+  return datetime.datetime.now(datetime.timezone.utc)
+
+
+class Retrainer:
+  """Runs retrains and records in each published version why it ran.
+
+  Args:
+    args: the parsed arguments (the trainer's among them).
+    say: where progress lines go.
+  """
+
+  def __init__(self, args: argparse.Namespace, say: Say = _say):
+    self._args = args
+    self._say = say
+    self.attempts = 0
+
+  def retrain(self, trigger: str, alert: Optional[Dict] = None) -> task.Result:
+    """Trains, evaluates, gates and promotes one version; records ``retrain`` in its metadata.
+
+    Args:
+      trigger: ``manual``, ``schedule`` or ``drift``.
+      alert: the alert record that caused it, for a drift retrain.
+
+    Raises:
+      ValueError, WarehouseError: the warehouse lacks the data or cannot be read (see ``trainer.task.train``).
+    """
+    self.attempts += 1
+    started, started_monotonic = _utc_now(), time.monotonic()
+    cause = f': {alert["kind"]} alert, "{alert.get("message")}"' if alert else ''
+    self._say(f'{started:%Y-%m-%d %H:%M:%S} UTC  retrain {self.attempts} ({trigger}{cause}): test on the last '
+              f'{self._args.test_days} labelled days, train on the {self._args.last_days} before')
+    result = task.train(self._args)
+    self._say(task.summary(result, self._args.model_dir))
+    record = {'trigger': trigger, 'alert': alert, 'started_at': started.isoformat(),
+              'finished_at': _utc_now().isoformat()}
+    ModelStore(self._args.model_dir).update_metadata(result.version, retrain=record)
+    result.metadata['retrain'] = record
+    outcome = 'promoted: running scorers take it live' if result.promoted else 'not promoted'
+    self._say(f'retrain {self.attempts} done in {time.monotonic() - started_monotonic:.0f} s: version '
+              f'{result.version} {outcome}')
+    return result
+
+  def retrain_surviving(self, trigger: str, alert: Optional[Dict] = None) -> Optional[task.Result]:
+    """:meth:`retrain`, reporting a failure instead of raising it: a loop goes on after a bad run."""
+    try:
+      return self.retrain(trigger, alert)
+    except RETRAIN_ERRORS as e:
+      self._say(f'retrain {self.attempts} ({trigger}) failed: {e}')
+      return None
+
+
+@dataclasses.dataclass
+class PendingRetrain:
+  """A drift retrain waiting for labels.
+
+  Attributes:
+    alert: the alert record that asked for it.
+    labelled_through: the warehouse's last labelled day must be this day or later; None: retrain at once.
+  """
+  alert: Dict
+  labelled_through: Optional[datetime.date]
+
+
+def _window_day(alert: Dict) -> Optional[datetime.date]:
+  """The UTC day the alert's window started (its ``window_start``), or None without a readable one."""
+  try:
+    start = datetime.datetime.fromisoformat(str(alert['window_start']))
+  except (KeyError, ValueError):
+    return None
+  if start.tzinfo is None:
+    start = start.replace(tzinfo=datetime.timezone.utc)
+  return start.astimezone(datetime.timezone.utc).date()
+
+
+class DriftTrigger:
+  """Turns a stream of alerts into drift retrains, one per episode.
+
+  The first triggering alert makes a retrain pending; alerts are then ignored
+  while it is pending and for the cool-down after it ran.
+
+  Args:
+    cooldown: how long alerts are ignored after a drift retrain.
+    labelled_days: days of labels, from the day the alert's window started, that the retrain needs.
+  """
+
+  def __init__(self, cooldown: datetime.timedelta, labelled_days: int):
+    self._cooldown_s = cooldown.total_seconds()
+    self._labelled_days = labelled_days
+    self._quiet_until = -math.inf
+    self.pending: Optional[PendingRetrain] = None
+
+  def consider(self, alert: Dict, now: float) -> str:
+    """Decides about one alert at ``now`` (the monotonic clock); returns the decision as a sentence."""
+    kind = alert.get('kind')
+    if kind not in TRIGGERING_KINDS:
+      return f'ignored a {kind} alert: not a retrain trigger'
+    window = _window_day(alert)
+    about = f'{kind} alert (window from {alert.get("window_start", "?")})'
+    if self.pending is not None:
+      return f'ignored a {about}: a drift retrain is already pending'
+    if now < self._quiet_until:
+      left = datetime.timedelta(seconds=math.ceil(self._quiet_until - now))
+      return f'ignored a {about}: in the cool-down after the last drift retrain ({left} left)'
+    needed = window + datetime.timedelta(days=self._labelled_days - 1) if window else None
+    self.pending = PendingRetrain(alert, needed)
+    if needed is None:
+      return f'{about}: retraining now (no readable window_start, so no labels to wait for)'
+    return f'{about}: "{alert.get("message")}"; a retrain is due once the warehouse has labels through {needed}'
+
+  def retrained(self, now: float):
+    """The pending retrain ran (or failed) at ``now``: the cool-down starts."""
+    self.pending = None
+    self._quiet_until = now + self._cooldown_s
+
+
+class AlertListener:
+  """Reads the alerts topic as a consumer group and commits what was handled.
+
+  It starts at the group's committed offsets; a group without any starts at
+  the end, and commits that at once, so that alerts raised after this first
+  start are the group's to handle even if the listener stops before one came.
+
+  Args:
+    config: Kafka client settings.
+    topic: the alerts topic.
+    group: the consumer group.
+    say: where progress lines go.
+  """
+
+  def __init__(self, config: Dict[str, str], topic: str, group: str, say: Say = _say):
+    self._say = say
+    self._handled: Dict[tuple, int] = {}  # (topic, partition) -> the next offset, not committed yet
+    self._consumer = new_consumer(config, **{'group.id': group})
+    try:
+      starts = self._start_offsets(config, topic)
+      self._consumer.assign(starts)
+      self.commit()
+    except BaseException:
+      self._consumer.close()
+      raise
+    self.description = (f'topic {topic!r}, group {group!r}, from offsets '
+                        + ', '.join(f'{tp.partition}:{tp.offset}' for tp in starts))
+
+  def _start_offsets(self, config: Dict[str, str], topic: str) -> List[TopicPartition]:
+    pairs = list_partitions(self._consumer, [topic])
+    committed = committed_offsets(self._consumer, pairs)
+    probe = new_probe_consumer(config)
+    try:
+      starts = []
+      for pair in pairs:
+        offset = committed[pair]
+        if offset < 0:
+          low, _ = listed_offsets(probe, *pair)
+          offset = self._handled[pair] = fetched_end_offset(probe, *pair, low)
+        starts.append(TopicPartition(*pair, offset))
+      return starts
+    finally:
+      probe.close()
+
+  def poll(self, timeout_s: float) -> List[Dict]:
+    """The alerts that arrive within ``timeout_s`` (returns soon after some do); they count as handled."""
+    first = self._consumer.poll(max(timeout_s, 0.0))  # returns on the first record, unlike consume()
+    if first is None:
+      return []
+    # The rest of a burst (one episode raises several alerts at once) is decided on together.
+    messages = [first, *self._consumer.consume(num_messages=100, timeout=BURST_S)]
+    alerts = []
+    for message in messages:
+      if message.error():
+        continue
+      self._handled[(message.topic(), message.partition())] = message.offset() + 1
+      try:
+        record = json.loads(message.value())
+      except ValueError:
+        record = None
+      if not isinstance(record, dict):
+        self._say(f'skipped an unreadable alert record at partition {message.partition()}, offset {message.offset()}')
+        continue
+      alerts.append(record)
+    return alerts
+
+  def commit(self):
+    """Commits the offsets after the handled alerts; a failure is reported and retried on the next commit."""
+    if not self._handled:
+      return
+    try:
+      self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._handled.items()],
+                            asynchronous=False)
+      self._handled = {}
+    except KafkaException as e:
+      self._say(f'could not commit the alert offsets (will retry): {e}')
+
+  def close(self):
+    self._consumer.close()
+
+
+class RetrainScheduler:
+  """Retrains on a schedule (``--every``) and on drift alerts (``--on-drift``) until stopped.
+
+  Args:
+    args: the parsed arguments.
+    say: where progress lines go.
+  """
+
+  def __init__(self, args: argparse.Namespace, say: Say = _say):
+    self._args = args
+    self._say = say
+    self._retrainer = Retrainer(args, say)
+    self._drift = DriftTrigger(args.cooldown, args.drift_labelled_days) if args.on_drift else None
+    self._warehouse = open_warehouse(args.warehouse)
+
+  def run(self) -> int:
+    """Loops until ``--seconds`` passed, ``--max-retrains`` ran or Ctrl-C; returns the exit status (0)."""
+    args = self._args
+    started = time.monotonic()
+    deadline = started + args.seconds if args.seconds is not None else math.inf
+    next_scheduled = started if args.every else math.inf
+    last_label_check = -math.inf
+    listener = None
+    try:
+      if args.on_drift:
+        listener = AlertListener(_kafka_config(args), args.alerts_topic, args.consumer_group, self._say)
+        self._say(f'listening for {", ".join(TRIGGERING_KINDS)} alerts on {listener.description}; cool-down '
+                  f'{format_duration(args.cooldown)}; a retrain waits for {args.drift_labelled_days} days of labels in '
+                  f'{self._warehouse.url}')
+      if args.every:
+        self._say(f'retraining every {format_duration(args.every)}, the first now')
+      while True:
+        now = time.monotonic()
+        if now >= deadline:
+          self._say(f'stopping: --seconds {args.seconds:g} passed')
+          break
+        if self._retrained_enough():
+          self._say(f'stopping: --max-retrains {args.max_retrains} reached')
+          break
+        if now >= next_scheduled:
+          self._retrainer.retrain_surviving(SCHEDULE)
+          while next_scheduled <= time.monotonic():  # a retrain longer than the period skips the runs it overlapped
+            next_scheduled += args.every.total_seconds()
+          if not self._retrained_enough():
+            due = _utc_now() + datetime.timedelta(seconds=next_scheduled - time.monotonic())
+            self._say(f'next scheduled retrain at {due:%Y-%m-%d %H:%M:%S} UTC')
+          continue
+        pending = self._drift.pending if self._drift else None
+        if pending is not None and now - last_label_check >= args.check_interval_s:
+          last_label_check = now
+          if self._labels_arrived(pending):
+            self._retrainer.retrain_surviving(DRIFT_TRIGGER, pending.alert)
+            self._drift.retrained(time.monotonic())
+            listener.commit()
+            continue
+        wait_s = min(args.check_interval_s, next_scheduled - now, deadline - now)
+        if listener is None:
+          time.sleep(max(wait_s, 0.0))
+          continue
+        if pending is not None:  # wake up for the next label check
+          wait_s = min(wait_s, last_label_check + args.check_interval_s - now)
+        for alert in listener.poll(wait_s):
+          was_pending = self._drift.pending is not None
+          self._say(f'{_utc_now():%H:%M:%S} {self._drift.consider(alert, time.monotonic())}')
+          if not was_pending and self._drift.pending is not None:
+            last_label_check = -math.inf  # check the labels at once
+        # While a retrain is pending its alert stays uncommitted: a listener restarted meanwhile reads it again.
+        if self._drift.pending is None:
+          listener.commit()
+    except KeyboardInterrupt:
+      self._say('stopped')
+    finally:
+      if listener is not None:
+        listener.close()
+    return 0
+
+  def _retrained_enough(self) -> bool:
+    return self._args.max_retrains is not None and self._retrainer.attempts >= self._args.max_retrains
+
+  def _labels_arrived(self, pending: PendingRetrain) -> bool:
+    """Whether the pending drift retrain can learn the new pattern; says what it waits for if not."""
+    if pending.labelled_through is None:
+      return True
+    try:
+      last_day = data.last_labelled_day(self._warehouse, self._args.features_table, self._args.labels_table)
+    except WarehouseError as e:
+      self._say(f'waiting for labels before the drift retrain: cannot read {self._warehouse.url}: {e}')
+      return False
+    if last_day is not None and last_day >= pending.labelled_through:
+      return True
+    self._say(f'{_utc_now():%H:%M:%S} waiting for labels before the drift retrain: labelled through '
+              f'{last_day or "no day yet"}, the retrain needs {pending.labelled_through} '
+              f'({self._args.drift_labelled_days} days from the drift window of {_window_day(pending.alert)})')
+    return False
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+  """``kbml retrain ARGS``: returns the exit status (2 when a one-off retrain or the listener's start fails)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  _check_arguments(parser, args)
+  try:
+    if args.every or args.on_drift:
+      return RetrainScheduler(args).run()
+    Retrainer(args).retrain(MANUAL)
+    return 0
+  except (ValueError, WarehouseError, ConnectionError) as e:
+    print(f'kbml retrain: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(run())
