@@ -24,38 +24,19 @@ $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 	bash tests/install_bigquery_emulator.sh $(BIGQUERY_EMULATOR_VENV)
 	@touch $@
 
-# The demo, from a clean slate (the broker keeps its data in memory; the demo's warehouse is rebuilt):
-# the local broker, 50 simulated days of card transactions of 1,000 customers (with their labels, 7 days
-# later), ingested into the embedded warehouse, and a model trained on the latest labelled weeks,
-# evaluated, published to the model store (.kbml/models) and promoted if it beats the current one. Then
-# the scorer runs on live traffic (3 more days at 1,000 events/s): it rebuilds the customers' and terminals'
-# histories from the topics, scores each new transaction and writes its prediction to Kafka, while
-# `kbml watch` shows predictions/s, the model version and the alerts.
-DEMO_CUSTOMERS ?= 1000
-DEMO_DAYS ?= 50
-DEMO_LIVE = --customers $(DEMO_CUSTOMERS) --terminals $$((2 * $(DEMO_CUSTOMERS))) --days 3 --seed 1 \
-	--start-date $$(date -u -d '2018-04-01 + $(DEMO_DAYS) days' +%F) --first-transaction-id 100000000 --rate 1000
-
+# The demo, from a clean slate (the broker keeps its data in memory; the demo's warehouse and model store are
+# rebuilt): the whole loop of `kbml loop` on a simulated population of 500 cards. 55 days of history are
+# ingested and a first model is trained; then the scorer, the monitor, a streaming ingest and `kbml retrain
+# --on-drift` run as their own processes while 35 more days are produced live, with a new fraud pattern from day
+# 62. The monitor reports the drift, the retrain waits for the drifted days' labels, trains and promotes a new
+# model, and the scorer takes it live. Then `kbml status` and `kbml report` (the path of the HTML page).
 demo: $(STAMP)
 	$(BIN)/kbml local down
-	rm -f .kbml/warehouse.duckdb
+	rm -rf .kbml/warehouse.duckdb .kbml/models .kbml/loop
 	$(BIN)/kbml local up
-	$(BIN)/kbml simulate --customers $(DEMO_CUSTOMERS) --terminals $$((2 * $(DEMO_CUSTOMERS))) --days $(DEMO_DAYS)
-	$(BIN)/kbml ingest --stop_at_end
-	$(BIN)/kbml warehouse summary
-	$(BIN)/kbml train --last-days 7
-	$(BIN)/kbml score > .kbml/scorer.log 2>&1 & echo $$! > .kbml/scorer.pid
-	sleep 15
-	$(BIN)/kbml simulate $(DEMO_LIVE) > .kbml/live-simulation.log 2>&1 &
-	$(BIN)/kbml watch --seconds 75 --interval 5
-	kill $$(cat .kbml/scorer.pid)
-	$(BIN)/kbml local status
-
-# tests/test_report.py renders `kbml report` with headless Chromium: Debian's package (CI runs as root).
-CHROMIUM := /usr/bin/chromium
-
-$(CHROMIUM):
-	apt-get update && apt-get install -y --no-install-recommends chromium
+	$(BIN)/kbml loop
+	$(BIN)/kbml status --sample-s 0
+	$(BIN)/kbml report
 
 test: $(STAMP) $(BIGQUERY_EMULATOR) $(CHROMIUM)
 	KBML_BIGQUERY_EMULATOR_VENV=$(abspath $(BIGQUERY_EMULATOR_VENV)) $(BIN)/python -m pytest

@@ -60,8 +60,8 @@ def _simulate(args) -> int:
     print(f'\rproduced {transactions:,}/{len(tx):,} transactions and {labels:,}/{len(tx):,} labels',
           end='', file=sys.stderr, flush=True)
 
-  transactions, labels = simulator.produce(simulator.events(simulation), config, args.transactions_topic,
-                                           args.labels_topic, args.rate, progress)
+  transactions, labels = simulator.produce(simulator.events(simulation, args.from_day, args.until_day), config,
+                                           args.transactions_topic, args.labels_topic, args.rate, progress)
   print(f'\nproduced {transactions:,} transactions to {args.transactions_topic!r} and {labels:,} labels '
         f'to {args.labels_topic!r} at {config["bootstrap.servers"]}')
   return 0
@@ -101,6 +101,9 @@ def _add_simulate_parser(commands):
   simulate.add_argument('--drift-cards-per-day', type=int, default=defaults.drift_cards_per_day)
   simulate.add_argument('--first-transaction-id', type=int, default=0,
                         help='Id of the first transaction: to continue a stream already produced.')
+  simulate.add_argument('--from-day', type=float, help='Produce only the events from this day on (days since the '
+                        'start): the live part of a simulation whose history was produced with --until-day.')
+  simulate.add_argument('--until-day', type=float, help='Produce only the events before this day.')
   simulate.add_argument('--rate', type=float, help='Events per second (default: as fast as possible).')
   simulate.add_argument('--output-dir', help='Also write transactions.jsonl and labels.jsonl here.')
   simulate.add_argument('--no-kafka', action='store_true', help='Only write files (with --output-dir).')
@@ -236,6 +239,8 @@ MODULE_COMMANDS = {
     'retrain': ('trainer.retrain', 'Retrain on the most recent days and promote if better: now, on a schedule '
                 '(--every) or when drift is reported (--on-drift)'),
     'status': ('kbml.status', 'The state of the system in one screen: broker, lag, events/s, model, alerts'),
+    'loop': ('kbml.loop', 'The whole loop on live simulated traffic with drift: history, training, live scoring, '
+             'monitoring, drift alerts, retraining and the swap (what `make demo` runs)'),
     'report': ('kbml.report', 'Write an HTML report with plots of the live metrics, drift and PR curves'),
 }
 

@@ -260,12 +260,15 @@ def records(simulation: Simulation) -> Tuple[List[bytes], List[bytes]]:
   return transactions, labels
 
 
-def events(simulation: Simulation) -> Iterator[Event]:
+def events(simulation: Simulation, from_day: Optional[float] = None,
+           until_day: Optional[float] = None) -> Iterator[Event]:
   """Transactions and their labels, merged in event-time order.
 
   A transaction's time is its own; its label's is the transaction's time
   plus the label delay. Records are keyed by customer, so a customer's
-  records keep their order within a partition.
+  records keep their order within a partition. ``from_day`` and
+  ``until_day`` (days since the start, the end excluded) select the events
+  of a time range: a simulation produced in parts, history first, then live.
   """
   tx = simulation.transactions
   start_ms = int(simulation.config.start.timestamp() * 1000)
@@ -275,6 +278,13 @@ def events(simulation: Simulation) -> Iterator[Event]:
   is_label = np.concatenate([np.ones(len(tx), bool), np.zeros(len(tx), bool)])
   rows = np.concatenate([np.arange(len(tx)), np.arange(len(tx))])
   order = np.lexsort((rows, ~is_label, times))  # by time; at one instant, labels first
+  day_ms = SECONDS_PER_DAY * 1000
+  in_range = np.ones(len(order), bool)
+  if from_day is not None:
+    in_range &= times[order] >= start_ms + from_day * day_ms
+  if until_day is not None:
+    in_range &= times[order] < start_ms + until_day * day_ms
+  order = order[in_range]
   values = records(simulation)
   keys = [b'%d' % c for c in tx['customer_id']]
   for i in order:

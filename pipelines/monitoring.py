@@ -79,6 +79,10 @@ class MonitoringOptions(PipelineOptions):
                         help='A window is checked once a prediction this much later than its end has arrived.')
     parser.add_argument('--psi_threshold', type=float, default=0.2,
                         help='Drift alert above this population stability index (0.1: moderate, 0.25: major).')
+    parser.add_argument(
+        '--drift_exclude', default='TX_DURING_WEEKEND',
+        help='Comma-separated statistics not checked for drift: those a window\'s calendar decides (a day is all '
+        'weekend or none of it) (default: %(default)s).')
     parser.add_argument('--min_window_predictions', type=int, default=200,
                         help='No drift check on windows with fewer predictions.')
     parser.add_argument('--precision_floor', type=float, default=0.0, help='Alert below this labelled precision.')
@@ -107,7 +111,8 @@ def settings_of(options: PipelineOptions) -> MonitoringSettings:
       min_window_predictions=monitoring.min_window_predictions, precision_floor=monitoring.precision_floor,
       recall_floor=monitoring.recall_floor, min_labelled_frauds=monitoring.min_labelled_frauds,
       max_dead_letter_rate=monitoring.max_dead_letter_rate, scorer_group=monitoring.scorer_group,
-      transactions_topic=events.transactions_topic, max_scorer_lag=monitoring.max_scorer_lag, kafka_config=config)
+      transactions_topic=events.transactions_topic, max_scorer_lag=monitoring.max_scorer_lag, kafka_config=config,
+      drift_exclude=tuple(name for name in (monitoring.drift_exclude or '').split(',') if name))
 
 
 class _ObserveFn(beam.DoFn):
@@ -122,12 +127,13 @@ class _ObserveFn(beam.DoFn):
     is_new = record.offset >= self._first_new.get(record.topic, {}).get(record.partition, 0)
     try:
       if record.topic == self._predictions_topic:
-        fields = parse_prediction(record.value)
+        fields = {**parse_prediction(record.value), 'read_from': (PREDICTION, record.partition)}
         yield str(fields['transaction_id']), Observation(PREDICTION, fields, is_new)
       elif record.topic == self._labels_topic:
         label = LABEL_SCHEMA.parse(record.value)
-        yield str(label.transaction_id), Observation(
-            LABEL, {'is_fraud': label.is_fraud, 'known_time': record.timestamp_ms / 1000}, is_new)
+        fields = {'is_fraud': label.is_fraud, 'known_time': record.timestamp_ms / 1000,
+                  'read_from': (LABEL, record.partition)}
+        yield str(label.transaction_id), Observation(LABEL, fields, is_new)
       else:
         source, source_time = dead_letter_source(record)
         yield f'{DEAD_LETTER}:{source}', Observation(DEAD_LETTER, {'source_time': source_time}, is_new)

@@ -89,11 +89,16 @@ class Observation(NamedTuple):
 
 
 class Contribution(NamedTuple):
-  """What a record adds to the metrics: a new prediction, a completed pair, or a dead letter."""
+  """What a record adds to the metrics: a new prediction, a completed pair, or a dead letter.
+
+  ``read_from`` is the topic partition of the record that completed it: the
+  time horizons that close windows are kept per partition (a watermark).
+  """
   kind: str
   prediction: Dict[str, Any]
   is_fraud: Optional[int] = None
   known_time: Optional[float] = None
+  read_from: Optional[Tuple[str, int]] = None
 
 
 def parse_prediction(payload: Optional[bytes]) -> Dict[str, Any]:
@@ -148,14 +153,15 @@ class JoinLabelsFn(beam.DoFn):
       prediction = observation._replace(fields={k: v for k, v in observation.fields.items() if k != 'features'})
       prediction_state.write(prediction)
       if observation.is_new:
-        yield Contribution(PREDICTION, observation.fields)
+        yield Contribution(PREDICTION, observation.fields, read_from=observation.fields['read_from'])
     else:
       if label is not None:
         return
       label = observation
       label_state.write(label)
     if prediction is not None and label is not None and (prediction.is_new or label.is_new):
-      yield Contribution(LABEL, prediction.fields, label.fields['is_fraud'], label.fields['known_time'])
+      yield Contribution(LABEL, prediction.fields, label.fields['is_fraud'], label.fields['known_time'],
+                         observation.fields['read_from'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +188,9 @@ class MonitoringSettings:
     max_scorer_lag: alert when the scorer is more records behind.
     lag_check_s: how often the lag is checked.
     kafka_config: Kafka client settings, for the lag.
+    drift_exclude: statistics not checked for drift.
+    metrics_table: the partial sums' table.
+    labelled_table: the labelled predictions' table.
   """
   warehouse_url: str
   model_dir: str
@@ -201,6 +210,7 @@ class MonitoringSettings:
   max_scorer_lag: int = 10_000
   lag_check_s: float = 30.0
   kafka_config: Dict[str, str] = dataclasses.field(default_factory=dict)
+  drift_exclude: Tuple[str, ...] = ()
   metrics_table: str = METRICS_TABLE
   labelled_table: str = LABELLED_PREDICTIONS_TABLE
 
@@ -222,7 +232,9 @@ class WindowMetricsFn(beam.DoFn):
     self._store = ModelStore(settings.model_dir)
     self._alerts = AlertSink(settings.alerts_config, settings.alerts_topic)
     self._distributions: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
-    self._newest_tx_time = self._newest_label_time = -math.inf
+    # Per topic partition read: the newest transaction time of a new prediction, the newest label time.
+    self._newest_tx_time: Dict[Tuple[str, int], float] = {}
+    self._newest_label_time: Dict[Tuple[str, int], float] = {}
     self._checked_tx_horizon = self._checked_label_horizon = -math.inf
     self._next_lag_check = 0.0
     self._lagging = False
@@ -257,14 +269,15 @@ class WindowMetricsFn(beam.DoFn):
     tx_time, version = fields['tx_time'], fields['model_version']
     challenger = fields.get('challenger_version')
     if contribution.kind == PREDICTION:
-      self._newest_tx_time = max(self._newest_tx_time, tx_time)
+      _advance(self._newest_tx_time, contribution.read_from, tx_time)
       self._add(tx_time, version, CHAMPION, prediction_sums(
           fields['score'], fields['flagged'], self._drift_bins(version, fields.get('features'), fields['score'])))
       if challenger:
         self._add(tx_time, challenger, CHALLENGER,
                   prediction_sums(fields['challenger_score'], fields['challenger_flagged']))
       return
-    self._newest_label_time = max(self._newest_label_time, contribution.known_time)
+    if contribution.read_from[0] != PREDICTION:  # completed by its label: the label's partition moved on
+      _advance(self._newest_label_time, contribution.read_from, contribution.known_time)
     scored = [(version, CHAMPION, fields['score'], fields['flagged'])]
     if challenger:
       scored.append((challenger, CHALLENGER, fields['challenger_score'], fields['challenger_flagged']))
@@ -287,12 +300,13 @@ class WindowMetricsFn(beam.DoFn):
 
   def _check_closed_windows(self):
     settings = self._settings
-    tx_horizon = self._newest_tx_time - settings.grace_s
+    tx_horizon = min(self._newest_tx_time.values(), default=-math.inf) - settings.grace_s
     if tx_horizon > self._checked_tx_horizon:
       for window, version, sums in self._closed_windows(self._checked_tx_horizon, tx_horizon):
         self._check_drift(window, version, sums)
       self._checked_tx_horizon = tx_horizon
-    label_horizon = self._newest_label_time - settings.label_delay_s - settings.grace_s
+    label_horizon = (min(self._newest_label_time.values(), default=-math.inf) - settings.label_delay_s
+                     - settings.grace_s)
     if label_horizon > self._checked_label_horizon:
       for window, version, sums in self._closed_windows(self._checked_label_horizon, label_horizon):
         self._check_accuracy(window, version, sums)
@@ -300,8 +314,8 @@ class WindowMetricsFn(beam.DoFn):
 
   def _closed_windows(self, after: float, until: float):
     """(window, version, summed rows) of the champion windows that ended in (after, until]."""
-    after = max(after, until - 3 * self._settings.window_s)  # only recent windows: the older ones were checked
-    sums = read_sums(self._warehouse, f"window_end > {self._warehouse.timestamp(_utc(after))} AND window_end <= "
+    since = f'window_end > {self._warehouse.timestamp(_utc(after))} AND ' if after > -math.inf else ''
+    sums = read_sums(self._warehouse, f"{since}window_end <= "
                      f"{self._warehouse.timestamp(_utc(until))} AND role IN ('{CHAMPION}', '{PIPELINE_ROLE}')",
                      self._settings.metrics_table)
     dead_letters = sums[sums['role'] == PIPELINE_ROLE]
@@ -328,7 +342,7 @@ class WindowMetricsFn(beam.DoFn):
     except ModelStoreError:
       return
     for statistic, psi in sorted(drift_by_statistic(rows, metadata).items()):
-      if psi > settings.psi_threshold:
+      if psi > settings.psi_threshold and statistic not in settings.drift_exclude:
         self._raise(DRIFT, window, version, statistic,
                     f'{statistic} drifted in the window {_describe(window)}: PSI {psi:.3f} > {settings.psi_threshold} '
                     f'against the training data of model {version} ({int(predictions):,} predictions). The model '
@@ -378,6 +392,10 @@ class WindowMetricsFn(beam.DoFn):
                  f'{settings.max_scorer_lag:,}): predictions are late; is it running, and keeping up?')
       self._alerts.send(SCORER_LAG, message, lag=lag, threshold=settings.max_scorer_lag, group=settings.scorer_group)
     self._lagging = lag > settings.max_scorer_lag
+
+
+def _advance(newest: Dict[Tuple[str, int], float], partition: Tuple[str, int], moment: float):
+  newest[partition] = max(newest.get(partition, -math.inf), moment)
 
 
 def _utc(seconds: float) -> datetime.datetime:
