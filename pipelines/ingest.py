@@ -28,9 +28,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from kbml.warehouse import default_warehouse_url, open_warehouse
+from kbml.warehouse import open_warehouse
 from pipelines.events import EventOptions, read_events
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
 from transforms.features import FEATURES_TABLE, ComputeFeatures
 from transforms.records import (
   LABELS_TABLE,
@@ -48,8 +48,6 @@ class IngestOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
-                        'bigquery://PROJECT/DATASET.')
     parser.add_argument('--features_table', default='features')
     parser.add_argument('--labels_table', default='labels')
     parser.add_argument('--replay_from', help='Replay: first event time of the rebuilt range (ISO-8601 UTC).')
@@ -59,9 +57,6 @@ class IngestOptions(PipelineOptions):
         help='Replay: the transactions topic\'s offset ranges to rebuild, FROM included, TO excluded; '
         'e.g. 0:1000-2000,1:950-1900.')
     parser.add_argument('--bigquery_temp_location', help='Staging folder of BigQuery file loads.')
-
-  def warehouse_url(self) -> str:
-    return self.warehouse or default_warehouse_url()
 
 
 def parse_offset_ranges(text: str) -> Dict[int, Tuple[int, int]]:
@@ -98,7 +93,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   events_options = options.view_as(EventOptions)
   in_replay_range = replay_range(ingest)
   replay = in_replay_range is not None
-  warehouse = ingest.warehouse_url()
+  warehouse = options.view_as(WarehouseOptions).warehouse_url()
 
   bounded = kafka.stop_at_end or replay
   events = read_events(
@@ -121,8 +116,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
 
 
 def run(argv: Optional[List[str]] = None):
-  options = pipeline_options(argv, [IngestOptions, EventOptions], prog='python -m pipelines.ingest')
-  open_warehouse(options.view_as(IngestOptions).warehouse_url()).prepare()
+  options = pipeline_options(argv, [IngestOptions, WarehouseOptions, EventOptions], prog='python -m pipelines.ingest')
+  open_warehouse(options.view_as(WarehouseOptions).warehouse_url()).prepare()
   with beam.Pipeline(options=options) as pipeline:
     build_pipeline(pipeline, options)
 

@@ -37,11 +37,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from kbml.alerts import ALERTS_TOPIC
-from kbml.warehouse import default_warehouse_url, open_warehouse
+from kbml.warehouse import open_warehouse
 from pipelines.events import EventOptions, PartitionOffsets, group_start_offsets
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
-from trainer.task import default_model_dir
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, WarehouseOptions, kafka_config, pipeline_options
 from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
 from transforms.metrics import read_sums, summaries
 from transforms.monitoring import (
@@ -64,16 +62,10 @@ LOCAL_COMMIT_DELAY_BUNDLES = 1
 
 
 class MonitoringOptions(PipelineOptions):
-  """Topics, warehouse, windows and alert thresholds (topics of the events: EventOptions)."""
+  """Windows and alert thresholds (topics: ModelOptions, EventOptions; the warehouse: WarehouseOptions)."""
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--predictions_topic', default='predictions')
-    parser.add_argument('--alerts_topic', default=ALERTS_TOPIC)
-    parser.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
-                        'bigquery://PROJECT/DATASET: where the metrics go.')
-    parser.add_argument('--model_dir', help='The model store, for the versions\' training statistics (default: '
-                        '.kbml/models).')
     parser.add_argument('--window_hours', type=float, default=24.0, help='Length of the event-time windows.')
     parser.add_argument('--grace_hours', type=float, default=1.0,
                         help='A window is checked once a prediction this much later than its end has arrived.')
@@ -101,11 +93,12 @@ class MonitoringOptions(PipelineOptions):
 
 def settings_of(options: PipelineOptions) -> MonitoringSettings:
   monitoring = options.view_as(MonitoringOptions)
+  models = options.view_as(ModelOptions)
   events = options.view_as(EventOptions)
   config = kafka_config(options)
   return MonitoringSettings(
-      warehouse_url=monitoring.warehouse or default_warehouse_url(), model_dir=monitoring.model_dir or
-      default_model_dir(), alerts_config=config, alerts_topic=monitoring.alerts_topic,
+      warehouse_url=options.view_as(WarehouseOptions).warehouse_url(), model_dir=models.model_dir_or_default(),
+      alerts_config=config, alerts_topic=models.alerts_topic,
       window_s=monitoring.window_hours * 3600, grace_s=monitoring.grace_hours * 3600,
       label_delay_s=events.label_delay_days * 86_400, psi_threshold=monitoring.psi_threshold,
       min_window_predictions=monitoring.min_window_predictions, precision_floor=monitoring.precision_floor,
@@ -154,19 +147,19 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
       only let late labels meet their predictions. None: count everything.
   """
   kafka = options.view_as(KafkaOptions)
-  monitoring = options.view_as(MonitoringOptions)
+  predictions_topic = options.view_as(ModelOptions).predictions_topic
   events = options.view_as(EventOptions)
   local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
   config = kafka_config(options)
   group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
-  topics = [monitoring.predictions_topic, events.labels_topic, events.dead_letter_topic]
+  topics = [predictions_topic, events.labels_topic, events.dead_letter_topic]
   observed = (pipeline
               | 'ReadPredictionsAndLabels' >> read_from_kafka(
                   kafka.kafka_io, {**config, 'group.id': group}, topics,
                   expansion_service=kafka.kafka_expansion_service, stop_at_end=kafka.stop_at_end,
                   idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
                   commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local and not kafka.stop_at_end else 0)
-              | 'Observe' >> beam.ParDo(_ObserveFn(monitoring.predictions_topic, events.labels_topic,
+              | 'Observe' >> beam.ParDo(_ObserveFn(predictions_topic, events.labels_topic,
                                                    first_new or {})).with_outputs(DEAD_LETTER_TAG, main='observed'))
   _ = (observed[DEAD_LETTER_TAG]
        | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
@@ -178,14 +171,16 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
 
 def run(argv: Optional[List[str]] = None):
-  options = pipeline_options(argv, [MonitoringOptions, EventOptions], prog='python -m pipelines.monitoring')
+  options = pipeline_options(argv, [MonitoringOptions, ModelOptions, WarehouseOptions, EventOptions],
+                             prog='python -m pipelines.monitoring')
   kafka = options.view_as(KafkaOptions)
   monitoring = options.view_as(MonitoringOptions)
   events = options.view_as(EventOptions)
   config = kafka_config(options)
   group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
   first_new = {topic: group_start_offsets(config, group, topic, monitoring.monitor_from)
-               for topic in (monitoring.predictions_topic, events.labels_topic, events.dead_letter_topic)}
+               for topic in (options.view_as(ModelOptions).predictions_topic, events.labels_topic,
+                             events.dead_letter_topic)}
   logging.info('monitoring from offsets %s; the earlier records only join late labels', first_new)
   pipeline = beam.Pipeline(options=options)
   build_pipeline(pipeline, options, first_new)

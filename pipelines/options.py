@@ -20,6 +20,7 @@ from kbml.local_stack import local_bootstrap_servers
 from transforms.kafka_io import KAFKA_IO_JAVA, KAFKA_IO_PYTHON
 
 LOCAL_RUNNER = 'FnApiRunner'
+# Beam parses every PipelineOptions class together, so an option two pipelines share is declared once, here.
 
 
 class KafkaOptions(PipelineOptions):
@@ -49,6 +50,33 @@ class KafkaOptions(PipelineOptions):
     parser.add_argument('--stop_at_end', action='store_true',
                         help='Bounded: read what the topics hold when the job starts, then stop.')
     parser.add_argument('--idle_timeout_s', type=float, help='Bounded: stop a partition after this many idle seconds.')
+
+
+class WarehouseOptions(PipelineOptions):
+  """The warehouse a pipeline writes (ingest: training rows; monitoring: metrics)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
+                        'bigquery://PROJECT/DATASET.')
+
+  def warehouse_url(self) -> str:
+    from kbml.warehouse import default_warehouse_url
+    return self.warehouse or default_warehouse_url()
+
+
+class ModelOptions(PipelineOptions):
+  """The model store, the predictions and the alerts (scoring writes them, monitoring reads them)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--predictions_topic', default='predictions')
+    parser.add_argument('--alerts_topic', default='alerts', help='Where refused models and monitoring alerts go.')
+    parser.add_argument('--model_dir', help='The model store, a folder or gs:// prefix (default: .kbml/models).')
+
+  def model_dir_or_default(self) -> str:
+    from trainer.task import default_model_dir
+    return self.model_dir or default_model_dir()
 
 
 def kafka_config(options: PipelineOptions) -> Dict[str, str]:

@@ -50,11 +50,10 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from kbml.alerts import ALERTS_TOPIC, AlertSink
+from kbml.alerts import AlertSink
 from pipelines.events import EventOptions, PartitionOffsets, group_start_offsets, read_events
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, kafka_config, pipeline_options
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
-from trainer.task import default_model_dir
 from transforms.features import FEATURE_NAMES, ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import KafkaRecord, write_to_kafka
@@ -74,13 +73,10 @@ LOCAL_COMMIT_DELAY_BUNDLES = 2
 BACKTEST_NAMESPACE = 'kbml.backtest'
 
 class ScoringOptions(PipelineOptions):
-  """Topics, model store, model reload and backtest range (the consumer group: KafkaOptions)."""
+  """Model reload, batching and backtest range (topics and model store: ModelOptions; the group: KafkaOptions)."""
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--predictions_topic', default='predictions')
-    parser.add_argument('--alerts_topic', default=ALERTS_TOPIC, help='Where a refused model is reported.')
-    parser.add_argument('--model_dir', help='The model store, a folder or gs:// prefix (default: .kbml/models).')
     parser.add_argument(
         '--model_reload', choices=(RELOAD_POLL, RELOAD_WATCH),
         help='How a newly promoted model is taken without a restart. watch: RunInference\'s side input from '
@@ -97,9 +93,6 @@ class ScoringOptions(PipelineOptions):
     parser.add_argument('--max_batch_size', type=int, default=1024, help='... and at most this many.')
     parser.add_argument('--backtest_from', help='Backtest: first event time scored (ISO-8601 UTC).')
     parser.add_argument('--backtest_to', help='Backtest: end of the range, excluded (ISO-8601 UTC).')
-
-  def model_store(self) -> ModelStore:
-    return ModelStore(self.model_dir or default_model_dir())
 
   def backtest_range(self) -> Optional[Tuple[float, float]]:
     if self.backtest_from is None and self.backtest_to is None:
@@ -191,7 +184,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
   backtest = scoring.backtest_range()
   config = kafka_config(options)
-  store = scoring.model_store()
+  store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
 
   rows = (read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
                       stop_at_end=bool(backtest), from_beginning=True, align_partitions=local and not backtest,
@@ -200,7 +193,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
   reload = None if backtest else model_reload(options)
   handler = ModelStoreHandler(
-      store.root, alerts=AlertSink(config, scoring.alerts_topic),
+      store.root, alerts=AlertSink(config, options.view_as(ModelOptions).alerts_topic),
       poll_s=scoring.model_poll_s if reload == RELOAD_POLL else None,
       shadow_poll_s=None if backtest else scoring.model_poll_s,
       min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size).with_preprocess_fn(check_features)
@@ -226,7 +219,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     predictions = predictions | 'CountByVersion' >> beam.ParDo(_CountByVersionFn())
   _ = (predictions
        | 'ToPredictionMessages' >> beam.Map(prediction_message)
-       | 'WritePredictions' >> write_to_kafka(kafka.kafka_io, config, scoring.predictions_topic,
+       | 'WritePredictions' >> write_to_kafka(kafka.kafka_io, config, options.view_as(ModelOptions).predictions_topic,
                                               expansion_service=kafka.kafka_expansion_service))
   for name, unscored in [('FailedInference', failed.failed_inferences),
                          *[(f'FailedChecks{i}', pcoll) for i, pcoll in enumerate(failed.failed_preprocessing)]]:
@@ -249,11 +242,11 @@ def backtest_summary(result) -> Dict[str, Dict[str, int]]:
 
 def run(argv: Optional[List[str]] = None):
   logging.getLogger('apache_beam.transforms.util').setLevel(logging.WARNING)  # BatchElements logs every bundle
-  options = pipeline_options(argv, [ScoringOptions, EventOptions], prog='python -m pipelines.scoring')
+  options = pipeline_options(argv, [ScoringOptions, ModelOptions, EventOptions], prog='python -m pipelines.scoring')
   kafka = options.view_as(KafkaOptions)
   scoring = options.view_as(ScoringOptions)
   events_options = options.view_as(EventOptions)
-  store = scoring.model_store()
+  store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
   if store.current() is None:
     raise ModelStoreError(f'No model is in service in {store.root}: train one first (`kbml train`).')
   first_unscored = None
