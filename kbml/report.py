@@ -74,29 +74,6 @@ figcaption { color: #555; font-size: 0.9em; }
 """
 
 
-class _MonitoringTables(Warehouse):
-  """The warehouse with the default monitoring table names pointing at the ones given on the command line.
-
-  ``transforms.metrics.window_drift`` takes no table name: it reads the
-  default one, through ``table_ref``.
-  """
-
-  def __init__(self, warehouse: Warehouse, tables: Mapping[str, str]):
-    self._warehouse = warehouse
-    self._tables = dict(tables)
-    self.url = warehouse.url
-
-  def query(self, sql):
-    return self._warehouse.query(sql)
-
-  def table_ref(self, table):
-    return self._warehouse.table_ref(self._tables.get(table, table))
-
-  def tables(self):
-    existing = set(self._warehouse.tables())
-    return sorted(existing | {name for name, table in self._tables.items() if table in existing})
-
-
 def _escape(value: Any) -> str:
   return html.escape(str(value))
 
@@ -426,10 +403,8 @@ def render_report(warehouse: Warehouse, store: ModelStore, psi_threshold: float 
   """
   import pandas
   now = now or datetime.datetime.now(datetime.timezone.utc)
-  tables = _MonitoringTables(warehouse, {metrics.METRICS_TABLE: metrics_table,
-                                         metrics.LABELLED_PREDICTIONS_TABLE: labelled_table})
   metadata_of = _Metadata(store)
-  sums = metrics.read_sums(tables, table=metrics_table)
+  sums = metrics.read_sums(warehouse, table=metrics_table)
   if sums.empty:
     no_metrics = f'<p class="empty" id="no-metrics">{_escape(NO_METRICS)}</p>'
     page = _page('kbml report: no metrics yet', _header(warehouse.url, store, metadata_of, now, None) + no_metrics)
@@ -441,7 +416,7 @@ def render_report(warehouse: Warehouse, store: ModelStore, psi_threshold: float 
   summary = metrics.summaries(sums)
   champion = summary[summary['role'] == metrics.CHAMPION]
   colours = _version_colours(sorted(set(sums['model_version']) | set(store.versions())))
-  drift = metrics.window_drift(tables, metadata_of)
+  drift = metrics.window_drift(warehouse, metadata_of, table=metrics_table)
   if not drift.empty:
     drift['window_start'] = pandas.to_datetime(drift['window_start'], utc=True)
 
@@ -455,7 +430,7 @@ def render_report(warehouse: Warehouse, store: ModelStore, psi_threshold: float 
       '<h2>Drift per feature</h2>', _drift(drift, psi_threshold, metadata_of.missing),
       '<h2>Precision-recall curves</h2>', _pr_curves(store, champion_sums, colours),
       f'<h2>Card precision@{CARD_PRECISION_K}</h2>',
-      _card_precision(metrics.card_precision_at_k(tables, CARD_PRECISION_K, table=labelled_table)),
+      _card_precision(metrics.card_precision_at_k(warehouse, CARD_PRECISION_K, table=labelled_table)),
   ]
   return _page('kbml report', ''.join(sections)), True
 

@@ -228,11 +228,12 @@ def card_precision_at_k(warehouse: Warehouse, k: int = 100, role: str = CHAMPION
   return pandas.DataFrame(rows, columns=['day', 'model_version', 'cards', 'card_precision_at_k'])
 
 
-def window_drift(warehouse: Warehouse, metadata_of, version: Optional[str] = None) -> 'pandas.DataFrame':
+def window_drift(warehouse: Warehouse, metadata_of, version: Optional[str] = None,
+                 table: str = METRICS_TABLE) -> 'pandas.DataFrame':
   """PSI per statistic of each window and champion version (``metadata_of(version)`` gives its metadata)."""
   import pandas
   sums = read_sums(warehouse, f"role = '{CHAMPION}' AND metric LIKE '{DRIFT_PREFIX}%'"
-                   + (f" AND model_version = '{version}'" if version else ''))
+                   + (f" AND model_version = '{version}'" if version else ''), table)
   rows = []
   for (start, end, model_version), group in sums.groupby(['window_start', 'window_end', 'model_version'], sort=True):
     for name, psi in drift_by_statistic(group, metadata_of(model_version)).items():
