@@ -34,8 +34,14 @@ class EventOptions(PipelineOptions):
                         'with).')
 
 
+# Terminal features release a transaction one or two timer rounds after it is read (transforms/features.py), and
+# the local runner fires a round per bundle: the pipelines behind ComputeFeatures commit two bundles late there, so
+# that what a transaction led to is written before its offset is committed.
+FEATURES_COMMIT_DELAY_BUNDLES = 2
+
+
 def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[str, str], group: Optional[str],
-                **read_bounds) -> beam.PCollection:
+                first_new: Optional[Dict[str, PartitionOffsets]] = None, **read_bounds) -> beam.PCollection:
   """Reads the transactions and labels topics; invalid records go to the dead-letter topic with the reason.
 
   Args:
@@ -43,6 +49,9 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
     options: its options (EventOptions, KafkaOptions).
     config: the Kafka client settings (:func:`pipelines.options.kafka_config`).
     group: the consumer group whose offsets the read starts from and commits; None: no group.
+    first_new: per topic and partition, the first offset not read before, when the read starts from the
+      beginning of the topics to rebuild state: the invalid records before it were sent to the dead-letter
+      topic when they were first read, and are not sent again.
     **read_bounds: :class:`~transforms.kafka_io.ReadFromKafka` stop and alignment settings.
 
   Returns:
@@ -57,7 +66,10 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
       idle_timeout_s=kafka.idle_timeout_s, **read_bounds)
   parsed = records | 'ParseRecords' >> ParseRecords(
       {events.transactions_topic: TRANSACTION_SCHEMA, events.labels_topic: LABEL_SCHEMA})
+  first_new = first_new or {}
   _ = (parsed[DEAD_LETTER_TAG]
+       | 'NewDeadLetters' >> beam.Filter(
+           lambda dead: dead.record.offset >= first_new.get(dead.record.topic, {}).get(dead.record.partition, 0))
        | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
        | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
                                               expansion_service=kafka.kafka_expansion_service))

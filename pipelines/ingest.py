@@ -8,11 +8,14 @@ the warehouse's ``features`` table; labels go to its ``labels`` table. The
 trainer joins the two.
 
 It runs unbounded (a streaming job), or bounded (``--stop_at_end``: what the
-topics hold now). ``--replay_from``/``--replay_to`` rebuild the feature rows of
-an event-time range into a new table: the read starts at the beginning of the
-topics so that every customer's and terminal's history is warmed up exactly
-as in the original run, and only the rows of the range are written;
-``--replay_offsets`` names the range by offsets of the transactions topic.
+topics hold now). Either way it reads from the beginning of the topics, so
+that every customer's and terminal's history is warm, and writes only the
+records its consumer group has not committed yet: a restart, or a bounded
+run after another, writes the rows one run would have written.
+``--replay_from``/``--replay_to`` rebuild the feature rows of an event-time
+range into a new table, warmed up the same way: only the rows of the range
+are written. ``--replay_offsets`` names the range by offsets of the
+transactions topic.
 
 Example::
 
@@ -29,7 +32,13 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.warehouse import open_warehouse
-from pipelines.events import EventOptions, read_events
+from pipelines.events import (
+  FEATURES_COMMIT_DELAY_BUNDLES,
+  EventOptions,
+  PartitionOffsets,
+  group_start_offsets,
+  read_events,
+)
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
 from transforms.features import FEATURES_TABLE, ComputeFeatures
 from transforms.records import (
@@ -86,8 +95,20 @@ def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]]
   return lambda row: start <= parse_utc_timestamp(row['tx_datetime']) < end
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PCollection:
-  """Adds the ingest steps to ``pipeline``; returns the feature rows written."""
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   first_unwritten: Optional[Dict[str, PartitionOffsets]] = None) -> beam.PCollection:
+  """Adds the ingest steps to ``pipeline``; returns the feature rows written.
+
+  Args:
+    pipeline: the pipeline to add to.
+    options: its options (IngestOptions, WarehouseOptions, EventOptions, KafkaOptions).
+    first_unwritten: per topic (transactions, labels) and partition, the first
+      offset to write (:func:`~pipelines.events.group_start_offsets`): the
+      read starts at the beginning of the topics, and the earlier records
+      only warm up the customers' and terminals' histories, so that a
+      restarted ingest computes the features one run would. None: write
+      everything. Ignored in a replay.
+  """
   kafka = options.view_as(KafkaOptions)
   ingest = options.view_as(IngestOptions)
   events_options = options.view_as(EventOptions)
@@ -96,17 +117,23 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   warehouse = options.view_as(WarehouseOptions).warehouse_url()
 
   bounded = kafka.stop_at_end or replay
+  local_stream = not bounded and options.view_as(StandardOptions).runner == LOCAL_RUNNER
   events = read_events(
       pipeline, options, kafka_config(options), None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-      stop_at_end=bounded,
+      first_new=None if replay else first_unwritten, stop_at_end=bounded, from_beginning=True,
       # The local runner gives the feature stage's timers no watermark: read the partitions in event-time step.
-      align_partitions=not bounded and options.view_as(StandardOptions).runner == LOCAL_RUNNER)
+      align_partitions=local_stream, commit_delay_bundles=FEATURES_COMMIT_DELAY_BUNDLES if local_stream else 0)
   rows = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bounded)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:
+    first_transaction = (first_unwritten or {}).get(events_options.transactions_topic, {})
+    first_label = (first_unwritten or {}).get(events_options.labels_topic, {})
+    rows = rows | 'NotYetWritten' >> beam.Filter(
+        lambda row: row['kafka_offset'] >= first_transaction.get(row['kafka_partition'], 0))
     _ = (events
-         | 'Labels' >> beam.Filter(lambda event: isinstance(event, Label))
+         | 'NewLabels' >> beam.Filter(
+             lambda event: isinstance(event, Label) and event.kafka_offset >= first_label.get(event.kafka_partition, 0))
          | 'ToLabelRows' >> beam.Map(label_row)
          | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
                                              temp_location=ingest.bigquery_temp_location))
@@ -118,8 +145,15 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
 def run(argv: Optional[List[str]] = None):
   options = pipeline_options(argv, [IngestOptions, WarehouseOptions, EventOptions], prog='python -m pipelines.ingest')
   open_warehouse(options.view_as(WarehouseOptions).warehouse_url()).prepare()
+  first_unwritten = None
+  if replay_range(options.view_as(IngestOptions)) is None:
+    kafka, events = options.view_as(KafkaOptions), options.view_as(EventOptions)
+    first_unwritten = {topic: group_start_offsets(kafka_config(options), kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+                                                  topic, 'earliest')
+                       for topic in (events.transactions_topic, events.labels_topic)}
+    logging.info('writing the records from offsets %s; the earlier ones only build the histories', first_unwritten)
   with beam.Pipeline(options=options) as pipeline:
-    build_pipeline(pipeline, options)
+    build_pipeline(pipeline, options, first_unwritten)
 
 
 if __name__ == '__main__':

@@ -51,7 +51,13 @@ from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.alerts import AlertSink
-from pipelines.events import EventOptions, PartitionOffsets, group_start_offsets, read_events
+from pipelines.events import (
+  FEATURES_COMMIT_DELAY_BUNDLES,
+  EventOptions,
+  PartitionOffsets,
+  group_start_offsets,
+  read_events,
+)
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.features import FEATURE_NAMES, ComputeFeatures
@@ -67,9 +73,6 @@ from transforms.records import (
 DEFAULT_CONSUMER_GROUP = 'kbml-scoring'
 RELOAD_POLL = 'poll'
 RELOAD_WATCH = 'watch'
-# Terminal features release a transaction one or two timer rounds after it is read (transforms/features.py), and
-# the local runner fires a round per bundle: commit two bundles late so that its prediction is flushed first.
-LOCAL_COMMIT_DELAY_BUNDLES = 2
 BACKTEST_NAMESPACE = 'kbml.backtest'
 
 class ScoringOptions(PipelineOptions):
@@ -187,8 +190,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
 
   rows = (read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+                      first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
                       stop_at_end=bool(backtest), from_beginning=True, align_partitions=local and not backtest,
-                      commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local else 0)
+                      commit_delay_bundles=FEATURES_COMMIT_DELAY_BUNDLES if local else 0)
           | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bool(backtest)))
 
   reload = None if backtest else model_reload(options)

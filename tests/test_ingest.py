@@ -127,6 +127,25 @@ def test_replay_of_a_time_or_offset_range_rebuilds_the_same_rows(bootstrap, topi
   assert len(store.query('SELECT * FROM labels')) == len(simulation.transactions)
 
 
+def test_a_run_after_another_writes_the_rows_one_run_writes_and_no_dead_letter_twice(bootstrap, topics, tmp_path,
+                                                                                      group_id):
+  simulation = simulate(SimulationConfig(customers=150, terminals=200, days=40, seed=6))
+  config = {'bootstrap.servers': bootstrap}
+  restarted, once = f'duckdb://{tmp_path}/restarted.duckdb', f'duckdb://{tmp_path}/once.duckdb'
+  for part, (from_day, until_day) in enumerate([(None, 30), (30, None)]):
+    simulator.produce(events(simulation, from_day, until_day), config, topics['transactions'], topics['labels'])
+    produce(bootstrap, topics['transactions'], [(b'bad', BAD_RECORDS[part][0], [])])
+    ingest.run(_ingest_args(bootstrap, topics, restarted, '--stop_at_end', '--consumer_group', group_id))
+  ingest.run(_ingest_args(bootstrap, topics, once, '--stop_at_end', '--consumer_group', f'{group_id}-once'))
+
+  for table in ('features', 'labels'):
+    rows = [open_warehouse(url).query(f'SELECT * FROM {table} ORDER BY transaction_id') for url in (restarted, once)]
+    assert len(rows[0]) == len(simulation.transactions)
+    pd.testing.assert_frame_equal(rows[0], rows[1])
+  # Each bad record is sent once by the runs under one group, and once more by the run of the other group.
+  assert len(consume(bootstrap, topics['dead-letter'], 10, timeout_s=5)) == 2 + 2
+
+
 def test_bigquery_and_the_embedded_warehouse_get_the_same_rows(bootstrap, topics, tmp_path, bigquery_emulator):
   simulation = simulate(SimulationConfig(customers=100, terminals=150, days=20, seed=8))
   simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])

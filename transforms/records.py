@@ -143,6 +143,8 @@ class Label(NamedTuple):
   is_fraud: int
   fraud_scenario: int
   known_time: float = 0.0  # when the label arrived: its Kafka timestamp
+  kafka_partition: int = -1
+  kafka_offset: int = -1
 
 
 # The columns that identify a transaction, first in every table about transactions.
@@ -177,7 +179,8 @@ LABEL_SCHEMA = RecordSchema('label', {
     'terminal_id': _integer_id,
     'is_fraud': _flag,
     'fraud_scenario': _small_int,
-}, Label, lambda row, record: row._replace(known_time=record.timestamp_ms / 1000))
+}, Label, lambda row, record: row._replace(known_time=record.timestamp_ms / 1000, kafka_partition=record.partition,
+                                           kafka_offset=record.offset))
 
 
 def at_event_time(event):
