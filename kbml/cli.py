@@ -43,7 +43,8 @@ def _simulate(args) -> int:
   config = simulator.SimulationConfig(
       customers=args.customers, terminals=args.terminals, radius=args.radius, start_date=args.start_date,
       days=args.days, seed=args.seed, label_delay_days=args.label_delay_days, drift_from_day=args.drift_from_day,
-      drift_cards_per_day=args.drift_cards_per_day, first_transaction_id=args.first_transaction_id)
+      drift_cards_per_day=args.drift_cards_per_day, drift_burst=args.drift_burst,
+      first_transaction_id=args.first_transaction_id)
   started = time.monotonic()
   simulation = simulator.simulate(config)
   tx = simulation.transactions
@@ -97,8 +98,12 @@ def _add_simulate_parser(commands):
   simulate.add_argument('--seed', type=int, default=defaults.seed, help='Same seed, same output.')
   simulate.add_argument('--label-delay-days', type=float, default=defaults.label_delay_days,
                         help='How long after a transaction its label is produced.')
-  simulate.add_argument('--drift-from-day', type=int, help='Start the drift fraud scenario (4) on this day.')
-  simulate.add_argument('--drift-cards-per-day', type=int, default=defaults.drift_cards_per_day)
+  simulate.add_argument('--drift-from-day', type=int,
+                        help='Start the drift fraud scenario (4, a cash-out wave) on this day.')
+  simulate.add_argument('--drift-cards-per-day', type=int, default=defaults.drift_cards_per_day,
+                        help='Cards the wave drains each day (default: %(default)s).')
+  simulate.add_argument('--drift-burst', type=int, default=defaults.drift_burst,
+                        help='Transactions the wave adds on each drained card, at night (default: %(default)s).')
   simulate.add_argument('--first-transaction-id', type=int, default=0,
                         help='Id of the first transaction: to continue a stream already produced.')
   simulate.add_argument('--from-day', type=float, help='Produce only the events from this day on (days since the '

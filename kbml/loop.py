@@ -5,13 +5,17 @@
 2. Live: the scorer, the monitor, a streaming ingest and ``kbml retrain
    --on-drift`` start as processes of their own, as a user runs them, and the
    rest of the simulation is produced at ``--rate`` events/s. From
-   ``--drift-from-day`` a new fraud pattern starts (simulator scenario 4).
+   ``--drift-from-day`` a new fraud pattern starts (simulator scenario 4: a
+   cash-out wave, stolen cards drained in bursts at night far from home,
+   about a quarter of the transactions with the defaults: the size at which
+   the features' PSI crosses 0.2 in the wave's first day).
 3. The monitor reports drift, the retrain waits for the labels of the
    drifted days, trains on them and promotes a better model, and the scorer
    takes it live. Once the labels of the new model's predictions are in, the
    loop stops the processes and prints what happened: the first drift alert,
    the retrain, and the labelled precision, recall and average precision of
-   each model version per window.
+   each model version per window, and per phase (the first model before and
+   in the drift, the retrained one).
 
 Each process logs to ``LOG_DIR/NAME.log``.
 """
@@ -26,9 +30,18 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+import pandas
+
 from kbml.local_stack import local_state_dir
+from kbml.simulator import SimulationConfig
+from transforms.features import HISTORY_DAYS
+from transforms.metrics import CHAMPION, read_sums, summaries
 
 DAY_S = 86_400
+PHASES = ('first model, before the drift', 'first model, in the drift', 'retrained model, in the drift')
+# The first model trains on the 10 days before the 3 last labelled days of the history, and is tested on those:
+# the split of `kbml retrain` (no delay), on fewer days so that the history needed before them is shorter.
+FIRST_MODEL_SPLIT = ('--last-days', '10', '--delay-days', '0', '--test-days', '3')
 
 
 @dataclasses.dataclass
@@ -37,19 +50,24 @@ class LoopResult:
   alerts: List[Dict[str, object]]
   first_version: str
   retrained_version: Optional[str]
-  windows: 'pandas.DataFrame'  # noqa: F821 - pandas is imported when the loop runs
+  windows: pandas.DataFrame
+  phases: pandas.DataFrame
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='kbml loop', description=__doc__.split('\n\n', 1)[1],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--customers', type=int, default=500)
-  parser.add_argument('--days', type=int, default=90, help='Days simulated in all (default: %(default)s).')
-  parser.add_argument('--live-from-day', type=int, default=55,
-                      help='Days before this one are history, produced at once (default: %(default)s).')
-  parser.add_argument('--drift-from-day', type=int, default=62, help='Default: %(default)s.')
-  parser.add_argument('--drift-cards-per-day', type=int, default=30,
-                      help='Cards compromised by the new pattern each day (default: %(default)s).')
+  parser.add_argument('--days', type=int, default=112, help='Days simulated in all (default: %(default)s).')
+  parser.add_argument('--live-from-day', type=int, default=82,
+                      help='Days before this one are history, produced at once; the first model trains on its last '
+                      f'labelled days, which need {HISTORY_DAYS} days before them for warm features '
+                      '(default: %(default)s).')
+  parser.add_argument('--drift-from-day', type=int, default=85, help='Default: %(default)s.')
+  parser.add_argument('--drift-cards-per-day', type=int, default=40,
+                      help='Cards the cash-out wave drains each day (default: %(default)s).')
+  parser.add_argument('--drift-burst', type=int, default=8,
+                      help='Transactions the wave adds on each drained card (default: %(default)s).')
   parser.add_argument('--rate', type=float, default=400, help='Live events per second (default: %(default)s).')
   parser.add_argument('--seed', type=int, default=7)
   parser.add_argument('--epochs', type=int, default=10, help='Training epochs, at most (default: %(default)s).')
@@ -99,7 +117,6 @@ def run_loop(args, out=print) -> LoopResult:
   from kbml.warehouse import default_warehouse_url, open_warehouse
   from trainer.registry import ModelStore
   from trainer.task import default_model_dir
-  from transforms.metrics import read_sums, summaries
 
   bootstrap = args.bootstrap_servers or local_bootstrap_servers()
   if not bootstrap:
@@ -113,7 +130,7 @@ def run_loop(args, out=print) -> LoopResult:
   pipeline_kafka = ['--bootstrap_servers', bootstrap]
   simulation = ['--customers', str(args.customers), '--terminals', str(2 * args.customers), '--days', str(args.days),
                 '--seed', str(args.seed), '--drift-from-day', str(args.drift_from_day),
-                '--drift-cards-per-day', str(args.drift_cards_per_day), *kafka]
+                '--drift-cards-per-day', str(args.drift_cards_per_day), '--drift-burst', str(args.drift_burst), *kafka]
 
   def step(title: str, argv: List[str]):
     out(f'\n== {title}: kbml {" ".join(argv[:1] + [a for a in argv[1:] if not a.startswith(bootstrap)])}')
@@ -122,7 +139,7 @@ def run_loop(args, out=print) -> LoopResult:
 
   step('history', ['simulate', *simulation, '--until-day', str(args.live_from_day)])
   step('ingest the history', ['ingest', '--stop_at_end', '--warehouse', warehouse, *pipeline_kafka])
-  step('train the first model', ['train', '--last-days', '7', '--epochs', str(args.epochs), '--warehouse', warehouse,
+  step('train the first model', ['train', *FIRST_MODEL_SPLIT, '--epochs', str(args.epochs), '--warehouse', warehouse,
                                  '--model-dir', model_dir])
   store = ModelStore(model_dir)
   first_version = store.current()
@@ -157,8 +174,10 @@ def run_loop(args, out=print) -> LoopResult:
 
   alerts = _alerts(config)
   sums = read_sums(open_warehouse(warehouse))
-  windows = summaries(sums[sums['role'] == 'champion'])
+  windows = summaries(sums[sums['role'] == CHAMPION])
   retrained = store.current() if store.current() != first_version else None
+  drift_start = pandas.Timestamp(SimulationConfig().start) + pandas.Timedelta(days=args.drift_from_day)
+  phases = phase_metrics(sums, first_version, retrained, drift_start)
   out(f'\n== done in {time.monotonic() - started:.0f} s')
   drift = [a for a in alerts if a['kind'] == 'drift']
   if drift:
@@ -169,12 +188,35 @@ def run_loop(args, out=print) -> LoopResult:
   labelled = windows[windows['labelled'] > 0]
   out(labelled[['window_start', 'model_version', 'predictions', 'labelled', 'frauds', 'precision', 'recall',
                 'average_precision']].to_string(index=False, float_format=lambda x: f'{x:.3f}'))
-  return LoopResult(alerts, first_version, retrained, windows)
+  out(f'\nlabelled metrics per phase (windows one model scored whole; the drift from {drift_start:%Y-%m-%d}):')
+  out(phases[['phase', 'windows', 'labelled', 'frauds', 'precision', 'recall', 'average_precision']].to_string(
+      index=False, float_format=lambda x: f'{x:.3f}'))
+  return LoopResult(alerts, first_version, retrained, windows, phases)
+
+
+def phase_metrics(sums: pandas.DataFrame, first_version: str, retrained_version: Optional[str],
+                  drift_start: pandas.Timestamp) -> pandas.DataFrame:
+  """The champion's labelled metrics per phase: the first model before and in the drift, then the retrained one.
+
+  Each phase pools the windows that one model scored whole (a swap's window
+  is left out), so its average precision is that of all its predictions.
+  """
+  champion = sums[sums['role'] == CHAMPION]
+  versions_per_window = champion.groupby('window_start')['model_version'].nunique()
+  whole = champion[champion['window_start'].map(versions_per_window) == 1]
+  in_drift = whole['window_start'] >= drift_start
+  phase = pandas.Series(None, index=whole.index, dtype=object)
+  phase[(whole['model_version'] == first_version) & ~in_drift] = PHASES[0]
+  phase[(whole['model_version'] == first_version) & in_drift] = PHASES[1]
+  phase[whole['model_version'] == retrained_version] = PHASES[2]
+  whole = whole.assign(phase=phase).dropna(subset=['phase'])
+  metrics = summaries(whole, ['phase'])
+  metrics.insert(1, 'windows', metrics['phase'].map(whole.groupby('phase')['window_start'].nunique()))
+  return metrics.set_index('phase').reindex([p for p in PHASES if p in set(metrics['phase'])]).reset_index()
 
 
 def _wait_for_monitor(config: Dict[str, str], warehouse, live_transactions: int, out, timeout_s: float = 180.0):
   """Waits until every live transaction has a prediction and the monitor's labelled counts stop growing."""
-  from transforms.metrics import read_sums
   deadline, labelled = time.monotonic() + timeout_s, None
   while time.monotonic() < deadline:
     predictions = _end_offsets(config, ['predictions'])['predictions']

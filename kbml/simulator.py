@@ -9,9 +9,9 @@ generator, so a run is deterministic for a seed and takes seconds (the
 handbook's per-customer loops take minutes); the numbers differ from the
 handbook's own run, the distributions do not.
 
-An optional drift scenario (4) starts a new fraud pattern on a given day:
-compromised cards used at night, at terminals far from home, for larger
-amounts, so that the features' distributions move.
+An optional drift scenario (4) starts a new fraud pattern on a given day: a
+cash-out wave, stolen cards drained in bursts at night, at terminals far
+from home, for larger amounts, so that the features' distributions move.
 """
 
 import dataclasses
@@ -42,7 +42,8 @@ class SimulationConfig:
     seed: seed of every draw.
     label_delay_days: how long after a transaction its label (fraud or not) arrives.
     drift_from_day: first day of the drift scenario (4); None for none.
-    drift_cards_per_day: cards compromised by the drift scenario each day.
+    drift_cards_per_day: cards drained by the drift scenario each day.
+    drift_burst: transactions the drift scenario adds on each drained card.
     first_transaction_id: the first transaction's id; a run that continues
       a stream already produced starts after its last id.
   """
@@ -55,6 +56,7 @@ class SimulationConfig:
   label_delay_days: float = 7.0
   drift_from_day: Optional[int] = None
   drift_cards_per_day: int = 10
+  drift_burst: int = 8
   first_transaction_id: int = 0
 
   @property
@@ -193,27 +195,33 @@ def _add_frauds(rng: np.random.Generator, simulation: Simulation) -> List[Tuple[
 
 
 def _add_drift(rng: np.random.Generator, simulation: Simulation, draws: List[Tuple[int, int, int]]) -> pd.DataFrame:
-  """Scenario 4: from ``drift_from_day``, compromised cards used at night, far from home, for 2x amounts.
+  """Scenario 4, a cash-out wave: from ``drift_from_day``, stolen cards drained at night, far from home.
 
-  Each day ``drift_cards_per_day`` cards are drawn; half of their transactions
-  in the next 7 days are moved to a random time between midnight and 6 am,
-  to a random terminal anywhere, with twice the amount.
+  Each day ``drift_cards_per_day`` cards are drawn, and the fraudster adds
+  ``drift_burst`` transactions on each between midnight and 6 am, at
+  terminals anywhere, for twice the card's usual amount. The wave is at full
+  strength from its first day, unlike the handbook's scenarios, which grow
+  over a week or two.
   """
   config = simulation.config
-  tx = simulation.transactions
-  days = tx['tx_time_days'].to_numpy()
-  by_customer = _RowsBy(tx['customer_id'].to_numpy(), len(simulation.customers))
-  for day in range(config.drift_from_day, days.max() + 1):
-    customers = rng.choice(len(simulation.customers), config.drift_cards_per_day, replace=False)
-    draws += [(day, SCENARIO_DRIFT, c) for c in customers]
-    rows = by_customer.rows(customers)
-    rows = rows[(days[rows] >= day) & (days[rows] < day + 7)]
-    rows = rng.choice(rows, len(rows) // 2, replace=False)
-    tx.loc[rows, 'tx_time_seconds'] = days[rows] * SECONDS_PER_DAY + rng.integers(0, 6 * 3600, len(rows))
-    tx.loc[rows, 'terminal_id'] = rng.integers(0, len(simulation.terminals), len(rows))
-    tx.loc[rows, 'amount'] = np.round(tx.loc[rows, 'amount'].to_numpy() * 2, 2)
-    _mark(tx, rows, SCENARIO_DRIFT)
-  return _sorted_by_time(tx.drop(columns=['transaction_id', 'tx_time_days', 'tx_datetime']), config)
+  customers = simulation.customers
+  first_day = config.drift_from_day
+  drained = [rng.choice(len(customers), config.drift_cards_per_day, replace=False)
+             for _ in range(first_day, config.days)]
+  draws += [(first_day + offset, SCENARIO_DRIFT, c) for offset, day_cards in enumerate(drained) for c in day_cards]
+  customer = np.repeat(np.concatenate(drained), config.drift_burst)
+  day = np.repeat(np.arange(first_day, config.days), config.drift_cards_per_day * config.drift_burst)
+  mean = customers['mean_amount'].to_numpy()[customer]
+  wave = pd.DataFrame({
+      'tx_time_seconds': day * SECONDS_PER_DAY + rng.integers(0, 6 * 3600, len(customer)),
+      'customer_id': customer,
+      'terminal_id': rng.integers(0, len(simulation.terminals), len(customer)),
+      'amount': np.round(np.abs(rng.normal(2 * mean, customers['std_amount'].to_numpy()[customer])), 2),
+      'is_fraud': np.ones(len(customer), dtype=np.int64),
+      'fraud_scenario': np.full(len(customer), SCENARIO_DRIFT, dtype=np.int64),
+  })
+  columns = list(wave.columns)
+  return _sorted_by_time(pd.concat([simulation.transactions[columns], wave], ignore_index=True), config)
 
 
 def simulate(config: SimulationConfig = SimulationConfig()) -> Simulation:

@@ -70,8 +70,17 @@ def test_records_are_valid_and_labels_arrive_after_the_delay():
     assert event.timestamp_ms == record.tx_time * 1000 + delay_ms
 
 
-def test_drift_scenario_starts_on_its_day_at_night():
-  simulation = simulate(SimulationConfig(customers=500, terminals=1000, days=40, drift_from_day=25))
-  drift = simulation.transactions[simulation.transactions['fraud_scenario'] == SCENARIO_DRIFT]
-  assert len(drift) > 100 and drift['tx_time_days'].min() == 25
+def test_drift_scenario_adds_a_cash_out_wave_at_night_from_its_day():
+  config = SimulationConfig(customers=500, terminals=1000, days=40, drift_from_day=25, drift_cards_per_day=12,
+                            drift_burst=5)
+  simulation = simulate(config)
+  tx = simulation.transactions
+  drift = tx[tx['fraud_scenario'] == SCENARIO_DRIFT]
+  assert len(drift) == 15 * 12 * 5 and drift['tx_time_days'].min() == 25 and drift['is_fraud'].all()
   assert (drift['tx_datetime'].dt.hour < 6).all()
+  assert (drift.groupby(['tx_time_days', 'customer_id']).size() == 5).all()
+  drained = simulation.compromised[simulation.compromised['scenario'] == SCENARIO_DRIFT]
+  assert len(drained) == 15 * 12 and set(drained['id']) >= set(drift['customer_id'])
+  without = simulate(SimulationConfig(customers=500, terminals=1000, days=40))
+  assert len(tx) - len(drift) == len(without.transactions), 'the wave adds transactions, the others stay'
+  assert (tx['transaction_id'] == np.arange(len(tx))).all()

@@ -85,6 +85,8 @@ from trainer.registry import ModelStore
 
 # The alerts that say the model no longer fits the data: a retrain may fix them.
 TRIGGERING_KINDS = (DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR)
+# Days after a drift that a drift retrain trains on, beyond its test and validation days.
+DRIFT_TRAINING_DAYS = 2
 MANUAL, SCHEDULE, DRIFT_TRIGGER = 'manual', 'schedule', 'drift'
 # What a retrain in a loop survives: data not there yet, an unreadable warehouse or store.
 RETRAIN_ERRORS = (ValueError, WarehouseError, OSError)
@@ -142,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f'Retrain when the alerts topic reports {", ".join(TRIGGERING_KINDS)}.')
   when.add_argument('--cooldown', type=parse_duration, default='6h', metavar='DURATION',
                     help='After a drift retrain, ignore further alerts for this long (default: %(default)s).')
-  when.add_argument('--drift-labelled-days', type=int, default=3, metavar='N',
+  when.add_argument('--drift-labelled-days', type=int, metavar='N',
                     help='A drift retrain waits until the warehouse has labels for N days from the day the alert\'s '
-                    'window started (default: %(default)s).')
+                    f'window started (default: the test and validation days and {DRIFT_TRAINING_DAYS} more, so that '
+                    'the new model learns from, picks its threshold on and is tested on days after the drift).')
   when.add_argument('--check-interval-s', type=float, default=10.0,
                     help='Seconds between checks of the warehouse\'s labels while a drift retrain waits '
                     '(default: %(default)s).')
@@ -170,6 +173,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
     parser.error('--max-retrains and --seconds apply to --every and --on-drift')
   if args.max_retrains is not None and args.max_retrains < 1:
     parser.error('--max-retrains must be at least 1')
+  if args.drift_labelled_days is None:
+    args.drift_labelled_days = args.test_days + args.validation_days + DRIFT_TRAINING_DAYS
   if args.drift_labelled_days < 1 or args.check_interval_s <= 0:
     parser.error('--drift-labelled-days must be at least 1 and --check-interval-s above zero')
 
