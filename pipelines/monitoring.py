@@ -91,7 +91,8 @@ class MonitoringOptions(PipelineOptions):
                         '(earliest) or those that arrive from now on (latest).')
 
 
-def settings_of(options: PipelineOptions) -> MonitoringSettings:
+def settings_of(options: PipelineOptions,
+                read_partitions: Tuple[Tuple[str, int], ...] = ()) -> MonitoringSettings:
   monitoring = options.view_as(MonitoringOptions)
   models = options.view_as(ModelOptions)
   events = options.view_as(EventOptions)
@@ -105,7 +106,8 @@ def settings_of(options: PipelineOptions) -> MonitoringSettings:
       recall_floor=monitoring.recall_floor, min_labelled_frauds=monitoring.min_labelled_frauds,
       max_dead_letter_rate=monitoring.max_dead_letter_rate, scorer_group=monitoring.scorer_group,
       transactions_topic=events.transactions_topic, max_scorer_lag=monitoring.max_scorer_lag, kafka_config=config,
-      drift_exclude=tuple(name for name in (monitoring.drift_exclude or '').split(',') if name))
+      drift_exclude=tuple(name for name in (monitoring.drift_exclude or '').split(',') if name),
+      read_partitions=read_partitions)
 
 
 class _ObserveFn(beam.DoFn):
@@ -153,6 +155,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   config = kafka_config(options)
   group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
   topics = [predictions_topic, events.labels_topic, events.dead_letter_topic]
+  read_partitions = tuple((kind, partition) for kind, topic in ((PREDICTION, predictions_topic),
+                                                              (LABEL, events.labels_topic))
+                          for partition in sorted((first_new or {}).get(topic, {})))
   observed = (pipeline
               | 'ReadPredictionsAndLabels' >> read_from_kafka(
                   kafka.kafka_io, {**config, 'group.id': group}, topics,
@@ -167,7 +172,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                                               expansion_service=kafka.kafka_expansion_service))
   _ = (observed['observed']
        | 'JoinLabels' >> beam.ParDo(JoinLabelsFn()).with_input_types(Tuple[str, Observation])
-       | 'WindowMetrics' >> beam.ParDo(WindowMetricsFn(settings_of(options))))
+       | 'WindowMetrics' >> beam.ParDo(WindowMetricsFn(settings_of(options, read_partitions))))
 
 
 def run(argv: Optional[List[str]] = None):

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 import uuid
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -191,6 +191,10 @@ class MonitoringSettings:
     drift_exclude: statistics not checked for drift.
     metrics_table: the partial sums' table.
     labelled_table: the labelled predictions' table.
+    read_partitions: the partitions read, as ``(PREDICTION or LABEL,
+      partition)``: a window closes only once each of them has passed it,
+      so that a partition read ahead of the others does not close windows
+      the others still add to. Empty: the partitions seen so far.
   """
   warehouse_url: str
   model_dir: str
@@ -213,6 +217,7 @@ class MonitoringSettings:
   drift_exclude: Tuple[str, ...] = ()
   metrics_table: str = METRICS_TABLE
   labelled_table: str = LABELLED_PREDICTIONS_TABLE
+  read_partitions: Tuple[Tuple[str, int], ...] = ()
 
 
 class WindowMetricsFn(beam.DoFn):
@@ -233,8 +238,8 @@ class WindowMetricsFn(beam.DoFn):
     self._alerts = AlertSink(settings.alerts_config, settings.alerts_topic)
     self._distributions: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
     # Per topic partition read: the newest transaction time of a new prediction, the newest label time.
-    self._newest_tx_time: Dict[Tuple[str, int], float] = {}
-    self._newest_label_time: Dict[Tuple[str, int], float] = {}
+    self._newest_tx_time = {read: -math.inf for read in settings.read_partitions if read[0] == PREDICTION}
+    self._newest_label_time = {read: -math.inf for read in settings.read_partitions if read[0] == LABEL}
     self._checked_tx_horizon = self._checked_label_horizon = -math.inf
     self._next_lag_check = 0.0
     self._lagging = False
@@ -242,6 +247,9 @@ class WindowMetricsFn(beam.DoFn):
   def start_bundle(self):
     self._sums: Dict[WindowKey, Sums] = {}
     self._labelled_rows: List[Dict[str, object]] = []
+    # The windows (start, end) this bundle added predictions to, and labels: a closed one is checked again.
+    self._predicted_windows: Set[Tuple[float, float]] = set()
+    self._labelled_windows: Set[Tuple[float, float]] = set()
 
   def _window(self, tx_time: float) -> Tuple[float, float]:
     start = math.floor(tx_time / self._settings.window_s) * self._settings.window_s
@@ -270,6 +278,7 @@ class WindowMetricsFn(beam.DoFn):
     challenger = fields.get('challenger_version')
     if contribution.kind == PREDICTION:
       _advance(self._newest_tx_time, contribution.read_from, tx_time)
+      self._predicted_windows.add(self._window(tx_time))
       self._add(tx_time, version, CHAMPION, prediction_sums(
           fields['score'], fields['flagged'], self._drift_bins(version, fields.get('features'), fields['score'])))
       if challenger:
@@ -278,6 +287,7 @@ class WindowMetricsFn(beam.DoFn):
       return
     if contribution.read_from[0] != PREDICTION:  # completed by its label: the label's partition moved on
       _advance(self._newest_label_time, contribution.read_from, contribution.known_time)
+    self._labelled_windows.add(self._window(tx_time))
     scored = [(version, CHAMPION, fields['score'], fields['flagged'])]
     if challenger:
       scored.append((challenger, CHALLENGER, fields['challenger_score'], fields['challenger_flagged']))
@@ -299,24 +309,36 @@ class WindowMetricsFn(beam.DoFn):
     self._check_scorer_lag()
 
   def _check_closed_windows(self):
+    """Checks the windows that closed since the last bundle, and the closed ones this bundle added to.
+
+    A window closes when every partition read has moved ``grace_s`` past
+    its end; a prediction or label that comes later than that (a scorer
+    catching up emits days at once, not quite in order) adds to a closed
+    window, which is then checked again. An alert is raised once anyway.
+    """
     settings = self._settings
     tx_horizon = min(self._newest_tx_time.values(), default=-math.inf) - settings.grace_s
-    if tx_horizon > self._checked_tx_horizon:
-      for window, version, sums in self._closed_windows(self._checked_tx_horizon, tx_horizon):
-        self._check_drift(window, version, sums)
-      self._checked_tx_horizon = tx_horizon
+    for window, version, sums in self._closed_windows(self._checked_tx_horizon, tx_horizon, self._predicted_windows):
+      self._check_drift(window, version, sums)
+    self._checked_tx_horizon = max(self._checked_tx_horizon, tx_horizon)
     label_horizon = (min(self._newest_label_time.values(), default=-math.inf) - settings.label_delay_s
                      - settings.grace_s)
-    if label_horizon > self._checked_label_horizon:
-      for window, version, sums in self._closed_windows(self._checked_label_horizon, label_horizon):
-        self._check_accuracy(window, version, sums)
-      self._checked_label_horizon = label_horizon
+    for window, version, sums in self._closed_windows(self._checked_label_horizon, label_horizon,
+                                                      self._labelled_windows):
+      self._check_accuracy(window, version, sums)
+    self._checked_label_horizon = max(self._checked_label_horizon, label_horizon)
 
-  def _closed_windows(self, after: float, until: float):
-    """(window, version, summed rows) of the champion windows that ended in (after, until]."""
-    since = f'window_end > {self._warehouse.timestamp(_utc(after))} AND ' if after > -math.inf else ''
-    sums = read_sums(self._warehouse, f"{since}window_end <= "
-                     f"{self._warehouse.timestamp(_utc(until))} AND role IN ('{CHAMPION}', '{PIPELINE_ROLE}')",
+  def _closed_windows(self, checked: float, horizon: float, updated: Set[Tuple[float, float]]):
+    """(window, version, summed rows) of the champion windows that ended in (checked, horizon], or by
+    ``checked`` and are in ``updated``."""
+    ends = {end for _, end in updated if end <= checked}
+    conditions = [f'window_end = {self._warehouse.timestamp(_utc(end))}' for end in sorted(ends)]
+    if horizon > checked:
+      since = f'window_end > {self._warehouse.timestamp(_utc(checked))} AND ' if checked > -math.inf else ''
+      conditions.append(f'{since}window_end <= {self._warehouse.timestamp(_utc(horizon))}')
+    if not conditions:
+      return
+    sums = read_sums(self._warehouse, f"({' OR '.join(conditions)}) AND role IN ('{CHAMPION}', '{PIPELINE_ROLE}')",
                      self._settings.metrics_table)
     dead_letters = sums[sums['role'] == PIPELINE_ROLE]
     for (start, end, version), rows in sums[sums['role'] == CHAMPION].groupby(
