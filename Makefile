@@ -25,10 +25,10 @@ $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 	@touch $@
 
 # The demo, from a clean slate (the broker keeps its data in memory; the demo's warehouse and model store are
-# rebuilt): the whole loop of `kbml loop` on a simulated population of 500 cards. 55 days of history are
+# rebuilt): the whole loop of `kbml loop` on a simulated population of 500 cards. 82 days of history are
 # ingested and a first model is trained; then the scorer, the monitor, a streaming ingest and `kbml retrain
-# --on-drift` run as their own processes while 35 more days are produced live, with a new fraud pattern from day
-# 62. The monitor reports the drift, the retrain waits for the drifted days' labels, trains and promotes a new
+# --on-drift` run as their own processes while 30 more days are produced live, with a cash-out wave from day 85.
+# The monitor reports the drift, the retrain waits for the wave's labelled days, trains and promotes a new
 # model, and the scorer takes it live. Then `kbml status` and `kbml report` (the path of the HTML page).
 demo: $(STAMP)
 	$(BIN)/kbml local down
