@@ -50,10 +50,11 @@ def test_a_cash_out_wave_is_alerted_in_its_first_window_and_a_retrained_model_re
   assert list(phases.index) == list(PHASES)
   before, in_drift, retrained = (phases.loc[phase] for phase in PHASES)
   assert retrained['windows'] >= 2, 'the retrained model scored whole windows of the wave'
-  # The first model misses most of the wave; the retrained one catches it: recall, average precision and
-  # precision recover to at least their level before the wave.
+  # The first model misses most of the wave; the retrained one catches it. Average precision (precision over
+  # every threshold) and recall recover to at least their level before the wave; the precision at the new
+  # model's own threshold, which it picks on validation days, comes back near its level before the wave.
   assert in_drift['recall'] < before['recall'] - 0.2
   assert retrained['recall'] > in_drift['recall'] + 0.3 and retrained['recall'] >= before['recall']
   assert retrained['average_precision'] > in_drift['average_precision'] + 0.1
   assert retrained['average_precision'] >= before['average_precision']
-  assert retrained['precision'] >= in_drift['precision']
+  assert retrained['precision'] >= before['precision'] - 0.1

@@ -22,7 +22,10 @@ def _args(warehouse, model_dir, *extra):
 
 
 def _listen_args(bootstrap, topic, group, *extra):
-  return ['--on-drift', '--bootstrap-servers', bootstrap, '--alerts-topic', topic, '--consumer-group', group, *extra]
+  # The fixture's days are few: 3 drifted days labelled are enough here (the default: the 5 test and validation
+  # days and 2 to train on).
+  return ['--on-drift', '--drift-labelled-days', '3', '--bootstrap-servers', bootstrap, '--alerts-topic', topic,
+          '--consumer-group', group, *extra]
 
 
 def _wait_for_output(capsys, text: str, seen: str = '', timeout_s: float = 30.0) -> str:
