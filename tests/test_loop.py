@@ -30,7 +30,7 @@ def own_broker(tmp_path):
 def test_a_cash_out_wave_is_alerted_in_its_first_window_and_a_retrained_model_recovers(own_broker, tmp_path):
   model_dir = str(tmp_path / 'models')
   args = build_parser().parse_args([
-      '--customers', '300', '--drift-cards-per-day', '24', '--days', '114',
+      '--customers', '300', '--drift-cards-per-day', '24', '--days', '120',
       '--live-from-day', str(LIVE_FROM_DAY), '--drift-from-day', str(DRIFT_FROM_DAY), '--epochs', '6',
       '--rate', '500', '--bootstrap-servers', own_broker, '--model-dir', model_dir,
       '--warehouse', f'duckdb://{tmp_path}/warehouse.duckdb', '--log-dir', str(tmp_path / 'logs')])
