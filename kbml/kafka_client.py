@@ -233,3 +233,40 @@ class AcknowledgedProducer:
     failures, self._failures = self._failures, []
     reasons = failures[:3] or ([f'not acknowledged within {timeout_s:.0f} s'] if undelivered else [])
     return undelivered + len(failures), reasons
+
+
+# Per partition of one topic: an offset.
+PartitionOffsets = Dict[int, int]
+
+
+def group_start_offsets(config: Dict[str, str], group: str, topic: str, when_uncommitted: str,
+                        timeout_s: float = 15.0) -> PartitionOffsets:
+  """Per partition of ``topic``: the group's committed offset, else its start or end.
+
+  The pipelines that rebuild their state from the beginning of a topic
+  act only on the records from these offsets on: the ones the group has not
+  processed yet; a listener starts reading there.
+
+  Args:
+    config: Kafka client settings.
+    group: the consumer group.
+    topic: the topic.
+    when_uncommitted: ``earliest`` or ``latest``: where a partition without
+      a committed offset starts.
+    timeout_s: how long to wait for the cluster.
+  """
+  consumer = new_probe_consumer({**config, 'group.id': group})
+  try:
+    partitions = list_partitions(consumer, [topic], timeout_s)
+    committed = committed_offsets(consumer, partitions, timeout_s)
+    offsets = {}
+    for _, partition in partitions:
+      offset = committed[(topic, partition)]
+      if offset < 0:
+        low, _ = listed_offsets(consumer, topic, partition, timeout_s)
+        offset = low if when_uncommitted == 'earliest' else fetched_end_offset(consumer, topic, partition, low,
+                                                                              timeout_s)
+      offsets[partition] = offset
+    return offsets
+  finally:
+    consumer.close()

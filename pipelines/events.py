@@ -5,7 +5,7 @@ from typing import Dict, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from kbml.kafka_client import committed_offsets, fetched_end_offset, list_partitions, listed_offsets, new_probe_consumer
+from kbml.kafka_client import PartitionOffsets
 from pipelines.options import KafkaOptions
 from transforms.features import DEFAULT_LABEL_DELAY_DAYS
 from transforms.kafka_io import read_from_kafka, write_to_kafka
@@ -17,8 +17,6 @@ from transforms.records import (
   at_event_time,
   dead_letter_message,
 )
-
-PartitionOffsets = Dict[int, int]
 
 
 class EventOptions(PipelineOptions):
@@ -74,36 +72,3 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
        | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
                                               expansion_service=kafka.kafka_expansion_service))
   return parsed['records'] | 'AtEventTime' >> beam.Map(at_event_time)
-
-
-def group_start_offsets(config: Dict[str, str], group: str, topic: str, when_uncommitted: str,
-                        timeout_s: float = 15.0) -> PartitionOffsets:
-  """Per partition of ``topic``: the group's committed offset, else its start or end.
-
-  The pipelines that rebuild their state from the beginning of a topic
-  act only on the records from these offsets on: the ones the group has not
-  processed yet.
-
-  Args:
-    config: Kafka client settings.
-    group: the consumer group.
-    topic: the topic.
-    when_uncommitted: ``earliest`` or ``latest``: where a partition without
-      a committed offset starts.
-    timeout_s: how long to wait for the cluster.
-  """
-  consumer = new_probe_consumer({**config, 'group.id': group})
-  try:
-    partitions = list_partitions(consumer, [topic], timeout_s)
-    committed = committed_offsets(consumer, partitions, timeout_s)
-    offsets = {}
-    for _, partition in partitions:
-      offset = committed[(topic, partition)]
-      if offset < 0:
-        low, _ = listed_offsets(consumer, topic, partition, timeout_s)
-        offset = low if when_uncommitted == 'earliest' else fetched_end_offset(consumer, topic, partition, low,
-                                                                              timeout_s)
-      offsets[partition] = offset
-    return offsets
-  finally:
-    consumer.close()

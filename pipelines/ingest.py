@@ -31,14 +31,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
-from pipelines.events import (
-  FEATURES_COMMIT_DELAY_BUNDLES,
-  EventOptions,
-  PartitionOffsets,
-  group_start_offsets,
-  read_events,
-)
+from pipelines.events import FEATURES_COMMIT_DELAY_BUNDLES, EventOptions, read_events
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
 from transforms.features import FEATURES_TABLE, ComputeFeatures
 from transforms.records import (
@@ -103,7 +98,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     pipeline: the pipeline to add to.
     options: its options (IngestOptions, WarehouseOptions, EventOptions, KafkaOptions).
     first_unwritten: per topic (transactions, labels) and partition, the first
-      offset to write (:func:`~pipelines.events.group_start_offsets`): the
+      offset to write (:func:`~kbml.kafka_client.group_start_offsets`): the
       read starts at the beginning of the topics, and the earlier records
       only warm up the customers' and terminals' histories, so that a
       restarted ingest computes the features one run would. None: write

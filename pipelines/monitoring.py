@@ -37,8 +37,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
-from pipelines.events import EventOptions, PartitionOffsets, group_start_offsets
+from pipelines.events import EventOptions
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, WarehouseOptions, kafka_config, pipeline_options
 from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
 from transforms.metrics import read_sums, summaries
@@ -145,7 +146,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     pipeline: the pipeline to add to.
     options: its options (MonitoringOptions, EventOptions, KafkaOptions).
     first_new: per topic and partition, the first offset to count
-      (:func:`~pipelines.events.group_start_offsets`); the earlier records
+      (:func:`~kbml.kafka_client.group_start_offsets`); the earlier records
       only let late labels meet their predictions. None: count everything.
   """
   kafka = options.view_as(KafkaOptions)

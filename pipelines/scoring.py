@@ -51,13 +51,8 @@ from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.alerts import AlertSink
-from pipelines.events import (
-  FEATURES_COMMIT_DELAY_BUNDLES,
-  EventOptions,
-  PartitionOffsets,
-  group_start_offsets,
-  read_events,
-)
+from kbml.kafka_client import PartitionOffsets, group_start_offsets
+from pipelines.events import FEATURES_COMMIT_DELAY_BUNDLES, EventOptions, read_events
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.features import FEATURE_NAMES, ComputeFeatures
@@ -178,7 +173,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     pipeline: the pipeline to add to.
     options: its options (ScoringOptions, KafkaOptions).
     first_unscored: streaming: per transactions partition, the first offset
-      to score (:func:`~pipelines.events.group_start_offsets`); the earlier records only
+      to score (:func:`~kbml.kafka_client.group_start_offsets`); the earlier records only
       warm up the histories. Ignored in a backtest.
   """
   kafka = options.view_as(KafkaOptions)

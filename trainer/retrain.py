@@ -71,14 +71,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from kbml.alerts import ALERTS_TOPIC, DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR
 from kbml.cli import _add_kafka_arguments, _kafka_config
-from kbml.kafka_client import (
-  committed_offsets,
-  fetched_end_offset,
-  list_partitions,
-  listed_offsets,
-  new_consumer,
-  new_probe_consumer,
-)
+from kbml.kafka_client import group_start_offsets, new_consumer
 from kbml.warehouse import WarehouseError, open_warehouse
 from trainer import data, task
 from trainer.registry import ModelStore
@@ -314,30 +307,16 @@ class AlertListener:
     self._handled: Dict[tuple, int] = {}  # (topic, partition) -> the next offset, not committed yet
     self._consumer = new_consumer(config, **{'group.id': group})
     try:
-      starts = self._start_offsets(config, topic)
-      self._consumer.assign(starts)
+      # A first start begins at the end of the topic (earlier alerts are history) and commits it at once.
+      starts = group_start_offsets(config, group, topic, 'latest')
+      self._handled = {(topic, partition): offset for partition, offset in starts.items()}
+      self._consumer.assign([TopicPartition(topic, partition, offset) for partition, offset in starts.items()])
       self.commit()
     except BaseException:
       self._consumer.close()
       raise
     self.description = (f'topic {topic!r}, group {group!r}, from offsets '
-                        + ', '.join(f'{tp.partition}:{tp.offset}' for tp in starts))
-
-  def _start_offsets(self, config: Dict[str, str], topic: str) -> List[TopicPartition]:
-    pairs = list_partitions(self._consumer, [topic])
-    committed = committed_offsets(self._consumer, pairs)
-    probe = new_probe_consumer(config)
-    try:
-      starts = []
-      for pair in pairs:
-        offset = committed[pair]
-        if offset < 0:
-          low, _ = listed_offsets(probe, *pair)
-          offset = self._handled[pair] = fetched_end_offset(probe, *pair, low)
-        starts.append(TopicPartition(*pair, offset))
-      return starts
-    finally:
-      probe.close()
+                        + ', '.join(f'{partition}:{offset}' for partition, offset in starts.items()))
 
   def poll(self, timeout_s: float) -> List[Dict]:
     """The alerts that arrive within ``timeout_s`` (returns soon after some do); they count as handled."""
