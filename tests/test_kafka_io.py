@@ -84,6 +84,16 @@ def test_consumer_group_resumes_after_its_committed_offsets(bootstrap, new_topic
   assert sum(_group_offsets(bootstrap, group_id, topic, 4).values()) == 15_000
 
 
+def test_delayed_commits_catch_up_once_the_partition_is_idle(bootstrap, new_topic, group_id):
+  topic = new_topic(partitions=1)
+  produce(bootstrap, topic, _messages(1_000))
+  for values in _read_values(bootstrap, topic, group_id, idle_timeout_s=3, read_budget_records=100,
+                             commit_delay_bundles=2):
+    assert_that(values | beam.combiners.Count.Globally(), equal_to([1_000]))
+  assert _group_offsets(bootstrap, group_id, topic, 1)[(topic, 0)] == 1_000, \
+      'the bundles that read nothing while idle let the last two bundles commit'
+
+
 class _FailOnValue(beam.DoFn):
   def __init__(self, value):
     self._value = value
@@ -110,6 +120,22 @@ def test_failed_bundle_does_not_commit_its_offsets(bootstrap, new_topic, group_i
   with TestPipeline(options=local_options()) as p:
     offsets = p | ReadFromKafka(config, topic, stop_at_end=True) | beam.Map(lambda r: r.offset)
     assert_that(offsets, equal_to(list(range(committed, 2_000))))
+
+
+def test_a_read_from_the_beginning_never_moves_the_committed_offsets_back(bootstrap, new_topic, group_id):
+  topic = new_topic(partitions=1)
+  produce(bootstrap, topic, _messages(2_000))
+  for values in _read_values(bootstrap, topic, group_id, stop_at_end=True):
+    assert_that(values | beam.combiners.Count.Globally(), equal_to([2_000]))
+
+  config = {'bootstrap.servers': bootstrap, 'group.id': group_id}
+  with pytest.raises(Exception, match='injected failure'):
+    with TestPipeline(options=local_options()) as p:
+      _ = (p
+           | ReadFromKafka(config, topic, stop_at_end=True, from_beginning=True, read_budget_records=250)
+           | beam.ParDo(_FailOnValue(b'value-700')))
+  assert _group_offsets(bootstrap, group_id, topic, 1)[(topic, 0)] == 2_000, \
+      'a rebuild that fails half way leaves the group where it was, not at the offsets it re-read'
 
 
 def test_unbounded_pipeline_delivers_a_new_record_within_5_seconds(bootstrap, new_topic, group_id):

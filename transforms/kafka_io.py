@@ -139,7 +139,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
   later, or never (the reader may still stop on idleness).
 
   The offsets a bundle reached are committed in its finalization, or
-  ``commit_delay_bundles`` bundles of the same partition later.
+  ``commit_delay_bundles`` bundles of the same partition later (bundles that
+  read nothing count too: a partition that goes idle commits all it read).
 
   Records are fetched into a buffer per partition and emitted when due. An
   ordinary read has every record due at once. An aligned read
@@ -241,8 +242,11 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
 
   def _commit(self, topic: str, partition: int, next_offset: int):
     key = (topic, partition)
+    if key not in self._committed:
+      # A read from the beginning passes the offsets the group committed before: it must not take them back.
+      self._committed[key] = committed_offsets(self._metadata_client(), [key], self._spec.timeout_s)[key]
     # Finalizations of successive bundles may come out of order: never move back.
-    if next_offset <= self._committed.get(key, NO_OFFSET):
+    if next_offset <= self._committed[key]:
       return
     consumer = self._consumers.get(key) or new_consumer(self._spec.consumer_config)
     consumer.commit(offsets=[TopicPartition(topic, partition, next_offset)], asynchronous=False)
@@ -315,11 +319,14 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       current = watermark_estimator.current_watermark()
       if current is None or newest > current:
         watermark_estimator.set_watermark(newest)
+    reached = self._uncommitted[key]
     if spec.commit_offsets and next_offset > restriction.start:
-      reached = self._uncommitted[key]
       reached.append(next_offset)
-      if len(reached) > spec.commit_delay_bundles:
-        commit_offset = reached.popleft()
+    elif any(offset is not None for offset in reached):
+      reached.append(None)  # a bundle that read nothing still counts, so an idle partition commits all it read
+    if len(reached) > spec.commit_delay_bundles:
+      commit_offset = reached.popleft()
+      if commit_offset is not None:
         bundle_finalizer.register(lambda: self._commit(topic, partition, commit_offset))
     if not finished:
       tracker.defer_remainder(Duration.of(0) if emitted else Duration.of(0.05))
