@@ -27,9 +27,10 @@ $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 # The demo, from a clean slate (the broker keeps its data in memory; the demo's warehouse and model store are
 # rebuilt): the whole loop of `kbml loop` on a simulated population of 500 cards. 82 days of history are
 # ingested and a first model is trained; then the scorer, the monitor, a streaming ingest and `kbml retrain
-# --on-drift` run as their own processes while 30 more days are produced live, with a cash-out wave from day 85.
+# --on-drift` run as their own processes while more days are produced live, with a cash-out wave from day 85.
 # The monitor reports the drift, the retrain waits for the wave's labelled days, trains and promotes a new
-# model, and the scorer takes it live. Then `kbml status` and `kbml report` (the path of the HTML page).
+# model, and the scorer takes it live; the traffic goes on until the labels of 3 whole days the new model scored
+# are in. Then `kbml status` and `kbml report` (the path of the HTML page).
 demo: $(STAMP)
 	$(BIN)/kbml local down
 	rm -rf .kbml/warehouse.duckdb .kbml/models .kbml/loop

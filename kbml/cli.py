@@ -36,15 +36,21 @@ def _local(args) -> int:
   return 0
 
 
-def _simulate(args) -> int:
-  if args.no_kafka and not args.output_dir:
-    raise ValueError('--no-kafka writes the simulation only to files: give --output-dir too.')
-  from kbml import simulator
-  config = simulator.SimulationConfig(
+def simulation_config(args):
+  """The :class:`kbml.simulator.SimulationConfig` of parsed ``kbml simulate`` arguments."""
+  from kbml.simulator import SimulationConfig
+  return SimulationConfig(
       customers=args.customers, terminals=args.terminals, radius=args.radius, start_date=args.start_date,
       days=args.days, seed=args.seed, label_delay_days=args.label_delay_days, drift_from_day=args.drift_from_day,
       drift_cards_per_day=args.drift_cards_per_day, drift_burst=args.drift_burst,
       first_transaction_id=args.first_transaction_id)
+
+
+def _simulate(args) -> int:
+  if args.no_kafka and not args.output_dir:
+    raise ValueError('--no-kafka writes the simulation only to files: give --output-dir too.')
+  from kbml import simulator
+  config = simulation_config(args)
   started = time.monotonic()
   simulation = simulator.simulate(config)
   tx = simulation.transactions

@@ -11,11 +11,13 @@
    the features' PSI crosses 0.2 in the wave's first day).
 3. The monitor reports drift, the retrain waits for the labels of the
    drifted days, trains on them and promotes a better model, and the scorer
-   takes it live. Once the labels of the new model's predictions are in, the
-   loop stops the processes and prints what happened: the first drift alert,
-   the retrain, and the labelled precision, recall and average precision of
-   each model version per window, and per phase (the first model before and
-   in the drift, the retrained one).
+   takes it live. The live traffic goes on until the new model has scored
+   ``--retrained-days`` whole days and their labels are in, however long
+   the retrain took (``--days`` caps it). Then the loop stops the processes
+   and prints what happened: the first drift alert, the retrain, and the
+   labelled precision, recall and average precision of each model version
+   per window, and per phase (the first model before and in the drift, the
+   retrained one).
 
 Each process logs to ``LOG_DIR/NAME.log``.
 """
@@ -23,21 +25,24 @@ Each process logs to ``LOG_DIR/NAME.log``.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import pandas
 
+from kbml import simulator
 from kbml.local_stack import local_state_dir
-from kbml.simulator import SimulationConfig
+from kbml.simulator import SECONDS_PER_DAY, SimulationConfig
 from transforms.features import HISTORY_DAYS
 from transforms.metrics import CHAMPION, read_sums, summaries
 
-DAY_S = 86_400
+DAY_MS = SECONDS_PER_DAY * 1000
 PHASES = ('first model, before the drift', 'first model, in the drift', 'retrained model, in the drift')
 # The first model trains on the 10 days before the 3 last labelled days of the history, and is tested on those:
 # the split of `kbml retrain` (no delay), on fewer days so that the history needed before them is shorter.
@@ -58,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='kbml loop', description=__doc__.split('\n\n', 1)[1],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--customers', type=int, default=500)
-  parser.add_argument('--days', type=int, default=112, help='Days simulated in all (default: %(default)s).')
+  parser.add_argument('--days', type=int, default=140,
+                      help='Days simulated at most: the live traffic stops earlier, once the retrained model has '
+                      'scored --retrained-days whole days and their labels are in (default: %(default)s).')
+  parser.add_argument('--retrained-days', type=int, default=3,
+                      help='Whole days the retrained model scores before the traffic stops (default: %(default)s).')
   parser.add_argument('--live-from-day', type=int, default=82,
                       help='Days before this one are history, produced at once; the first model trains on its last '
                       f'labelled days, which need {HISTORY_DAYS} days before them for warm features '
@@ -109,6 +118,85 @@ class _Processes:
         process.kill()
 
 
+class _LiveTraffic(threading.Thread):
+  """Produces the live part of a simulation at a steady rate, up to the event time set in ``stop_at_ms``."""
+
+  def __init__(self, simulation: simulator.Simulation, from_day: float, producer_config: Dict[str, str],
+               transactions_topic: str, labels_topic: str, rate: float):
+    super().__init__(name='live-traffic', daemon=True)
+    self._simulation = simulation
+    self._from_day = from_day
+    self._produce = (producer_config, transactions_topic, labels_topic, rate)
+    self._start_ms = int(simulation.config.start.timestamp() * 1000)
+    self.label_delay_ms = int(simulation.config.label_delay_days * DAY_MS)
+    self.stop_at_ms = math.inf
+    self.event_time_ms = self._start_ms + int(from_day * DAY_MS)
+    self.reached_stop = False
+    self.error: Optional[Exception] = None
+
+  def day_start_ms(self, time_ms: int) -> int:
+    """The start of the simulated day (a monitoring window) that ``time_ms`` falls in."""
+    return self._start_ms + (time_ms - self._start_ms) // DAY_MS * DAY_MS
+
+  def _events(self):
+    for event in simulator.events(self._simulation, self._from_day):
+      if event.timestamp_ms >= self.stop_at_ms:
+        self.reached_stop = True
+        return
+      self.event_time_ms = event.timestamp_ms
+      yield event
+
+  def run(self):
+    try:
+      simulator.produce(self._events(), *self._produce)
+    except Exception as e:  # noqa: BLE001 - the loop's thread reports it
+      self.error = e
+
+
+class _ServedTimes:
+  """Follows the predictions topic: the first and the last event time each model version scored.
+
+  The scorer swaps versions at one moment, but it does not score in event
+  time order: a terminal's events wait until the watermark passes them. The
+  first model's last day and the new version's first can overlap.
+  """
+
+  def __init__(self, config: Dict[str, str]):
+    from confluent_kafka import TopicPartition
+
+    from kbml.kafka_client import fetched_end_offset, list_partitions, new_consumer
+    self.first_ms: Dict[str, int] = {}
+    self.last_ms: Dict[str, int] = {}
+    self._consumer = new_consumer(config)
+    partitions = list_partitions(self._consumer, ['predictions'])
+    self._consumer.assign([TopicPartition(t, p, fetched_end_offset(self._consumer, t, p, 0)) for t, p in partitions])
+
+  def poll(self):
+    """Reads the predictions made since the last call."""
+    while messages := [m for m in self._consumer.consume(1000, 0.2) if not m.error()]:
+      for prediction in (json.loads(m.value()) for m in messages):
+        version, time_ms = prediction['model_version'], pandas.Timestamp(prediction['tx_datetime']).value // 1_000_000
+        self.first_ms[version] = min(time_ms, self.first_ms.get(version, time_ms))
+        self.last_ms[version] = max(time_ms, self.last_ms.get(version, time_ms))
+
+  def close(self):
+    self._consumer.close()
+
+
+def _without_kafka(argv: List[str]) -> str:
+  """A command line as printed: without the broker's address, which the loop passes to every command."""
+  shown = list(argv)
+  for flag in ('--bootstrap-servers', '--bootstrap_servers'):
+    while flag in shown:
+      at = shown.index(flag)
+      del shown[at:at + 2]
+  return ' '.join(shown)
+
+
+def _utc(time_ms: float) -> str:
+  return f'{pandas.Timestamp(int(time_ms), unit="ms"):%Y-%m-%d %H:%M}'
+
+
 def run_loop(args, out=print) -> LoopResult:
   """Runs the loop (see the module docstring) and returns what it saw."""
   from kbml import cli
@@ -133,10 +221,11 @@ def run_loop(args, out=print) -> LoopResult:
                 '--drift-cards-per-day', str(args.drift_cards_per_day), '--drift-burst', str(args.drift_burst), *kafka]
 
   def step(title: str, argv: List[str]):
-    out(f'\n== {title}: kbml {" ".join(argv[:1] + [a for a in argv[1:] if not a.startswith(bootstrap)])}')
+    out(f'\n== {title}: kbml {_without_kafka(argv)}')
     if cli.main(argv) != 0:
       raise RuntimeError(f'{title} failed')
 
+  simulate_args = cli.build_parser().parse_args(['simulate', *simulation])
   step('history', ['simulate', *simulation, '--until-day', str(args.live_from_day)])
   step('ingest the history', ['ingest', '--stop_at_end', '--warehouse', warehouse, *pipeline_kafka])
   step('train the first model', ['train', *FIRST_MODEL_SPLIT, '--epochs', str(args.epochs), '--warehouse', warehouse,
@@ -147,35 +236,66 @@ def run_loop(args, out=print) -> LoopResult:
   history_transactions = _end_offsets(config, ['transactions'])['transactions']
 
   processes = _Processes(log_dir)
+  traffic = _LiveTraffic(simulator.simulate(cli.simulation_config(simulate_args)), args.live_from_day, config,
+                         simulate_args.transactions_topic, simulate_args.labels_topic, args.rate)
+  retrained, served = None, None
   try:
     out(f'\n== live: scorer, monitor, streaming ingest and retrain --on-drift (logs in {log_dir})')
     processes.start('scorer', 'score', '--model_dir', model_dir, *pipeline_kafka)
     processes.start('monitor', 'monitor', '--model_dir', model_dir, '--warehouse', warehouse, *pipeline_kafka)
     processes.start('ingest', 'ingest', '--warehouse', warehouse, *pipeline_kafka)
-    retrain = processes.start('retrain', 'retrain', '--on-drift', '--max-retrains', '1', '--epochs', str(args.epochs),
-                              '--check-interval-s', '2', '--model-dir', model_dir, '--warehouse', warehouse, *kafka)
-    time.sleep(15)  # the pipelines rebuild their state from the topics before the live traffic
-    simulate = processes.start('simulate', 'simulate', *simulation, '--from-day', str(args.live_from_day),
-                               '--rate', str(args.rate))
-    while simulate.poll() is None or retrain.poll() is None:
-      processes.check('scorer', 'monitor', 'ingest', 'retrain', 'simulate')
+    processes.start('retrain', 'retrain', '--on-drift', '--max-retrains', '1', '--epochs', str(args.epochs),
+                    '--check-interval-s', '2', '--model-dir', model_dir, '--warehouse', warehouse, *kafka)
+    _wait_until(lambda: _scorer_rebuilding(config), 300, out, 'the live traffic starts anyway')
+    out(f'live traffic from day {args.live_from_day} at {args.rate:.0f} events/s (kbml simulate '
+        f'{_without_kafka(simulation)} --from-day {args.live_from_day} '
+        f'--rate {args.rate:.0f})')
+    traffic.start()
+    served = _ServedTimes(config)
+    reported = time.monotonic()
+    while traffic.is_alive():
+      traffic.join(1)
+      processes.check('scorer', 'monitor', 'ingest', 'retrain')
       if time.monotonic() - started > args.timeout_s:
         raise RuntimeError(f'the loop did not finish in {args.timeout_s:.0f} s: see the logs in {log_dir}')
-      time.sleep(10)
-      ends = _end_offsets(config, ['transactions', 'predictions', 'alerts'])
-      out(f'{time.monotonic() - started:5.0f} s  transactions {ends["transactions"]:,}  predictions '
-          f'{ends["predictions"]:,}  alerts {ends["alerts"]:,}  model {store.current()}'
-          f'{"" if retrain.poll() is None else " (retrain done)"}')
-    processes.check('retrain', 'simulate')
+      current = store.current()
+      if retrained is None and current != first_version:
+        retrained = current
+      served.poll()
+      if retrained in served.first_ms:
+        # The whole days after the last day the first model scored, then the label delay: their labels are in.
+        stop_at_ms = (traffic.day_start_ms(served.last_ms.get(first_version, served.first_ms[retrained]))
+                      + (1 + args.retrained_days) * DAY_MS + traffic.label_delay_ms)
+        if traffic.stop_at_ms == math.inf or stop_at_ms > traffic.stop_at_ms:
+          traffic.stop_at_ms = stop_at_ms
+          out(f'the scorer serves {retrained} from {_utc(served.first_ms[retrained])}, the first model served to '
+              f'{_utc(served.last_ms.get(first_version, 0))}: the traffic stops at {_utc(stop_at_ms)}, when the '
+              f'labels of {args.retrained_days} whole days the new version scored are in')
+      if time.monotonic() - reported >= 10:
+        reported = time.monotonic()
+        ends = _end_offsets(config, ['transactions', 'predictions', 'alerts'])
+        out(f'{time.monotonic() - started:5.0f} s  {_utc(traffic.event_time_ms)}  transactions '
+            f'{ends["transactions"]:,}  predictions {ends["predictions"]:,}  alerts {ends["alerts"]:,}  '
+            f'model {current}')
+    if traffic.error:
+      raise RuntimeError(f'the live traffic failed: {traffic.error}') from traffic.error
+    if retrained not in served.first_ms:
+      out(f'the simulation ended (--days {args.days}) before the scorer served a retrained model')
+    elif not traffic.reached_stop:
+      out(f'the simulation ended (--days {args.days}) before the labels of {args.retrained_days} whole days that '
+          'the retrained model scored were in: give more --days')
     live_transactions = _end_offsets(config, ['transactions'])['transactions'] - history_transactions
-    _wait_for_monitor(config, open_warehouse(warehouse), live_transactions, out)
+    _wait_until(lambda: _monitor_counting(config, live_transactions), 300, out,
+                'the last windows are counted in part')
   finally:
+    traffic.stop_at_ms = -math.inf
+    if served is not None:
+      served.close()
     processes.stop()
 
   alerts = _alerts(config)
   sums = read_sums(open_warehouse(warehouse))
   windows = summaries(sums[sums['role'] == CHAMPION])
-  retrained = store.current() if store.current() != first_version else None
   drift_start = pandas.Timestamp(SimulationConfig().start) + pandas.Timedelta(days=args.drift_from_day)
   phases = phase_metrics(sums, first_version, retrained, drift_start)
   out(f'\n== done in {time.monotonic() - started:.0f} s')
@@ -215,19 +335,37 @@ def phase_metrics(sums: pandas.DataFrame, first_version: str, retrained_version:
   return metrics.set_index('phase').reindex([p for p in PHASES if p in set(metrics['phase'])]).reset_index()
 
 
-def _wait_for_monitor(config: Dict[str, str], warehouse, live_transactions: int, out, timeout_s: float = 180.0):
-  """Waits until every live transaction has a prediction and the monitor's labelled counts stop growing."""
-  deadline, labelled = time.monotonic() + timeout_s, None
+def _wait_until(pending: Callable[[], Optional[str]], timeout_s: float, out, late: str):
+  """Calls ``pending`` every 5 s until it returns None (done) or ``timeout_s`` pass; prints what it returns."""
+  deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
-    predictions = _end_offsets(config, ['predictions'])['predictions']
-    sums = read_sums(warehouse, "metric = 'labelled'")
-    now = float(sums['value'].sum())
-    if predictions >= live_transactions and now == labelled:
+    waiting_for = pending()
+    if waiting_for is None:
       return
-    out(f'waiting for the pipelines to catch up: {predictions:,} of {live_transactions:,} transactions scored, '
-        f'{now:,.0f} labelled predictions counted')
-    labelled = now
-    time.sleep(10)
+    out(f'waiting for {waiting_for}')
+    time.sleep(5)
+  out(f'still not done after {timeout_s:.0f} s: {late}')
+
+
+def _scorer_rebuilding(config: Dict[str, str]) -> Optional[str]:
+  from kbml.kafka_client import group_lag
+  from pipelines.scoring import DEFAULT_CONSUMER_GROUP
+  unread = group_lag(config, DEFAULT_CONSUMER_GROUP, ['transactions', 'labels'])
+  if unread == 0:
+    return None
+  return ('the scorer to rebuild the histories from the topics: '
+          + ('it has not committed a read yet' if unread is None else f'{unread:,} transactions and labels to read'))
+
+
+def _monitor_counting(config: Dict[str, str], live_transactions: int) -> Optional[str]:
+  from kbml.kafka_client import group_lag
+  from pipelines.monitoring import DEFAULT_CONSUMER_GROUP
+  predictions = _end_offsets(config, ['predictions'])['predictions']
+  uncounted = group_lag(config, DEFAULT_CONSUMER_GROUP, ['predictions', 'labels'])
+  if predictions >= live_transactions and uncounted == 0:
+    return None
+  return (f'the pipelines to catch up: {predictions:,} of {live_transactions:,} transactions scored, '
+          f'{"all" if uncounted is None else f"{uncounted:,}"} predictions and labels not counted yet')
 
 
 def _end_offsets(config: Dict[str, str], topics: List[str]) -> Dict[str, int]:
