@@ -27,12 +27,13 @@ def own_broker(tmp_path):
   stack.down(grace_s=0)
 
 
+@pytest.mark.timeout(600)  # about 4 minutes on 2 cores; the loop gives up itself after 540 s
 def test_a_cash_out_wave_is_alerted_in_its_first_window_and_a_retrained_model_recovers(own_broker, tmp_path):
   model_dir = str(tmp_path / 'models')
   args = build_parser().parse_args([
       '--customers', '300', '--drift-cards-per-day', '24', '--retrained-days', '3',
       '--live-from-day', str(LIVE_FROM_DAY), '--drift-from-day', str(DRIFT_FROM_DAY), '--epochs', '6',
-      '--rate', '500', '--bootstrap-servers', own_broker, '--model-dir', model_dir,
+      '--rate', '500', '--timeout-s', '540', '--bootstrap-servers', own_broker, '--model-dir', model_dir,
       '--warehouse', f'duckdb://{tmp_path}/warehouse.duckdb', '--log-dir', str(tmp_path / 'logs')])
   result = run_loop(args)
 
