@@ -336,13 +336,16 @@ def phase_metrics(sums: pandas.DataFrame, first_version: str, retrained_version:
 
 
 def _wait_until(pending: Callable[[], Optional[str]], timeout_s: float, out, late: str):
-  """Calls ``pending`` every 5 s until it returns None (done) or ``timeout_s`` pass; prints what it returns."""
-  deadline = time.monotonic() + timeout_s
+  """Calls ``pending`` every 5 s until it returns None (done) or ``timeout_s`` pass; prints what it returns
+  every 15 s."""
+  deadline, reported = time.monotonic() + timeout_s, -math.inf
   while time.monotonic() < deadline:
     waiting_for = pending()
     if waiting_for is None:
       return
-    out(f'waiting for {waiting_for}')
+    if time.monotonic() - reported >= 15:
+      out(f'waiting for {waiting_for}')
+      reported = time.monotonic()
     time.sleep(5)
   out(f'still not done after {timeout_s:.0f} s: {late}')
 
