@@ -40,7 +40,6 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from confluent_kafka import KafkaException, TopicPartition
 
 from kbml.kafka_client import (
-  NO_OFFSET,
   AcknowledgedProducer,
   committed_offsets,
   fetched_end_offset,
@@ -186,6 +185,11 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
         progress = _FETCHED_THROUGH[self._spec.align_group]
         progress[key] = max(progress.get(key, -math.inf), timestamp_ms)
 
+  def _caught_up(self, consumer, key: Tuple[str, int]) -> bool:
+    """Whether the partition's last fetch reached its end (the high watermark that came with the fetch)."""
+    high = consumer.get_watermark_offsets(TopicPartition(*key), cached=True)[1]
+    return 0 <= high <= self._positions[key]
+
   def __getstate__(self):
     return {'_spec': self._spec}
 
@@ -275,7 +279,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       position = self._positions[key]
       fetched = []
       if len(buffer) < spec.read_budget_records and position < restriction.stop:
-        fetched = _fetch(consumer, min(1000, spec.read_budget_records - len(buffer)), restriction.stop)
+        fetched = _fetch(consumer, min(1000, spec.read_budget_records - len(buffer)), restriction.stop,
+                         0.1 if spec.bounded else 0.0)
       if fetched:
         buffer.extend(fetched)
         self._positions[key] = position = fetched[-1].offset() + 1
@@ -290,8 +295,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
           if not buffer:
             tracker.try_claim(restriction.stop)
             finished = True
-        elif not spec.bounded and 0 <= consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                                      cached=True)[1] <= position:
+        elif not spec.bounded and self._caught_up(consumer, key):
           self._fetched_through(key, math.inf)  # caught up: an idle partition holds nobody back
       due = 0
       while (due < len(buffer) and emitted + due < spec.read_budget_records
@@ -314,6 +318,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
         finished = True
       elif not (fetched or due) and spec.align_group is not None:
         break  # nothing more is due before the next bundle's alignment watermark
+      elif not spec.bounded and self._caught_up(consumer, key):
+        break  # live: hand what came to the stages downstream now, rather than wait out the read budget
     if newest_ms is not None:
       newest = Timestamp(micros=newest_ms * 1000)
       current = watermark_estimator.current_watermark()
@@ -338,9 +344,10 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self.setup()
 
 
-def _fetch(consumer, count: int, stop: int) -> List:
-  """Up to ``count`` messages of the consumer's partition before offset ``stop``; raises on a fetch error."""
-  messages = consumer.consume(num_messages=count, timeout=0.1)
+def _fetch(consumer, count: int, stop: int, timeout_s: float) -> List:
+  """Up to ``count`` messages of the consumer's partition before offset ``stop``, waiting at most ``timeout_s``
+  for them; raises on a fetch error."""
+  messages = consumer.consume(num_messages=count, timeout=timeout_s)
   for message in messages:
     if message.error():
       raise KafkaException(message.error())
