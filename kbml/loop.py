@@ -171,9 +171,11 @@ class _ServedTimes:
     partitions = list_partitions(self._consumer, ['predictions'])
     self._consumer.assign([TopicPartition(t, p, fetched_end_offset(self._consumer, t, p, 0)) for t, p in partitions])
 
-  def poll(self):
-    """Reads the predictions made since the last call."""
-    while messages := [m for m in self._consumer.consume(1000, 0.2) if not m.error()]:
+  def poll(self, budget_s: float = 2.0):
+    """Reads the predictions made since the last call, for at most ``budget_s`` (the scorer may never pause)."""
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline and (
+        messages := [m for m in self._consumer.consume(1000, 0.2) if not m.error()]):
       for prediction in (json.loads(m.value()) for m in messages):
         version, time_ms = prediction['model_version'], pandas.Timestamp(prediction['tx_datetime']).value // 1_000_000
         self.first_ms[version] = min(time_ms, self.first_ms.get(version, time_ms))
