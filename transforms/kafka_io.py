@@ -286,6 +286,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
         self._positions[key] = position = fetched[-1].offset() + 1
         self._last_record_at[key] = time.monotonic()
         self._fetched_through(key, max(m.timestamp()[1] for m in fetched))
+      caught_up = not spec.bounded and self._caught_up(consumer, key)
       if position >= restriction.stop:
         self._fetched_through(key, math.inf)
       elif not fetched:
@@ -295,8 +296,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
           if not buffer:
             tracker.try_claim(restriction.stop)
             finished = True
-        elif not spec.bounded and self._caught_up(consumer, key):
-          self._fetched_through(key, math.inf)  # caught up: an idle partition holds nobody back
+        elif caught_up:
+          self._fetched_through(key, math.inf)  # an idle partition holds nobody back
       due = 0
       while (due < len(buffer) and emitted + due < spec.read_budget_records
              and buffer[due].timestamp()[1] < self._due_before_ms):
@@ -318,7 +319,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
         finished = True
       elif not (fetched or due) and spec.align_group is not None:
         break  # nothing more is due before the next bundle's alignment watermark
-      elif not spec.bounded and self._caught_up(consumer, key):
+      elif caught_up:
         break  # live: hand what came to the stages downstream now, rather than wait out the read budget
     if newest_ms is not None:
       newest = Timestamp(micros=newest_ms * 1000)
