@@ -39,13 +39,16 @@ runner (BENCHMARKS.md); a grouping costs microseconds per event.
 import bisect
 import datetime
 import math
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Tuple
+import operator
+import pickle
+from array import array
+from typing import Dict, Iterable, Iterator, List, NamedTuple
 
 import apache_beam as beam
 import objsize
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
@@ -92,12 +95,17 @@ def calendar_features(transaction: Transaction) -> Dict[str, float]:
 
 
 class CustomerHistory:
-  """A customer's transactions of the last 60 days (time, amount, terminal), in time order."""
+  """A customer's transactions of the last 60 days (time, amount, terminal), in time order.
+
+  The columns are arrays, not lists of Python numbers: a runner pickles and
+  weighs (for its state cache) a history at every bundle that touches it, in
+  time that grows with the number of objects in it.
+  """
 
   def __init__(self):
-    self._times: List[float] = []
-    self._amounts: List[float] = []
-    self._terminals: List[int] = []
+    self._times = array('d')
+    self._amounts = array('d')
+    self._terminals = array('q')
 
   def add(self, transaction: Transaction) -> Dict[str, float]:
     """Adds a transaction at its place in time; returns the customer features at its time."""
@@ -142,18 +150,28 @@ class CustomerHistory:
 
 
 class TerminalHistory:
-  """A terminal's transaction times and known labels, oldest first."""
+  """A terminal's transaction times and known labels, oldest first (arrays, as CustomerHistory's)."""
 
   def __init__(self, label_delay_days: float):
     self._delay = label_delay_days * DAY_SECONDS
-    self._tx_times: List[float] = []
-    self._fraud_times: List[float] = []  # the frauds of _labels, by time: the risk windows bisect them
-    self._labels: List[Tuple[float, int, int]] = []  # (transaction time, transaction id, is_fraud)
+    self._tx_times = array('d')
+    self._fraud_times = array('d')  # the frauds among the labels, by time: the risk windows bisect them
+    # The known labels in (transaction time, transaction id) order: the latest ones make the run of frauds.
+    self._label_times = array('d')
+    self._label_ids = array('q')
+    self._label_frauds = array('b')
 
   def add_label(self, label: Label):
     if label.is_fraud:
       bisect.insort(self._fraud_times, label.tx_time)
-    bisect.insort(self._labels, (label.tx_time, label.transaction_id, label.is_fraud))
+    position = bisect.bisect_right(self._label_times, label.tx_time)
+    order = (label.transaction_id, label.is_fraud)
+    while (position and self._label_times[position - 1] == label.tx_time
+           and (self._label_ids[position - 1], self._label_frauds[position - 1]) > order):
+      position -= 1
+    self._label_times.insert(position, label.tx_time)
+    self._label_ids.insert(position, label.transaction_id)
+    self._label_frauds.insert(position, label.is_fraud)
 
   def add_transaction(self, tx_time: float) -> Dict[str, float]:
     """Adds a transaction; returns the terminal features at its time."""
@@ -161,7 +179,8 @@ class TerminalHistory:
     oldest = horizon - max(WINDOW_DAYS) * DAY_SECONDS
     for times in (self._tx_times, self._fraud_times):
       del times[:bisect.bisect_right(times, oldest)]
-    del self._labels[:bisect.bisect_right(self._labels, (oldest, math.inf))]
+    expired = bisect.bisect_right(self._label_times, oldest)
+    del self._label_times[:expired], self._label_ids[:expired], self._label_frauds[:expired]
     features = {}
     for days in WINDOW_DAYS:
       start = horizon - days * DAY_SECONDS
@@ -180,9 +199,9 @@ class TerminalHistory:
     labels are all frauds it most likely still is, unless the run is old.
     """
     run = 0
-    while run < len(self._labels) and self._labels[-1 - run][2]:
+    while run < len(self._label_frauds) and self._label_frauds[-1 - run]:
       run += 1
-    began = (tx_time - self._labels[-run][0]) / DAY_SECONDS if run else 0.0
+    began = (tx_time - self._label_times[-run]) / DAY_SECONDS if run else 0.0
     return {'TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW': run, 'TERMINAL_ID_DAYS_SINCE_FRAUDS_IN_A_ROW_BEGAN': began}
 
 
@@ -193,9 +212,14 @@ class _PendingEvent(NamedTuple):
   event: object
 
 
+# The order a terminal's events are applied in: time, label first, transaction id. A duplicate record keeps its
+# place (the sort is stable and never compares the events themselves).
+_APPLY_ORDER = operator.itemgetter(0, 1, 2)
+_MICROS = operator.itemgetter(0)
+
+
 def _in_order(events: Iterable[_PendingEvent]) -> List[_PendingEvent]:
-  """Sorted by (time, label first, transaction id); a duplicate record keeps its place, never compared further."""
-  return sorted(events, key=lambda pending: pending[:3])
+  return sorted(events, key=_APPLY_ORDER)
 
 
 def _pending_event(event) -> _PendingEvent:
@@ -235,13 +259,39 @@ class _CustomerFeaturesFn(beam.DoFn):
     history_state.write(history)
 
 
+class _TerminalState:
+  """A terminal's history and its events waiting for the watermark, in the order they will be applied.
+
+  One state value, not a bag of waiting events beside the history: a
+  runner then loads and writes one value per terminal and bundle, and a
+  firing takes the events due off the front instead of reading, sorting
+  and writing back every event that waits. A waiting event is kept
+  pickled: the runner pickles the state and weighs it (for its state cache,
+  object by object) at every bundle, and bytes are one object.
+  """
+
+  def __init__(self, label_delay_days: float):
+    self.history = TerminalHistory(label_delay_days)
+    self.pending: List[_PendingEvent] = []
+
+  def wait(self, event: _PendingEvent):
+    bisect.insort_right(self.pending, event._replace(event=pickle.dumps(event.event, pickle.HIGHEST_PROTOCOL)),
+                        key=_APPLY_ORDER)
+
+  def release(self, up_to_micros: int) -> Iterator[TimestampedValue]:
+    """Applies the events at or before ``up_to_micros``; yields their transactions' rows."""
+    due = bisect.bisect_right(self.pending, up_to_micros, key=_MICROS)
+    ready, self.pending = self.pending[:due], self.pending[due:]
+    yield from _apply_in_order(self.history, (event._replace(event=pickle.loads(event.event)) for event in ready))
+
+
 class _TerminalFeaturesFn(beam.DoFn):
   """(terminal_id, Label or (Transaction, customer features)) -> feature row, in event-time order.
 
-  Events wait in a bag until the watermark passes their timestamp; then the
-  ones due are applied to the terminal's history in (time, label first,
-  transaction id) order, and each transaction's row is emitted with its own
-  timestamp.
+  Events wait in the terminal's state until the watermark passes their
+  timestamp; then the ones due are applied to the terminal's history in
+  (time, label first, transaction id) order, and each transaction's row is
+  emitted with its own timestamp.
 
   Each arrival sets the key's timer to its own timestamp, and a firing that
   leaves events waiting sets it to the latest of them: the timer fires once
@@ -249,33 +299,28 @@ class _TerminalFeaturesFn(beam.DoFn):
   go. (A runner fires newly set timers in a later round; releasing one
   instant per firing would take a round per event.)
   """
-  PENDING = BagStateSpec('pending', PickleCoder())
-  HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
+  STATE = ReadModifyWriteStateSpec('terminal', PickleCoder())
   DUE = TimerSpec('due', TimeDomain.WATERMARK)
 
   def __init__(self, label_delay_days: float):
     self._label_delay_days = label_delay_days
 
-  def process(self, element, timestamp=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
+  def process(self, element, timestamp=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
               due=beam.DoFn.TimerParam(DUE)):
     _, event = element
-    pending.add(_pending_event(event))
+    terminal = state.read() or _TerminalState(self._label_delay_days)
+    terminal.wait(_pending_event(event))
+    state.write(terminal)
     due.set(timestamp)
 
   @on_timer(DUE)
-  def release_due_events(self, fired_at=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
-                         history_state=beam.DoFn.StateParam(HISTORY), due=beam.DoFn.TimerParam(DUE)):
-    events = _in_order(pending.read())
-    ready = [e for e in events if e.micros <= fired_at.micros]
-    waiting = events[len(ready):]
-    pending.clear()
-    for event in waiting:
-      pending.add(event)
-    history = history_state.read() or TerminalHistory(self._label_delay_days)
-    yield from _apply_in_order(history, ready)
-    history_state.write(history)
-    if waiting:
-      due.set(Timestamp(micros=waiting[-1].micros))
+  def release_due_events(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
+                         due=beam.DoFn.TimerParam(DUE)):
+    terminal = state.read()
+    yield from terminal.release(fired_at.micros)
+    state.write(terminal)
+    if terminal.pending:
+      due.set(Timestamp(micros=terminal.pending[-1].micros))
 
 
 def _customer_features_of_group(element) -> Iterator:
