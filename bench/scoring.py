@@ -3,13 +3,19 @@
 Both score the same simulated transactions (with their labels, which feed
 the terminal features) from the same local broker with the same Keras model
 (the trainer's default shape: the mean of 3 networks of 128 and 64 units),
-and write one JSON prediction per transaction:
+and write the same JSON prediction per transaction (``pipelines.scoring.prediction_message``):
 
-- throughput: the topics are filled first; each reader scores the whole
-  backlog. Measured from the first prediction to the last, so neither the
-  process start nor the model load counts. The loop applies the feature
-  classes of ``transforms/features.py`` in event-time order per fetched
-  batch and predicts batches of up to 1,024 rows.
+- throughput: each reader scores a backlog, from the moment it is ready
+  (its model loaded, its consumer assigned) to the last prediction, so
+  neither the process start nor the model load counts; with the CPU time
+  each spent per transaction, which varies less than the wall clock on a
+  busy machine (both are one Python process). The loop is started
+  on filled topics. The scorer is started on empty ones, and the backlog is
+  produced once it has scored a probe: a Beam pipeline is ready only once
+  it runs, and its first bundle would otherwise read most of the backlog
+  before its first prediction. The loop applies the feature classes of
+  ``transforms/features.py`` in event-time order per fetched batch and
+  predicts batches of up to 1,024 rows.
 - latency: the scorer runs live while transactions are produced at a steady
   rate; each transaction's latency runs from its send to the arrival of its
   prediction at a consumer. A new model is promoted halfway: the swap time is
@@ -20,26 +26,31 @@ Run: ``make bench`` or ``python -m bench.scoring --customers 2000 --days 10``.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from typing import Tuple
 
 import numpy as np
+from apache_beam.ml.inference.base import PredictionResult
 from confluent_kafka import TopicPartition
 
-from bench.common import local_broker
+from bench.common import cpu_seconds, local_broker
 from bench.features import plain_loop
 from kbml import simulator
 from kbml.kafka_client import AcknowledgedProducer, create_topics, list_partitions, new_consumer
 from kbml.simulator import SimulationConfig, simulate
+from pipelines.scoring import prediction_message
 from tests.scoring_models import publish_model
 from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS
 from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES
-from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA, utc_iso
+from transforms.inference import Score
+from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 
@@ -76,8 +87,8 @@ class PredictionClock:
     self._thread.join()
 
 
-def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int) -> float:
-  """Consume -> features in event-time order -> batch predict -> produce; returns transactions/s."""
+def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int) -> Tuple[float, float]:
+  """Consume -> features in event-time order -> batch predict -> produce; returns transactions/s and CPU s."""
   store = ModelStore(model_dir)
   version = store.current()
   network = store.load_model(version)
@@ -87,7 +98,7 @@ def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int)
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   customers, terminals = {}, {}
   scored = 0
-  first = None
+  ready, cpu_at_ready = time.perf_counter(), cpu_seconds(os.getpid())
   while scored < transactions:
     events = []
     for message in consumer.consume(5000, 0.2):
@@ -105,18 +116,13 @@ def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int)
       batch = rows[start:start + 1024]
       features = np.array([[row[name] for name in FEATURE_NAMES] for row in batch], dtype=np.float32)
       scores = np.asarray(network.predict_on_batch(features)).reshape(-1)
-      scored_at = utc_iso(time.time(), milliseconds=True)
+      scored_at = time.time()
       for row, score in zip(batch, scores.tolist(), strict=True):
-        producer.send(topics['predictions'], json.dumps({
-            'transaction_id': row['transaction_id'], 'customer_id': row['customer_id'],
-            'terminal_id': row['terminal_id'], 'tx_datetime': row['tx_datetime'], 'score': score,
-            'flagged': score >= 0.5, 'threshold': 0.5, 'model_version': version, 'scored_at': scored_at,
-            'kafka_partition': row['kafka_partition'], 'kafka_offset': row['kafka_offset']}).encode(),
-            str(row['transaction_id']).encode())
+        key, value = prediction_message(PredictionResult(row, Score(score, score >= 0.5, 0.5, scored_at), version))
+        producer.send(topics['predictions'], value, key)
       producer.flush(60)
-      first = first or time.perf_counter()
       scored += len(batch)
-  return scored / (time.perf_counter() - first)
+  return scored / (time.perf_counter() - ready), cpu_seconds(os.getpid()) - cpu_at_ready
 
 
 def start_scorer(bootstrap: str, topics, model_dir: str, *extra) -> subprocess.Popen:
@@ -151,24 +157,41 @@ def main(argv=None):
 
     topics = fresh_topics(bootstrap)
     simulator.produce(events, config, topics['transactions'], topics['labels'])
-    loop_rate = hand_written_loop(bootstrap, topics, model_dir, transactions)
-    print(f'{"hand-written consume -> features -> predict -> produce":58}{loop_rate:>9,.0f} transactions/s')
+    loop_rate, loop_cpu = hand_written_loop(bootstrap, topics, model_dir, transactions)
+    print(f'{"hand-written consume -> features -> predict -> produce":58}{loop_rate:>9,.0f} transactions/s, '
+          f'{loop_cpu / transactions * 1e6:,.0f} us of CPU each')
 
     topics = fresh_topics(bootstrap)
-    simulator.produce(events, config, topics['transactions'], topics['labels'])
     clock = PredictionClock(bootstrap, topics['predictions'])
-    scorer = start_scorer(bootstrap, topics, model_dir, '--score_from', 'earliest')
+    scorer = start_scorer(bootstrap, topics, model_dir)
     try:
+      scoring_started(bootstrap, topics, clock, simulation)
+      ready, cpu_at_ready = time.time(), cpu_seconds(scorer.pid)
+      simulator.produce(events, config, topics['transactions'], topics['labels'])
       complete = clock.wait_for(transactions, 1800)
+      beam_cpu = cpu_seconds(scorer.pid) - cpu_at_ready
     finally:
       scorer.kill()
       clock.stop()
-    arrivals = sorted(clock.arrived.values())
-    beam_rate = len(arrivals) / (arrivals[-1] - arrivals[0])
-    print(f'{"kbml score (pipelines/scoring.py) on FnApiRunner":58}{beam_rate:>9,.0f} transactions/s: '
-          f'{beam_rate / loop_rate:.2f}x the loop{"" if complete else " (INCOMPLETE)"}')
+    beam_rate = len(clock.arrived) / (max(clock.arrived.values()) - ready)
+    print(f'{"kbml score (pipelines/scoring.py) on FnApiRunner":58}{beam_rate:>9,.0f} transactions/s, '
+          f'{beam_cpu / transactions * 1e6:,.0f} us of CPU each: {beam_rate / loop_rate:.2f}x the loop\'s throughput, '
+          f'{loop_cpu / beam_cpu:.2f}x its CPU efficiency{"" if complete else " (INCOMPLETE)"}')
 
     live_latency(bootstrap, model_dir, args, simulation)
+
+
+def scoring_started(bootstrap, topics, clock: PredictionClock, simulation):
+  """Sends the simulation's first transaction every second until a running scorer has scored it."""
+  probe = next(e for e in simulator.events(simulation) if not e.is_label)
+  producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
+  deadline = time.monotonic() + 180
+  while not clock.arrived:
+    if time.monotonic() > deadline:
+      raise TimeoutError('the scorer did not score a probe within 180 s')
+    producer.send(topics['transactions'], probe.value, probe.key)
+    producer.flush(10)
+    time.sleep(1)
 
 
 def live_latency(bootstrap, model_dir, args, simulation):
@@ -180,12 +203,7 @@ def live_latency(bootstrap, model_dir, args, simulation):
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   sent_at = {}
   try:
-    probe = live[0]
-    deadline = time.monotonic() + 180
-    while not clock.arrived and time.monotonic() < deadline:  # the scorer is up once a probe gets scored
-      producer.send(topics['transactions'], probe.value, probe.key)
-      producer.flush(10)
-      time.sleep(1)
+    scoring_started(bootstrap, topics, clock, simulation)
     count = min(int(args.rate * args.live_seconds), len(live) - 1)
     started = time.monotonic()
     promotion = None
