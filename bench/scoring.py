@@ -165,7 +165,7 @@ def main(argv=None):
     clock = PredictionClock(bootstrap, topics['predictions'])
     scorer = start_scorer(bootstrap, topics, model_dir)
     try:
-      scoring_started(bootstrap, topics, clock, simulation)
+      wait_until_scoring(bootstrap, topics, clock, simulation)
       ready, cpu_at_ready = time.time(), cpu_seconds(scorer.pid)
       simulator.produce(events, config, topics['transactions'], topics['labels'])
       complete = clock.wait_for(transactions, 1800)
@@ -181,7 +181,7 @@ def main(argv=None):
     live_latency(bootstrap, model_dir, args, simulation)
 
 
-def scoring_started(bootstrap, topics, clock: PredictionClock, simulation):
+def wait_until_scoring(bootstrap, topics, clock: PredictionClock, simulation):
   """Sends the simulation's first transaction every second until a running scorer has scored it."""
   probe = next(e for e in simulator.events(simulation) if not e.is_label)
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
@@ -203,7 +203,7 @@ def live_latency(bootstrap, model_dir, args, simulation):
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   sent_at = {}
   try:
-    scoring_started(bootstrap, topics, clock, simulation)
+    wait_until_scoring(bootstrap, topics, clock, simulation)
     count = min(int(args.rate * args.live_seconds), len(live) - 1)
     started = time.monotonic()
     promotion = None
