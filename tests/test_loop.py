@@ -27,7 +27,7 @@ def own_broker(tmp_path):
   stack.down(grace_s=0)
 
 
-@pytest.mark.timeout(600)  # about 4 minutes on 2 cores; the loop gives up itself after 540 s
+@pytest.mark.timeout(600)  # 4 to 5 minutes on 2 cores; the loop gives up itself after 540 s
 def test_a_cash_out_wave_is_alerted_in_its_first_window_and_a_retrained_model_recovers(own_broker, tmp_path):
   model_dir = str(tmp_path / 'models')
   args = build_parser().parse_args([
