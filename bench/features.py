@@ -3,8 +3,9 @@
 All compute the features of the same simulated events: the baseline
 applies CustomerHistory and TerminalHistory (transforms/features.py) in one
 event-time-ordered Python loop; the measured ones are ComputeFeatures on the
-pinned local runner, start-up included, in its streaming form (stateful
-DoFns) and its bounded form (grouped by key). Run: ``make bench`` or
+pinned local runner, start-up included, in each of its forms: keyed state
+(a stream on Dataflow or Flink), ordered bundles (a stream on the local
+runner; here the whole input is one bundle) and grouped (bounded input). Run: ``make bench`` or
 ``python -m bench.features --customers 5000 --days 3``.
 """
 
@@ -16,13 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from bench.common import Timer
 from kbml.simulator import SimulationConfig, simulate
 from pipelines.options import LOCAL_RUNNER
-from transforms.features import (
-  DEFAULT_LABEL_DELAY_DAYS,
-  ComputeFeatures,
-  CustomerHistory,
-  TerminalHistory,
-  feature_row,
-)
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FORMS, ComputeFeatures, Histories
 from transforms.records import Label, Transaction
 
 
@@ -41,28 +36,20 @@ def simulated_events(customers: int, days: int):
   return events
 
 
-def plain_loop(events, customers=None, terminals=None):
-  """Feature rows of (time, kind, event) tuples in order; ``customers``/``terminals``: histories kept across calls."""
-  customers = {} if customers is None else customers
-  terminals = {} if terminals is None else terminals
-  rows = []
-  for _, _, event in events:
-    terminal = terminals.setdefault(event.terminal_id, TerminalHistory(DEFAULT_LABEL_DELAY_DAYS))
-    if isinstance(event, Label):
-      terminal.add_label(event)
-    else:
-      customer_features = customers.setdefault(event.customer_id, CustomerHistory()).add(event)
-      rows.append(feature_row(event, {**customer_features, **terminal.add_transaction(event.tx_time)}))
-  return rows
+def plain_loop(events, histories=None):
+  """Feature rows of (time, kind, event) tuples in order; ``histories``: kept across calls."""
+  histories = Histories() if histories is None else histories
+  rows = (histories.apply(event) for _, _, event in events)
+  return [row for row in rows if row is not None]
 
 
-def beam_transform(events, bounded: bool):
+def beam_transform(events, form: str):
   timestamped = [beam.window.TimestampedValue(event, at) for at, _, event in events]
   with beam.Pipeline(options=PipelineOptions(flags=[], runner=LOCAL_RUNNER)) as pipeline:
     _ = (pipeline
          | beam.Create([timestamped])
          | 'InOrder' >> beam.FlatMap(lambda listed: listed)
-         | ComputeFeatures(bounded=bounded))
+         | ComputeFeatures(form=form))
 
 
 def main(argv=None):
@@ -77,9 +64,9 @@ def main(argv=None):
         f'{args.customers:,} customers, {2 * args.customers:,} terminals, {args.days} days')
   print(f'{"plain loop over the feature classes":52}{len(events) / loop.seconds:>9,.0f} events/s  '
         f'{loop.seconds:7.2f} s')
-  for form, bounded in (('stateful', False), ('grouped', True)):
+  for form in FORMS:
     with Timer() as pipeline:
-      beam_transform(events, bounded)
+      beam_transform(events, form)
     print(f'{f"ComputeFeatures, {form}, on {LOCAL_RUNNER}":52}{len(events) / pipeline.seconds:>9,.0f} events/s  '
           f'{pipeline.seconds:7.2f} s (start-up included): {loop.seconds / pipeline.seconds:.4f}x the plain loop')
 

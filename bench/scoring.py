@@ -48,7 +48,7 @@ from pipelines.scoring import prediction_message
 from tests.scoring_models import publish_model
 from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS
 from trainer.registry import ModelStore
-from transforms.features import FEATURE_NAMES
+from transforms.features import FEATURE_NAMES, Histories
 from transforms.inference import Score
 from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
 
@@ -96,7 +96,7 @@ def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int)
   consumer.assign([TopicPartition(t, p, 0) for t, p in list_partitions(
       consumer, [topics['transactions'], topics['labels']])])
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
-  customers, terminals = {}, {}
+  histories = Histories()
   scored = 0
   ready, cpu_at_ready = time.perf_counter(), cpu_seconds(os.getpid())
   while scored < transactions:
@@ -104,14 +104,14 @@ def hand_written_loop(bootstrap: str, topics, model_dir: str, transactions: int)
     for message in consumer.consume(5000, 0.2):
       if message.error():
         continue
+      source = (message.partition(), message.offset(), message.timestamp()[1])
       if message.topic() == topics['labels']:
-        label = LABEL_SCHEMA.parse(message.value())._replace(known_time=message.timestamp()[1] / 1000)
+        label = LABEL_SCHEMA.parse(message.value(), source)
         events.append((label.known_time, 0, label))
       else:
-        transaction = TRANSACTION_SCHEMA.parse(message.value())._replace(
-            kafka_partition=message.partition(), kafka_offset=message.offset())
+        transaction = TRANSACTION_SCHEMA.parse(message.value(), source)
         events.append((transaction.tx_time, 1, transaction))
-    rows = plain_loop(sorted(events, key=lambda e: e[:2]), customers, terminals)
+    rows = plain_loop(sorted(events, key=lambda e: e[:2]), histories)
     for start in range(0, len(rows), 1024):
       batch = rows[start:start + 1024]
       features = np.array([[row[name] for name in FEATURE_NAMES] for row in batch], dtype=np.float32)

@@ -3,11 +3,11 @@
 from typing import Dict, Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from kbml.kafka_client import PartitionOffsets
-from pipelines.options import KafkaOptions
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS
+from pipelines.options import LOCAL_RUNNER, KafkaOptions
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS, GROUPED, KEYED_STATE, ORDERED_BUNDLES
 from transforms.kafka_io import read_from_kafka, write_to_kafka
 from transforms.records import (
   DEAD_LETTER_TAG,
@@ -32,10 +32,12 @@ class EventOptions(PipelineOptions):
                         'with).')
 
 
-# Terminal features release a transaction one or two timer rounds after it is read (transforms/features.py), and
-# the local runner fires a round per bundle: the pipelines behind ComputeFeatures commit two bundles late there, so
-# that what a transaction led to is written before its offset is committed.
-FEATURES_COMMIT_DELAY_BUNDLES = 2
+def feature_form(options: PipelineOptions, bounded: bool) -> str:
+  """How ComputeFeatures runs (transforms/features.py): grouped for bounded input; for a stream, in bundles read
+  in event-time step on the local runner (``align_partitions``), in keyed state elsewhere."""
+  if bounded:
+    return GROUPED
+  return ORDERED_BUNDLES if options.view_as(StandardOptions).runner == LOCAL_RUNNER else KEYED_STATE
 
 
 def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[str, str], group: Optional[str],

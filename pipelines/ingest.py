@@ -29,13 +29,13 @@ import logging
 from typing import Callable, Dict, List, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
-from pipelines.events import FEATURES_COMMIT_DELAY_BUNDLES, EventOptions, read_events
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
-from transforms.features import FEATURES_TABLE, ComputeFeatures
+from pipelines.events import EventOptions, feature_form, read_events
+from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
+from transforms.features import FEATURES_TABLE, ORDERED_BUNDLES, ComputeFeatures
 from transforms.records import (
   LABELS_TABLE,
   Label,
@@ -112,13 +112,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   warehouse = options.view_as(WarehouseOptions).warehouse_url()
 
   bounded = kafka.stop_at_end or replay
-  local_stream = not bounded and options.view_as(StandardOptions).runner == LOCAL_RUNNER
+  form = feature_form(options, bounded)
   events = read_events(
       pipeline, options, kafka_config(options), None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
       first_new=None if replay else first_unwritten, stop_at_end=bounded, from_beginning=True,
-      # The local runner gives the feature stage's timers no watermark: read the partitions in event-time step.
-      align_partitions=local_stream, commit_delay_bundles=FEATURES_COMMIT_DELAY_BUNDLES if local_stream else 0)
-  rows = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bounded)
+      align_partitions=form == ORDERED_BUNDLES)
+  rows = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:

@@ -52,10 +52,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from kbml.alerts import AlertSink
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
-from pipelines.events import FEATURES_COMMIT_DELAY_BUNDLES, EventOptions, read_events
+from pipelines.events import EventOptions, feature_form, read_events
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
-from transforms.features import FEATURE_NAMES, ComputeFeatures
+from transforms.features import FEATURE_NAMES, ORDERED_BUNDLES, ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import KafkaRecord, write_to_kafka
 from transforms.records import (
@@ -179,16 +179,15 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   kafka = options.view_as(KafkaOptions)
   scoring = options.view_as(ScoringOptions)
   events_options = options.view_as(EventOptions)
-  local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
   backtest = scoring.backtest_range()
+  form = feature_form(options, bounded=bool(backtest))
   config = kafka_config(options)
   store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
 
   rows = (read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
                       first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
-                      stop_at_end=bool(backtest), from_beginning=True, align_partitions=local and not backtest,
-                      commit_delay_bundles=FEATURES_COMMIT_DELAY_BUNDLES if local else 0)
-          | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, bounded=bool(backtest)))
+                      stop_at_end=bool(backtest), from_beginning=True, align_partitions=form == ORDERED_BUNDLES)
+          | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form))
 
   reload = None if backtest else model_reload(options)
   handler = ModelStoreHandler(

@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
-from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, ComputeFeatures
+from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, FORMS, ComputeFeatures
 from transforms.records import Label, Transaction
 
 DELAY_DAYS = 7
@@ -158,13 +158,13 @@ def test_population_exercises_every_feature(simulation, expected):
   assert (expected['TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW'] > 1).any()
 
 
-@pytest.mark.parametrize('bounded', [False, True], ids=['stateful', 'grouped'])
-def test_features_equal_an_independent_pandas_computation(simulation, expected, bounded):
+@pytest.mark.parametrize('form', FORMS)
+def test_features_equal_an_independent_pandas_computation(simulation, expected, form):
   elements = streams(simulation)
   with TestPipeline(options=local_options()) as p:
     # One Create element holding the list: Create alone would reshuffle the elements.
     rows = (p
             | beam.Create([elements])
             | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
-            | ComputeFeatures(label_delay_days=DELAY_DAYS, bounded=bounded))
+            | ComputeFeatures(label_delay_days=DELAY_DAYS, form=form))
     assert_that(rows, equal_features(expected))

@@ -18,7 +18,7 @@ from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines import ingest
 from tests import test_features
 from tests.conftest import consume, local_options, produce
-from transforms.features import ComputeFeatures
+from transforms.features import KEYED_STATE, ORDERED_BUNDLES, ComputeFeatures
 from transforms.kafka_io import ReadFromKafka
 from transforms.records import (
   LABEL_SCHEMA,
@@ -195,7 +195,8 @@ def test_streaming_ingest_writes_the_same_rows_while_it_runs(bootstrap, topics, 
   assert written.equals(expected)
 
 
-def test_streaming_features_from_kafka_are_exact(bootstrap, topics):
+@pytest.mark.parametrize('form', [ORDERED_BUNDLES, KEYED_STATE])
+def test_streaming_features_from_kafka_are_exact(bootstrap, topics, form):
   # Small read budgets make the local runner read each partition over many bundles, as a long stream does; the
   # partitions are read in event-time step (without it, 1.5 % of these rows had wrong terminal features).
   simulation = simulate(SimulationConfig(customers=150, terminals=200, days=40, seed=5))
@@ -206,5 +207,5 @@ def test_streaming_features_from_kafka_are_exact(bootstrap, topics):
     parsed = records | ParseRecords({topics['transactions']: TRANSACTION_SCHEMA, topics['labels']: LABEL_SCHEMA})
     rows = (parsed['records']
             | beam.Map(at_event_time)
-            | ComputeFeatures(bounded=False))
+            | ComputeFeatures(form=form))
     assert_that(rows, test_features.equal_features(test_features.independent_features(simulation.transactions)))

@@ -23,17 +23,32 @@ Order. A customer's transactions are applied as they arrive: Kafka keeps a
 key's records in order, and the records are keyed by customer (a transaction
 that still arrives late is inserted at its time, so later ones count it). A
 terminal's events come from many customers and from the labels topic, so
-they are buffered and applied in event-time order once the watermark passes
-them (a label before a transaction of the same instant). The result does not
-depend on how the runner interleaves partitions and topics, and a replay
-yields the same rows as the original run. (Only one stage waits for the
-watermark: the local runner does not fire the timers of a second such stage
-fused behind the first.)
+they are applied in event-time order (a label before a transaction of the
+same instant). The result does not depend on how the runner interleaves
+partitions and topics, and a replay yields the same rows as the original
+run.
 
-Bounded input (a backfill, a replay) takes another road to the same rows:
-each customer's and each terminal's events are grouped and applied in time
-order in one go. Keyed state costs a few milliseconds per write on the local
-runner (BENCHMARKS.md); a grouping costs microseconds per event.
+Three forms compute the same rows (``ComputeFeatures(form=...)``):
+
+- ``KEYED_STATE``, for a stream on a distributed runner (Dataflow, Flink):
+  the histories are keyed state, and a terminal's events wait in its state
+  until the watermark passes them. (Only one stage waits for the watermark:
+  the local runner does not fire the timers of a second such stage fused
+  behind the first.)
+- ``ORDERED_BUNDLES``, for a stream on the local runner, whose partitions
+  are read in event-time step (``ReadFromKafka(align_partitions=True)``):
+  every event of a bundle precedes every event of the next, so each
+  bundle's events are applied in event-time order at its end, to histories
+  kept in the process, and the rows leave in the bundle that read their
+  transactions. The local runner keeps keyed state in the process too, and
+  loses it with the process as this does (a pipeline rebuilds its
+  histories from the topics at every start); but it loads, pickles and
+  weighs a key's state at every bundle that touches it, and fires a timer
+  per terminal a bundle later: about 60% of the scorer's CPU
+  (BENCHMARKS.md).
+- ``GROUPED``, for bounded input (a backfill, a replay): each customer's
+  and each terminal's events are grouped and applied in time order in one
+  go.
 """
 
 import bisect
@@ -41,16 +56,20 @@ import datetime
 import math
 import operator
 import pickle
+import threading
+import uuid
+import weakref
 from array import array
-from typing import Dict, Iterable, Iterator, List, NamedTuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import objsize
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from kbml.warehouse import TableSchema
 from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, utc_iso
@@ -222,11 +241,19 @@ def _in_order(events: Iterable[_PendingEvent]) -> List[_PendingEvent]:
   return sorted(events, key=_APPLY_ORDER)
 
 
-def _pending_event(event) -> _PendingEvent:
-  """A label at the time it became known, a (Transaction, customer features) at the transaction's time."""
+def apply_order(event) -> Tuple[int, int, int]:
+  """Where a Transaction or Label goes in the order events are applied (_APPLY_ORDER).
+
+  A label is applied at the time it became known, a transaction at its own.
+  """
   if isinstance(event, Label):
-    return _PendingEvent(Timestamp.of(event.known_time).micros, _LABEL, event.transaction_id, event)
-  return _PendingEvent(Timestamp.of(event[0].tx_time).micros, _TRANSACTION, event[0].transaction_id, event)
+    return Timestamp.of(event.known_time).micros, _LABEL, event.transaction_id
+  return Timestamp.of(event.tx_time).micros, _TRANSACTION, event.transaction_id
+
+
+def _pending_event(event) -> _PendingEvent:
+  """A Label, or a (Transaction, customer features), with its place in the order events are applied."""
+  return _PendingEvent(*apply_order(event if isinstance(event, Label) else event[0]), event)
 
 
 def _apply_in_order(history: TerminalHistory, ready: Iterable[_PendingEvent]) -> Iterator[TimestampedValue]:
@@ -340,6 +367,75 @@ def _terminal_features_of_group(element, label_delay_days: float) -> Iterator[Ti
   yield from _apply_in_order(TerminalHistory(label_delay_days), _in_order(_pending_event(e) for e in events))
 
 
+class Histories:
+  """Every customer's and terminal's history, for events applied one by one in event-time order.
+
+  Args:
+    label_delay_days: the delay d of the terminal features.
+  """
+
+  def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS):
+    self._label_delay_days = label_delay_days
+    self._customers: Dict[int, CustomerHistory] = {}
+    self._terminals: Dict[int, TerminalHistory] = {}
+
+  def apply(self, event) -> Optional[Dict[str, object]]:
+    """Applies a Transaction or Label; returns the transaction's feature row (None for a label)."""
+    terminal = self._terminals.get(event.terminal_id)
+    if terminal is None:
+      terminal = self._terminals[event.terminal_id] = TerminalHistory(self._label_delay_days)
+    if isinstance(event, Label):
+      terminal.add_label(event)
+      return None
+    customer = self._customers.get(event.customer_id)
+    if customer is None:
+      customer = self._customers[event.customer_id] = CustomerHistory()
+    return feature_row(event, {**customer.add(event), **terminal.add_transaction(event.tx_time)})
+
+
+_IN_THE_GLOBAL_WINDOW = (GlobalWindow(),)
+# The histories of each ORDERED_BUNDLES transform, by its id: one per process, whichever DoFn instance (thread,
+# bundle processor) runs a bundle; gone with the last instance.
+_PROCESS_HISTORIES: 'weakref.WeakValueDictionary[str, Histories]' = weakref.WeakValueDictionary()
+_PROCESS_HISTORIES_LOCK = threading.Lock()
+
+
+class _OrderedBundleFeaturesFn(beam.DoFn):
+  """Transaction and Label events -> feature rows, each bundle's events applied in event-time order at its end.
+
+  For bundles in event-time order (see the module docstring), in the global
+  window: the rows are emitted at the end of the bundle that brought their
+  transactions, at their times.
+  """
+
+  def __init__(self, label_delay_days: float):
+    self._label_delay_days = label_delay_days
+    self._histories_id = uuid.uuid4().hex
+    self._histories: Optional[Histories] = None
+    self._bundle: List[Tuple[int, int, int, object]] = []  # (*apply_order(event), event)
+
+  def setup(self):
+    with _PROCESS_HISTORIES_LOCK:
+      self._histories = _PROCESS_HISTORIES.get(self._histories_id)
+      if self._histories is None:
+        self._histories = _PROCESS_HISTORIES[self._histories_id] = Histories(self._label_delay_days)
+
+  def start_bundle(self):
+    self._bundle = []
+
+  def process(self, event):
+    self._bundle.append((*apply_order(event), event))
+
+  def finish_bundle(self):
+    self._bundle.sort(key=_APPLY_ORDER)
+    with _PROCESS_HISTORIES_LOCK:
+      for micros, _, _, event in self._bundle:
+        row = self._histories.apply(event)
+        if row is not None:
+          yield WindowedValue(row, Timestamp(micros=micros), _IN_THE_GLOBAL_WINDOW)
+    self._bundle = []
+
+
 def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> Dict[str, object]:
   """A transaction's identity and its features, as a warehouse row."""
   features = {**calendar_features(transaction), **window_features}
@@ -359,6 +455,12 @@ def _terminal_id(event) -> int:
   return event.terminal_id if isinstance(event, Label) else event[0].terminal_id
 
 
+KEYED_STATE = 'keyed_state'
+ORDERED_BUNDLES = 'ordered_bundles'
+GROUPED = 'grouped'
+FORMS = (KEYED_STATE, ORDERED_BUNDLES, GROUPED)
+
+
 class ComputeFeatures(beam.PTransform):
   """Computes the feature row of every transaction.
 
@@ -371,18 +473,25 @@ class ComputeFeatures(beam.PTransform):
 
   Args:
     label_delay_days: the delay d of the terminal features.
-    bounded: the input is bounded (a backfill or a replay): group each key's
-      events instead of keeping them in state. Same rows, much faster.
+    form: how (see the module docstring): ``KEYED_STATE`` (a stream on a
+      distributed runner), ``ORDERED_BUNDLES`` (a stream read in event-time
+      step on the local runner) or ``GROUPED`` (bounded input). Same rows.
   """
 
-  def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS, bounded: bool = False):
+  def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS, form: str = KEYED_STATE):
     super().__init__()
+    if form not in FORMS:
+      raise ValueError(f'Unknown feature form {form!r}: choose one of {", ".join(FORMS)}.')
     self._label_delay_days = label_delay_days
-    self._bounded = bounded
+    self._form = form
 
   def expand(self, events):
+    if self._form == ORDERED_BUNDLES:
+      if not isinstance(events.windowing.windowfn, GlobalWindows):
+        raise ValueError(f'ComputeFeatures({ORDERED_BUNDLES!r}) needs its input in the global window.')
+      return events | 'InOrderOfEachBundle' >> beam.ParDo(_OrderedBundleFeaturesFn(self._label_delay_days))
     by_customer = events | 'KeyByCustomer' >> beam.Map(lambda event: (event.customer_id, event))
-    if self._bounded:
+    if self._form == GROUPED:
       return (by_customer
               | 'GroupByCustomer' >> beam.GroupByKey()
               | 'CustomerFeatures' >> beam.FlatMap(_customer_features_of_group)

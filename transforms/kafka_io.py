@@ -407,11 +407,12 @@ class ReadFromKafka(beam.PTransform):
       (the local runner): there a timer set in one bundle fires in the next,
       so with a delay of N the outputs of N rounds of timers are written
       before the offsets that fed them are committed.
-    align_partitions: read the partitions in step in event time, so that a
-      stateful DoFn with event-time timers fused behind the read gets its
-      events in event-time order from one bundle to the next. For the local
-      runner, which gives such a stage no usable watermark (see the module
-      docstring); it needs every partition read in one process.
+    align_partitions: read the partitions in step in event time, so that the
+      stages fused behind the read get their events in event-time order from
+      one bundle to the next (what the local runner's form of the features
+      relies on, ``transforms/features.py``). For the local runner, which
+      gives those stages no usable watermark (see the module docstring); it
+      needs every partition read in one process.
   """
 
   def __init__(self, consumer_config: Mapping[str, str], topics: Union[str, Sequence[str]], *,

@@ -94,15 +94,22 @@ class RecordSchema:
     fields: field name -> function that checks a JSON value and returns the
       typed value, raising :class:`InvalidRecord` with the problem.
     row_type: the NamedTuple a valid record becomes (fields in order).
-    with_source: adds what the row keeps of its Kafka record (position, time).
+    source_fields: (partition, offset, timestamp in ms) of the Kafka record
+      -> the values of the row's last fields, what it keeps of its record.
   """
   name: str
   fields: Dict[str, Callable[[Any], Any]]
   row_type: type
-  with_source: Callable[[Any, KafkaRecord], Any] = lambda row, record: row
+  source_fields: Callable[[int, int, int], Tuple] = lambda partition, offset, timestamp_ms: ()
 
-  def parse(self, payload: Optional[bytes]) -> NamedTuple:
-    """Parses one record; raises :class:`InvalidRecord` naming the problem."""
+  def parse(self, payload: Optional[bytes], source: Optional[Tuple[int, int, int]] = None) -> NamedTuple:
+    """Parses one record; raises :class:`InvalidRecord` naming the problem.
+
+    Args:
+      payload: the record's value.
+      source: its (partition, offset, timestamp in ms), kept in the row's
+        source fields; None: they keep their defaults.
+    """
     if payload is None or not payload:
       raise InvalidRecord(f'empty {self.name} record')
     if len(payload) > MAX_RECORD_BYTES:
@@ -122,7 +129,7 @@ class RecordSchema:
         values.append(check(document[name]))
       except InvalidRecord as e:
         raise InvalidRecord(f'field {name} {e}') from None
-    return self.row_type(*values)
+    return self.row_type(*values, *self.source_fields(*source)) if source else self.row_type(*values)
 
 
 class Transaction(NamedTuple):
@@ -170,7 +177,7 @@ TRANSACTION_SCHEMA = RecordSchema('transaction', {
     'customer_id': _integer_id,
     'terminal_id': _integer_id,
     'amount': _amount,
-}, Transaction, lambda row, record: row._replace(kafka_partition=record.partition, kafka_offset=record.offset))
+}, Transaction, lambda partition, offset, timestamp_ms: (partition, offset))
 
 LABEL_SCHEMA = RecordSchema('label', {
     'transaction_id': _integer_id,
@@ -179,8 +186,7 @@ LABEL_SCHEMA = RecordSchema('label', {
     'terminal_id': _integer_id,
     'is_fraud': _flag,
     'fraud_scenario': _small_int,
-}, Label, lambda row, record: row._replace(known_time=record.timestamp_ms / 1000, kafka_partition=record.partition,
-                                           kafka_offset=record.offset))
+}, Label, lambda partition, offset, timestamp_ms: (timestamp_ms / 1000, partition, offset))
 
 
 def at_event_time(event):
@@ -216,7 +222,7 @@ class _ParseFn(beam.DoFn):
   def process(self, record: KafkaRecord) -> Iterable:
     schema = self._schemas[record.topic]
     try:
-      yield schema.with_source(schema.parse(record.value), record)
+      yield schema.parse(record.value, (record.partition, record.offset, record.timestamp_ms))
     except InvalidRecord as e:
       yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
 
