@@ -87,7 +87,10 @@ class ScoringOptions(PipelineOptions):
         '--score_from', choices=('latest', 'earliest'), default='latest',
         help='Without committed offsets for the consumer group: score the transactions that arrive from now on '
         '(latest) or every one in the topic (earliest). Either way, the histories are built from the start.')
-    parser.add_argument('--min_batch_size', type=int, default=1, help='RunInference batches at least this many.')
+    parser.add_argument(
+        '--min_batch_size', type=int,
+        help='RunInference batches at least this many rows (a bundle\'s last batch may have fewer); default: '
+        '--max_batch_size. Below it, Beam adapts the size to the timings of earlier batches, at a cost per batch.')
     parser.add_argument('--max_batch_size', type=int, default=1024, help='... and at most this many.')
     parser.add_argument('--backtest_from', help='Backtest: first event time scored (ISO-8601 UTC).')
     parser.add_argument('--backtest_to', help='Backtest: end of the range, excluded (ISO-8601 UTC).')

@@ -107,18 +107,20 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     alerts: where ``model_refused`` alerts go; None: logged only.
     shadow_poll_s: read the ``challenger`` pointer this often, and score
       every row with the challenger too; None: no challenger.
-    min_batch_size: the least rows RunInference batches together.
+    min_batch_size: the least rows RunInference batches together (a
+      bundle's last batch may have fewer); None: ``max_batch_size``.
     max_batch_size: the most.
   """
 
   def __init__(self, model_dir: str, *, poll_s: Optional[float] = None, alerts: Optional[AlertSink] = None,
-               shadow_poll_s: Optional[float] = None, min_batch_size: int = 1, max_batch_size: int = 1024):
+               shadow_poll_s: Optional[float] = None, min_batch_size: Optional[int] = None,
+               max_batch_size: int = 1024):
     super().__init__()
     self._store = ModelStore(model_dir)
     self._poll_s = poll_s
     self._shadow_poll_s = shadow_poll_s
     self._alerts = alerts
-    self._batching = {'min_batch_size': min_batch_size, 'max_batch_size': max_batch_size}
+    self._batching = {'min_batch_size': min_batch_size or max_batch_size, 'max_batch_size': max_batch_size}
     self._promotion_path: Optional[str] = None
     self._loaded: Dict[str, ScoringModel] = {}
     self._refused: Dict[str, str] = {}
