@@ -14,7 +14,6 @@ from transforms.records import (
   LABEL_SCHEMA,
   TRANSACTION_SCHEMA,
   ParseRecords,
-  at_event_time,
   dead_letter_message,
 )
 
@@ -55,8 +54,8 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
     **read_bounds: :class:`~transforms.kafka_io.ReadFromKafka` stop and alignment settings.
 
   Returns:
-    The valid :class:`~transforms.records.Transaction` and :class:`~transforms.records.Label` events, a
-    transaction timestamped at its time, a label when it became known.
+    The valid :class:`~transforms.records.Transaction` and :class:`~transforms.records.Label` events, with
+    their records' Kafka timestamps.
   """
   kafka = options.view_as(KafkaOptions)
   events = options.view_as(EventOptions)
@@ -73,4 +72,4 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
        | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
        | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
                                               expansion_service=kafka.kafka_expansion_service))
-  return parsed['records'] | 'AtEventTime' >> beam.Map(at_event_time)
+  return parsed['records']

@@ -6,7 +6,6 @@ import sys
 import time
 import uuid
 
-import apache_beam as beam
 import pandas as pd
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -26,7 +25,6 @@ from transforms.records import (
   SOURCE_HEADERS,
   TRANSACTION_SCHEMA,
   ParseRecords,
-  at_event_time,
 )
 
 VALID = (b'{"transaction_id": %d, "tx_datetime": "2018-04-01T10:%02d:%02dZ", "customer_id": %d, '
@@ -205,7 +203,5 @@ def test_streaming_features_from_kafka_are_exact(bootstrap, topics, form):
     records = p | ReadFromKafka({'bootstrap.servers': bootstrap}, [topics['transactions'], topics['labels']],
                                 stop_at_end=True, read_budget_records=300, align_partitions=True)
     parsed = records | ParseRecords({topics['transactions']: TRANSACTION_SCHEMA, topics['labels']: LABEL_SCHEMA})
-    rows = (parsed['records']
-            | beam.Map(at_event_time)
-            | ComputeFeatures(form=form))
+    rows = parsed['records'] | ComputeFeatures(form=form)
     assert_that(rows, test_features.equal_features(test_features.independent_features(simulation.transactions)))

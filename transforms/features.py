@@ -72,7 +72,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from kbml.warehouse import TableSchema
-from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, utc_iso
+from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, utc_iso
 
 # Beam's SDK harness weighs every value it puts in its state cache with objsize, which by default first collects
 # the ids of every loaded module's globals, on every call: 1.5 ms per state write, 5 ms once TensorFlow is loaded
@@ -451,8 +451,14 @@ def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> 
   }
 
 
-def _terminal_id(event) -> int:
-  return event.terminal_id if isinstance(event, Label) else event[0].terminal_id
+def _by_customer(event) -> Tuple[int, object]:
+  """A Transaction or Label, keyed by its customer."""
+  return event.customer_id, event
+
+
+def _by_terminal(event) -> Tuple[int, object]:
+  """A Label or a (Transaction, customer features), keyed by its terminal."""
+  return event.terminal_id if isinstance(event, Label) else event[0].terminal_id, event
 
 
 KEYED_STATE = 'keyed_state'
@@ -465,10 +471,11 @@ class ComputeFeatures(beam.PTransform):
   """Computes the feature row of every transaction.
 
   Input: one PCollection of :class:`~transforms.records.Transaction` and
-  :class:`~transforms.records.Label` events, timestamped in event time (a
-  transaction at its time, a label when it became known). One stream, not
-  two: the local runner runs a Flatten as a stage boundary, which an
-  unbounded run never crosses. Output: one dict per transaction, see
+  :class:`~transforms.records.Label` events, in the global window (each
+  form takes an event's time from the event: a transaction's own, a
+  label's when it became known). One stream, not two: the local runner
+  runs a Flatten as a stage boundary, which an unbounded run never
+  crosses. Output: one dict per transaction, see
   :func:`feature_row`, timestamped with the transaction's time.
 
   Args:
@@ -490,15 +497,17 @@ class ComputeFeatures(beam.PTransform):
       if not isinstance(events.windowing.windowfn, GlobalWindows):
         raise ValueError(f'ComputeFeatures({ORDERED_BUNDLES!r}) needs its input in the global window.')
       return events | 'InOrderOfEachBundle' >> beam.ParDo(_OrderedBundleFeaturesFn(self._label_delay_days))
-    by_customer = events | 'KeyByCustomer' >> beam.Map(lambda event: (event.customer_id, event))
     if self._form == GROUPED:
-      return (by_customer
+      return (events
+              | 'KeyByCustomer' >> beam.Map(_by_customer)
               | 'GroupByCustomer' >> beam.GroupByKey()
               | 'CustomerFeatures' >> beam.FlatMap(_customer_features_of_group)
-              | 'KeyByTerminal' >> beam.Map(lambda event: (_terminal_id(event), event))
+              | 'KeyByTerminal' >> beam.Map(_by_terminal)
               | 'GroupByTerminal' >> beam.GroupByKey()
               | 'TerminalFeatures' >> beam.FlatMap(_terminal_features_of_group, self._label_delay_days))
-    return (by_customer
+    return (events
+            | 'AtEventTime' >> beam.Map(at_event_time)
+            | 'KeyByCustomer' >> beam.Map(_by_customer)
             | 'CustomerFeatures' >> beam.ParDo(_CustomerFeaturesFn())
-            | 'KeyByTerminal' >> beam.Map(lambda event: (_terminal_id(event), event))
+            | 'KeyByTerminal' >> beam.Map(_by_terminal)
             | 'TerminalFeatures' >> beam.ParDo(_TerminalFeaturesFn(self._label_delay_days)))

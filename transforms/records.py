@@ -190,8 +190,8 @@ LABEL_SCHEMA = RecordSchema('label', {
 
 
 def at_event_time(event):
-  """Timestamps a transaction with its own time; a label keeps its Kafka timestamp, when it became known."""
-  return beam.window.TimestampedValue(event, event.tx_time) if isinstance(event, Transaction) else event
+  """Timestamps a transaction with its own time, a label with the time it became known."""
+  return beam.window.TimestampedValue(event, event.tx_time if isinstance(event, Transaction) else event.known_time)
 
 
 def utc_iso(seconds: float, milliseconds: bool = False) -> str:
