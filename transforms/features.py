@@ -72,7 +72,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from kbml.warehouse import TableSchema
-from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, utc_iso
+from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, event_time, utc_iso
 
 # Beam's SDK harness weighs every value it puts in its state cache with objsize, which by default first collects
 # the ids of every loaded module's globals, on every call: 1.5 ms per state write, 5 ms once TensorFlow is loaded
@@ -241,19 +241,15 @@ def _in_order(events: Iterable[_PendingEvent]) -> List[_PendingEvent]:
   return sorted(events, key=_APPLY_ORDER)
 
 
-def apply_order(event) -> Tuple[int, int, int]:
-  """Where a Transaction or Label goes in the order events are applied (_APPLY_ORDER).
-
-  A label is applied at the time it became known, a transaction at its own.
-  """
-  if isinstance(event, Label):
-    return Timestamp.of(event.known_time).micros, _LABEL, event.transaction_id
-  return Timestamp.of(event.tx_time).micros, _TRANSACTION, event.transaction_id
+def _apply_order(event) -> Tuple[int, int, int]:
+  """Where a Transaction or Label goes in the order events are applied (_APPLY_ORDER): at its event time."""
+  kind = _LABEL if isinstance(event, Label) else _TRANSACTION
+  return Timestamp.of(event_time(event)).micros, kind, event.transaction_id
 
 
 def _pending_event(event) -> _PendingEvent:
   """A Label, or a (Transaction, customer features), with its place in the order events are applied."""
-  return _PendingEvent(*apply_order(event if isinstance(event, Label) else event[0]), event)
+  return _PendingEvent(*_apply_order(event if isinstance(event, Label) else event[0]), event)
 
 
 def _apply_in_order(history: TerminalHistory, ready: Iterable[_PendingEvent]) -> Iterator[TimestampedValue]:
@@ -412,7 +408,7 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
     self._label_delay_days = label_delay_days
     self._histories_id = uuid.uuid4().hex
     self._histories: Optional[Histories] = None
-    self._bundle: List[Tuple[int, int, int, object]] = []  # (*apply_order(event), event)
+    self._bundle: List[Tuple[int, int, int, object]] = []  # (*_apply_order(event), event)
 
   def setup(self):
     with _PROCESS_HISTORIES_LOCK:
@@ -424,7 +420,7 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
     self._bundle = []
 
   def process(self, event):
-    self._bundle.append((*apply_order(event), event))
+    self._bundle.append((*_apply_order(event), event))
 
   def finish_bundle(self):
     self._bundle.sort(key=_APPLY_ORDER)

@@ -189,9 +189,15 @@ LABEL_SCHEMA = RecordSchema('label', {
 }, Label, lambda partition, offset, timestamp_ms: (timestamp_ms / 1000, partition, offset))
 
 
+def event_time(event) -> float:
+  """When an event happened, in seconds since the epoch: a transaction at its own time, a label when it became
+  known."""
+  return event.tx_time if isinstance(event, Transaction) else event.known_time
+
+
 def at_event_time(event):
-  """Timestamps a transaction with its own time, a label with the time it became known."""
-  return beam.window.TimestampedValue(event, event.tx_time if isinstance(event, Transaction) else event.known_time)
+  """Timestamps a Transaction or Label with its :func:`event_time`."""
+  return beam.window.TimestampedValue(event, event_time(event))
 
 
 def utc_iso(seconds: float, milliseconds: bool = False) -> str:
