@@ -40,7 +40,8 @@ def feature_form(options: PipelineOptions, bounded: bool) -> str:
 
 
 def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[str, str], group: Optional[str],
-                first_new: Optional[Dict[str, PartitionOffsets]] = None, **read_bounds) -> beam.PCollection:
+                form: str, first_new: Optional[Dict[str, PartitionOffsets]] = None,
+                **read_bounds) -> beam.PCollection:
   """Reads the transactions and labels topics; invalid records go to the dead-letter topic with the reason.
 
   Args:
@@ -48,6 +49,9 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
     options: its options (EventOptions, KafkaOptions).
     config: the Kafka client settings (:func:`pipelines.options.kafka_config`).
     group: the consumer group whose offsets the read starts from and commits; None: no group.
+    form: the form of ComputeFeatures the events feed (:func:`feature_form`). ``ORDERED_BUNDLES`` reads the
+      partitions in event-time step, and in lists (:class:`~transforms.kafka_io.ReadFromKafka`'s ``batched``),
+      which that form takes.
     first_new: per topic and partition, the first offset not read before, when the read starts from the
       beginning of the topics to rebuild state: the invalid records before it were sent to the dead-letter
       topic when they were first read, and are not sent again.
@@ -55,10 +59,12 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
 
   Returns:
     The valid :class:`~transforms.records.Transaction` and :class:`~transforms.records.Label` events, with
-    their records' Kafka timestamps.
+    their records' Kafka timestamps (in lists for ``ORDERED_BUNDLES``).
   """
   kafka = options.view_as(KafkaOptions)
   events = options.view_as(EventOptions)
+  if form == ORDERED_BUNDLES:
+    read_bounds.update(align_partitions=True, batched=True)
   records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
       kafka.kafka_io, {**config, 'group.id': group} if group else config,
       [events.transactions_topic, events.labels_topic], expansion_service=kafka.kafka_expansion_service,

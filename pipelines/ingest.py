@@ -35,7 +35,7 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
 from pipelines.events import EventOptions, feature_form, read_events
 from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
-from transforms.features import FEATURES_TABLE, ORDERED_BUNDLES, ComputeFeatures
+from transforms.features import FEATURES_TABLE, ComputeFeatures
 from transforms.records import (
   LABELS_TABLE,
   Label,
@@ -115,8 +115,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   form = feature_form(options, bounded)
   events = read_events(
       pipeline, options, kafka_config(options), None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-      first_new=None if replay else first_unwritten, stop_at_end=bounded, from_beginning=True,
-      align_partitions=form == ORDERED_BUNDLES)
+      form, first_new=None if replay else first_unwritten, stop_at_end=bounded, from_beginning=True)
   rows = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)

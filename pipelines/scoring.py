@@ -55,7 +55,7 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from pipelines.events import EventOptions, feature_form, read_events
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
-from transforms.features import FEATURE_NAMES, ORDERED_BUNDLES, ComputeFeatures
+from transforms.features import FEATURE_NAMES, ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import KafkaRecord, write_to_kafka
 from transforms.records import (
@@ -188,8 +188,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
 
   rows = (read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-                      first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
-                      stop_at_end=bool(backtest), from_beginning=True, align_partitions=form == ORDERED_BUNDLES)
+                      form, first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
+                      stop_at_end=bool(backtest), from_beginning=True)
           | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form))
 
   reload = None if backtest else model_reload(options)

@@ -6,10 +6,11 @@ import sys
 import time
 import uuid
 
+import apache_beam as beam
 import pandas as pd
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 
 from kbml import simulator
 from kbml.simulator import SimulationConfig, events, simulate
@@ -18,8 +19,9 @@ from pipelines import ingest
 from tests import test_features
 from tests.conftest import consume, local_options, produce
 from transforms.features import KEYED_STATE, ORDERED_BUNDLES, ComputeFeatures
-from transforms.kafka_io import ReadFromKafka
+from transforms.kafka_io import KafkaRecord, ReadFromKafka
 from transforms.records import (
+  DEAD_LETTER_TAG,
   LABEL_SCHEMA,
   REASON_HEADER,
   SOURCE_HEADERS,
@@ -193,6 +195,18 @@ def test_streaming_ingest_writes_the_same_rows_while_it_runs(bootstrap, topics, 
   assert written.equals(expected)
 
 
+def test_a_list_of_records_parses_to_a_list_of_events_and_a_dead_letter_per_bad_one():
+  records = [KafkaRecord('transactions', 0, offset, 0, None, value, ())
+             for offset, value in enumerate([VALID % (1, 0, 0, 2, 3, 10, 0), BAD_RECORDS[0][0],
+                                             VALID % (4, 0, 1, 5, 6, 20, 50)])]
+  with TestPipeline(options=local_options()) as p:
+    parsed = p | beam.Create([records]) | ParseRecords({'transactions': TRANSACTION_SCHEMA})
+    assert_that(parsed['records'] | beam.Map(lambda events: [(e.transaction_id, e.kafka_offset) for e in events]),
+                equal_to([[(1, 0), (4, 2)]]), label='OneListOfTheValid')
+    assert_that(parsed[DEAD_LETTER_TAG] | beam.Map(lambda dead: (dead.record.offset, BAD_RECORDS[0][1] in dead.reason)),
+                equal_to([(1, True)]), label='DeadLetters')
+
+
 @pytest.mark.parametrize('form', [ORDERED_BUNDLES, KEYED_STATE])
 def test_streaming_features_from_kafka_are_exact(bootstrap, topics, form):
   # Small read budgets make the local runner read each partition over many bundles, as a long stream does; the
@@ -201,7 +215,8 @@ def test_streaming_features_from_kafka_are_exact(bootstrap, topics, form):
   simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
   with TestPipeline(options=local_options()) as p:
     records = p | ReadFromKafka({'bootstrap.servers': bootstrap}, [topics['transactions'], topics['labels']],
-                                stop_at_end=True, read_budget_records=300, align_partitions=True)
+                                stop_at_end=True, read_budget_records=300, align_partitions=True,
+                                batched=form == ORDERED_BUNDLES)
     parsed = records | ParseRecords({topics['transactions']: TRANSACTION_SCHEMA, topics['labels']: LABEL_SCHEMA})
     rows = parsed['records'] | ComputeFeatures(form=form)
     assert_that(rows, test_features.equal_features(test_features.independent_features(simulation.transactions)))

@@ -62,6 +62,23 @@ def test_bounded_read_returns_every_record_in_partition_order(bootstrap, new_top
     assert offsets == list(range(len(offsets))), 'each partition is emitted in offset order, without gaps'
 
 
+def test_batched_read_hands_on_runs_of_one_partition_in_offset_order(bootstrap, new_topic):
+  topic = new_topic(partitions=2)
+  sent = _messages(3_000)
+  produce(bootstrap, topic, sent)
+
+  with TestPipeline(options=local_options()) as p:
+    runs = p | ReadFromKafka({'bootstrap.servers': bootstrap}, topic, stop_at_end=True, read_budget_records=250,
+                             batched=True)
+    assert_that(runs | beam.FlatMap(lambda run: [(r.key, r.value, r.headers) for r in run]),
+                equal_to([(k, v, tuple(h)) for k, v, h in sent]), label='EveryRecordOnce')
+    assert_that(
+        runs | beam.Map(lambda run: (len({r.partition for r in run}) == 1 and 0 < len(run) <= 250
+                                     and [r.offset for r in run] == list(range(run[0].offset, run[-1].offset + 1))))
+        | beam.Distinct(),
+        equal_to([True]), label='RunsOfConsecutiveOffsets')
+
+
 def _read_values(bootstrap, topic, group, **bounds):
   with TestPipeline(options=local_options()) as p:
     values = (p

@@ -60,7 +60,7 @@ import threading
 import uuid
 import weakref
 from array import array
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 import objsize
@@ -399,6 +399,8 @@ _PROCESS_HISTORIES_LOCK = threading.Lock()
 class _OrderedBundleFeaturesFn(beam.DoFn):
   """Transaction and Label events -> feature rows, each bundle's events applied in event-time order at its end.
 
+  Events come one per element or in lists (as ``ParseRecords`` gives a batched read's).
+
   For bundles in event-time order (see the module docstring), in the global
   window: the rows are emitted at the end of the bundle that brought their
   transactions, at their times.
@@ -419,8 +421,8 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
   def start_bundle(self):
     self._bundle = []
 
-  def process(self, event):
-    self._bundle.append((*_apply_order(event), event))
+  def process(self, events: Union[Transaction, Label, List[Union[Transaction, Label]]]):
+    self._bundle.extend((*_apply_order(event), event) for event in (events if isinstance(events, list) else [events]))
 
   def finish_bundle(self):
     self._bundle.sort(key=_APPLY_ORDER)

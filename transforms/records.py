@@ -15,7 +15,7 @@ import dataclasses
 import datetime
 import json
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 
@@ -225,12 +225,18 @@ class _ParseFn(beam.DoFn):
   def __init__(self, schemas: Mapping[str, RecordSchema]):
     self._schemas = dict(schemas)
 
-  def process(self, record: KafkaRecord) -> Iterable:
-    schema = self._schemas[record.topic]
-    try:
-      yield schema.parse(record.value, (record.partition, record.offset, record.timestamp_ms))
-    except InvalidRecord as e:
-      yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
+  def process(self, records: Union[KafkaRecord, List[KafkaRecord]]) -> Iterable:
+    events = []
+    for record in records if isinstance(records, list) else [records]:
+      try:
+        events.append(self._schemas[record.topic].parse(record.value,
+                                                        (record.partition, record.offset, record.timestamp_ms)))
+      except InvalidRecord as e:
+        yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
+    if isinstance(records, list):
+      yield events
+    else:
+      yield from events
 
 
 class ParseRecords(beam.PTransform):
@@ -240,7 +246,9 @@ class ParseRecords(beam.PTransform):
   a Flatten as a stage boundary, which an unbounded run never crosses.
 
   Returns a ``DoOutputsTuple``: the main output (``records``) holds the typed
-  rows, ``dead_letter`` a :class:`DeadLetter` for each invalid record.
+  rows, ``dead_letter`` a :class:`DeadLetter` for each invalid record. A
+  list of records (``ReadFromKafka(batched=True)``) gives one list of the
+  valid ones' rows.
 
   Args:
     schemas: topic name -> the schema of its records.
