@@ -41,7 +41,7 @@ Example::
 
 import json
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -55,7 +55,8 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from pipelines.events import EventOptions, feature_form, read_events
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
-from transforms.features import FEATURE_NAMES, ComputeFeatures
+from transforms.batches import Batch
+from transforms.features import FEATURE_NAMES, ORDERED_BUNDLES, ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import KafkaRecord, write_to_kafka
 from transforms.records import (
@@ -69,6 +70,7 @@ DEFAULT_CONSUMER_GROUP = 'kbml-scoring'
 RELOAD_POLL = 'poll'
 RELOAD_WATCH = 'watch'
 BACKTEST_NAMESPACE = 'kbml.backtest'
+NON_FINITE = 'non_finite'
 
 class ScoringOptions(PipelineOptions):
   """Model reload, batching and backtest range (topics and model store: ModelOptions; the group: KafkaOptions)."""
@@ -89,9 +91,12 @@ class ScoringOptions(PipelineOptions):
         '(latest) or every one in the topic (earliest). Either way, the histories are built from the start.')
     parser.add_argument(
         '--min_batch_size', type=int,
-        help='RunInference batches at least this many rows (a bundle\'s last batch may have fewer); default: '
-        '--max_batch_size. Below it, Beam adapts the size to the timings of earlier batches, at a cost per batch.')
-    parser.add_argument('--max_batch_size', type=int, default=1024, help='... and at most this many.')
+        help='Dataflow, Flink and backtests: RunInference batches at least this many rows (a bundle\'s last batch '
+        'may have fewer); default: --max_batch_size. Below it, Beam adapts the size to the timings of earlier '
+        'batches, at a cost per batch.')
+    parser.add_argument('--max_batch_size', type=int, default=1024,
+                        help='... and at most this many. The local runner scores each bundle\'s rows in batches of '
+                        'this many.')
     parser.add_argument('--backtest_from', help='Backtest: first event time scored (ISO-8601 UTC).')
     parser.add_argument('--backtest_to', help='Backtest: end of the range, excluded (ISO-8601 UTC).')
 
@@ -140,15 +145,15 @@ def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:
   return str(row['transaction_id']).encode(), json.dumps(prediction).encode()
 
 
-def unscored_dead_letters(failed, transactions_topic: str) -> List[DeadLetter]:
-  """Dead letters for a row (failed preprocessing) or a batch of rows (failed inference), with the error.
+def unscored_dead_letters(failure: Tuple[Iterable[Dict[str, Any]], str], transactions_topic: str) -> List[DeadLetter]:
+  """Dead letters for ``(rows, error)``: rows that could not be scored, with the error.
 
   The record written is the transaction as it was read (its fields, its
   source partition and offset), so that producing it again scores it.
   """
-  rows, (_, error, _) = failed
+  rows, error = failure
   letters = []
-  for row in rows if isinstance(rows, list) else [rows]:
+  for row in rows:
     fields = json.dumps({name: row[name] for name in ('transaction_id', 'tx_datetime', 'customer_id', 'terminal_id')})
     value = f'{fields[:-1]}, "amount": {row["amount"]}}}'  # the amount as the exact decimal it was read as
     record = KafkaRecord(transactions_topic, row['kafka_partition'], row['kafka_offset'],
@@ -156,6 +161,33 @@ def unscored_dead_letters(failed, transactions_topic: str) -> List[DeadLetter]:
                          value.encode(), ())
     letters.append(DeadLetter(record, f'not scored: {error}'))
   return letters
+
+
+class _RowsToScoreFn(beam.DoFn):
+  """Passes on the rows to score, one by one or in Batches as they come.
+
+  Those are the rows at or after the first unscored offsets, whose features
+  are all finite numbers. A row with another feature goes to the
+  ``NON_FINITE`` output alone, as ``([row], error)``: a failed inference
+  would take its whole batch along.
+  """
+
+  def __init__(self, first_unscored: PartitionOffsets):
+    self._first_unscored = first_unscored
+
+  def process(self, rows: Union[Dict[str, Any], Batch]):
+    to_score = Batch()
+    for row in rows if isinstance(rows, Batch) else [rows]:
+      if row['kafka_offset'] < self._first_unscored.get(row['kafka_partition'], 0):
+        continue
+      try:
+        to_score.append(check_features(row))
+      except ValueError as e:
+        yield beam.pvalue.TaggedOutput(NON_FINITE, ([row], str(e)))
+    if not isinstance(rows, Batch):
+      yield from to_score
+    elif to_score:
+      yield to_score
 
 
 class _CountByVersionFn(beam.DoFn):
@@ -187,17 +219,20 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   config = kafka_config(options)
   store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
 
+  # The local runner's rows come in batches that RunInference takes as they are (transforms/batches.py).
+  batched = form == ORDERED_BUNDLES
   rows = (read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
                       form, first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
                       stop_at_end=bool(backtest), from_beginning=True)
-          | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form))
+          | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form,
+                                                 rows_per_batch=scoring.max_batch_size if batched else None))
 
   reload = None if backtest else model_reload(options)
   handler = ModelStoreHandler(
       store.root, alerts=AlertSink(config, options.view_as(ModelOptions).alerts_topic),
       poll_s=scoring.model_poll_s if reload == RELOAD_POLL else None,
       shadow_poll_s=None if backtest else scoring.model_poll_s,
-      min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size).with_preprocess_fn(check_features)
+      min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size)
   if backtest:
     start, end = backtest
     side_input, promoted_at = promotion_history(pipeline, store)
@@ -207,24 +242,26 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                 lambda row: max(start, first_promotion) <= parse_utc_timestamp(row['tx_datetime']) < end)
             | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(promoted_at)))
   else:
-    first_unscored = first_unscored or {}
-    rows = rows | 'NotYetScored' >> beam.Filter(
-        lambda row: row['kafka_offset'] >= first_unscored.get(row['kafka_partition'], 0))
     side_input = None
     if reload == RELOAD_WATCH:
       side_input = pipeline | 'WatchPromotions' >> WatchFilePattern(
           file_pattern=store.promotion_pattern(), interval=max(1, round(scoring.model_poll_s)))
+  rows, non_finite = rows | 'RowsToScore' >> beam.ParDo(
+      _RowsToScoreFn({} if backtest else first_unscored or {})).with_outputs(NON_FINITE, main='rows')
   predictions, failed = rows | 'Score' >> RunInference(
-      handler, model_metadata_pcoll=side_input).with_exception_handling()
+      handler.with_no_batching() if batched else handler, model_metadata_pcoll=side_input).with_exception_handling()
   if backtest:
     predictions = predictions | 'CountByVersion' >> beam.ParDo(_CountByVersionFn())
   _ = (predictions
        | 'ToPredictionMessages' >> beam.Map(prediction_message)
        | 'WritePredictions' >> write_to_kafka(kafka.kafka_io, config, options.view_as(ModelOptions).predictions_topic,
                                               expansion_service=kafka.kafka_expansion_service))
-  for name, unscored in [('FailedInference', failed.failed_inferences),
-                         *[(f'FailedChecks{i}', pcoll) for i, pcoll in enumerate(failed.failed_preprocessing)]]:
-    _ = (unscored
+  unscored = {
+      'FailedInference': failed.failed_inferences | 'BatchAndError' >> beam.MapTuple(lambda batch, e: (batch, e[1])),
+      'NonFinite': non_finite,
+  }
+  for name, pcoll in unscored.items():
+    _ = (pcoll
          | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, events_options.transactions_topic)
          | f'{name}ToMessages' >> beam.Map(dead_letter_message)
          | f'Write{name}' >> write_to_kafka(kafka.kafka_io, config, events_options.dead_letter_topic,

@@ -18,6 +18,7 @@ from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines import ingest
 from tests import test_features
 from tests.conftest import consume, local_options, produce
+from transforms.batches import Batch
 from transforms.features import KEYED_STATE, ORDERED_BUNDLES, ComputeFeatures
 from transforms.kafka_io import KafkaRecord, ReadFromKafka
 from transforms.records import (
@@ -195,12 +196,12 @@ def test_streaming_ingest_writes_the_same_rows_while_it_runs(bootstrap, topics, 
   assert written.equals(expected)
 
 
-def test_a_list_of_records_parses_to_a_list_of_events_and_a_dead_letter_per_bad_one():
+def test_a_batch_of_records_parses_to_a_list_of_events_and_a_dead_letter_per_bad_one():
   records = [KafkaRecord('transactions', 0, offset, 0, None, value, ())
              for offset, value in enumerate([VALID % (1, 0, 0, 2, 3, 10, 0), BAD_RECORDS[0][0],
                                              VALID % (4, 0, 1, 5, 6, 20, 50)])]
   with TestPipeline(options=local_options()) as p:
-    parsed = p | beam.Create([records]) | ParseRecords({'transactions': TRANSACTION_SCHEMA})
+    parsed = p | beam.Create([Batch(records)]) | ParseRecords({'transactions': TRANSACTION_SCHEMA})
     assert_that(parsed['records'] | beam.Map(lambda events: [(e.transaction_id, e.kafka_offset) for e in events]),
                 equal_to([[(1, 0), (4, 2)]]), label='OneListOfTheValid')
     assert_that(parsed[DEAD_LETTER_TAG] | beam.Map(lambda dead: (dead.record.offset, BAD_RECORDS[0][1] in dead.reason)),

@@ -19,6 +19,8 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.portability.api import beam_runner_api_pb2
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 from confluent_kafka import TopicPartition
 
 from kbml import simulator
@@ -26,10 +28,12 @@ from kbml.kafka_client import fetched_end_offset, list_partitions, new_consumer
 from kbml.simulator import SimulationConfig, simulate
 from pipelines import scoring
 from pipelines.options import pipeline_options
-from tests.conftest import produce
+from tests.conftest import local_options, produce
 from tests.scoring_models import publish_model
 from tests.test_dataflow_graph import DATAFLOW_DRY_RUN
 from trainer.registry import ModelStore
+from transforms.batches import Batch
+from transforms.features import FEATURE_NAMES
 from transforms.records import REASON_HEADER, parse_utc_timestamp
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
@@ -264,6 +268,23 @@ def test_scoring_options_choose_the_reload_by_runner():
   assert scoring.model_reload(pipeline_options(['--model_reload=watch'])) == scoring.RELOAD_WATCH
 
 
+@pytest.mark.parametrize('batched', [True, False])
+def test_rows_to_score_are_the_unscored_ones_and_a_non_finite_row_leaves_alone(batched):
+  def row(transaction_id, partition, offset, amount):
+    return {'transaction_id': transaction_id, 'kafka_partition': partition, 'kafka_offset': offset,
+            **dict.fromkeys(FEATURE_NAMES, 1.0), 'TX_AMOUNT': amount}
+  rows = [row(1, 0, 9, 5.0), row(2, 0, 10, 5.0), row(3, 1, 0, float('nan')), row(4, 1, 1, 7.0)]
+  with TestPipeline(options=local_options()) as p:
+    to_score, non_finite = (p
+                            | beam.Create([Batch(rows)] if batched else rows)
+                            | beam.ParDo(scoring._RowsToScoreFn({0: 10})).with_outputs(scoring.NON_FINITE, main='rows'))
+    ids = to_score | beam.Map(lambda r: [x['transaction_id'] for x in r] if batched else r['transaction_id'])
+    assert_that(ids, equal_to([[2, 4]] if batched else [2, 4]), label='UnscoredFiniteRows')
+    assert_that(non_finite | beam.MapTuple(lambda rows, error: ([r['transaction_id'] for r in rows],
+                                                                'TX_AMOUNT=nan' in error)),
+                equal_to([([3], True)]), label='NonFiniteAlone')
+
+
 def test_scoring_refuses_to_start_without_a_model(bootstrap, tmp_path):
   with pytest.raises(ValueError, match='No model is in service'):
     scoring.run(['--bootstrap_servers', bootstrap, '--model_dir', str(tmp_path), '--transactions_topic',
@@ -271,7 +292,6 @@ def test_scoring_refuses_to_start_without_a_model(bootstrap, tmp_path):
 
 
 def test_a_challenger_scores_every_row_in_the_shadow_of_the_champion(tmp_path):
-  from transforms.features import FEATURE_NAMES
   from transforms.inference import ModelStoreHandler
   model_dir = str(tmp_path / 'models')
   champion = publish_model(model_dir, seed=0)

@@ -84,8 +84,9 @@ class _ModelInService:
 def check_features(row: Dict[str, Any]) -> Dict[str, Any]:
   """Passes a feature row whose features are all finite numbers; raises ValueError otherwise.
 
-  RunInference's preprocessing step: a row that fails goes to the dead
-  letters alone, where a failed batch would take its neighbours along.
+  Checked before RunInference (``pipelines/scoring.py``): a row that fails
+  goes to the dead letters alone, where a failed batch would take its
+  neighbours along.
   """
   bad = [name for name in FEATURE_NAMES if not math.isfinite(row[name])]
   if bad:

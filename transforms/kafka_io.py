@@ -48,6 +48,7 @@ from kbml.kafka_client import (
   new_consumer,
   new_probe_consumer,
 )
+from transforms.batches import Batch
 
 _LOG = logging.getLogger(__name__)
 
@@ -304,8 +305,9 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
              and buffer[due].timestamp()[1] < self._due_before_ms):
         due += 1
       if due and tracker.try_claim(buffer[due - 1].offset()):  # claims the due run's offsets up to its last
-        records = [KafkaRecord(topic, partition, message.offset(), message.timestamp()[1], message.key(),
-                               message.value(), tuple(message.headers() or ())) for message in buffer[:due]]
+        records = Batch(
+            KafkaRecord(topic, partition, message.offset(), message.timestamp()[1], message.key(), message.value(),
+                        tuple(message.headers() or ())) for message in buffer[:due])
         if spec.batched:
           yield beam.window.TimestampedValue(records, records[0].timestamp_ms / 1000.0)
         else:
@@ -416,11 +418,10 @@ class ReadFromKafka(beam.PTransform):
       gives those stages no usable watermark (see the module docstring); it
       needs every partition read in one process.
     batched: hand on each run of a partition's records that a bundle emits
-      as one element, a list of :class:`KafkaRecord` at the time of its first
-      record, rather than one element per record. For consumers that take
-      lists (:class:`~transforms.records.ParseRecords`): Beam's work per
-      element and step is most of what a local runner adds to a pipeline's
-      own CPU time.
+      as one element, a :class:`~transforms.batches.Batch` of
+      :class:`KafkaRecord` at the time of its first record, rather than one
+      element per record (for :class:`~transforms.records.ParseRecords`; see
+      ``transforms/batches.py``).
   """
 
   def __init__(self, consumer_config: Mapping[str, str], topics: Union[str, Sequence[str]], *,
@@ -441,12 +442,12 @@ class ReadFromKafka(beam.PTransform):
         from_beginning=from_beginning, commit_delay_bundles=commit_delay_bundles, batched=batched)
 
   def expand(self, pbegin):
-    read_fn = _ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn
+    read = beam.ParDo((_ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn)(self._spec))
     return (
         pbegin
         | 'Impulse' >> beam.Impulse()
         | 'ListPartitions' >> beam.ParDo(_ListPartitionsFn(self._spec))
-        | 'ReadPartitions' >> beam.ParDo(read_fn(self._spec)))
+        | 'ReadPartitions' >> (read.with_output_types(Batch) if self._spec.batched else read))
 
 
 KafkaData = Optional[Union[bytes, str]]

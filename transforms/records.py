@@ -15,11 +15,12 @@ import dataclasses
 import datetime
 import json
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 
 from kbml.warehouse import TableSchema
+from transforms.batches import Batch
 from transforms.kafka_io import KafkaRecord
 
 DEAD_LETTER_TAG = 'dead_letter'
@@ -225,15 +226,15 @@ class _ParseFn(beam.DoFn):
   def __init__(self, schemas: Mapping[str, RecordSchema]):
     self._schemas = dict(schemas)
 
-  def process(self, records: Union[KafkaRecord, List[KafkaRecord]]) -> Iterable:
-    events = []
-    for record in records if isinstance(records, list) else [records]:
+  def process(self, records: Union[KafkaRecord, Batch]) -> Iterable:
+    events = Batch()
+    for record in records if isinstance(records, Batch) else [records]:
       try:
         events.append(self._schemas[record.topic].parse(record.value,
                                                         (record.partition, record.offset, record.timestamp_ms)))
       except InvalidRecord as e:
         yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
-    if isinstance(records, list):
+    if isinstance(records, Batch):
       yield events
     else:
       yield from events
@@ -247,8 +248,8 @@ class ParseRecords(beam.PTransform):
 
   Returns a ``DoOutputsTuple``: the main output (``records``) holds the typed
   rows, ``dead_letter`` a :class:`DeadLetter` for each invalid record. A
-  list of records (``ReadFromKafka(batched=True)``) gives one list of the
-  valid ones' rows.
+  :class:`~transforms.batches.Batch` of records (``ReadFromKafka(batched=True)``)
+  gives one Batch of the valid ones' rows.
 
   Args:
     schemas: topic name -> the schema of its records.
@@ -259,4 +260,7 @@ class ParseRecords(beam.PTransform):
     self._schemas = dict(schemas)
 
   def expand(self, records):
-    return records | 'Parse' >> beam.ParDo(_ParseFn(self._schemas)).with_outputs(DEAD_LETTER_TAG, main='records')
+    parse = beam.ParDo(_ParseFn(self._schemas))
+    if records.element_type is Batch:
+      parse = parse.with_output_types(Batch)
+    return records | 'Parse' >> parse.with_outputs(DEAD_LETTER_TAG, main='records')
