@@ -18,8 +18,9 @@ and write the same JSON prediction per transaction (``pipelines.scoring.predicti
   predicts batches of up to 1,024 rows.
 - latency: the scorer runs live while transactions are produced at a steady
   rate; each transaction's latency runs from its send to the arrival of its
-  prediction at a consumer. A new model is promoted halfway: the swap time is
-  from the promotion to the first prediction by the new version.
+  prediction at a consumer. A new model, published before the traffic
+  starts, is promoted halfway: the swap time is from the promotion to the
+  first prediction by the new version.
 
 Run: ``make bench`` or ``python -m bench.scoring --customers 2000 --days 10``.
 """
@@ -202,6 +203,9 @@ def live_latency(bootstrap, model_dir, args, simulation):
   live = [e for e in simulator.events(simulation) if not e.is_label]
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   sent_at = {}
+  # Trained and published beforehand (as the trainer does, elsewhere), so that its CPU is not the scorer's.
+  new_version = publish_model(model_dir, seed=1, promote=False, hidden_units=DEFAULT_HIDDEN_UNITS,
+                              ensemble=DEFAULT_ENSEMBLE)
   try:
     wait_until_scoring(bootstrap, topics, clock, simulation)
     count = min(int(args.rate * args.live_seconds), len(live) - 1)
@@ -209,8 +213,7 @@ def live_latency(bootstrap, model_dir, args, simulation):
     promotion = None
     for i, event in enumerate(live[1:count + 1]):
       if promotion is None and i >= count // 2:
-        promotion = ModelStore(model_dir).promote(publish_model(
-            model_dir, seed=1, promote=False, hidden_units=DEFAULT_HIDDEN_UNITS, ensemble=DEFAULT_ENSEMBLE))
+        promotion = ModelStore(model_dir).promote(new_version)
       time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
       sent_at[json.loads(event.value)['transaction_id']] = time.time()
       producer.send(topics['transactions'], event.value, event.key)
@@ -222,7 +225,6 @@ def live_latency(bootstrap, model_dir, args, simulation):
     clock.stop()
   latencies = np.array([clock.arrived[t] - sent for t, sent in sent_at.items() if t in clock.arrived])
   missing = len(sent_at) - len(latencies)
-  new_version = ModelStore(model_dir).current()
   swap_s = min(clock.arrived[t] for t, v in clock.versions.items() if v == new_version) - promotion.promoted_at
   print(f'live at {achieved:,.0f} transactions/s for {count / achieved:.0f} s: event -> prediction latency '
         f'p50 {np.percentile(latencies, 50):.3f} s, p99 {np.percentile(latencies, 99):.3f} s, '

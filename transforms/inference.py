@@ -9,7 +9,9 @@ version it serves:
 - at load time, the store's ``current`` pointer;
 - with ``poll_s``, the pointer read again every ``poll_s`` seconds while
   scoring: how the local runner takes a new model without a restart (its
-  unbounded runs never deliver a side input, DESIGN.md);
+  unbounded runs never deliver a side input, DESIGN.md). A newly promoted
+  version loads in a background thread while the one in service goes on
+  scoring (loading stalled the scorer for a second);
 - given a promotion record through RunInference's side input
   (``model_metadata_pcoll``: WatchFilePattern on the promotion records on
   Dataflow and Flink, the promotion history in a backtest), that record's
@@ -26,8 +28,10 @@ alert is sent for it.
 """
 
 import bisect
+import concurrent.futures
 import logging
 import math
+import threading
 import time
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -126,6 +130,15 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     self._loaded: Dict[str, ScoringModel] = {}
     self._refused: Dict[str, str] = {}
     self._in_service: Optional[ScoringModel] = None
+    self._cache_lock = threading.Lock()
+    self._loader: Optional[concurrent.futures.ThreadPoolExecutor] = None
+    self._loading: Optional[Tuple[str, concurrent.futures.Future]] = None  # (version, its load)
+
+  def __getstate__(self):
+    return {**self.__dict__, '_cache_lock': None, '_loader': None, '_loading': None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _cache_lock=threading.Lock())
 
   def update_model_path(self, model_path: Optional[str] = None):
     """Serves the version of this promotion record (RunInference's side input)."""
@@ -174,9 +187,10 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
       self._refuse(version, str(e))
       return None
     scoring = ScoringModel(network, version, float(metadata['threshold']), tuple(metadata['features']))
-    while len(self._loaded) >= _LOADED_VERSIONS:
-      del self._loaded[next(iter(self._loaded))]
-    self._loaded[version] = scoring
+    with self._cache_lock:  # the champion's versions load in a background thread, the challenger's here
+      while len(self._loaded) >= _LOADED_VERSIONS:
+        del self._loaded[next(iter(self._loaded))]
+      self._loaded[version] = scoring
     _LOG.info('model version %s loaded from %s (threshold %.4f)', version, self._store.root, scoring.threshold)
     return scoring
 
@@ -196,7 +210,7 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     """Takes a newly promoted champion (when polling) and the current challenger (when shadowing)."""
     version = self._store.current() if self._poll_s is not None else None
     if version is not None and version != model.scoring.version:
-      scoring = self._load_or_refuse(version)
+      scoring = self._loaded_in_background(version)
       if scoring is not None:
         _LOG.info('now scoring with model version %s (was %s)', version, model.scoring.version)
         model.scoring = self._in_service = scoring
@@ -205,6 +219,20 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
       _LOG.info('challenger in the shadow: %s', challenger.version if challenger else 'none')
       model.challenger = challenger
     model.check_at = time.monotonic() + self._check_interval()
+
+  def _loaded_in_background(self, version: str) -> Optional[ScoringModel]:
+    """The version once a background thread has loaded it; None while it loads, or if it is refused."""
+    if version in self._loaded or version in self._refused:
+      return self._loaded.get(version)
+    if self._loading is None or self._loading[0] != version:
+      if self._loader is None:
+        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='ModelLoader')
+      self._loading = (version, self._loader.submit(self._load_or_refuse, version))
+      return None
+    if not self._loading[1].done():
+      return None
+    loaded, self._loading = self._loading[1].result(), None
+    return loaded
 
   def run_inference(self, batch: Sequence[Dict[str, Any]], model: _ModelInService,
                     inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
