@@ -50,7 +50,7 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
     config: the Kafka client settings (:func:`pipelines.options.kafka_config`).
     group: the consumer group whose offsets the read starts from and commits; None: no group.
     form: the form of ComputeFeatures the events feed (:func:`feature_form`). ``ORDERED_BUNDLES`` reads the
-      partitions in event-time step, and in lists (:class:`~transforms.kafka_io.ReadFromKafka`'s ``batched``),
+      partitions in event-time step, and in Batches (:class:`~transforms.kafka_io.ReadFromKafka`'s ``batched``),
       which that form takes.
     first_new: per topic and partition, the first offset not read before, when the read starts from the
       beginning of the topics to rebuild state: the invalid records before it were sent to the dead-letter
@@ -59,7 +59,7 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
 
   Returns:
     The valid :class:`~transforms.records.Transaction` and :class:`~transforms.records.Label` events, with
-    their records' Kafka timestamps (in lists for ``ORDERED_BUNDLES``).
+    their records' Kafka timestamps (in :class:`~transforms.batches.Batch` elements for ``ORDERED_BUNDLES``).
   """
   kafka = options.view_as(KafkaOptions)
   events = options.view_as(EventOptions)

@@ -55,7 +55,7 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from pipelines.events import EventOptions, feature_form, read_events
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
-from transforms.batches import Batch
+from transforms.batches import Batch, in_kind_of, items_of
 from transforms.features import FEATURE_NAMES, ORDERED_BUNDLES, ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import KafkaRecord, write_to_kafka
@@ -177,17 +177,14 @@ class _RowsToScoreFn(beam.DoFn):
 
   def process(self, rows: Union[Dict[str, Any], Batch]):
     to_score = Batch()
-    for row in rows if isinstance(rows, Batch) else [rows]:
+    for row in items_of(rows):
       if row['kafka_offset'] < self._first_unscored.get(row['kafka_partition'], 0):
         continue
       try:
         to_score.append(check_features(row))
       except ValueError as e:
         yield beam.pvalue.TaggedOutput(NON_FINITE, ([row], str(e)))
-    if not isinstance(rows, Batch):
-      yield from to_score
-    elif to_score:
-      yield to_score
+    yield from in_kind_of(rows, to_score)
 
 
 class _CountByVersionFn(beam.DoFn):

@@ -9,7 +9,7 @@ RunInference takes as batches of its own.
 """
 
 import pickle
-from typing import Sized
+from typing import Iterable, Sequence, Sized
 
 import apache_beam as beam
 from apache_beam.coders import coder_impl
@@ -23,6 +23,19 @@ _SIZE_SAMPLE = 8
 
 class Batch(list):
   """A list of elements handed on as one element."""
+
+
+def items_of(element) -> Sequence:
+  """The items of a Batch, or the element itself as the only one: for steps that take either."""
+  return element if isinstance(element, Batch) else (element,)
+
+
+def in_kind_of(element, outputs: Batch) -> Iterable:
+  """A step's outputs for ``element`` in the kind it came in: one Batch (if not empty) for a Batch, else one by
+  one."""
+  if not isinstance(element, Batch):
+    return outputs
+  return [outputs] if outputs else []
 
 
 def _estimated_size(batch: Sized) -> int:

@@ -72,7 +72,7 @@ from apache_beam.utils import windowed_value
 from apache_beam.utils.timestamp import Timestamp
 
 from kbml.warehouse import TableSchema
-from transforms.batches import Batch
+from transforms.batches import Batch, items_of
 from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, event_time, utc_iso
 
 # Beam's SDK harness weighs every value it puts in its state cache with objsize, which by default first collects
@@ -425,7 +425,7 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
     self._bundle = []
 
   def process(self, events: Union[Transaction, Label, Batch]):
-    self._bundle.extend((*_apply_order(event), event) for event in (events if isinstance(events, Batch) else [events]))
+    self._bundle.extend((*_apply_order(event), event) for event in items_of(events))
 
   def finish_bundle(self):
     self._bundle.sort(key=_APPLY_ORDER)

@@ -305,11 +305,10 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
              and buffer[due].timestamp()[1] < self._due_before_ms):
         due += 1
       if due and tracker.try_claim(buffer[due - 1].offset()):  # claims the due run's offsets up to its last
-        records = Batch(
-            KafkaRecord(topic, partition, message.offset(), message.timestamp()[1], message.key(), message.value(),
-                        tuple(message.headers() or ())) for message in buffer[:due])
+        records = [KafkaRecord(topic, partition, message.offset(), message.timestamp()[1], message.key(),
+                               message.value(), tuple(message.headers() or ())) for message in buffer[:due]]
         if spec.batched:
-          yield beam.window.TimestampedValue(records, records[0].timestamp_ms / 1000.0)
+          yield beam.window.TimestampedValue(Batch(records), records[0].timestamp_ms / 1000.0)
         else:
           for record in records:
             yield beam.window.TimestampedValue(record, record.timestamp_ms / 1000.0)

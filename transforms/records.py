@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional,
 import apache_beam as beam
 
 from kbml.warehouse import TableSchema
-from transforms.batches import Batch
+from transforms.batches import Batch, in_kind_of, items_of
 from transforms.kafka_io import KafkaRecord
 
 DEAD_LETTER_TAG = 'dead_letter'
@@ -228,16 +228,13 @@ class _ParseFn(beam.DoFn):
 
   def process(self, records: Union[KafkaRecord, Batch]) -> Iterable:
     events = Batch()
-    for record in records if isinstance(records, Batch) else [records]:
+    for record in items_of(records):
       try:
         events.append(self._schemas[record.topic].parse(record.value,
                                                         (record.partition, record.offset, record.timestamp_ms)))
       except InvalidRecord as e:
         yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
-    if isinstance(records, Batch):
-      yield events
-    else:
-      yield from events
+    yield from in_kind_of(records, events)
 
 
 class ParseRecords(beam.PTransform):
@@ -249,7 +246,7 @@ class ParseRecords(beam.PTransform):
   Returns a ``DoOutputsTuple``: the main output (``records``) holds the typed
   rows, ``dead_letter`` a :class:`DeadLetter` for each invalid record. A
   :class:`~transforms.batches.Batch` of records (``ReadFromKafka(batched=True)``)
-  gives one Batch of the valid ones' rows.
+  gives one Batch of the valid ones' rows (none if there are none).
 
   Args:
     schemas: topic name -> the schema of its records.
