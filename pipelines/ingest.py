@@ -35,6 +35,7 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
 from pipelines.events import EventOptions, feature_form, read_events
 from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
+from transforms.batches import items_of
 from transforms.features import FEATURES_TABLE, ComputeFeatures
 from transforms.records import (
   LABELS_TABLE,
@@ -125,8 +126,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     rows = rows | 'NotYetWritten' >> beam.Filter(
         lambda row: row['kafka_offset'] >= first_transaction.get(row['kafka_partition'], 0))
     _ = (events
-         | 'NewLabels' >> beam.Filter(
-             lambda event: isinstance(event, Label) and event.kafka_offset >= first_label.get(event.kafka_partition, 0))
+         | 'NewLabels' >> beam.FlatMap(  # events come in Batches on the local runner
+             lambda events: [event for event in items_of(events) if isinstance(event, Label)
+                             and event.kafka_offset >= first_label.get(event.kafka_partition, 0)])
          | 'ToLabelRows' >> beam.Map(label_row)
          | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
                                              temp_location=ingest.bigquery_temp_location))
