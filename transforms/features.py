@@ -413,7 +413,7 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
     self._rows_per_batch = rows_per_batch
     self._histories_id = uuid.uuid4().hex
     self._histories: Optional[Histories] = None
-    self._bundle: List[Tuple[int, int, int, object]] = []  # (*_apply_order(event), event)
+    self._bundle: List[_PendingEvent] = []
 
   def setup(self):
     with _PROCESS_HISTORIES_LOCK:
@@ -425,12 +425,11 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
     self._bundle = []
 
   def process(self, events: Union[Transaction, Label, Batch]):
-    self._bundle.extend((*_apply_order(event), event) for event in items_of(events))
+    self._bundle.extend(_PendingEvent(*_apply_order(event), event) for event in items_of(events))
 
   def finish_bundle(self):
-    self._bundle.sort(key=_APPLY_ORDER)
     with _PROCESS_HISTORIES_LOCK:
-      applied = [(micros, self._histories.apply(event)) for micros, _, _, event in self._bundle]
+      applied = [(pending.micros, self._histories.apply(pending.event)) for pending in _in_order(self._bundle)]
     rows = [(micros, row) for micros, row in applied if row is not None]
     if self._rows_per_batch is None:
       for micros, row in rows:
