@@ -39,6 +39,12 @@ demo: $(STAMP)
 	$(BIN)/kbml status --sample-s 0
 	$(BIN)/kbml report
 
+# tests/test_report.py renders `kbml report` with headless Chromium: Debian's package (CI runs as root).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update && apt-get install -y --no-install-recommends chromium
+
 test: $(STAMP) $(BIGQUERY_EMULATOR) $(CHROMIUM)
 	KBML_BIGQUERY_EMULATOR_VENV=$(abspath $(BIGQUERY_EMULATOR_VENV)) $(BIN)/python -m pytest
 
