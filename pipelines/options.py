@@ -7,13 +7,19 @@ from one without, so the local default is pinned to ``FnApiRunner``: it runs
 splittable DoFns (our Kafka source) unbounded and stateful DoFns as the stream
 flows. Any ``--runner`` given explicitly (``DataflowRunner``, ``FlinkRunner``,
 ``PrismRunner``, ...) is used as given.
+
+The FnApiRunner of Beam 2.77 grows without bound in a long unbounded run
+(see :func:`keep_fn_api_runner_metrics_flat`); the pipelines here mend that
+before they run on it.
 """
 
 import argparse
 import sys
 from typing import Dict, List, Optional, Sequence, Type
 
+from apache_beam.metrics import monitoring_infos
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 from kbml.kafka_config import kafka_client_config
 from kbml.local_stack import local_bootstrap_servers
@@ -79,6 +85,25 @@ class ModelOptions(PipelineOptions):
     return self.model_dir or default_model_dir()
 
 
+def _consolidated_monitoring_infos(infos) -> List:
+  return list(monitoring_infos.consolidate(infos))
+
+
+def keep_fn_api_runner_metrics_flat():
+  """Makes the FnApiRunner keep its metrics as lists, so that its memory stays flat in an unbounded run.
+
+  After each bundle, ``FnApiRunner.run_stages`` replaces each stage's metrics
+  with ``consolidate_monitoring_infos(chain(bundle metrics, previous))``:
+  a generator, which nothing consumes until the pipeline ends. Every bundle
+  so adds one generator that holds the one before it and its bundle's whole
+  ProcessBundleResponse (a protobuf arena, outside Python's allocator): about
+  6 KB per bundle and stage, which an unbounded read that defers every few
+  milliseconds turns into megabytes a second. Consuming the consolidation at
+  once keeps one merged list per stage. Safe to call more than once.
+  """
+  fn_runner.consolidate_monitoring_infos = _consolidated_monitoring_infos
+
+
 def kafka_config(options: PipelineOptions) -> Dict[str, str]:
   """The Kafka client settings these options describe."""
   kafka = options.view_as(KafkaOptions)
@@ -112,4 +137,6 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
   standard = options.view_as(StandardOptions)
   if not standard.runner:
     standard.runner = LOCAL_RUNNER
+  if standard.runner == LOCAL_RUNNER:
+    keep_fn_api_runner_metrics_flat()
   return options
