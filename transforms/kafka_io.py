@@ -86,6 +86,7 @@ class _ReadSpec(NamedTuple):
   from_beginning: bool = False
   commit_delay_bundles: int = 0
   batched: bool = False  # each run of a partition's records handed on as one list
+  idle_poll_s: float = 0.5
 
   @property
   def bounded(self) -> bool:
@@ -170,6 +171,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self._buffers = {}  # (topic, partition) -> fetched messages not yet emitted, in offset order
     self._last_record_at = {}
     self._due_before_ms = math.inf
+    self._quiet_reads = 0  # consecutive calls of process that emitted nothing
 
   def start_bundle(self):
     group = self._spec.align_group
@@ -274,6 +276,10 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       buffer = self._buffers[key] = []  # a new restriction, or another instance read the last part
     consumer = self._consumer_at(topic, partition, buffer[-1].offset() + 1 if buffer else next_offset)
     deadline = time.monotonic() + spec.read_budget_s
+    # Once per round over this reader's partitions that all came back empty, one fetch waits for a record: the
+    # local runner starts the deferred read again at once, whatever delay it asked for, and would spin.
+    partitions = max(1, len(self._consumers))
+    idle_wait_s = spec.idle_poll_s if self._quiet_reads and self._quiet_reads % partitions == 0 else 0.0
     emitted = 0
     finished = False
     newest_ms = -math.inf
@@ -282,7 +288,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       fetched = []
       if len(buffer) < spec.read_budget_records and position < restriction.stop:
         fetched = _fetch(consumer, min(1000, spec.read_budget_records - len(buffer)), restriction.stop,
-                         0.1 if spec.bounded else 0.0)
+                         0.1 if spec.bounded else idle_wait_s)
+        idle_wait_s = 0.0
       if fetched:
         buffer.extend(fetched)
         self._positions[key] = position = fetched[-1].offset() + 1
@@ -338,6 +345,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       commit_offset = reached.popleft()
       if commit_offset is not None:
         bundle_finalizer.register(lambda: self._commit(topic, partition, commit_offset))
+    self._quiet_reads = 0 if emitted else self._quiet_reads + 1
     if not finished:
       tracker.defer_remainder(Duration.of(0) if emitted else Duration.of(0.05))
 
@@ -416,6 +424,11 @@ class ReadFromKafka(beam.PTransform):
       relies on, ``transforms/features.py``). For the local runner, which
       gives those stages no usable watermark (see the module docstring); it
       needs every partition read in one process.
+    idle_poll_s: in an unbounded read, how long one fetch waits for a record
+      once a whole round of the reader's partitions found nothing new. It
+      bounds the latency of the first record after a quiet spell, and the
+      rate at which an idle read starts bundles: the local runner starts a
+      deferred read again at once, whatever delay the read asks for.
     batched: hand on each run of a partition's records that a bundle emits
       as one element, a :class:`~transforms.batches.Batch` of
       :class:`KafkaRecord` at the time of its first record, rather than one
@@ -428,7 +441,7 @@ class ReadFromKafka(beam.PTransform):
                idle_timeout_s: Optional[float] = None, commit_offsets: bool = True,
                read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0,
                align_partitions: bool = False, from_beginning: bool = False, commit_delay_bundles: int = 0,
-               batched: bool = False):
+               batched: bool = False, idle_poll_s: float = 0.5):
     super().__init__()
     topics = [topics] if isinstance(topics, str) else list(topics)
     if not topics:
@@ -438,7 +451,8 @@ class ReadFromKafka(beam.PTransform):
         stop_at_end=stop_at_end, max_records_per_partition=max_records_per_partition,
         idle_timeout_s=idle_timeout_s, read_budget_s=read_budget_s, read_budget_records=read_budget_records,
         timeout_s=timeout_s, topics=tuple(topics), align_group=uuid.uuid4().hex if align_partitions else None,
-        from_beginning=from_beginning, commit_delay_bundles=commit_delay_bundles, batched=batched)
+        from_beginning=from_beginning, commit_delay_bundles=commit_delay_bundles, batched=batched,
+        idle_poll_s=idle_poll_s)
 
   def expand(self, pbegin):
     read = beam.ParDo((_ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn)(self._spec))
