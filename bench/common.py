@@ -42,6 +42,12 @@ def cpu_seconds(pid: int) -> float:
   return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+def resident_mb(pid: int) -> float:
+  """A process's resident memory (VmRSS) in MiB (Linux, from /proc)."""
+  with open(f'/proc/{pid}/status') as status:
+    return next(int(line.split()[1]) for line in status if line.startswith('VmRSS:')) / 1024
+
+
 class Timer:
   def __enter__(self):
     self.start = time.perf_counter()

@@ -7,9 +7,6 @@ restart, a corrupt model and bad records must leave no transaction unscored.
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,6 +26,7 @@ from kbml.simulator import SimulationConfig, simulate
 from pipelines import scoring
 from pipelines.options import pipeline_options
 from tests.conftest import local_options, produce
+from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_dataflow_graph import DATAFLOW_DRY_RUN
 from trainer.registry import ModelStore
@@ -40,28 +38,13 @@ TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 LIVE_RATE = 800  # events/s
 
 
-class Scorer:
-  """``python -m pipelines.scoring`` in a process of its own; its log goes to a file."""
+class Scorer(PipelineProcess):
+  """``python -m pipelines.scoring`` on the given topics and model store, polling the store every 0.5 s."""
 
   def __init__(self, bootstrap: str, topics: Dict[str, str], model_dir: str, group: str, log_path: str):
-    self._command = [sys.executable, '-m', 'pipelines.scoring', '--bootstrap_servers', bootstrap,
-                     '--model_dir', model_dir, '--consumer_group', group, '--model_poll_s', '0.5',
-                     *[f'--{name.replace("-", "_")}_topic={topic}' for name, topic in topics.items()]]
-    self._log_path = log_path
-    self._process = None
-
-  def start(self):
-    log = open(self._log_path, 'ab')
-    self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=os.path.dirname(os.path.dirname(__file__)))
-
-  def kill(self):
-    self._process.send_signal(signal.SIGKILL)
-    self._process.wait()
-
-  def log_tail(self) -> str:
-    with open(self._log_path, 'rb') as f:
-      return f.read()[-3000:].decode(errors='replace')
+    super().__init__('pipelines.scoring', [
+        '--bootstrap_servers', bootstrap, '--model_dir', model_dir, '--consumer_group', group, '--model_poll_s',
+        '0.5', *[f'--{name.replace("-", "_")}_topic={topic}' for name, topic in topics.items()]], log_path)
 
 
 class TopicReader:
@@ -98,7 +81,7 @@ def stream(bootstrap, new_topic, group_id, tmp_path):
   live = [e for e in events if e.timestamp_ms >= split_ms]
   yield {'topics': topics, 'model_dir': model_dir, 'version': first_version, 'scorer': scorer, 'live': live,
          'bootstrap': bootstrap}
-  if scorer._process and scorer._process.poll() is None:
+  if scorer.running():
     scorer.kill()
 
 
