@@ -22,21 +22,18 @@ from kbml.local_stack import free_port
 
 EMULATOR_VENV = os.environ.get('KBML_BIGQUERY_EMULATOR_VENV', os.path.join(os.path.dirname(__file__), '..',
                                                                               '.venv-bigquery'))
+EMULATOR_EXECUTABLE = os.path.join(EMULATOR_VENV, 'bin', 'local-bigquery')
 PROJECT = 'local'
 
 
 @contextlib.contextmanager
 def local_bigquery(data_dir: str, timeout_s: float = 60):
   """Runs `local-bigquery serve` on free loopback ports; yields (REST URL, gRPC host:port)."""
-  executable = os.path.join(EMULATOR_VENV, 'bin', 'local-bigquery')
-  if not os.access(executable, os.X_OK):
-    raise RuntimeError(f'No BigQuery emulator at {executable}: `make test` installs it '
-                       '(tests/install_bigquery_emulator.sh).')
   port, grpc_port = free_port(), free_port()
   rest_url, grpc_address = f'http://127.0.0.1:{port}', f'127.0.0.1:{grpc_port}'
   with open(os.path.join(data_dir, 'emulator.log'), 'w+') as log:
     emulator = subprocess.Popen(
-        [executable, 'serve', '--host', '127.0.0.1', '--port', str(port), '--grpc-port', str(grpc_port),
+        [EMULATOR_EXECUTABLE, 'serve', '--host', '127.0.0.1', '--port', str(port), '--grpc-port', str(grpc_port),
          '--data-dir', os.path.join(data_dir, 'data'), '--project', PROJECT],
         env={**os.environ, 'HOME': os.path.join(EMULATOR_VENV, 'duckdb-home')}, stdout=log, stderr=subprocess.STDOUT)
     try:

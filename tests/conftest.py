@@ -1,5 +1,6 @@
-"""Shared fixtures: one real local broker per test session, fresh topics per test."""
+"""Shared fixtures: one real local broker per test session, fresh topics per test; the suite's prerequisites."""
 
+import os
 import re
 import time
 import uuid
@@ -12,6 +13,24 @@ from confluent_kafka import TopicPartition
 from kbml.kafka_client import AcknowledgedProducer, create_topics, new_consumer
 from kbml.local_stack import LocalStack
 from pipelines.options import LOCAL_RUNNER
+from tests.bigquery_emulator import EMULATOR_EXECUTABLE
+
+CHROMIUM = '/usr/bin/chromium'
+# What some tests run that pip does not install: the program, whether a test needs it, the Makefile target that
+# installs it (`make test` depends on each).
+PREREQUISITES = (
+    (CHROMIUM, lambda item: item.module.__name__ == 'tests.test_report', '/usr/bin/chromium'),
+    (EMULATOR_EXECUTABLE, lambda item: 'bigquery_emulator' in item.fixturenames,
+     '$(BIGQUERY_EMULATOR), tests/install_bigquery_emulator.sh'),
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  """Stops before the first test when a collected test needs a program that is not installed."""
+  missing = [f'{program} (Makefile target {target})' for program, needed, target in PREREQUISITES
+             if not os.access(program, os.X_OK) and any(needed(item) for item in items)]
+  if missing:
+    pytest.exit('Missing what the tests run: ' + '; '.join(missing) + '. `make test` installs them.', returncode=4)
 
 
 @pytest.fixture(scope='session')

@@ -12,6 +12,7 @@ from matplotlib import image
 
 from kbml import report
 from kbml.warehouse import open_warehouse
+from tests.conftest import CHROMIUM
 from tests.scoring_models import publish_model
 from trainer import evaluate
 from trainer.data import feature_statistics
@@ -20,7 +21,6 @@ from transforms import metrics
 from transforms.features import FEATURE_NAMES
 from transforms.records import utc_iso
 
-CHROMIUM = '/usr/bin/chromium'
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 WINDOW_WIDTH, WINDOW_HEIGHT = 1400, 4000
 FIGURES = ('metrics-over-time', 'score-histograms', 'drift', 'pr-curves', 'test-pr-curve')
@@ -116,7 +116,6 @@ def _monitoring_data(warehouse, store: ModelStore, rng):
 
 def _screenshot(page: str, folder) -> np.ndarray:
   """Chromium's rendering of a local HTML file, checked to be a PNG of the window's size."""
-  assert os.path.exists(CHROMIUM), f'{CHROMIUM} renders the report: `make test` installs Debian\'s chromium'
   path = folder / 'report.png'
   subprocess.run([CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                   '--disable-background-networking', '--disable-component-update', '--disable-sync',
