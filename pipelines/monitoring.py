@@ -48,6 +48,7 @@ from transforms.monitoring import (
   LABEL,
   PREDICTION,
   JoinLabelsFn,
+  JoinLabelsInProcessFn,
   MonitoringSettings,
   Observation,
   WindowMetricsFn,
@@ -87,6 +88,10 @@ class MonitoringOptions(PipelineOptions):
     parser.add_argument('--scorer_group', default='kbml-scoring', help='The scorer\'s consumer group (its lag).')
     parser.add_argument('--max_scorer_lag', type=int, default=10_000,
                         help='Alert when the scorer is more transactions behind.')
+    parser.add_argument(
+        '--label_join_days', type=float, default=14.0,
+        help='On the local runner, how long (in event time, from its first record) a transaction waits for its '
+        'label or its prediction before the join forgets it; longer than the label delay (default: %(default)s).')
     parser.add_argument('--monitor_from', choices=('earliest', 'latest'), default='earliest',
                         help='Without committed offsets for the consumer group: count every record in the topics '
                         '(earliest) or those that arrive from now on (latest).')
@@ -171,8 +176,13 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
        | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
        | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
                                               expansion_service=kafka.kafka_expansion_service))
+  monitoring = options.view_as(MonitoringOptions)
+  if monitoring.label_join_days <= events.label_delay_days:
+    raise ValueError(f'--label_join_days ({monitoring.label_join_days:g}) must be longer than the label delay '
+                     f'({events.label_delay_days:g} days), or no label would meet its prediction.')
+  join = JoinLabelsInProcessFn(monitoring.label_join_days * 86_400) if local else JoinLabelsFn()
   _ = (observed['observed']
-       | 'JoinLabels' >> beam.ParDo(JoinLabelsFn()).with_input_types(Tuple[str, Observation])
+       | 'JoinLabels' >> beam.ParDo(join).with_input_types(Tuple[str, Observation])
        | 'WindowMetrics' >> beam.ParDo(WindowMetricsFn(settings_of(options, read_partitions))))
 
 

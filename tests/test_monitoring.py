@@ -18,6 +18,7 @@ from trainer.data import feature_statistics
 from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES
 from transforms.metrics import SCORE_BINS, read_sums, score_bin, summaries
+from transforms.monitoring import LABEL, PREDICTION, LabelJoin, Observation
 
 DAY_MS = 86_400_000
 START_MS = 1_700_006_400_000  # 2023-11-15T00:00:00Z, a day boundary
@@ -167,3 +168,36 @@ def test_a_shadow_challenger_is_promoted_only_if_better_on_live_labels(bootstrap
   assert store.current() == (challenger if promoted else champion), output
   assert ('promoted ' if promoted else 'not promoted: the challenger is not better') in output
   assert store.challenger() == (None if promoted else challenger)
+
+
+def test_the_local_label_join_pairs_within_its_retention_and_forgets_the_rest():
+  hour, retention = 3600.0, 14 * 86_400.0
+  join = LabelJoin(retention)
+  records = []  # (event time, key, Observation): a transaction an hour, 90 days
+  for i in range(90 * 24):
+    tx_time = i * hour
+    records.append((tx_time, str(i), Observation(PREDICTION, {'tx_time': tx_time, 'read_from': (PREDICTION, 0)},
+                                                 True)))
+    if i % 10:  # one in ten is never labelled; the others 7 days later, and one in a hundred 20 days later
+      delay = (20 if i % 100 == 1 else 7) * 86_400
+      records.append((tx_time + delay, str(i), Observation(
+          LABEL, {'is_fraud': i % 2, 'known_time': tx_time + delay, 'read_from': (LABEL, 0)}, True)))
+    if i % 50 == 0:  # a label for a transaction never seen
+      records.append((tx_time, f'unknown-{i}', Observation(
+          LABEL, {'is_fraud': 1, 'known_time': tx_time, 'read_from': (LABEL, 0)}, True)))
+  records.sort(key=lambda record: record[0])
+  paired, most_kept = [], 0
+  for _, key, observation in records:
+    paired += [c.prediction['tx_time'] for c in join.observe(key, observation) if c.kind == LABEL]
+    join.forget_old()
+    most_kept = max(most_kept, len(join))
+
+  newest = records[-1][0]
+  labelled_on_time = [i * hour for i in range(90 * 24) if i % 10 and i % 100 != 1]
+  assert sorted(paired) == [t for t in labelled_on_time if t + 7 * 86_400 <= newest]  # the late ones never pair
+  assert most_kept <= 14 * 24 * 1.1  # transactions of the last 14 days, and the orphan labels among them
+  horizon = newest - retention
+  assert join.forgotten_predictions == sum(1 for i in range(90 * 24) if i * hour < horizon and (
+      i % 10 == 0 or i % 100 == 1))
+  assert join.forgotten_labels == sum(1 for i in range(0, 90 * 24, 50) if i * hour < horizon) + sum(
+      1 for i in range(90 * 24) if i % 100 == 1 and horizon > i * hour + 20 * 86_400)

@@ -4,7 +4,9 @@
 the first prediction of each transaction (the scorer delivers at least once:
 a duplicate changes nothing) until its label arrives, days later, and emits
 what each record adds to the metrics: a prediction's counts when it
-arrives, its labelled counts when the pair is complete.
+arrives, its labelled counts when the pair is complete. On the local runner
+:class:`JoinLabelsInProcessFn` applies the same rule in the process's memory
+and forgets a transaction after a retention of event time.
 
 Each record is read with whether it is new: at or after the consumer group's
 committed offsets. The pipeline reads the topics from the beginning, so that
@@ -22,18 +24,21 @@ scorer's consumer lag. Alerts go to the ``alerts`` topic, each once: the
 alerts raised are recorded in the warehouse too.
 """
 
+import collections
 import dataclasses
 import datetime
 import json
 import logging
 import math
+import threading
 import time
 import uuid
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.utils import shared
 
 from kbml.alerts import (
   DEAD_LETTER_RATE,
@@ -130,6 +135,40 @@ def dead_letter_source(record: KafkaRecord) -> Tuple[str, float]:
   return f'{topic}/{partition}/{offset}', source_time
 
 
+def _join(observation: Observation, prediction: Optional[Observation],
+          label: Optional[Observation]) -> Tuple[Optional[Observation], Optional[Observation], List[Contribution]]:
+  """The join's rule for one record: a transaction's prediction and label kept so far -> kept now, and what the
+  record adds to the metrics. A dead letter is kept as a prediction, so that one written twice counts once."""
+  if observation.kind == DEAD_LETTER:
+    if prediction is not None:
+      return prediction, label, []
+    return observation, label, [Contribution(DEAD_LETTER, observation.fields)] if observation.is_new else []
+  contributions = []
+  if observation.kind == PREDICTION:
+    if prediction is not None:
+      return prediction, label, []
+    # The features are counted now and not needed for the labelled counts: only the rest waits for the label.
+    prediction = observation._replace(fields={k: v for k, v in observation.fields.items() if k != 'features'})
+    if observation.is_new:
+      contributions.append(Contribution(PREDICTION, observation.fields, read_from=observation.fields['read_from']))
+  else:
+    if label is not None:
+      return prediction, label, []
+    label = observation
+  if prediction is not None and label is not None and (prediction.is_new or label.is_new):
+    contributions.append(Contribution(LABEL, prediction.fields, label.fields['is_fraud'], label.fields['known_time'],
+                                      observation.fields['read_from']))
+  return prediction, label, contributions
+
+
+def _event_time(observation: Observation) -> float:
+  """When a record happened: a prediction's transaction, a label's arrival, a dead letter's source record."""
+  fields = observation.fields
+  if observation.kind == PREDICTION:
+    return fields['tx_time']
+  return fields['known_time'] if observation.kind == LABEL else fields['source_time']
+
+
 class JoinLabelsFn(beam.DoFn):
   """Keyed by transaction id: the first prediction meets the first label (see the module docstring)."""
 
@@ -139,29 +178,92 @@ class JoinLabelsFn(beam.DoFn):
   def process(self, element: Tuple[str, Observation], prediction_state=beam.DoFn.StateParam(PREDICTION_STATE),
               label_state=beam.DoFn.StateParam(LABEL_STATE)) -> Iterable[Contribution]:
     _, observation = element
-    prediction, label = prediction_state.read(), label_state.read()
-    if observation.kind == DEAD_LETTER:
-      if prediction is None:  # a dead letter written by two pipelines counts once
-        prediction_state.write(observation)
-        if observation.is_new:
-          yield Contribution(DEAD_LETTER, observation.fields)
-      return
-    if observation.kind == PREDICTION:
-      if prediction is not None:
-        return
-      # The features are counted now and not needed for the labelled counts: only the rest waits for the label.
-      prediction = observation._replace(fields={k: v for k, v in observation.fields.items() if k != 'features'})
+    kept = prediction_state.read(), label_state.read()
+    prediction, label, contributions = _join(observation, *kept)
+    if prediction is not kept[0]:
       prediction_state.write(prediction)
-      if observation.is_new:
-        yield Contribution(PREDICTION, observation.fields, read_from=observation.fields['read_from'])
-    else:
-      if label is not None:
-        return
-      label = observation
+    if label is not kept[1]:
       label_state.write(label)
-    if prediction is not None and label is not None and (prediction.is_new or label.is_new):
-      yield Contribution(LABEL, prediction.fields, label.fields['is_fraud'], label.fields['known_time'],
-                         observation.fields['read_from'])
+    return contributions
+
+
+class LabelJoin:
+  """The join of :class:`JoinLabelsFn` in one process's memory, forgetting what waits too long.
+
+  A transaction is forgotten once the newest event time seen is
+  ``retention_s`` past its first record: a label that comes later starts a
+  new wait and never meets its prediction. What is forgotten unpaired is
+  counted in :attr:`forgotten_predictions` and :attr:`forgotten_labels`.
+  Safe to share between threads.
+  """
+
+  def __init__(self, retention_s: float):
+    self._retention_s = retention_s
+    self._lock = threading.Lock()
+    self._kept: Dict[str, List[Optional[Observation]]] = {}  # transaction id -> [prediction, label]
+    self._first_seen: Deque[Tuple[float, str]] = collections.deque()  # (event time, key), as the keys came
+    self._newest = -math.inf
+    self.forgotten_predictions = 0
+    self.forgotten_labels = 0
+
+  def __len__(self) -> int:
+    return len(self._kept)
+
+  def observe(self, key: str, observation: Observation) -> List[Contribution]:
+    event_time = _event_time(observation)
+    with self._lock:
+      self._newest = max(self._newest, event_time)
+      kept = self._kept.get(key)
+      if kept is None:
+        kept = self._kept[key] = [None, None]
+        self._first_seen.append((event_time, key))
+      kept[0], kept[1], contributions = _join(observation, *kept)
+    return contributions
+
+  def forget_old(self) -> Tuple[int, int]:
+    """Forgets the transactions first seen more than the retention before the newest event time; returns how
+    many predictions without a label and labels without a prediction it forgot."""
+    horizon = self._newest - self._retention_s
+    predictions = labels = 0
+    with self._lock:
+      while self._first_seen and self._first_seen[0][0] < horizon:
+        prediction, label = self._kept.pop(self._first_seen.popleft()[1])
+        if label is None and prediction is not None and prediction.kind == PREDICTION:
+          predictions += 1
+        elif prediction is None:
+          labels += 1
+      self.forgotten_predictions += predictions
+      self.forgotten_labels += labels
+    return predictions, labels
+
+
+class JoinLabelsInProcessFn(beam.DoFn):
+  """:class:`JoinLabelsFn` for the local runner: one :class:`LabelJoin` in the process, bounded by its retention.
+
+  The local runner keeps keyed state in the process too, and its event-time
+  timers fire at once (see ``transforms/kafka_io.py``), so keyed state could
+  never forget. Every run rebuilds the join from the topics (the pipeline
+  reads them from the beginning), so nothing is lost with the process.
+  """
+
+  FORGOTTEN_PREDICTIONS = beam.metrics.Metrics.counter('kbml.monitoring', 'predictions_forgotten_without_label')
+  FORGOTTEN_LABELS = beam.metrics.Metrics.counter('kbml.monitoring', 'labels_forgotten_without_prediction')
+
+  def __init__(self, retention_s: float):
+    self._retention_s = retention_s
+    self._shared = shared.Shared()
+    self._join: Optional[LabelJoin] = None
+
+  def setup(self):
+    self._join = self._shared.acquire(lambda: LabelJoin(self._retention_s))
+
+  def process(self, element: Tuple[str, Observation]) -> Iterable[Contribution]:
+    return self._join.observe(*element)
+
+  def finish_bundle(self):
+    predictions, labels = self._join.forget_old()
+    self.FORGOTTEN_PREDICTIONS.inc(predictions)
+    self.FORGOTTEN_LABELS.inc(labels)
 
 
 @dataclasses.dataclass(frozen=True)
