@@ -56,6 +56,7 @@ KAFKA_IO_PYTHON = 'python'
 KAFKA_IO_JAVA = 'java'
 
 _UNBOUNDED_STOP = sys.maxsize
+_FIRST_IDLE_WAIT_S = 0.025
 # Each partition's watermark is set by hand from the newest record timestamp read.
 _RECORD_TIME_WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
 
@@ -86,7 +87,7 @@ class _ReadSpec(NamedTuple):
   from_beginning: bool = False
   commit_delay_bundles: int = 0
   batched: bool = False  # each run of a partition's records handed on as one list
-  idle_poll_s: float = 0.5
+  idle_poll_s: float = 1.0
 
   @property
   def bounded(self) -> bool:
@@ -277,9 +278,12 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     consumer = self._consumer_at(topic, partition, buffer[-1].offset() + 1 if buffer else next_offset)
     deadline = time.monotonic() + spec.read_budget_s
     # Once per round over this reader's partitions that all came back empty, one fetch waits for a record: the
-    # local runner starts the deferred read again at once, whatever delay it asked for, and would spin.
-    partitions = max(1, len(self._consumers))
-    idle_wait_s = spec.idle_poll_s if self._quiet_reads and self._quiet_reads % partitions == 0 else 0.0
+    # local runner starts the deferred read again at once, whatever delay it asked for, and would spin. The wait
+    # doubles with each quiet round, so that a sparse stream is not held up for long.
+    quiet_rounds, rest = divmod(self._quiet_reads, max(1, len(self._consumers)))
+    idle_wait_s = 0.0
+    if quiet_rounds and not rest:
+      idle_wait_s = min(spec.idle_poll_s, _FIRST_IDLE_WAIT_S * 2 ** min(quiet_rounds, 16))
     emitted = 0
     finished = False
     newest_ms = -math.inf
@@ -424,8 +428,9 @@ class ReadFromKafka(beam.PTransform):
       relies on, ``transforms/features.py``). For the local runner, which
       gives those stages no usable watermark (see the module docstring); it
       needs every partition read in one process.
-    idle_poll_s: in an unbounded read, how long one fetch waits for a record
-      once a whole round of the reader's partitions found nothing new. It
+    idle_poll_s: in an unbounded read, the longest that one fetch waits for
+      a record once a whole round of the reader's partitions found nothing
+      new (the wait starts at 50 ms and doubles with each quiet round). It
       bounds the latency of the first record after a quiet spell, and the
       rate at which an idle read starts bundles: the local runner starts a
       deferred read again at once, whatever delay the read asks for.
@@ -441,7 +446,7 @@ class ReadFromKafka(beam.PTransform):
                idle_timeout_s: Optional[float] = None, commit_offsets: bool = True,
                read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0,
                align_partitions: bool = False, from_beginning: bool = False, commit_delay_bundles: int = 0,
-               batched: bool = False, idle_poll_s: float = 0.5):
+               batched: bool = False, idle_poll_s: float = 1.0):
     super().__init__()
     topics = [topics] if isinstance(topics, str) else list(topics)
     if not topics:
