@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import uuid
+from decimal import Decimal
 
 import apache_beam as beam
 import pandas as pd
@@ -27,6 +28,7 @@ from transforms.records import (
   REASON_HEADER,
   SOURCE_HEADERS,
   TRANSACTION_SCHEMA,
+  InvalidRecord,
   ParseRecords,
 )
 
@@ -46,7 +48,7 @@ BAD_RECORDS = [
     (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
      b'"amount": -4.10}', 'field amount must not be negative'),
     (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
-     b'"amount": NaN}', 'field amount must be finite'),
+     b'"amount": NaN}', 'not valid JSON: NaN is not a JSON number'),
     (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
      b'"amount": 1.234}', 'field amount must have at most 2 decimals'),
     (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": "C-17", "terminal_id": 3, '
@@ -194,6 +196,37 @@ def test_streaming_ingest_writes_the_same_rows_while_it_runs(bootstrap, topics, 
   expected = open_warehouse(bounded).query(f'SELECT * FROM features WHERE transaction_id IN ({ids}) '
                                            'ORDER BY transaction_id')
   assert written.equals(expected)
+
+
+TRANSACTION = b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
+LABEL = b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, ' \
+        b'"fraud_scenario": 0, '
+
+
+@pytest.mark.parametrize('record, reason', [
+    (b'[' * 5000 + b']' * 5000, 'nested deeper'),  # RecursionError in json.loads, which stopped the pipelines
+    (b'{"a": ' * 3000 + b'1' + b'}' * 3000, 'nested deeper'),
+    (TRANSACTION + b'"amount": Infinity}', 'Infinity is not a JSON number'),
+    (TRANSACTION + b'"amount": 85.655}', 'field amount must have at most 2 decimals'),
+    (TRANSACTION + b'"amount": 85.6500011}', 'field amount must have at most 2 decimals'),
+    (LABEL + b'"is_fraud": true}', 'field is_fraud must be 0 or 1'),
+    (LABEL + b'"is_fraud": 1.0}', 'field is_fraud must be 0 or 1'),
+    (LABEL + b'"is_fraud": 2}', 'field is_fraud must be 0 or 1'),
+])
+def test_a_hostile_record_is_invalid_with_its_reason(record, reason):
+  schema = LABEL_SCHEMA if record.startswith(LABEL) else TRANSACTION_SCHEMA
+  with pytest.raises(InvalidRecord, match=reason):
+    schema.parse(record)
+
+
+@pytest.mark.parametrize('written, amount', [
+    (b'85.64999999999999', '85.65'),  # 85.65 * 1 as pandas writes it
+    (b'428.25000000000006', '428.25'),  # 85.65 * 5
+    (b'12.3000000', '12.30'),
+    (b'7', '7'),
+])
+def test_an_amount_within_a_millionth_of_a_cent_is_that_cent(written, amount):
+  assert TRANSACTION_SCHEMA.parse(TRANSACTION + b'"amount": ' + written + b'}').amount == Decimal(amount)
 
 
 def test_a_batch_of_records_parses_to_a_list_of_events_and_a_dead_letter_per_bad_one():

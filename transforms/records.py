@@ -27,6 +27,11 @@ DEAD_LETTER_TAG = 'dead_letter'
 MAX_RECORD_BYTES = 64 * 1024
 MAX_ID = 2 ** 53  # ids stay exact as JSON numbers
 MAX_AMOUNT = Decimal(2 ** 53) / 100
+# An amount with more decimals than cents, this close to a cent, is that cent: what a binary float of a cent
+# amount prints as (pandas writes 85.65 * 1 as 85.64999999999999). A ten-thousandth of a cent: no amount of a
+# third decimal is that close.
+CENT_TOLERANCE = Decimal('0.000001')
+CENT = Decimal('0.01')
 
 # Headers of a dead-letter record: what went wrong and where the record came from
 # (the value is the original bytes, unchanged).
@@ -36,6 +41,10 @@ SOURCE_HEADERS = ('kbml.source.topic', 'kbml.source.partition', 'kbml.source.off
 
 class InvalidRecord(ValueError):
   """A record does not match its schema; the message says how."""
+
+
+def _not_json(constant: str):
+  raise InvalidRecord(f'not valid JSON: {constant} is not a JSON number')
 
 
 def _integer_id(value: Any) -> int:
@@ -58,7 +67,10 @@ def _amount(value: Any) -> Decimal:
     raise InvalidRecord(f'must be at most {MAX_AMOUNT} (features are floats, exact to the cent up to there), '
                         f'got {value}'[:200])
   if amount.as_tuple().exponent < -2:
-    raise InvalidRecord(f'must have at most 2 decimals, got {value}')
+    cents = amount.quantize(CENT)
+    if abs(amount - cents) > CENT_TOLERANCE:
+      raise InvalidRecord(f'must have at most 2 decimals (or be within {CENT_TOLERANCE} of a cent), got {value}'[:200])
+    return cents
   return amount
 
 
@@ -75,7 +87,7 @@ def parse_utc_timestamp(value: Any) -> float:
 
 
 def _flag(value: Any) -> int:
-  if value not in (0, 1) or isinstance(value, float):
+  if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
     raise InvalidRecord(f'must be 0 or 1, got {value!r}'[:200])
   return int(value)
 
@@ -116,9 +128,12 @@ class RecordSchema:
     if len(payload) > MAX_RECORD_BYTES:
       raise InvalidRecord(f'oversized {self.name} record: {len(payload)} bytes, the limit is {MAX_RECORD_BYTES}')
     try:
-      document = json.loads(payload, parse_float=Decimal, parse_constant=Decimal)
+      document = json.loads(payload, parse_float=Decimal, parse_constant=_not_json)
     except (UnicodeDecodeError, json.JSONDecodeError, InvalidOperation) as e:
       raise InvalidRecord(f'not valid JSON: {e}') from None
+    except RecursionError:
+      raise InvalidRecord(f'not valid JSON here: nested deeper than Python\'s parser goes ({len(payload)} bytes)') \
+          from None
     if not isinstance(document, dict):
       raise InvalidRecord(f'a {self.name} record must be a JSON object, got {type(document).__name__}')
     missing = [name for name in self.fields if name not in document]
