@@ -1,6 +1,7 @@
 """The ingest pipeline, from a real broker to the embedded warehouse and to BigQuery (its emulator)."""
 
 import contextlib
+import hashlib
 import subprocess
 import sys
 import time
@@ -25,11 +26,16 @@ from transforms.kafka_io import KafkaRecord, ReadFromKafka
 from transforms.records import (
   DEAD_LETTER_TAG,
   LABEL_SCHEMA,
+  MAX_DEAD_LETTER_BYTES,
+  ORIGINAL_BYTES_HEADER,
+  ORIGINAL_SHA256_HEADER,
   REASON_HEADER,
   SOURCE_HEADERS,
   TRANSACTION_SCHEMA,
+  DeadLetter,
   InvalidRecord,
   ParseRecords,
+  dead_letter_message,
 )
 
 VALID = (b'{"transaction_id": %d, "tx_datetime": "2018-04-01T10:%02d:%02dZ", "customer_id": %d, '
@@ -227,6 +233,23 @@ def test_a_hostile_record_is_invalid_with_its_reason(record, reason):
 ])
 def test_an_amount_within_a_millionth_of_a_cent_is_that_cent(written, amount):
   assert TRANSACTION_SCHEMA.parse(TRANSACTION + b'"amount": ' + written + b'}').amount == Decimal(amount)
+
+
+@pytest.mark.parametrize('value_bytes, header_bytes', [(1_000_000, 0), (5_000_000, 0), (900_000, 700_000)])
+def test_a_dead_letter_too_large_to_produce_whole_is_cut_and_produced(bootstrap, new_topic, value_bytes,
+                                                                      header_bytes):
+  value = bytes(range(256)) * (value_bytes // 256)
+  record = KafkaRecord('transactions', 2, 41, 0, b'k' * 5000, value, (('trace', b'h' * header_bytes),))
+  with pytest.raises(InvalidRecord) as invalid:
+    TRANSACTION_SCHEMA.parse(value)
+  key, cut, headers = dead_letter_message(DeadLetter(record, str(invalid.value)))
+  named = dict(headers)
+  assert len(key) + len(cut) + sum(len(name) + len(data) for name, data in headers) <= MAX_DEAD_LETTER_BYTES
+  assert value.startswith(cut) and len(cut) > MAX_DEAD_LETTER_BYTES // 2
+  assert named[ORIGINAL_BYTES_HEADER] == str(len(value)).encode()
+  assert named[ORIGINAL_SHA256_HEADER] == hashlib.sha256(value).hexdigest().encode()
+  assert named[SOURCE_HEADERS[2]] == b'41' and b'oversized' in named[REASON_HEADER]
+  assert produce(bootstrap, new_topic(), [(key, cut, headers)]) == 1  # the whole record was refused: MSG_SIZE_TOO_LARGE
 
 
 def test_a_batch_of_records_parses_to_a_list_of_events_and_a_dead_letter_per_bad_one():

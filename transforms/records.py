@@ -13,6 +13,7 @@ labels); a new use case adds its own.
 
 import dataclasses
 import datetime
+import hashlib
 import json
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -37,6 +38,11 @@ CENT = Decimal('0.01')
 # (the value is the original bytes, unchanged).
 REASON_HEADER = 'kbml.error.reason'
 SOURCE_HEADERS = ('kbml.source.topic', 'kbml.source.partition', 'kbml.source.offset', 'kbml.source.timestamp')
+# A dead letter larger than this is cut (see dead_letter_message): producers and brokers refuse records over about
+# 1 MB by default (message.max.bytes), and a dead letter that cannot be produced would fail its bundle for good.
+MAX_DEAD_LETTER_BYTES = 512 * 1024
+ORIGINAL_BYTES_HEADER = 'kbml.original.bytes'
+ORIGINAL_SHA256_HEADER = 'kbml.original.sha256'
 
 
 class InvalidRecord(ValueError):
@@ -228,13 +234,33 @@ class DeadLetter(NamedTuple):
   reason: str
 
 
+def _message_bytes(key: Optional[bytes], value: Optional[bytes], headers: Sequence[Tuple[str, bytes]]) -> int:
+  return len(key or b'') + len(value or b'') + sum(len(name) + len(data or b'') for name, data in headers)
+
+
 def dead_letter_message(dead: DeadLetter) -> Tuple[Optional[bytes], Optional[bytes], Sequence[Tuple[str, bytes]]]:
-  """The ``(key, value, headers)`` written to the dead-letter topic: the original bytes, reason and source."""
+  """The ``(key, value, headers)`` written to the dead-letter topic: the original bytes, reason and source.
+
+  A record too large to be produced again whole (over ``MAX_DEAD_LETTER_BYTES``
+  with the headers added) is cut: its value to what fits, its key to 1 KiB,
+  and its own headers are left out if they take more than half; the headers
+  ``kbml.original.bytes`` and ``kbml.original.sha256`` describe the whole
+  value.
+  """
   record = dead.record
   source = (record.topic, record.partition, record.offset, record.timestamp_ms)
   headers = [(REASON_HEADER, dead.reason.encode('utf-8'))]
   headers += [(name, str(value).encode('utf-8')) for name, value in zip(SOURCE_HEADERS, source, strict=True)]
-  return record.key, record.value, headers + list(record.headers)
+  key, value, own_headers = record.key, record.value, list(record.headers)
+  if _message_bytes(key, value, headers + own_headers) <= MAX_DEAD_LETTER_BYTES:
+    return key, value, headers + own_headers
+  value = value or b''
+  headers += [(ORIGINAL_BYTES_HEADER, str(len(value)).encode()),
+              (ORIGINAL_SHA256_HEADER, hashlib.sha256(value).hexdigest().encode())]
+  key = key[:1024] if key else key
+  if _message_bytes(key, None, headers + own_headers) > MAX_DEAD_LETTER_BYTES // 2:
+    own_headers = []
+  return key, value[:MAX_DEAD_LETTER_BYTES - _message_bytes(key, None, headers + own_headers)], headers + own_headers
 
 
 class _ParseFn(beam.DoFn):
