@@ -12,8 +12,8 @@ from apache_beam.testing.util import assert_that
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
-from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, FORMS, ComputeFeatures
-from transforms.records import Label, Transaction
+from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, FORMS, ComputeFeatures, Histories
+from transforms.records import Label, Transaction, parse_utc_timestamp
 
 DELAY_DAYS = 7
 
@@ -168,3 +168,12 @@ def test_features_equal_an_independent_pandas_computation(simulation, expected, 
             | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
             | ComputeFeatures(label_delay_days=DELAY_DAYS, form=form))
     assert_that(rows, equal_features(expected))
+
+
+def test_a_far_future_or_far_past_transaction_leaves_every_window_defined():
+  histories = Histories(label_delay_days=7)
+  times = ['2018-04-01T10:00:00Z', '2100-01-01T00:00:00Z', '2018-04-01T11:00:00Z', '1970-01-01T00:00:00Z',
+           '2018-04-02T09:00:00Z']
+  rows = [histories.apply(Transaction(i, parse_utc_timestamp(t), 7, 9, Decimal('12.50'))) for i, t in enumerate(times)]
+  assert all(np.isfinite(row[name]) for row in rows for name in FEATURE_NAMES)
+  assert rows[2]['CUSTOMER_ID_NB_TX_1DAY_WINDOW'] == 1  # the 2100 one made the 10:00 one expire; itself stays

@@ -134,7 +134,9 @@ class CustomerHistory:
     self._times.insert(position, tx_time)
     self._amounts.insert(position, amount)
     self._terminals.insert(position, transaction.terminal_id)
-    expired = bisect.bisect_right(self._times, self._times[-1] - HISTORY_DAYS * DAY_SECONDS)
+    # A transaction far older than the newest (a far-future one came first) keeps its own place: every window
+    # taken at its time holds it, so no mean is over nothing.
+    expired = min(position, bisect.bisect_right(self._times, self._times[-1] - HISTORY_DAYS * DAY_SECONDS))
     del self._times[:expired], self._amounts[:expired], self._terminals[:expired]
     end = position + 1 - expired
     features = {}
