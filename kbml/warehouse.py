@@ -18,6 +18,7 @@ BigQuery does not enforce keys, so reads of it keep one row per key.
 
 import dataclasses
 import datetime
+import json
 import os
 import time
 import urllib.parse
@@ -87,6 +88,10 @@ class Warehouse:
     """A UTC instant as a literal of this warehouse's SQL."""
     raise NotImplementedError
 
+  def string(self, value: str) -> str:
+    """Any text as a string literal of this warehouse's SQL, quotes and backslashes escaped."""
+    raise NotImplementedError
+
 
 class DuckDBWarehouse(Warehouse):
   """The embedded warehouse: one DuckDB file.
@@ -152,6 +157,9 @@ class DuckDBWarehouse(Warehouse):
   def timestamp(self, moment):
     return f"TIMESTAMPTZ '{moment.astimezone(datetime.timezone.utc).isoformat()}'"
 
+  def string(self, value):
+    return "'" + value.replace("'", "''") + "'"  # DuckDB reads backslashes as themselves
+
   def tables(self):
     if not os.path.exists(self.path):
       return []
@@ -203,6 +211,9 @@ class BigQueryWarehouse(Warehouse):
 
   def timestamp(self, moment):
     return f"TIMESTAMP '{moment.astimezone(datetime.timezone.utc).isoformat()}'"
+
+  def string(self, value):
+    return json.dumps(value)  # a double-quoted GoogleSQL literal: JSON's escapes are all GoogleSQL escapes
 
   def tables(self):
     return sorted(t.table_id for t in self._client().list_tables(self.dataset))

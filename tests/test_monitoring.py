@@ -18,7 +18,8 @@ from trainer.data import feature_statistics
 from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES
 from transforms.metrics import SCORE_BINS, read_sums, score_bin, summaries
-from transforms.monitoring import LABEL, PREDICTION, LabelJoin, Observation
+from transforms.monitoring import LABEL, PREDICTION, LabelJoin, Observation, parse_prediction
+from transforms.records import InvalidRecord
 
 DAY_MS = 86_400_000
 START_MS = 1_700_006_400_000  # 2023-11-15T00:00:00Z, a day boundary
@@ -201,3 +202,13 @@ def test_the_local_label_join_pairs_within_its_retention_and_forgets_the_rest():
       i % 10 == 0 or i % 100 == 1))
   assert join.forgotten_labels == sum(1 for i in range(0, 90 * 24, 50) if i * hour < horizon) + sum(
       1 for i in range(90 * 24) if i % 100 == 1 and horizon > i * hour + 20 * 86_400)
+
+
+@pytest.mark.parametrize('payload, reason', [
+    (b'[' * 5000 + b']' * 5000, 'nested deeper'),
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "score": 0.5, "flagged": 0, '
+     b'"model_version": ["v1"]}', 'model_version must be a string'),
+])
+def test_a_hostile_prediction_record_is_invalid_with_its_reason(payload, reason):
+  with pytest.raises(InvalidRecord, match=reason):
+    parse_prediction(payload)

@@ -52,3 +52,14 @@ def test_a_newer_schema_adds_its_columns_to_an_existing_table(any_warehouse):
   rows = any_warehouse.query(f'SELECT id, new_feature FROM {any_warehouse.table_ref("t")} ORDER BY id')
   assert list(rows['id']) == list(range(10))
   assert rows['new_feature'][:5].isna().all() and (rows['new_feature'][5:] == 0.5).all()
+
+
+HOSTILE_TEXT = ["it's", "x' OR '1'='1", 'a\\b', "\\'; DROP TABLE t; --", 'line\nbreak\ttab', '"double"', 'é ünï 😀']
+
+
+def test_any_text_as_a_string_literal_reads_back_as_itself(any_warehouse):
+  # The monitor looks up its alerts by model version, a field of records read from Kafka.
+  any_warehouse.write_rows('t', SCHEMA, ROWS[:1])  # the embedded store is a file once written
+  values = any_warehouse.query(' UNION ALL '.join(
+      f'SELECT {i} AS i, {any_warehouse.string(text)} AS text' for i, text in enumerate(HOSTILE_TEXT)))
+  assert list(values.sort_values('i')['text']) == HOSTILE_TEXT

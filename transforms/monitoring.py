@@ -112,11 +112,15 @@ def parse_prediction(payload: Optional[bytes]) -> Dict[str, Any]:
     fields = json.loads(payload)
   except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise InvalidRecord(f'not valid JSON: {e}') from None
+  except RecursionError:
+    raise InvalidRecord('not valid JSON here: nested deeper than Python\'s parser goes') from None
   if not isinstance(fields, dict):
     raise InvalidRecord('a prediction record must be a JSON object')
   missing = [name for name in _PREDICTION_FIELDS if name not in fields]
   if missing:
     raise InvalidRecord(f'prediction record without {", ".join(missing)}')
+  if not isinstance(fields['model_version'], str):
+    raise InvalidRecord(f'field model_version must be a string, got {fields["model_version"]!r}'[:200])
   score = fields['score']
   if not isinstance(score, (int, float)) or not 0 <= score <= 1:
     raise InvalidRecord(f'field score must be a number from 0 to 1, got {score!r}'[:200])
@@ -493,8 +497,9 @@ class WindowMetricsFn(beam.DoFn):
   def _raise(self, kind: str, window: Tuple[float, float], version: str, subject: str, message: str, **details):
     """Sends an alert unless the same one (kind, window, version, subject) was raised before."""
     start = utc_iso(window[0])
-    key = f"kind = '{kind}' AND model_version = '{version}' AND subject = '{subject}' AND window_start = " \
-          f'{self._warehouse.timestamp(_utc(window[0]))}'
+    warehouse = self._warehouse
+    key = f'kind = {warehouse.string(kind)} AND model_version = {warehouse.string(version)} AND subject = ' \
+          f'{warehouse.string(subject)} AND window_start = {warehouse.timestamp(_utc(window[0]))}'
     if len(self._warehouse.query(f'SELECT kind FROM {self._warehouse.table_ref(ALERTS_TABLE)} WHERE {key}')):
       return
     self._alerts.send(kind, message, window_start=start, window_end=utc_iso(window[1]), model_version=version,
