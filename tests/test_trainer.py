@@ -2,6 +2,8 @@
 
 import datetime
 import os
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from kbml.warehouse import WarehouseError, open_warehouse
+from tests.scoring_models import publish_model
 from trainer import data, evaluate, model, task
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.features import FEATURE_NAMES, FEATURES_TABLE
@@ -172,3 +175,27 @@ def _json_rows(frame: pd.DataFrame):
       elif not isinstance(value, (int, float, str, type(None))):
         row[name] = str(value)
   return rows
+
+
+WATCH_CURRENT = '''
+import os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+checks = missing = 0
+while not os.path.exists(stop):
+  checks += 1
+  missing += not os.path.exists(path)
+print(checks, missing)
+'''
+
+
+def test_a_promotion_never_leaves_the_store_without_a_model_in_service(tmp_path):
+  model_dir = str(tmp_path / 'models')
+  versions = [publish_model(model_dir, seed=seed, promote=seed == 0) for seed in range(2)]
+  store, stop = ModelStore(model_dir), tmp_path / 'stop'
+  watcher = subprocess.Popen([sys.executable, '-c', WATCH_CURRENT, os.path.join(model_dir, 'current'), str(stop)],
+                             stdout=subprocess.PIPE, text=True)
+  for i in range(1000):
+    store.promote(versions[i % 2])
+  stop.touch()
+  checks, missing = map(int, watcher.communicate(timeout=30)[0].split())
+  assert checks > 1000 and missing == 0

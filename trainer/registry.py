@@ -64,8 +64,7 @@ def _write_atomically(path: str, data: bytes):
   staging = f'{path}.tmp-{secrets.token_hex(4)}'
   with FileSystems.create(staging) as f:
     f.write(data)
-  if FileSystems.exists(path):
-    FileSystems.delete([path])
+  # A rename replaces the file in one step (a local rename, a Cloud Storage copy): readers see the old or the new.
   FileSystems.rename([staging], [path])
 
 
