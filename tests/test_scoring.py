@@ -7,6 +7,8 @@ restart, a corrupt model and bad records must leave no transaction unscored.
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,9 +28,10 @@ from kbml.simulator import SimulationConfig, simulate
 from pipelines import scoring
 from pipelines.options import pipeline_options
 from tests.conftest import local_options, produce
-from tests.pipeline_process import PipelineProcess
+from tests.pipeline_process import PROJECT_ROOT, PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_dataflow_graph import DATAFLOW_DRY_RUN
+from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS
 from trainer.registry import ModelStore
 from transforms.batches import Batch
 from transforms.features import FEATURE_NAMES
@@ -295,3 +298,32 @@ def test_a_challenger_scores_every_row_in_the_shadow_of_the_champion(tmp_path):
 
   store.set_challenger(None)
   assert all(r.inference.challenger is None for r in handler.run_inference(rows, model))
+
+
+SCORE_BATCHES_OF_EVERY_SIZE = '''
+import os
+import sys
+import numpy as np
+from bench.common import resident_mb
+from transforms.features import FEATURE_NAMES
+from transforms.inference import ModelStoreHandler
+handler = ModelStoreHandler(sys.argv[1])
+model = handler.load_model()
+rows = [{name: float(i % 7 + j) / 10 for j, name in enumerate(FEATURE_NAMES)} for i in range(1000)]
+for size in (1, 1000):
+  list(handler.run_inference(rows[:size], model))
+before = resident_mb(os.getpid())
+for size in np.random.default_rng(0).permutation(np.arange(1, 1001)):
+  list(handler.run_inference(rows[:size], model))
+print(resident_mb(os.getpid()) - before)
+'''
+
+
+@pytest.mark.timeout(400)
+def test_scoring_batches_of_every_size_keeps_the_memory_flat(tmp_path):
+  # TensorFlow keeps what it prepares for each input shape: batches of 1 to 1,000 rows grew a scorer by ~160 MB.
+  model_dir = str(tmp_path / 'models')
+  publish_model(model_dir, hidden_units=DEFAULT_HIDDEN_UNITS, ensemble=DEFAULT_ENSEMBLE)
+  growth = subprocess.run([sys.executable, '-c', SCORE_BATCHES_OF_EVERY_SIZE, model_dir], capture_output=True,
+                          text=True, check=True, cwd=PROJECT_ROOT).stdout.split()[-1]
+  assert float(growth) < 30, f'{growth} MB'

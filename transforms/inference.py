@@ -259,8 +259,12 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
 
 
 def _scores(scoring: ScoringModel, batch: Sequence[Dict[str, Any]]) -> List[float]:
-  features = np.array([[row[name] for name in scoring.feature_names] for row in batch], dtype=np.float32)
-  scores = np.asarray(scoring.network.predict_on_batch(features), dtype=np.float64).reshape(-1)
+  # The rows are padded to a power of two: TensorFlow's CPU kernels keep what they prepare for each input shape
+  # they meet, so batches of every size from 1 to 1,000 grew the scorer by about 160 MB (BENCHMARKS.md, soak).
+  rows = 1 << max(len(batch) - 1, 0).bit_length()
+  features = np.zeros((rows, len(scoring.feature_names)), dtype=np.float32)
+  features[:len(batch)] = [[row[name] for name in scoring.feature_names] for row in batch]
+  scores = np.asarray(scoring.network.predict_on_batch(features), dtype=np.float64).reshape(-1)[:len(batch)]
   if not np.all(np.isfinite(scores)):
     raise ValueError(f'model version {scoring.version} gave non-finite scores')
   return scores.tolist()
