@@ -49,12 +49,14 @@ test: $(STAMP) $(BIGQUERY_EMULATOR) $(CHROMIUM)
 	KBML_BIGQUERY_EMULATOR_VENV=$(abspath $(BIGQUERY_EMULATOR_VENV)) $(BIN)/python -m pytest
 
 # bench.trainer simulates and ingests the standard run (3.6 million events) first: about 12 minutes on 2 cores.
+# bench.soak runs every long-running pipeline idle for 10 minutes, then at 1,000 events/s: about 35 minutes.
 bench: $(STAMP)
 	$(BIN)/python -m bench.kafka_clients
 	$(BIN)/python -m bench.kafka_io
 	$(BIN)/python -m bench.features
 	$(BIN)/python -m bench.scoring
 	$(BIN)/python -m bench.trainer
+	$(BIN)/python -m bench.soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
