@@ -56,7 +56,7 @@ KAFKA_IO_PYTHON = 'python'
 KAFKA_IO_JAVA = 'java'
 
 _UNBOUNDED_STOP = sys.maxsize
-_FIRST_IDLE_WAIT_S = 0.025
+_FIRST_IDLE_WAIT_S = 0.05
 # Each partition's watermark is set by hand from the newest record timestamp read.
 _RECORD_TIME_WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
 
@@ -283,7 +283,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     quiet_rounds, rest = divmod(self._quiet_reads, max(1, len(self._consumers)))
     idle_wait_s = 0.0
     if quiet_rounds and not rest:
-      idle_wait_s = min(spec.idle_poll_s, _FIRST_IDLE_WAIT_S * 2 ** min(quiet_rounds, 16))
+      idle_wait_s = min(spec.idle_poll_s, _FIRST_IDLE_WAIT_S * 2 ** min(quiet_rounds - 1, 16))
     emitted = 0
     finished = False
     newest_ms = -math.inf
