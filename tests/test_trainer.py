@@ -199,3 +199,58 @@ def test_a_promotion_never_leaves_the_store_without_a_model_in_service(tmp_path)
   stop.touch()
   checks, missing = map(int, watcher.communicate(timeout=30)[0].split())
   assert checks > 1000 and missing == 0
+
+
+def _copied_rows(transactions: int, copies: int):
+  """Feature and label rows of ``transactions`` transactions on 2018-05-01, each written ``copies`` times.
+
+  Each copy of a feature row is the same Kafka record (a redelivery), each copy of a label the same label: what
+  BigQuery's appends keep, where the embedded store keeps one row per key.
+  """
+  day = datetime.datetime(2018, 5, 1, tzinfo=datetime.timezone.utc)
+  features, labels = [], []
+  for i in range(transactions):
+    at = (day + datetime.timedelta(minutes=i)).isoformat()
+    ids = {'transaction_id': i, 'tx_datetime': at, 'customer_id': i % 3, 'terminal_id': i % 5}
+    features.append({**ids, 'amount': f'{i}.50', 'kafka_partition': 0, 'kafka_offset': i,
+                     **{name: float(i + j) for j, name in enumerate(FEATURE_NAMES)}})
+    labels.append({**ids, 'is_fraud': i % 2, 'fraud_scenario': i % 2, 'known_datetime': at})
+  return features * copies, labels * copies
+
+
+def _check_one_row_per_transaction(warehouse, transactions: int):
+  day = datetime.date(2018, 5, 1)
+  rows = data.read_labelled_rows(warehouse, day, day, FEATURE_NAMES)
+  assert list(rows['transaction_id']) == list(range(transactions))
+  assert list(rows['is_fraud']) == [i % 2 for i in range(transactions)]
+  assert list(rows[FEATURE_NAMES[0]]) == [float(i) for i in range(transactions)]
+
+
+def test_training_rows_keep_one_row_per_transaction_of_a_bigquery_warehouse(bigquery_emulator):
+  # BigQuery appends: a redelivered record, a retried bundle or a replay leave copies of a row.
+  bigquery = open_warehouse(f'bigquery://{bigquery_emulator}/copies_{uuid.uuid4().hex[:8]}')
+  features, labels = _copied_rows(transactions=6, copies=3)
+  bigquery.write_rows('features', FEATURES_TABLE, features)
+  bigquery.write_rows('labels', LABELS_TABLE, labels)
+  assert len(bigquery.query(f'SELECT * FROM {bigquery.table_ref("features")}')) == 18
+
+  _check_one_row_per_transaction(bigquery, transactions=6)
+
+
+def test_training_rows_keep_one_row_per_transaction_of_tables_without_a_key(tmp_path):
+  # Tables appended to without a key (as BigQuery keeps them) hold copies; the embedded store's own have a key.
+  import duckdb
+  features, labels = _copied_rows(transactions=6, copies=3)
+  path = str(tmp_path / 'appended.duckdb')
+  with duckdb.connect(path) as connection:
+    for table, rows in (('features', features), ('labels', labels)):
+      frame = pd.DataFrame.from_records(rows)
+      for column in ('tx_datetime', 'known_datetime'):
+        if column in frame:
+          frame[column] = pd.to_datetime(frame[column], utc=True)
+      connection.register('appended', frame)
+      connection.execute(f'CREATE TABLE {table} AS SELECT * FROM appended')
+  warehouse = open_warehouse(f'duckdb://{path}')
+  assert len(warehouse.query('SELECT * FROM features')) == 18
+
+  _check_one_row_per_transaction(warehouse, transactions=6)

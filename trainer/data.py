@@ -4,6 +4,14 @@ The ingest pipeline writes one row of features per transaction and one row
 per label; a training row is their join. BigQuery results come through the
 Storage Read API (:meth:`kbml.warehouse.BigQueryWarehouse.query`), the
 embedded store's through Arrow.
+
+The embedded store keeps one row per key (an upsert), but BigQuery appends:
+a redelivered record, a retried bundle or a replayed range leave copies of a
+row there, and a join of copies multiplies them. The reads here keep one row
+per transaction on both, chosen in an order that does not depend on how the
+copies were stored: of the feature rows, the first Kafka record of the
+transaction (the one ComputeFeatures keeps of a repeated id; the copies of one
+record are equal); of the labels, the last known.
 """
 
 import datetime
@@ -37,12 +45,16 @@ def read_labelled_rows(warehouse: Warehouse, first_day: datetime.date, last_day:
   Raises:
     WarehouseError: a table or a feature column is missing.
   """
-  columns = ', '.join([*(f'f.{name}' for name in ID_COLUMNS), *(f'f.{name}' for name in feature_names),
-                       f'l.{LABEL_COLUMN}'])
-  sql = (f'SELECT {columns} FROM {warehouse.table_ref(features_table)} AS f '
-         f'JOIN {warehouse.table_ref(labels_table)} AS l ON f.transaction_id = l.transaction_id '
-         f'WHERE f.tx_datetime >= {warehouse.timestamp(utc_day(first_day))} '
-         f'AND f.tx_datetime < {warehouse.timestamp(utc_day(last_day + datetime.timedelta(days=1)))} '
+  feature_columns = [*ID_COLUMNS, *feature_names]
+  in_range = (f'tx_datetime >= {warehouse.timestamp(utc_day(first_day))} '
+              f'AND tx_datetime < {warehouse.timestamp(utc_day(last_day + datetime.timedelta(days=1)))}')
+  # A subquery rather than QUALIFY: BigQuery takes QUALIFY only beside a WHERE, GROUP BY or HAVING.
+  features = _one_row_per_transaction(warehouse.table_ref(features_table), feature_columns,
+                                      'kafka_partition, kafka_offset', in_range)
+  labels = _one_row_per_transaction(warehouse.table_ref(labels_table), ['transaction_id', LABEL_COLUMN],
+                                    f'known_datetime DESC, {LABEL_COLUMN} DESC', in_range)
+  columns = ', '.join([*(f'f.{name}' for name in feature_columns), f'l.{LABEL_COLUMN}'])
+  sql = (f'SELECT {columns} FROM ({features}) AS f JOIN ({labels}) AS l ON f.transaction_id = l.transaction_id '
          'ORDER BY f.tx_datetime, f.transaction_id')
   try:
     rows = warehouse.query(sql)
@@ -53,6 +65,13 @@ def read_labelled_rows(warehouse: Warehouse, first_day: datetime.date, last_day:
                          'labels tables with the current feature columns: run `kbml ingest` first.') from e
   rows['tx_datetime'] = rows['tx_datetime'].dt.tz_convert('UTC')
   return rows.reset_index(drop=True)
+
+
+def _one_row_per_transaction(table: str, columns: Sequence[str], first_by: str, condition: str) -> str:
+  """A query of ``table``'s rows that meet ``condition``, one per transaction: the first in ``first_by`` order."""
+  return (f'SELECT {", ".join(columns)} FROM (SELECT {", ".join(columns)}, ROW_NUMBER() OVER '
+          f'(PARTITION BY transaction_id ORDER BY {first_by}) AS copy_number FROM {table} WHERE {condition}) '
+          'WHERE copy_number = 1')
 
 
 def last_labelled_day(warehouse: Warehouse, features_table: str = 'features',
