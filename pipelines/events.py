@@ -7,14 +7,17 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from kbml.kafka_client import PartitionOffsets
 from pipelines.options import LOCAL_RUNNER, KafkaOptions
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, GROUPED, KEYED_STATE, ORDERED_BUNDLES
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS, GROUPED, HISTORY_DAYS, KEYED_STATE, ORDERED_BUNDLES
 from transforms.kafka_io import read_from_kafka, write_to_kafka
 from transforms.records import (
   DEAD_LETTER_TAG,
   LABEL_SCHEMA,
   TRANSACTION_SCHEMA,
+  DeadLetter,
   ParseRecords,
+  Transaction,
   dead_letter_message,
+  transaction_record,
 )
 
 
@@ -72,10 +75,43 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
   parsed = records | 'ParseRecords' >> ParseRecords(
       {events.transactions_topic: TRANSACTION_SCHEMA, events.labels_topic: LABEL_SCHEMA})
   first_new = first_new or {}
-  _ = (parsed[DEAD_LETTER_TAG]
-       | 'NewDeadLetters' >> beam.Filter(
-           lambda dead: dead.record.offset >= first_new.get(dead.record.topic, {}).get(dead.record.partition, 0))
-       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
-       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
-                                              expansion_service=kafka.kafka_expansion_service))
+  new_dead_letters = parsed[DEAD_LETTER_TAG] | 'NewDeadLetters' >> beam.Filter(
+      lambda dead: dead.record.offset >= first_new.get(dead.record.topic, {}).get(dead.record.partition, 0))
+  write_dead_letters(new_dead_letters, options, config)
   return parsed['records']
+
+
+def write_dead_letters(letters: beam.PCollection, options: PipelineOptions, config: Dict[str, str], name: str = ''):
+  """Writes :class:`~transforms.records.DeadLetter` elements to the dead-letter topic (steps named after ``name``)."""
+  kafka = options.view_as(KafkaOptions)
+  _ = (letters
+       | f'{name}ToDeadLetterMessages' >> beam.Map(dead_letter_message)
+       | f'Write{name}DeadLetters' >> write_to_kafka(kafka.kafka_io, config,
+                                                     options.view_as(EventOptions).dead_letter_topic,
+                                                     expansion_service=kafka.kafka_expansion_service))
+
+
+def repeat_dead_letter(transaction: Transaction, transactions_topic: str) -> DeadLetter:
+  return DeadLetter(transaction_record(transaction, transactions_topic),
+                    f'repeated transaction_id {transaction.transaction_id}: customer {transaction.customer_id} '
+                    f'already has a transaction with this id within its {HISTORY_DAYS} days of history, and the '
+                    'first one wins (this one got no features, no prediction and no warehouse row)')
+
+
+def write_repeats_to_dead_letters(repeated: beam.PCollection, options: PipelineOptions, config: Dict[str, str],
+                                  first_new: Optional[PartitionOffsets] = None):
+  """Sends ComputeFeatures' repeated transactions to the dead-letter topic, those at or after ``first_new``.
+
+  Args:
+    repeated: :class:`~transforms.features.FeatureOutputs` ``repeated``.
+    options: the pipeline's options (EventOptions, KafkaOptions).
+    config: the Kafka client settings.
+    first_new: per transactions partition, the first offset not read before (see :func:`read_events`).
+  """
+  first_new = first_new or {}
+  topic = options.view_as(EventOptions).transactions_topic
+  letters = (repeated
+             | 'NewRepeats' >> beam.Filter(
+                 lambda transaction: transaction.kafka_offset >= first_new.get(transaction.kafka_partition, 0))
+             | 'RepeatsToDeadLetters' >> beam.Map(repeat_dead_letter, topic))
+  write_dead_letters(letters, options, config, 'Repeated')

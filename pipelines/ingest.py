@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
-from pipelines.events import EventOptions, feature_form, read_events
+from pipelines.events import EventOptions, feature_form, read_events, write_repeats_to_dead_letters
 from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
 from transforms.batches import items_of
 from transforms.features import FEATURES_TABLE, ComputeFeatures
@@ -114,10 +114,11 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
   bounded = kafka.stop_at_end or replay
   form = feature_form(options, bounded)
+  config = kafka_config(options)
   events = read_events(
-      pipeline, options, kafka_config(options), None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+      pipeline, options, config, None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
       form, first_new=None if replay else first_unwritten, stop_at_end=bounded, from_beginning=True)
-  rows = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form)
+  rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:
@@ -132,6 +133,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
          | 'ToLabelRows' >> beam.Map(label_row)
          | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
                                              temp_location=ingest.bigquery_temp_location))
+    write_repeats_to_dead_letters(repeated, options, config, first_transaction)
   _ = rows | 'WriteFeatures' >> WriteToWarehouse(warehouse, ingest.features_table, FEATURES_TABLE,
                                                  temp_location=ingest.bigquery_temp_location)
   return rows

@@ -41,6 +41,7 @@ Example::
 
 import json
 import logging
+from decimal import Decimal
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import apache_beam as beam
@@ -52,19 +53,20 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from kbml.alerts import AlertSink
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
-from pipelines.events import EventOptions, feature_form, read_events
+from pipelines.events import (
+  EventOptions,
+  feature_form,
+  read_events,
+  write_dead_letters,
+  write_repeats_to_dead_letters,
+)
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
 from transforms.features import FEATURE_NAMES, ORDERED_BUNDLES, ComputeFeatures
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
-from transforms.kafka_io import KafkaRecord, write_to_kafka
-from transforms.records import (
-  DeadLetter,
-  dead_letter_message,
-  parse_utc_timestamp,
-  utc_iso,
-)
+from transforms.kafka_io import write_to_kafka
+from transforms.records import DeadLetter, Transaction, parse_utc_timestamp, transaction_record, utc_iso
 
 DEFAULT_CONSUMER_GROUP = 'kbml-scoring'
 RELOAD_POLL = 'poll'
@@ -152,15 +154,10 @@ def unscored_dead_letters(failure: Tuple[Iterable[Dict[str, Any]], str], transac
   source partition and offset), so that producing it again scores it.
   """
   rows, error = failure
-  letters = []
-  for row in rows:
-    fields = json.dumps({name: row[name] for name in ('transaction_id', 'tx_datetime', 'customer_id', 'terminal_id')})
-    value = f'{fields[:-1]}, "amount": {row["amount"]}}}'  # the amount as the exact decimal it was read as
-    record = KafkaRecord(transactions_topic, row['kafka_partition'], row['kafka_offset'],
-                         int(parse_utc_timestamp(row['tx_datetime']) * 1000), str(row['transaction_id']).encode(),
-                         value.encode(), ())
-    letters.append(DeadLetter(record, f'not scored: {error}'))
-  return letters
+  return [DeadLetter(transaction_record(Transaction(
+      row['transaction_id'], parse_utc_timestamp(row['tx_datetime']), row['customer_id'], row['terminal_id'],
+      Decimal(row['amount']), row['kafka_partition'], row['kafka_offset']), transactions_topic), f'not scored: {error}')
+          for row in rows]
 
 
 class _RowsToScoreFn(beam.DoFn):
@@ -218,11 +215,11 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
   # The local runner's rows come in batches that RunInference takes as they are (transforms/batches.py).
   batched = form == ORDERED_BUNDLES
-  rows = (read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-                      form, first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
-                      stop_at_end=bool(backtest), from_beginning=True)
-          | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form,
-                                                 rows_per_batch=scoring.max_batch_size if batched else None))
+  events = read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
+                       form, first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
+                       stop_at_end=bool(backtest), from_beginning=True)
+  rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(
+      events_options.label_delay_days, form, rows_per_batch=scoring.max_batch_size if batched else None)
 
   reload = None if backtest else model_reload(options)
   handler = ModelStoreHandler(
@@ -258,11 +255,11 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
       'NonFinite': non_finite,
   }
   for name, pcoll in unscored.items():
-    _ = (pcoll
-         | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, events_options.transactions_topic)
-         | f'{name}ToMessages' >> beam.Map(dead_letter_message)
-         | f'Write{name}' >> write_to_kafka(kafka.kafka_io, config, events_options.dead_letter_topic,
-                                            expansion_service=kafka.kafka_expansion_service))
+    write_dead_letters(pcoll | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters,
+                                                                       events_options.transactions_topic),
+                       options, config, name)
+  if not backtest:
+    write_repeats_to_dead_letters(repeated, options, config, first_unscored)
   return predictions
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
@@ -166,7 +166,7 @@ def test_features_equal_an_independent_pandas_computation(simulation, expected, 
     rows = (p
             | beam.Create([elements])
             | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
-            | ComputeFeatures(label_delay_days=DELAY_DAYS, form=form))
+            | ComputeFeatures(label_delay_days=DELAY_DAYS, form=form)).rows
     assert_that(rows, equal_features(expected))
 
 
@@ -177,3 +177,26 @@ def test_a_far_future_or_far_past_transaction_leaves_every_window_defined():
   rows = [histories.apply(Transaction(i, parse_utc_timestamp(t), 7, 9, Decimal('12.50'))) for i, t in enumerate(times)]
   assert all(np.isfinite(row[name]) for row in rows for name in FEATURE_NAMES)
   assert rows[2]['CUSTOMER_ID_NB_TX_1DAY_WINDOW'] == 1  # the 2100 one made the 10:00 one expire; itself stays
+
+
+@pytest.mark.parametrize('form', FORMS)
+def test_repeats_and_orphan_labels_change_no_feature(simulation, expected, form):
+  elements = streams(simulation)
+  genuine = next(e.value for e in elements if isinstance(e.value, Label) and not e.value.is_fraud)
+  original = next(e.value for e in elements if isinstance(e.value, Transaction))
+  repeat, relabel = original._replace(amount=original.amount + 1000), genuine._replace(is_fraud=1)
+  orphan = Label(10 ** 9, genuine.tx_time, genuine.customer_id, genuine.terminal_id, 1, 1, genuine.known_time)
+  later = repeat._replace(tx_time=repeat.tx_time + 30 * 86_400)
+  # Each repeat right after its original, which Kafka keeps first (the same key).
+  at = elements.index(next(e for e in elements if e.value is original))
+  elements[at + 1:at + 1] = [beam.window.TimestampedValue(tx, tx.tx_time) for tx in (repeat, later)]
+  at = elements.index(next(e for e in elements if e.value is genuine))
+  elements[at + 1:at + 1] = [beam.window.TimestampedValue(label, label.known_time) for label in (relabel, orphan)]
+  with TestPipeline(options=local_options()) as p:
+    outputs = (p
+               | beam.Create([elements])
+               | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
+               | ComputeFeatures(label_delay_days=DELAY_DAYS, form=form))
+    assert_that(outputs.rows, equal_features(expected))
+    assert_that(outputs.repeated | beam.Map(lambda t: (t.transaction_id, t.amount)),
+                equal_to([(original.transaction_id, original.amount + 1000)] * 2), label='Repeats')

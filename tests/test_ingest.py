@@ -275,5 +275,5 @@ def test_streaming_features_from_kafka_are_exact(bootstrap, topics, form):
                                 stop_at_end=True, read_budget_records=300, align_partitions=True,
                                 batched=form == ORDERED_BUNDLES)
     parsed = records | ParseRecords({topics['transactions']: TRANSACTION_SCHEMA, topics['labels']: LABEL_SCHEMA})
-    rows = parsed['records'] | ComputeFeatures(form=form)
+    rows = (parsed['records'] | ComputeFeatures(form=form)).rows
     assert_that(rows, test_features.equal_features(test_features.independent_features(simulation.transactions)))

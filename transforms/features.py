@@ -65,6 +65,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, 
 import apache_beam as beam
 import objsize
 from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows, TimestampedValue
@@ -107,6 +108,10 @@ FEATURES_TABLE = TableSchema(
 # arrived by time t is known when the transaction at t is scored.
 _LABEL, _TRANSACTION = 0, 1
 
+METRICS_NAMESPACE = 'kbml.features'
+# ComputeFeatures' output of the transactions whose id their customer already had: the first one wins.
+REPEATED_TAG = 'repeated'
+
 
 def calendar_features(transaction: Transaction) -> Dict[str, float]:
   moment = datetime.datetime.fromtimestamp(transaction.tx_time, datetime.timezone.utc)
@@ -115,7 +120,7 @@ def calendar_features(transaction: Transaction) -> Dict[str, float]:
 
 
 class CustomerHistory:
-  """A customer's transactions of the last 60 days (time, amount, terminal), in time order.
+  """A customer's transactions of the last 60 days (time, amount, terminal, id), in time order.
 
   The columns are arrays, not lists of Python numbers: a runner pickles and
   weighs (for its state cache) a history at every bundle that touches it, in
@@ -126,27 +131,41 @@ class CustomerHistory:
     self._times = array('d')
     self._amounts = array('d')
     self._terminals = array('q')
+    self._ids = array('q')
 
-  def add(self, transaction: Transaction) -> Dict[str, float]:
-    """Adds a transaction at its place in time; returns the customer features at its time."""
+  def add(self, transaction: Transaction) -> Optional[Dict[str, float]]:
+    """Adds a transaction at its place in time; returns the customer features at its time.
+
+    Returns None, and keeps nothing of it, for a repeat: a transaction whose
+    id the customer's history already holds (the first one wins).
+    """
     tx_time, amount = transaction.tx_time, float(transaction.amount)
     position = bisect.bisect_right(self._times, tx_time)
+    newest = max(tx_time, self._times[-1]) if self._times else tx_time
+    # A transaction far older than the newest (a far-future one came first) keeps its own place: every window
+    # taken at its time holds it, so no mean is over nothing.
+    expired = min(position, bisect.bisect_right(self._times, newest - HISTORY_DAYS * DAY_SECONDS))
+    del self._times[:expired], self._amounts[:expired], self._terminals[:expired], self._ids[:expired]
+    if transaction.transaction_id in self._ids:
+      return None
+    position -= expired
     self._times.insert(position, tx_time)
     self._amounts.insert(position, amount)
     self._terminals.insert(position, transaction.terminal_id)
-    # A transaction far older than the newest (a far-future one came first) keeps its own place: every window
-    # taken at its time holds it, so no mean is over nothing.
-    expired = min(position, bisect.bisect_right(self._times, self._times[-1] - HISTORY_DAYS * DAY_SECONDS))
-    del self._times[:expired], self._amounts[:expired], self._terminals[:expired]
-    end = position + 1 - expired
+    self._ids.insert(position, transaction.transaction_id)
+    end = position + 1
     features = {}
     for days in WINDOW_DAYS:
       start = bisect.bisect_right(self._times, tx_time - days * DAY_SECONDS, 0, end)
       amounts = self._amounts[start:end]
       features[f'CUSTOMER_ID_NB_TX_{days}DAY_WINDOW'] = len(amounts)
       features[f'CUSTOMER_ID_AVG_AMOUNT_{days}DAY_WINDOW'] = sum(amounts) / len(amounts)
-    features.update(self._habits(end - 1, tx_time, amount, transaction.terminal_id))
+    features.update(self._habits(position, tx_time, amount, transaction.terminal_id))
     return features
+
+  @property
+  def newest_time(self) -> float:
+    return self._times[-1] if self._times else -math.inf
 
   def _habits(self, position: int, tx_time: float, amount: float, terminal_id: int) -> Dict[str, float]:
     """How the transaction at ``position`` compares with the customer's earlier ones (CUSTOMER_HISTORY_FEATURES)."""
@@ -171,36 +190,56 @@ class CustomerHistory:
     }
 
 
+# What a label does to its terminal's history (TerminalHistory.add_label).
+LABEL_APPLIED = 'applied'
+LABEL_ORPHAN = 'orphan'  # no transaction of that id at that terminal within the windows: changes nothing
+LABEL_REPEAT = 'repeat'  # the transaction was labelled before: the first label wins
+
+
 class TerminalHistory:
-  """A terminal's transaction times and known labels, oldest first (arrays, as CustomerHistory's)."""
+  """A terminal's transactions and known labels of the windows, oldest first (arrays, as CustomerHistory's)."""
 
   def __init__(self, label_delay_days: float):
     self._delay = label_delay_days * DAY_SECONDS
     self._tx_times = array('d')
+    self._tx_ids = array('q')  # beside _tx_times: a label counts only for a transaction seen here
     self._fraud_times = array('d')  # the frauds among the labels, by time: the risk windows bisect them
     # The known labels in (transaction time, transaction id) order: the latest ones make the run of frauds.
     self._label_times = array('d')
     self._label_ids = array('q')
     self._label_frauds = array('b')
 
-  def add_label(self, label: Label):
+  def add_label(self, label: Label) -> str:
+    """Applies a label at its transaction's time, if it is the first for a transaction of this terminal.
+
+    Returns:
+      ``LABEL_APPLIED``, or ``LABEL_ORPHAN`` / ``LABEL_REPEAT`` for a label that changes nothing.
+    """
+    try:
+      tx_time = self._tx_times[self._tx_ids.index(label.transaction_id)]
+    except ValueError:
+      return LABEL_ORPHAN
+    if label.transaction_id in self._label_ids:
+      return LABEL_REPEAT
     if label.is_fraud:
-      bisect.insort(self._fraud_times, label.tx_time)
-    position = bisect.bisect_right(self._label_times, label.tx_time)
+      bisect.insort(self._fraud_times, tx_time)
+    position = bisect.bisect_right(self._label_times, tx_time)
     order = (label.transaction_id, label.is_fraud)
-    while (position and self._label_times[position - 1] == label.tx_time
+    while (position and self._label_times[position - 1] == tx_time
            and (self._label_ids[position - 1], self._label_frauds[position - 1]) > order):
       position -= 1
-    self._label_times.insert(position, label.tx_time)
+    self._label_times.insert(position, tx_time)
     self._label_ids.insert(position, label.transaction_id)
     self._label_frauds.insert(position, label.is_fraud)
+    return LABEL_APPLIED
 
-  def add_transaction(self, tx_time: float) -> Dict[str, float]:
+  def add_transaction(self, tx_time: float, transaction_id: int) -> Dict[str, float]:
     """Adds a transaction; returns the terminal features at its time."""
     horizon = tx_time - self._delay
     oldest = horizon - max(WINDOW_DAYS) * DAY_SECONDS
-    for times in (self._tx_times, self._fraud_times):
-      del times[:bisect.bisect_right(times, oldest)]
+    expired = bisect.bisect_right(self._tx_times, oldest)
+    del self._tx_times[:expired], self._tx_ids[:expired]
+    del self._fraud_times[:bisect.bisect_right(self._fraud_times, oldest)]
     expired = bisect.bisect_right(self._label_times, oldest)
     del self._label_times[:expired], self._label_ids[:expired], self._label_frauds[:expired]
     features = {}
@@ -211,8 +250,14 @@ class TerminalHistory:
       features[f'TERMINAL_ID_NB_TX_{days}DAY_WINDOW'] = count
       features[f'TERMINAL_ID_RISK_{days}DAY_WINDOW'] = frauds / count if count else 0.0
     features.update(self._fraud_run(tx_time))
-    bisect.insort(self._tx_times, tx_time)
+    position = bisect.bisect_right(self._tx_times, tx_time)
+    self._tx_times.insert(position, tx_time)
+    self._tx_ids.insert(position, transaction_id)
     return features
+
+  @property
+  def newest_time(self) -> float:
+    return self._tx_times[-1] if self._tx_times else -math.inf
 
   def _fraud_run(self, tx_time: float) -> Dict[str, float]:
     """The run of frauds among the terminal's latest known labels, and how long ago it began.
@@ -255,15 +300,27 @@ def _pending_event(event) -> _PendingEvent:
   return _PendingEvent(*_apply_order(event if isinstance(event, Label) else event[0]), event)
 
 
+def count_label(outcome: str):
+  """Counts a label that changed nothing (Beam counters ``orphan_labels``, ``repeated_labels``)."""
+  if outcome != LABEL_APPLIED:
+    Metrics.counter(METRICS_NAMESPACE, f'{outcome}_labels' if outcome == LABEL_ORPHAN else 'repeated_labels').inc()
+
+
 def _apply_in_order(history: TerminalHistory, ready: Iterable[_PendingEvent]) -> Iterator[TimestampedValue]:
   """Applies a terminal's events, sorted, to its history; yields each transaction's row at its time."""
   for pending in ready:
     if pending.kind == _LABEL:
-      history.add_label(pending.event)
+      count_label(history.add_label(pending.event))
     else:
       transaction, customer_features = pending.event
-      row = feature_row(transaction, {**customer_features, **history.add_transaction(transaction.tx_time)})
-      yield TimestampedValue(row, Timestamp(micros=pending.micros))
+      terminal_features = history.add_transaction(transaction.tx_time, transaction.transaction_id)
+      yield TimestampedValue(feature_row(transaction, {**customer_features, **terminal_features}),
+                             Timestamp(micros=pending.micros))
+
+
+def _repeated(transaction: Transaction) -> beam.pvalue.TaggedOutput:
+  Metrics.counter(METRICS_NAMESPACE, 'repeated_transactions').inc()
+  return beam.pvalue.TaggedOutput(REPEATED_TAG, transaction)
 
 
 class _CustomerFeaturesFn(beam.DoFn):
@@ -281,7 +338,11 @@ class _CustomerFeaturesFn(beam.DoFn):
       yield event
       return
     history = history_state.read() or CustomerHistory()
-    yield event, history.add(event)
+    features = history.add(event)
+    if features is None:
+      yield _repeated(event)
+      return
+    yield event, features
     history_state.write(history)
 
 
@@ -353,11 +414,13 @@ def _customer_features_of_group(element) -> Iterator:
   """(customer_id, all its events) -> what _CustomerFeaturesFn yields, transactions in time order."""
   _, events = element
   history = CustomerHistory()
-  for event in sorted(events, key=lambda e: (isinstance(e, Transaction), e.tx_time, e.transaction_id)):
+  for event in sorted(events, key=lambda e: (isinstance(e, Transaction), e.tx_time, e.transaction_id, e.kafka_partition,
+                                                 e.kafka_offset)):
     if isinstance(event, Label):
       yield event
-    else:
-      yield event, history.add(event)
+      continue
+    features = history.add(event)
+    yield (event, features) if features is not None else _repeated(event)
 
 
 def _terminal_features_of_group(element, label_delay_days: float) -> Iterator[TimestampedValue]:
@@ -369,6 +432,12 @@ def _terminal_features_of_group(element, label_delay_days: float) -> Iterator[Ti
 class Histories:
   """Every customer's and terminal's history, for events applied one by one in event-time order.
 
+  It forgets a customer, or a terminal, once the stream is past every window
+  that its newest transaction could count in: 60 days for a customer, the
+  label delay and 30 days for a terminal. The stream's time is the oldest of
+  the newest transaction times of each partition, so that one record from the
+  far future on one partition does not make everyone idle.
+
   Args:
     label_delay_days: the delay d of the terminal features.
   """
@@ -377,19 +446,52 @@ class Histories:
     self._label_delay_days = label_delay_days
     self._customers: Dict[int, CustomerHistory] = {}
     self._terminals: Dict[int, TerminalHistory] = {}
+    self._newest_by_partition: Dict[int, float] = {}
+    self._next_sweep = -math.inf
+    # Per (kind of event, partition): the offset after the newest record applied (a snapshot's restart point).
+    self.next_offsets: Dict[Tuple[str, int], int] = {}
+
+  def __len__(self) -> int:
+    """How many customers and terminals it holds."""
+    return len(self._customers) + len(self._terminals)
 
   def apply(self, event) -> Optional[Dict[str, object]]:
-    """Applies a Transaction or Label; returns the transaction's feature row (None for a label)."""
+    """Applies a Transaction or Label.
+
+    Returns:
+      The transaction's feature row; None for a label, or for a repeated
+      transaction (an id its customer already has), which changes nothing.
+    """
+    kind = type(event).__name__
+    if event.kafka_offset >= self.next_offsets.get((kind, event.kafka_partition), 0):
+      self.next_offsets[(kind, event.kafka_partition)] = event.kafka_offset + 1
     terminal = self._terminals.get(event.terminal_id)
-    if terminal is None:
-      terminal = self._terminals[event.terminal_id] = TerminalHistory(self._label_delay_days)
     if isinstance(event, Label):
-      terminal.add_label(event)
+      count_label(terminal.add_label(event) if terminal is not None else LABEL_ORPHAN)
       return None
     customer = self._customers.get(event.customer_id)
     if customer is None:
       customer = self._customers[event.customer_id] = CustomerHistory()
-    return feature_row(event, {**customer.add(event), **terminal.add_transaction(event.tx_time)})
+    customer_features = customer.add(event)
+    if customer_features is None:
+      return None
+    if terminal is None:
+      terminal = self._terminals[event.terminal_id] = TerminalHistory(self._label_delay_days)
+    row = feature_row(event, {**customer_features, **terminal.add_transaction(event.tx_time, event.transaction_id)})
+    self._forget_the_idle(event)
+    return row
+
+  def _forget_the_idle(self, transaction: Transaction):
+    partition = transaction.kafka_partition
+    self._newest_by_partition[partition] = max(transaction.tx_time, self._newest_by_partition.get(partition, -math.inf))
+    now = min(self._newest_by_partition.values())
+    if now < self._next_sweep:
+      return
+    self._next_sweep = now + DAY_SECONDS
+    for histories, idle_s in ((self._customers, HISTORY_DAYS * DAY_SECONDS),
+                              (self._terminals, (self._label_delay_days + max(WINDOW_DAYS)) * DAY_SECONDS)):
+      for key in [key for key, history in histories.items() if history.newest_time < now - idle_s]:
+        del histories[key]
 
 
 _IN_THE_GLOBAL_WINDOW = (GlobalWindow(),)
@@ -431,8 +533,11 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
 
   def finish_bundle(self):
     with _PROCESS_HISTORIES_LOCK:
-      applied = [(pending.micros, self._histories.apply(pending.event)) for pending in _in_order(self._bundle)]
-    rows = [(micros, row) for micros, row in applied if row is not None]
+      applied = [(pending, self._histories.apply(pending.event)) for pending in _in_order(self._bundle)]
+    rows = [(pending.micros, row) for pending, row in applied if row is not None]
+    for pending, row in applied:
+      if row is None and pending.kind == _TRANSACTION:
+        yield _repeated(windowed_value.create(pending.event, pending.micros, _IN_THE_GLOBAL_WINDOW))
     if self._rows_per_batch is None:
       for micros, row in rows:
         yield windowed_value.create(row, micros, _IN_THE_GLOBAL_WINDOW)
@@ -474,6 +579,12 @@ GROUPED = 'grouped'
 FORMS = (KEYED_STATE, ORDERED_BUNDLES, GROUPED)
 
 
+class FeatureOutputs(NamedTuple):
+  """What ComputeFeatures gives: the feature rows, and the repeated transactions (no row: the first one won)."""
+  rows: beam.PCollection
+  repeated: beam.PCollection
+
+
 class ComputeFeatures(beam.PTransform):
   """Computes the feature row of every transaction.
 
@@ -483,9 +594,17 @@ class ComputeFeatures(beam.PTransform):
   label's when it became known). One stream, not two: the local runner
   runs a Flatten as a stage boundary, which an unbounded run never
   crosses. ``ORDERED_BUNDLES`` also takes the events in
-  :class:`~transforms.batches.Batch` elements. Output: one dict per
-  transaction, see :func:`feature_row`, timestamped with the transaction's
-  time.
+  :class:`~transforms.batches.Batch` elements. Output: a
+  :class:`FeatureOutputs`, whose ``rows`` hold one dict per transaction (see
+  :func:`feature_row`), timestamped with the transaction's time, and whose
+  ``repeated`` hold the transactions whose id their customer's history
+  already had: the first one wins, the repeat gets no row. (In a stream,
+  the first one read wins; in bounded input, the earlier in time, then in
+  offset: the same for an exact repeat, a producer's retry.)
+
+  A label counts only for a transaction of its terminal within the windows,
+  and only the first label of a transaction: the others change nothing and
+  are counted (Beam counters ``orphan_labels``, ``repeated_labels``).
 
   Args:
     label_delay_days: the delay d of the terminal features.
@@ -508,24 +627,31 @@ class ComputeFeatures(beam.PTransform):
     self._form = form
     self._rows_per_batch = rows_per_batch
 
-  def expand(self, events):
+  def expand(self, events) -> FeatureOutputs:
     if self._form == ORDERED_BUNDLES:
       if not isinstance(events.windowing.windowfn, GlobalWindows):
         raise ValueError(f'ComputeFeatures({ORDERED_BUNDLES!r}) needs its input in the global window.')
       in_order = beam.ParDo(_OrderedBundleFeaturesFn(self._label_delay_days, self._rows_per_batch))
-      return events | 'InOrderOfEachBundle' >> (in_order if self._rows_per_batch is None
-                                                else in_order.with_output_types(Batch))
+      outputs = events | 'InOrderOfEachBundle' >> (in_order if self._rows_per_batch is None
+                                                   else in_order.with_output_types(Batch)).with_outputs(
+                                                       REPEATED_TAG, main='rows')
+      return FeatureOutputs(outputs.rows, outputs[REPEATED_TAG])
     if self._form == GROUPED:
-      return (events
-              | 'KeyByCustomer' >> beam.Map(_by_customer)
-              | 'GroupByCustomer' >> beam.GroupByKey()
-              | 'CustomerFeatures' >> beam.FlatMap(_customer_features_of_group)
+      customers = (events
+                   | 'KeyByCustomer' >> beam.Map(_by_customer)
+                   | 'GroupByCustomer' >> beam.GroupByKey()
+                   | 'CustomerFeatures' >> beam.FlatMap(_customer_features_of_group).with_outputs(
+                       REPEATED_TAG, main='features'))
+      rows = (customers.features
               | 'KeyByTerminal' >> beam.Map(_by_terminal)
               | 'GroupByTerminal' >> beam.GroupByKey()
               | 'TerminalFeatures' >> beam.FlatMap(_terminal_features_of_group, self._label_delay_days))
-    return (events
-            | 'AtEventTime' >> beam.Map(at_event_time)
-            | 'KeyByCustomer' >> beam.Map(_by_customer)
-            | 'CustomerFeatures' >> beam.ParDo(_CustomerFeaturesFn())
+      return FeatureOutputs(rows, customers[REPEATED_TAG])
+    customers = (events
+                 | 'AtEventTime' >> beam.Map(at_event_time)
+                 | 'KeyByCustomer' >> beam.Map(_by_customer)
+                 | 'CustomerFeatures' >> beam.ParDo(_CustomerFeaturesFn()).with_outputs(REPEATED_TAG, main='features'))
+    rows = (customers.features
             | 'KeyByTerminal' >> beam.Map(_by_terminal)
             | 'TerminalFeatures' >> beam.ParDo(_TerminalFeaturesFn(self._label_delay_days)))
+    return FeatureOutputs(rows, customers[REPEATED_TAG])

@@ -263,6 +263,20 @@ def dead_letter_message(dead: DeadLetter) -> Tuple[Optional[bytes], Optional[byt
   return key, value[:MAX_DEAD_LETTER_BYTES - _message_bytes(key, None, headers + own_headers)], headers + own_headers
 
 
+def transaction_record(transaction: Transaction, topic: str) -> KafkaRecord:
+  """The Kafka record of a transaction as read: its fields as JSON, its partition and offset, at its time.
+
+  What a dead letter about a transaction holds when the step that refused
+  it had only the parsed transaction: producing the value again re-submits
+  it.
+  """
+  fields = json.dumps({'transaction_id': transaction.transaction_id, 'tx_datetime': utc_iso(transaction.tx_time),
+                       'customer_id': transaction.customer_id, 'terminal_id': transaction.terminal_id})
+  value = f'{fields[:-1]}, "amount": {transaction.amount}}}'  # the amount as the exact decimal it was read as
+  return KafkaRecord(topic, transaction.kafka_partition, transaction.kafka_offset, int(transaction.tx_time * 1000),
+                     str(transaction.transaction_id).encode(), value.encode(), ())
+
+
 class _ParseFn(beam.DoFn):
   def __init__(self, schemas: Mapping[str, RecordSchema]):
     self._schemas = dict(schemas)
