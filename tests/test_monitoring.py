@@ -1,25 +1,28 @@
-"""The monitoring pipeline on the real broker and warehouse: metrics, their sums across runs, drift alerts."""
+"""The monitoring pipeline on the real broker and warehouse: metrics, their sums across runs, and its alerts."""
 
 import json
+from typing import Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import pytest
+from confluent_kafka import TopicPartition
 from sklearn.metrics import average_precision_score, precision_score, recall_score
 
 from kbml import cli
-from kbml.alerts import DRIFT
-from kbml.kafka_client import AcknowledgedProducer
+from kbml.alerts import DEAD_LETTER_RATE, DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR, SCORER_LAG
+from kbml.kafka_client import AcknowledgedProducer, fetched_end_offset, list_partitions, new_consumer
 from kbml.warehouse import open_warehouse
 from pipelines import monitoring
-from tests.conftest import consume
+from tests.conftest import consume, produce
 from tests.scoring_models import publish_model
 from trainer.data import feature_statistics
 from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES
+from transforms.kafka_io import KafkaRecord
 from transforms.metrics import SCORE_BINS, read_sums, score_bin, summaries
 from transforms.monitoring import LABEL, PREDICTION, LabelJoin, Observation, parse_prediction
-from transforms.records import InvalidRecord
+from transforms.records import DeadLetter, InvalidRecord, dead_letter_message
 
 DAY_MS = 86_400_000
 START_MS = 1_700_006_400_000  # 2023-11-15T00:00:00Z, a day boundary
@@ -55,6 +58,43 @@ def _traffic(count: int, days: int, seed: int, drift_from_day=None, version='v1'
     records.append((ms, 'predictions', i, json.dumps(prediction).encode()))
     records.append((ms + LABEL_DELAY_MS, 'labels', i, json.dumps(label).encode()))
   return sorted(records, key=lambda r: r[0])
+
+
+def _scored_days(outcomes: Sequence[Tuple[int, int, int, int]], version: str):
+  """Predictions and labels with a chosen confusion matrix per day: (time ms, topic kind, key, value).
+
+  Args:
+    outcomes: per day from START_MS, the numbers of frauds flagged, frauds missed, genuine transactions flagged
+      and genuine ones passed, spread evenly over the day in that order.
+    version: the model version of the predictions.
+  """
+  records, transaction_id = [], 0
+  for day, counts in enumerate(outcomes):
+    kinds = [kind for kind, count in zip(((1, True), (1, False), (0, True), (0, False)), counts, strict=True)
+             for _ in range(count)]
+    for position, (fraud, flagged) in enumerate(kinds):
+      ms = START_MS + day * DAY_MS + position * (DAY_MS // len(kinds))
+      identity = {'transaction_id': transaction_id, 'tx_datetime': _iso(ms), 'customer_id': transaction_id % 50,
+                  'terminal_id': transaction_id % 70}
+      score = 0.9 if flagged else 0.1
+      prediction = {**identity, 'score': score, 'flagged': flagged, 'threshold': 0.5, 'model_version': version,
+                    'challenger_version': None, 'challenger_score': None, 'challenger_flagged': None}
+      label = {**identity, 'is_fraud': fraud, 'fraud_scenario': fraud}
+      records.append((ms, 'predictions', transaction_id, json.dumps(prediction).encode()))
+      records.append((ms + LABEL_DELAY_MS, 'labels', transaction_id, json.dumps(label).encode()))
+      transaction_id += 1
+  return sorted(records, key=lambda r: r[0])
+
+
+def _alerts_now(bootstrap, topic):
+  """Every alert on the topic, read up to the end offsets it has now (the monitor returns once Kafka has
+  acknowledged its alerts)."""
+  consumer = new_consumer({'bootstrap.servers': bootstrap})
+  total = sum(fetched_end_offset(consumer, t, p, 0) for t, p in list_partitions(consumer, [topic]))
+  consumer.close()
+  alerts = [json.loads(m.value()) for m in consume(bootstrap, topic, total)]
+  assert len(alerts) == total
+  return alerts
 
 
 def _produce(bootstrap, topics, records):
@@ -147,6 +187,113 @@ def test_drifted_features_raise_one_drift_alert_per_statistic_and_window(bootstr
   assert {a['statistic'] for a in drift} == set(FEATURE_NAMES) - {'TX_AMOUNT'}
   assert len(drift) == len({(a['window_start'], a['statistic']) for a in drift})
   assert all(a['psi'] > 0.2 and a['model_version'] == version for a in drift)
+
+
+# Per day: frauds flagged, frauds missed, genuine flagged, genuine passed (a hundred transactions, 20 frauds).
+HEALTHY_DAY = (16, 4, 4, 76)  # precision 0.8, recall 0.8
+IMPRECISE_DAY = (16, 4, 24, 56)  # precision 0.4
+FORGETFUL_DAY = (6, 14, 0, 80)  # recall 0.3
+NO_PREDICTIONS = (0, 0, 0, 0)
+
+
+def test_windows_below_the_precision_or_the_recall_floor_raise_one_alert_of_that_kind(bootstrap, setup, tmp_path,
+                                                                                      group_id):
+  topics, model_dir, version = setup
+  # The healthy days between and after the others are checked too; the last day only closes the windows before it.
+  days = [HEALTHY_DAY, IMPRECISE_DAY, HEALTHY_DAY, FORGETFUL_DAY, HEALTHY_DAY]
+  _produce(bootstrap, topics, _scored_days(days, version))
+  _monitor(bootstrap, topics, model_dir, f'duckdb://{tmp_path}/accuracy.duckdb', group_id,
+           '--precision_floor', '0.6', '--recall_floor', '0.6')
+
+  alerts = _alerts_now(bootstrap, topics['alerts'])
+  assert sorted((a['kind'], a['window_start'], a['window_end']) for a in alerts) == [
+      (PRECISION_BELOW_FLOOR, _iso(START_MS + DAY_MS), _iso(START_MS + 2 * DAY_MS)),
+      (RECALL_BELOW_FLOOR, _iso(START_MS + 3 * DAY_MS), _iso(START_MS + 4 * DAY_MS))]
+  by_kind = {a['kind']: a for a in alerts}
+  imprecise, forgetful = by_kind[PRECISION_BELOW_FLOOR], by_kind[RECALL_BELOW_FLOOR]
+  assert imprecise['precision'] == pytest.approx(16 / 40) and 'recall' not in imprecise
+  assert forgetful['recall'] == pytest.approx(6 / 20) and 'precision' not in forgetful
+  for alert in alerts:
+    assert alert['model_version'] == version and alert['floor'] == 0.6
+    assert alert['labelled'] == 100 and alert['frauds'] == 20
+    assert 0 < alert['average_precision'] <= 1
+    assert version in alert['message'] and 'below the floor 0.6' in alert['message']
+
+
+def _dead_letters(day: int, count: int, first_offset: int):
+  """Dead letters as the scorer writes them, about ``count`` unreadable transactions spread over a day."""
+  for i in range(count):
+    source = KafkaRecord('transactions', 0, first_offset + i, START_MS + day * DAY_MS + i * (DAY_MS // count),
+                         None, b'not json', ())
+    yield dead_letter_message(DeadLetter(source, 'not valid JSON'))
+
+
+def _promoted(records, from_ms: int, version: str):
+  """The records with the predictions from ``from_ms`` on made by ``version``."""
+  promoted = []
+  for ms, kind, key, value in records:
+    if kind == 'predictions' and ms >= from_ms:
+      value = json.dumps({**json.loads(value), 'model_version': version}).encode()
+    promoted.append((ms, kind, key, value))
+  return promoted
+
+
+def test_a_window_with_too_many_dead_letters_raises_one_dead_letter_rate_alert(bootstrap, setup, tmp_path,
+                                                                              group_id):
+  topics, model_dir, version = setup
+  # Day 2 has nothing but dead letters: a producer that sent only garbage that day. Late on day 3 a new version
+  # was promoted: its 10 predictions are not the window's only records. Day 4 is not complete.
+  records = _scored_days([HEALTHY_DAY, HEALTHY_DAY, NO_PREDICTIONS, HEALTHY_DAY, HEALTHY_DAY], version)
+  _produce(bootstrap, topics, _promoted(records, START_MS + 3 * DAY_MS + 90 * (DAY_MS // 100), f'{version}-next'))
+  dead_letters_by_day = {1: 5, 2: 20, 3: 1, 4: 50}
+  offsets = np.cumsum([0, *dead_letters_by_day.values()]).tolist()
+  produce(bootstrap, topics['dead-letter'], [
+      message for (day, count), first_offset in zip(dead_letters_by_day.items(), offsets, strict=False)
+      for message in _dead_letters(day, count, first_offset)])
+  _monitor(bootstrap, topics, model_dir, f'duckdb://{tmp_path}/dead-letters.duckdb', group_id)
+
+  alerts = _alerts_now(bootstrap, topics['alerts'])
+  # 5 of 105 records on day 1, and all of day 2's, are over the 1% allowed; 1 of 101 on day 3 is not; day 4's
+  # window has not closed.
+  assert sorted((a['window_start'], a['rate']) for a in alerts) == [
+      (_iso(START_MS + DAY_MS), pytest.approx(5 / 105)), (_iso(START_MS + 2 * DAY_MS), pytest.approx(1.0))]
+  assert all(a['kind'] == DEAD_LETTER_RATE and a['threshold'] == 0.01 for a in alerts)
+  assert all(a['model_version'] == '' for a in alerts)  # dead letters belong to no model
+  assert all('dead-letter topic' in a['message'] for a in alerts)
+
+
+def _commit_offsets(bootstrap: str, group: str, topic: str, at_end: bool):
+  """Commits, for ``group``, the start (offset 0) or the end of each partition of ``topic``."""
+  consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': group})
+  offsets = [TopicPartition(t, p, fetched_end_offset(consumer, t, p, 0) if at_end else 0)
+             for t, p in list_partitions(consumer, [topic])]
+  consumer.commit(offsets=offsets, asynchronous=False)
+  consumer.close()
+
+
+def test_a_scorer_too_far_behind_raises_one_scorer_lag_alert(bootstrap, setup, tmp_path, group_id):
+  topics, model_dir, version = setup
+  warehouse = f'duckdb://{tmp_path}/lag.duckdb'
+  scorer_group = f'{group_id}-scorer'
+  lag_settings = ('--scorer_group', scorer_group, '--max_scorer_lag', '40')
+  # What the scorer has to read: only their number matters to its lag.
+  produce(bootstrap, topics['transactions'], [(b'%d' % i, b'{}', ()) for i in range(50)])
+  monitored_days = iter(range(3))
+
+  def monitor_a_new_day():
+    day = next(monitored_days)
+    _produce(bootstrap, topics, [(ms + day * DAY_MS, kind, f'{day}-{key}', value)
+                                 for ms, kind, key, value in _scored_days([HEALTHY_DAY], version)])
+    _monitor(bootstrap, topics, model_dir, warehouse, group_id, *lag_settings)
+    return _alerts_now(bootstrap, topics['alerts'])
+
+  assert monitor_a_new_day() == []  # the scorer has committed nothing: its lag is not known
+  _commit_offsets(bootstrap, scorer_group, topics['transactions'], at_end=False)
+  (alert,) = monitor_a_new_day()  # 50 transactions behind
+  assert alert['kind'] == SCORER_LAG and alert['lag'] == 50 and alert['threshold'] == 40
+  assert alert['group'] == scorer_group and scorer_group in alert['message']
+  _commit_offsets(bootstrap, scorer_group, topics['transactions'], at_end=True)
+  assert monitor_a_new_day() == [alert]  # caught up: no new alert
 
 
 @pytest.mark.parametrize('lift, promoted', [(0.8, True), (0.1, False)])

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import apache_beam as beam
 import numpy as np
@@ -23,7 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from confluent_kafka import TopicPartition
 
 from kbml import simulator
-from kbml.kafka_client import fetched_end_offset, list_partitions, new_consumer
+from kbml.kafka_client import Partition, committed_offsets, fetched_end_offset, list_partitions, new_consumer
 from kbml.simulator import SimulationConfig, simulate
 from pipelines import scoring
 from pipelines.options import pipeline_options
@@ -83,7 +83,7 @@ def stream(bootstrap, new_topic, group_id, tmp_path):
   scorer = Scorer(bootstrap, topics, model_dir, group_id, str(tmp_path / 'scorer.log'))
   live = [e for e in events if e.timestamp_ms >= split_ms]
   yield {'topics': topics, 'model_dir': model_dir, 'version': first_version, 'scorer': scorer, 'live': live,
-         'bootstrap': bootstrap}
+         'bootstrap': bootstrap, 'group': group_id}
   if scorer.running():
     scorer.kill()
 
@@ -93,6 +93,29 @@ def _commit_end_offsets(bootstrap: str, group: str, topic: str):
   ends = [TopicPartition(t, p, fetched_end_offset(consumer, t, p, 0)) for t, p in list_partitions(consumer, [topic])]
   consumer.commit(offsets=ends, asynchronous=False)
   consumer.close()
+
+
+def _committed_offsets(bootstrap: str, group: str, topic: str) -> Dict[Partition, int]:
+  consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': group})
+  try:
+    return committed_offsets(consumer, list_partitions(consumer, [topic]))
+  finally:
+    consumer.close()
+
+
+def _end_offsets(bootstrap: str, topic: str) -> Dict[Partition, int]:
+  consumer = new_consumer({'bootstrap.servers': bootstrap})
+  try:
+    return {(t, p): fetched_end_offset(consumer, t, p, 0) for t, p in list_partitions(consumer, [topic])}
+  finally:
+    consumer.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+  deadline = time.monotonic() + timeout_s
+  while not condition() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  return condition()
 
 
 def _transaction_ids(events) -> set:
@@ -146,12 +169,27 @@ def test_a_promoted_model_scores_within_5_seconds_and_no_transaction_is_missed(s
 
 
 def test_a_killed_scorer_restarts_without_losing_a_transaction(stream):
+  bootstrap, group, transactions = stream['bootstrap'], stream['group'], stream['topics']['transactions']
+  history_ends = _committed_offsets(bootstrap, group, transactions)  # committed by the fixture
   predictions = _start_scoring(stream)
   producing = _produce_in_background(stream, stream['live'][200:])
-  time.sleep(4)
+  # Kill only once the scorer has committed progress on every partition: the restart must then resume from its own
+  # commits. A scorer that never commits would rescore from the history's end and lose nothing: it fails here.
+  committed = {}
+
+  def committed_past_history() -> bool:
+    committed.update(_committed_offsets(bootstrap, group, transactions))
+    return all(committed[partition] > end for partition, end in history_ends.items())
+
+  assert _wait_until(committed_past_history, 30), f'offsets committed {committed}, at the start {history_ends}'
+  assert producing.is_alive(), 'the live traffic was all produced before the kill: it did not land mid-stream'
   stream['scorer'].kill()
-  predictions.read_until(lambda records: False, 2)
-  scored_before_kill = len(predictions.records)
+  live_at_kill = sum(_end_offsets(bootstrap, transactions).values()) - sum(history_ends.values())
+  # The scorer is dead: the predictions topic holds all it wrote.
+  written = sum(_end_offsets(bootstrap, stream['topics']['predictions']).values())
+  assert predictions.read_until(lambda records: len(records) >= written, 30)
+  scored_before_kill = len({r['transaction_id'] for r in predictions.records})
+  assert scored_before_kill < live_at_kill, 'the scorer had caught up at the kill: no transaction was in flight'
   stream['scorer'].start()
   producing.join()
   live_ids = _transaction_ids(stream['live'])
@@ -160,7 +198,8 @@ def test_a_killed_scorer_restarts_without_losing_a_transaction(stream):
   scored = [r['transaction_id'] for r in predictions.records]
   missing = live_ids - set(scored)
   duplicates = len(scored) - len(set(scored))
-  print(f'killed after {scored_before_kill:,} predictions; {len(live_ids):,} live transactions: '
+  print(f'killed with {sum(committed.values()) - sum(history_ends.values()):,} live transactions committed, '
+        f'{scored_before_kill:,} scored and {live_at_kill:,} produced; {len(live_ids):,} live transactions: '
         f'{len(missing)} missing, {duplicates} duplicate predictions')
   assert not missing, stream['scorer'].log_tail()
   assert set(scored) <= live_ids, 'only transactions that arrived after the scorer first started are scored'

@@ -353,7 +353,8 @@ class WindowMetricsFn(beam.DoFn):
   def start_bundle(self):
     self._sums: Dict[WindowKey, Sums] = {}
     self._labelled_rows: List[Dict[str, object]] = []
-    # The windows (start, end) this bundle added predictions to, and labels: a closed one is checked again.
+    # The windows (start, end) this bundle added predictions or dead letters to, and labels: a closed one is
+    # checked again.
     self._predicted_windows: Set[Tuple[float, float]] = set()
     self._labelled_windows: Set[Tuple[float, float]] = set()
 
@@ -379,6 +380,7 @@ class WindowMetricsFn(beam.DoFn):
     fields = contribution.prediction
     if contribution.kind == DEAD_LETTER:
       self._add(fields['source_time'], '', PIPELINE_ROLE, {('dead_letters', 0): 1.0})
+      self._predicted_windows.add(self._window(fields['source_time']))
       return
     tx_time, version = fields['tx_time'], fields['model_version']
     challenger = fields.get('challenger_version')
@@ -424,19 +426,23 @@ class WindowMetricsFn(beam.DoFn):
     """
     settings = self._settings
     tx_horizon = min(self._newest_tx_time.values(), default=-math.inf) - settings.grace_s
-    for window, version, sums in self._closed_windows(self._checked_tx_horizon, tx_horizon, self._predicted_windows):
-      self._check_drift(window, version, sums)
+    for window, by_version, dead_letters in self._closed_windows(self._checked_tx_horizon, tx_horizon,
+                                                                 self._predicted_windows):
+      self._check_dead_letters(window, by_version, dead_letters)
+      for version, rows in by_version.items():
+        self._check_drift(window, version, rows)
     self._checked_tx_horizon = max(self._checked_tx_horizon, tx_horizon)
     label_horizon = (min(self._newest_label_time.values(), default=-math.inf) - settings.label_delay_s
                      - settings.grace_s)
-    for window, version, sums in self._closed_windows(self._checked_label_horizon, label_horizon,
+    for window, by_version, _ in self._closed_windows(self._checked_label_horizon, label_horizon,
                                                       self._labelled_windows):
-      self._check_accuracy(window, version, sums)
+      for version, rows in by_version.items():
+        self._check_accuracy(window, version, rows)
     self._checked_label_horizon = max(self._checked_label_horizon, label_horizon)
 
   def _closed_windows(self, checked: float, horizon: float, updated: Set[Tuple[float, float]]):
-    """(window, version, summed rows) of the champion windows that ended in (checked, horizon], or by
-    ``checked`` and are in ``updated``."""
+    """(window, {model version: its summed champion rows}, dead letters) of the windows that ended in
+    (checked, horizon], or by ``checked`` and are in ``updated``; a window of dead letters alone too."""
     ends = {end for _, end in updated if end <= checked}
     conditions = [f'window_end = {self._warehouse.timestamp(_utc(end))}' for end in sorted(ends)]
     if horizon > checked:
@@ -446,23 +452,29 @@ class WindowMetricsFn(beam.DoFn):
       return
     sums = read_sums(self._warehouse, f"({' OR '.join(conditions)}) AND role IN ('{CHAMPION}', '{PIPELINE_ROLE}')",
                      self._settings.metrics_table)
-    dead_letters = sums[sums['role'] == PIPELINE_ROLE]
-    for (start, end, version), rows in sums[sums['role'] == CHAMPION].groupby(
-        ['window_start', 'window_end', 'model_version'], sort=True):
-      window_dead_letters = dead_letters.loc[dead_letters['window_start'] == start, 'value'].sum()
-      yield (_seconds(start), _seconds(end)), version, (rows, float(window_dead_letters))
+    for (start, end), rows in sums.groupby(['window_start', 'window_end'], sort=True):
+      champion = rows[rows['role'] == CHAMPION]
+      by_version = {version: versioned for version, versioned in champion.groupby('model_version', sort=True)}
+      dead_letters = float(rows.loc[rows['role'] == PIPELINE_ROLE, 'value'].sum())
+      yield (_seconds(start), _seconds(end)), by_version, dead_letters
 
-  def _check_drift(self, window, version: str, sums):
-    rows, dead_letters = sums
-    summary = window_summary(rows)
-    predictions = summary['predictions']
+  def _check_dead_letters(self, window, by_version, dead_letters: float):
+    """Dead letters against all the window's records, whichever model scored them: a version promoted late in the
+    window, with few predictions of its own, must not make the window's dead letters look many."""
     settings = self._settings
-    if predictions + dead_letters and dead_letters / (predictions + dead_letters) > settings.max_dead_letter_rate:
-      rate = dead_letters / (predictions + dead_letters)
-      self._raise(DEAD_LETTER_RATE, window, version, 'records',
+    predictions = sum(rows.loc[rows['metric'] == 'predictions', 'value'].sum() for rows in by_version.values())
+    rate = dead_letters / (predictions + dead_letters) if dead_letters else 0.0
+    if rate > settings.max_dead_letter_rate:
+      # The dead letters belong to no model version, like their rows in the metrics table.
+      self._raise(DEAD_LETTER_RATE, window, '', 'records',
                   f'{rate:.1%} of the records of the window {_describe(window)} went to the dead-letter topic (more '
                   f'than {settings.max_dead_letter_rate:.1%}): look at their reasons (header kbml.error.reason) and '
                   f'fix the producer.', rate=rate, threshold=settings.max_dead_letter_rate)
+
+  def _check_drift(self, window, version: str, rows):
+    summary = window_summary(rows)
+    predictions = summary['predictions']
+    settings = self._settings
     if predictions < settings.min_window_predictions:
       return
     try:
@@ -477,8 +489,7 @@ class WindowMetricsFn(beam.DoFn):
                     'may no longer fit: retrain on recent data (`kbml retrain`).',
                     statistic=statistic, psi=psi, threshold=settings.psi_threshold, predictions=predictions)
 
-  def _check_accuracy(self, window, version: str, sums):
-    rows, _ = sums
+  def _check_accuracy(self, window, version: str, rows):
     summary = window_summary(rows)
     settings = self._settings
     if summary['frauds'] < settings.min_labelled_frauds:
