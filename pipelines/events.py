@@ -1,24 +1,37 @@
 """The events every fraud pipeline reads: transactions and labels from Kafka, validated, in event time."""
 
-from typing import Dict, Optional
+import logging
+import os
+from typing import Dict, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from kbml.kafka_client import PartitionOffsets
+from kbml.kafka_client import PartitionOffsets, fetched_end_offset, listed_offsets, new_probe_consumer
+from kbml.local_stack import local_state_dir
 from pipelines.options import LOCAL_RUNNER, KafkaOptions
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, GROUPED, HISTORY_DAYS, KEYED_STATE, ORDERED_BUNDLES
+from transforms.features import (
+  DAY_SECONDS,
+  DEFAULT_LABEL_DELAY_DAYS,
+  GROUPED,
+  HISTORY_DAYS,
+  KEYED_STATE,
+  ORDERED_BUNDLES,
+  snapshot_identity,
+)
 from transforms.kafka_io import read_from_kafka, write_to_kafka
 from transforms.records import (
   DEAD_LETTER_TAG,
   LABEL_SCHEMA,
   TRANSACTION_SCHEMA,
   DeadLetter,
+  EventTimeLimits,
   ParseRecords,
   Transaction,
   dead_letter_message,
   transaction_record,
 )
+from transforms.snapshots import StateSnapshots
 
 
 class EventOptions(PipelineOptions):
@@ -32,6 +45,30 @@ class EventOptions(PipelineOptions):
     parser.add_argument('--label_delay_days', type=float, default=DEFAULT_LABEL_DELAY_DAYS,
                         help='The delay d of the terminal features (a model is scored with the one it was trained '
                         'with).')
+    parser.add_argument(
+        '--max_event_time_ahead_s', type=float, default=3600.0,
+        help='A transaction or label whose tx_datetime is more than this many seconds after its record\'s Kafka '
+        'timestamp is a dead letter (clock skew allowance).')
+    parser.add_argument(
+        '--max_transaction_lateness_days', type=float, default=HISTORY_DAYS,
+        help='A transaction produced more than this many days after its tx_datetime is a dead letter: every '
+        'record\'s Kafka timestamp must be its event time. Default: the longest history, beyond which a '
+        'transaction changes no feature.')
+
+    parser.add_argument(
+        '--state_snapshot',
+        help='Streaming on the local runner: the file the feature histories are saved to now and then, with the '
+        'offsets they reflect, and loaded from at a restart, which then reads on from those offsets instead of '
+        'the beginning of the topics (default: .kbml/snapshots/CONSUMER_GROUP.features).')
+    parser.add_argument('--state_snapshot_interval_s', type=float, default=60.0,
+                        help='Seconds between two snapshots; 0: none (every start reads the topics from the '
+                        'beginning).')
+
+  def time_limits(self) -> Dict[str, EventTimeLimits]:
+    """Per topic, how far a record's event time may be from its Kafka timestamp."""
+    lateness_s = self.max_transaction_lateness_days * DAY_SECONDS
+    return {self.transactions_topic: EventTimeLimits(self.max_event_time_ahead_s, lateness_s),
+            self.labels_topic: EventTimeLimits(self.max_event_time_ahead_s, None)}
 
 
 def feature_form(options: PipelineOptions, bounded: bool) -> str:
@@ -73,7 +110,7 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
       [events.transactions_topic, events.labels_topic], expansion_service=kafka.kafka_expansion_service,
       idle_timeout_s=kafka.idle_timeout_s, **read_bounds)
   parsed = records | 'ParseRecords' >> ParseRecords(
-      {events.transactions_topic: TRANSACTION_SCHEMA, events.labels_topic: LABEL_SCHEMA})
+      {events.transactions_topic: TRANSACTION_SCHEMA, events.labels_topic: LABEL_SCHEMA}, events.time_limits())
   first_new = first_new or {}
   new_dead_letters = parsed[DEAD_LETTER_TAG] | 'NewDeadLetters' >> beam.Filter(
       lambda dead: dead.record.offset >= first_new.get(dead.record.topic, {}).get(dead.record.partition, 0))
@@ -115,3 +152,53 @@ def write_repeats_to_dead_letters(repeated: beam.PCollection, options: PipelineO
                  lambda transaction: transaction.kafka_offset >= first_new.get(transaction.kafka_partition, 0))
              | 'RepeatsToDeadLetters' >> beam.Map(repeat_dead_letter, topic))
   write_dead_letters(letters, options, config, 'Repeated')
+
+
+def feature_snapshots(options: PipelineOptions, group: Optional[str], form: str) -> Optional[StateSnapshots]:
+  """The snapshots of a streaming pipeline's feature histories (:class:`~transforms.snapshots.StateSnapshots`).
+
+  None where the runner keeps the state itself (keyed state, checkpointed by
+  Flink and Dataflow), for bounded runs, without a consumer group, or with
+  ``--state_snapshot_interval_s 0``.
+  """
+  events = options.view_as(EventOptions)
+  if form != ORDERED_BUNDLES or group is None or not events.state_snapshot_interval_s:
+    return None
+  path = events.state_snapshot or os.path.join(local_state_dir(), 'snapshots', f'{group}.features')
+  return StateSnapshots(path, snapshot_identity(events.label_delay_days, events.transactions_topic,
+                                                events.labels_topic), events.state_snapshot_interval_s)
+
+
+def snapshot_start_offsets(snapshots: Optional[StateSnapshots], config: Dict[str, str]) -> Dict[Tuple[str, int], int]:
+  """Per (topic, partition), the offset a pipeline resuming from the newest snapshot reads on from.
+
+  A snapshot whose offsets lie beyond the ends of the partitions (the topics
+  were deleted and created again) is set aside (renamed ``*.stale``) and the
+  state is rebuilt from the beginning of the topics. Records that retention
+  deleted after the snapshot was taken are missing from the state: that is
+  logged.
+  """
+  header = snapshots.header() if snapshots is not None else None
+  if header is None:
+    return {}
+  topics = header.identity['streams']
+  offsets = {(topics[kind], partition): offset for (kind, partition), offset in header.offsets.items()}
+  consumer = new_probe_consumer(config)
+  try:
+    for (topic, partition), offset in offsets.items():
+      low, high = listed_offsets(consumer, topic, partition)
+      # A listed end is short on some brokers (Tansu): only the fetched end tells a recreated topic.
+      if offset > high and offset > fetched_end_offset(consumer, topic, partition, low):
+        os.replace(snapshots.path, f'{snapshots.path}.stale')
+        logging.warning('the state snapshot %s reflects %s[%d] up to offset %d, beyond the end of the partition: '
+                        'the topic was created again; set the snapshot aside and rebuilding the state from the '
+                        'beginning of the topics', snapshots.path, topic, partition, offset)
+        return {}
+      if offset < low:
+        logging.warning('%s[%d]: retention deleted offsets %d to %d after the state snapshot was taken; the '
+                        'histories miss those records (keep the topics longer than --state_snapshot_interval_s)',
+                        topic, partition, offset, low - 1)
+  finally:
+    consumer.close()
+  logging.info('resuming the feature histories from the snapshot %s, at offsets %s', snapshots.path, offsets)
+  return offsets

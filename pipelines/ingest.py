@@ -33,7 +33,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
-from pipelines.events import EventOptions, feature_form, read_events, write_repeats_to_dead_letters
+from pipelines.events import (
+  EventOptions,
+  feature_form,
+  feature_snapshots,
+  read_events,
+  snapshot_start_offsets,
+  write_repeats_to_dead_letters,
+)
 from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
 from transforms.batches import items_of
 from transforms.features import FEATURES_TABLE, ComputeFeatures
@@ -92,7 +99,8 @@ def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]]
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
-                   first_unwritten: Optional[Dict[str, PartitionOffsets]] = None) -> beam.PCollection:
+                   first_unwritten: Optional[Dict[str, PartitionOffsets]] = None,
+                   snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> beam.PCollection:
   """Adds the ingest steps to ``pipeline``; returns the feature rows written.
 
   Args:
@@ -104,6 +112,11 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
       only warm up the customers' and terminals' histories, so that a
       restarted ingest computes the features one run would. None: write
       everything. Ignored in a replay.
+    snapshot_offsets: streaming on the local runner: where the newest
+      snapshot of the histories was taken
+      (:func:`~pipelines.events.snapshot_start_offsets`; empty: none was);
+      the histories start from it, the read from its offsets, and new
+      snapshots are saved. None: no snapshots.
   """
   kafka = options.view_as(KafkaOptions)
   ingest = options.view_as(IngestOptions)
@@ -115,10 +128,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   bounded = kafka.stop_at_end or replay
   form = feature_form(options, bounded)
   config = kafka_config(options)
-  events = read_events(
-      pipeline, options, config, None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-      form, first_new=None if replay else first_unwritten, stop_at_end=bounded, from_beginning=True)
-  rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form)
+  group = None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP
+  snapshots = feature_snapshots(options, group, form) if snapshot_offsets is not None else None
+  events = read_events(pipeline, options, config, group, form, first_new=None if replay else first_unwritten,
+                       stop_at_end=bounded, from_beginning=True, start_offsets=snapshot_offsets)
+  rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form,
+                                                                 snapshots=snapshots)
   if replay:
     rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
   else:
@@ -142,15 +157,17 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 def run(argv: Optional[List[str]] = None):
   options = pipeline_options(argv, [IngestOptions, WarehouseOptions, EventOptions], prog='python -m pipelines.ingest')
   open_warehouse(options.view_as(WarehouseOptions).warehouse_url()).prepare()
-  first_unwritten = None
+  first_unwritten = snapshot_offsets = None
   if replay_range(options.view_as(IngestOptions)) is None:
     kafka, events = options.view_as(KafkaOptions), options.view_as(EventOptions)
-    first_unwritten = {topic: group_start_offsets(kafka_config(options), kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-                                                  topic, 'earliest')
+    group, config = kafka.consumer_group or DEFAULT_CONSUMER_GROUP, kafka_config(options)
+    first_unwritten = {topic: group_start_offsets(config, group, topic, 'earliest')
                        for topic in (events.transactions_topic, events.labels_topic)}
     logging.info('writing the records from offsets %s; the earlier ones only build the histories', first_unwritten)
+    form = feature_form(options, bool(kafka.stop_at_end))
+    snapshot_offsets = snapshot_start_offsets(feature_snapshots(options, group, form), config)
   with beam.Pipeline(options=options) as pipeline:
-    build_pipeline(pipeline, options, first_unwritten)
+    build_pipeline(pipeline, options, first_unwritten, snapshot_offsets)
 
 
 if __name__ == '__main__':

@@ -56,7 +56,9 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from pipelines.events import (
   EventOptions,
   feature_form,
+  feature_snapshots,
   read_events,
+  snapshot_start_offsets,
   write_dead_letters,
   write_repeats_to_dead_letters,
 )
@@ -195,7 +197,8 @@ class _CountByVersionFn(beam.DoFn):
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
-                   first_unscored: Optional[PartitionOffsets] = None) -> beam.PCollection:
+                   first_unscored: Optional[PartitionOffsets] = None,
+                   snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> beam.PCollection:
   """Adds the scoring steps to ``pipeline``; returns the PredictionResults.
 
   Args:
@@ -204,6 +207,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     first_unscored: streaming: per transactions partition, the first offset
       to score (:func:`~kbml.kafka_client.group_start_offsets`); the earlier records only
       warm up the histories. Ignored in a backtest.
+    snapshot_offsets: streaming on the local runner: where the newest
+      snapshot of the histories was taken
+      (:func:`~pipelines.events.snapshot_start_offsets`; empty: none was);
+      the histories start from it, the read from its offsets, and new
+      snapshots are saved. None: no snapshots, the histories are built from
+      the beginning of the topics.
   """
   kafka = options.view_as(KafkaOptions)
   scoring = options.view_as(ScoringOptions)
@@ -215,11 +224,14 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
   # The local runner's rows come in batches that RunInference takes as they are (transforms/batches.py).
   batched = form == ORDERED_BUNDLES
-  events = read_events(pipeline, options, config, None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-                       form, first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
-                       stop_at_end=bool(backtest), from_beginning=True)
+  group = None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP
+  snapshots = feature_snapshots(options, group, form) if snapshot_offsets is not None else None
+  events = read_events(pipeline, options, config, group, form,
+                       first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
+                       stop_at_end=bool(backtest), from_beginning=True, start_offsets=snapshot_offsets)
   rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(
-      events_options.label_delay_days, form, rows_per_batch=scoring.max_batch_size if batched else None)
+      events_options.label_delay_days, form, rows_per_batch=scoring.max_batch_size if batched else None,
+      snapshots=snapshots)
 
   reload = None if backtest else model_reload(options)
   handler = ModelStoreHandler(
@@ -281,14 +293,15 @@ def run(argv: Optional[List[str]] = None):
   store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
   if store.current() is None:
     raise ModelStoreError(f'No model is in service in {store.root}: train one first (`kbml train`).')
-  first_unscored = None
+  first_unscored = snapshot_offsets = None
   if not scoring.backtest_range():
-    first_unscored = group_start_offsets(kafka_config(options), kafka.consumer_group or DEFAULT_CONSUMER_GROUP,
-                                         events_options.transactions_topic, scoring.score_from)
+    group, config = kafka.consumer_group or DEFAULT_CONSUMER_GROUP, kafka_config(options)
+    first_unscored = group_start_offsets(config, group, events_options.transactions_topic, scoring.score_from)
     logging.info('scoring %s from offsets %s; the earlier records only build the histories',
                  events_options.transactions_topic, first_unscored)
+    snapshot_offsets = snapshot_start_offsets(feature_snapshots(options, group, feature_form(options, False)), config)
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, options, first_unscored)
+  build_pipeline(pipeline, options, first_unscored, snapshot_offsets)
   result = pipeline.run()
   result.wait_until_finish()
   if scoring.backtest_range():

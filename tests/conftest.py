@@ -4,7 +4,7 @@ import os
 import re
 import time
 import uuid
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Tuple
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -70,12 +70,12 @@ def local_options(**options) -> PipelineOptions:
   return PipelineOptions(flags=[], runner=LOCAL_RUNNER, **options)
 
 
-def produce(bootstrap: str, topic: str, messages: Iterable[Tuple[Optional[bytes], bytes, Sequence]]) -> int:
-  """Produces ``(key, value, headers)`` messages and waits for every acknowledgement."""
+def produce(bootstrap: str, topic: str, messages: Iterable[Tuple]) -> int:
+  """Produces ``(key, value, headers[, timestamp_ms])`` messages and waits for every acknowledgement."""
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   count = 0
-  for key, value, headers in messages:
-    producer.send(topic, value, key, list(headers) or None)
+  for key, value, headers, *timestamp_ms in messages:
+    producer.send(topic, value, key, list(headers) or None, *timestamp_ms)
     count += 1
   undelivered, reasons = producer.flush(30)
   assert undelivered == 0, reasons

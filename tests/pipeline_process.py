@@ -12,7 +12,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PipelineProcess:
-  """``python -m MODULE ARGS``; its output goes to a log file."""
+  """``python -m MODULE ARGS``; its output goes to a log file, its local state (snapshots) beside it."""
 
   def __init__(self, module: str, args: Sequence[str], log_path: str):
     self._command = [sys.executable, '-m', module, *args]
@@ -21,7 +21,9 @@ class PipelineProcess:
 
   def start(self):
     log = open(self._log_path, 'ab')  # noqa: SIM115 - the child keeps writing to it
-    self.process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+    state_dir = os.path.join(os.path.dirname(os.path.abspath(self._log_path)), 'kbml-state')
+    self.process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                                    env={**os.environ, 'KBML_STATE_DIR': state_dir})
 
   def running(self) -> bool:
     return self.process is not None and self.process.poll() is None

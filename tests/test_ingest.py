@@ -36,6 +36,7 @@ from transforms.records import (
   InvalidRecord,
   ParseRecords,
   dead_letter_message,
+  parse_utc_timestamp,
 )
 
 VALID = (b'{"transaction_id": %d, "tx_datetime": "2018-04-01T10:%02d:%02dZ", "customer_id": %d, '
@@ -65,6 +66,11 @@ BAD_RECORDS = [
      b'"amount": 1.5}', 'field tx_datetime is not an ISO-8601 timestamp'),
     (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00+02:00", "customer_id": 2, "terminal_id": 3, '
      b'"amount": 1.5}', 'field tx_datetime must be in UTC'),
+    (b'{"transaction_id": 1, "tx_datetime": "2100-01-01T00:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": 1.5}', 'after the record\'s Kafka timestamp'),
+    # Produced now: a valid transaction of 2018 without its event time as the Kafka timestamp.
+    (b'{"transaction_id": 1, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 2, "terminal_id": 3, '
+     b'"amount": 1.5}', 'before the record\'s Kafka timestamp'),
     (b'{"transaction_id": 1, "pad": "' + b'x' * 70_000 + b'"}',
      'oversized transaction record: 70032 bytes, the limit is 65536'),
 ]
@@ -90,7 +96,8 @@ def test_valid_records_reach_the_warehouse_and_bad_ones_the_dead_letter_topic(bo
     else:
       value = VALID % (i, (i // 60) % 60, i % 60, i % 500, i % 300, i % 200, i % 100)
       valid_ids.add(i)
-    messages.append((b'%d' % (i % 500), value, [('trace', b'%d' % i)]))
+    tx_time = parse_utc_timestamp(f'2018-04-01T10:{(i // 60) % 60:02d}:{i % 60:02d}Z')
+    messages.append((b'%d' % (i % 500), value, [('trace', b'%d' % i)], int(tx_time * 1000) if i in valid_ids else 0))
   produce(bootstrap, topics['transactions'], messages)
   warehouse = f'duckdb://{tmp_path}/warehouse.duckdb'
 

@@ -75,6 +75,7 @@ from apache_beam.utils.timestamp import Timestamp
 from kbml.warehouse import TableSchema
 from transforms.batches import Batch, items_of
 from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, event_time, utc_iso
+from transforms.snapshots import StateSnapshots
 
 # Beam's SDK harness weighs every value it puts in its state cache with objsize, which by default first collects
 # the ids of every loaded module's globals, on every call: 1.5 ms per state write, 5 ms once TensorFlow is loaded
@@ -512,9 +513,10 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
   transactions, at their times.
   """
 
-  def __init__(self, label_delay_days: float, rows_per_batch: Optional[int]):
+  def __init__(self, label_delay_days: float, rows_per_batch: Optional[int], snapshots: Optional[StateSnapshots]):
     self._label_delay_days = label_delay_days
     self._rows_per_batch = rows_per_batch
+    self._snapshots = snapshots
     self._histories_id = uuid.uuid4().hex
     self._histories: Optional[Histories] = None
     self._bundle: List[_PendingEvent] = []
@@ -523,10 +525,18 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
     with _PROCESS_HISTORIES_LOCK:
       self._histories = _PROCESS_HISTORIES.get(self._histories_id)
       if self._histories is None:
-        self._histories = _PROCESS_HISTORIES[self._histories_id] = Histories(self._label_delay_days)
+        loaded = self._snapshots.load() if self._snapshots is not None else None
+        self._histories = loaded[1] if loaded else Histories(self._label_delay_days)
+        _PROCESS_HISTORIES[self._histories_id] = self._histories
 
   def start_bundle(self):
     self._bundle = []
+    # Between bundles, the histories hold the events of bundles whose outputs are all written: a restart from
+    # the snapshot's offsets neither misses nor repeats a row. (Their offsets may not be committed yet; the
+    # restart reads from the snapshot's.)
+    if self._snapshots is not None and self._snapshots.due():
+      with _PROCESS_HISTORIES_LOCK:
+        self._snapshots.save(self._histories.next_offsets, self._histories)
 
   def process(self, events: Union[Transaction, Label, Batch]):
     self._bundle.extend(_PendingEvent(*_apply_order(event), event) for event in items_of(events))
@@ -579,6 +589,12 @@ GROUPED = 'grouped'
 FORMS = (KEYED_STATE, ORDERED_BUNDLES, GROUPED)
 
 
+def snapshot_identity(label_delay_days: float, transactions_topic: str, labels_topic: str) -> Dict[str, object]:
+  """What a snapshot of the histories depends on: a snapshot of other settings or features is not loaded."""
+  return {'state': 'feature histories', 'label_delay_days': label_delay_days, 'features': FEATURE_NAMES,
+          'streams': {'Transaction': transactions_topic, 'Label': labels_topic}}
+
+
 class FeatureOutputs(NamedTuple):
   """What ComputeFeatures gives: the feature rows, and the repeated transactions (no row: the first one won)."""
   rows: beam.PCollection
@@ -614,24 +630,30 @@ class ComputeFeatures(beam.PTransform):
     rows_per_batch: ``ORDERED_BUNDLES`` only: hand on each bundle's rows in
       Batches of at most this many, each at its last row's time, rather than
       one by one (``transforms/batches.py``).
+    snapshots: ``ORDERED_BUNDLES`` only: start from the newest snapshot of
+      the histories, if any, and save one now and then, with the offsets of
+      each kind of event (``Transaction``, ``Label``) and partition it
+      reflects (``transforms/snapshots.py``); the pipeline reads on from
+      those offsets (see :func:`snapshot_identity`).
   """
 
   def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS, form: str = KEYED_STATE,
-               rows_per_batch: Optional[int] = None):
+               rows_per_batch: Optional[int] = None, snapshots: Optional[StateSnapshots] = None):
     super().__init__()
     if form not in FORMS:
       raise ValueError(f'Unknown feature form {form!r}: choose one of {", ".join(FORMS)}.')
-    if rows_per_batch is not None and form != ORDERED_BUNDLES:
-      raise ValueError(f'Only ComputeFeatures({ORDERED_BUNDLES!r}) hands on rows in batches.')
+    if (rows_per_batch is not None or snapshots is not None) and form != ORDERED_BUNDLES:
+      raise ValueError(f'Only ComputeFeatures({ORDERED_BUNDLES!r}) hands on rows in batches and takes snapshots.')
     self._label_delay_days = label_delay_days
     self._form = form
     self._rows_per_batch = rows_per_batch
+    self._snapshots = snapshots
 
   def expand(self, events) -> FeatureOutputs:
     if self._form == ORDERED_BUNDLES:
       if not isinstance(events.windowing.windowfn, GlobalWindows):
         raise ValueError(f'ComputeFeatures({ORDERED_BUNDLES!r}) needs its input in the global window.')
-      in_order = beam.ParDo(_OrderedBundleFeaturesFn(self._label_delay_days, self._rows_per_batch))
+      in_order = beam.ParDo(_OrderedBundleFeaturesFn(self._label_delay_days, self._rows_per_batch, self._snapshots))
       outputs = events | 'InOrderOfEachBundle' >> (in_order if self._rows_per_batch is None
                                                    else in_order.with_output_types(Batch)).with_outputs(
                                                        REPEATED_TAG, main='rows')

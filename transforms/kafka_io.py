@@ -88,6 +88,7 @@ class _ReadSpec(NamedTuple):
   commit_delay_bundles: int = 0
   batched: bool = False  # each run of a partition's records handed on as one list
   idle_poll_s: float = 1.0
+  start_offsets: Optional[Dict[Tuple[str, int], int]] = None  # where given, a partition's read starts here
 
   @property
   def bounded(self) -> bool:
@@ -207,6 +208,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     return self._metadata_consumer
 
   def _start_offset(self, topic: str, partition: int) -> int:
+    if (topic, partition) in (self._spec.start_offsets or {}):
+      return self._spec.start_offsets[(topic, partition)]
     consumer = self._metadata_client()
     config = self._spec.consumer_config
     if 'group.id' in config and not self._spec.from_beginning:
@@ -434,6 +437,9 @@ class ReadFromKafka(beam.PTransform):
       bounds the latency of the first record after a quiet spell, and the
       rate at which an idle read starts bundles: the local runner starts a
       deferred read again at once, whatever delay the read asks for.
+    start_offsets: (topic, partition) -> the offset to start that partition
+      at, whatever the group committed (where a state snapshot was taken,
+      ``transforms/snapshots.py``); the others start as said above.
     batched: hand on each run of a partition's records that a bundle emits
       as one element, a :class:`~transforms.batches.Batch` of
       :class:`KafkaRecord` at the time of its first record, rather than one
@@ -446,7 +452,8 @@ class ReadFromKafka(beam.PTransform):
                idle_timeout_s: Optional[float] = None, commit_offsets: bool = True,
                read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0,
                align_partitions: bool = False, from_beginning: bool = False, commit_delay_bundles: int = 0,
-               batched: bool = False, idle_poll_s: float = 1.0):
+               batched: bool = False, idle_poll_s: float = 1.0,
+               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
     super().__init__()
     topics = [topics] if isinstance(topics, str) else list(topics)
     if not topics:
@@ -457,7 +464,7 @@ class ReadFromKafka(beam.PTransform):
         idle_timeout_s=idle_timeout_s, read_budget_s=read_budget_s, read_budget_records=read_budget_records,
         timeout_s=timeout_s, topics=tuple(topics), align_group=uuid.uuid4().hex if align_partitions else None,
         from_beginning=from_beginning, commit_delay_bundles=commit_delay_bundles, batched=batched,
-        idle_poll_s=idle_poll_s)
+        idle_poll_s=idle_poll_s, start_offsets=dict(start_offsets or {}))
 
   def expand(self, pbegin):
     read = beam.ParDo((_ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn)(self._spec))
@@ -586,7 +593,7 @@ def read_from_kafka(kafka_io: str, consumer_config: Mapping[str, str], topics: S
   if kafka_io == KAFKA_IO_JAVA:
     bounds.pop('align_partitions', None)  # Beam's KafkaIO runs where the runner tracks the watermark
     bounds.pop('batched', None)  # and reads record by record
-    if bounds.get('from_beginning') or bounds.get('commit_delay_bundles'):
+    if bounds.get('from_beginning') or bounds.get('commit_delay_bundles') or bounds.get('start_offsets'):
       raise ValueError('Beam\'s Java KafkaIO cannot rebuild state from the beginning of the topics or delay its '
                        'commits: use --kafka_io=python.')
     if bounds.get('stop_at_end'):

@@ -277,16 +277,48 @@ def transaction_record(transaction: Transaction, topic: str) -> KafkaRecord:
                      str(transaction.transaction_id).encode(), value.encode(), ())
 
 
+class EventTimeLimits(NamedTuple):
+  """How far a record's event time (its ``tx_time``) may be from its Kafka timestamp.
+
+  The pipelines take a record's Kafka timestamp for its event time when
+  they read the partitions in step, and apply the events to the histories
+  in event time: a record whose own time is far from it would be applied
+  out of its place, or move the histories' clock. A transaction cannot
+  happen after it was produced (beyond clock skew), and one produced long
+  after it happened is a replay that lost its timestamps, or a fabrication.
+
+  Attributes:
+    ahead_s: most seconds the event time may be after the Kafka timestamp.
+    behind_s: most seconds it may be before; None: no limit (labels, which
+      may come months after their transaction).
+  """
+  ahead_s: float
+  behind_s: Optional[float]
+
+  def check(self, event_time_s: float, timestamp_ms: int):
+    """Raises :class:`InvalidRecord` when ``event_time_s`` is outside the limits around ``timestamp_ms``."""
+    gap_s = event_time_s - timestamp_ms / 1000
+    if gap_s > self.ahead_s or (self.behind_s is not None and -gap_s > self.behind_s):
+      limit = f'{self.ahead_s:,.0f} s after' if gap_s > 0 else f'{self.behind_s:,.0f} s before'
+      raise InvalidRecord(
+          f'event time {utc_iso(event_time_s)} is {abs(gap_s):,.0f} s {"after" if gap_s > 0 else "before"} the '
+          f'record\'s Kafka timestamp {utc_iso(timestamp_ms / 1000, milliseconds=True)} (at most {limit}): produce '
+          'records with their event time as the Kafka timestamp')
+
+
 class _ParseFn(beam.DoFn):
-  def __init__(self, schemas: Mapping[str, RecordSchema]):
+  def __init__(self, schemas: Mapping[str, RecordSchema], time_limits: Mapping[str, EventTimeLimits]):
     self._schemas = dict(schemas)
+    self._time_limits = dict(time_limits)
 
   def process(self, records: Union[KafkaRecord, Batch]) -> Iterable:
     events = Batch()
     for record in items_of(records):
       try:
-        events.append(self._schemas[record.topic].parse(record.value,
-                                                        (record.partition, record.offset, record.timestamp_ms)))
+        event = self._schemas[record.topic].parse(record.value, (record.partition, record.offset, record.timestamp_ms))
+        if record.topic in self._time_limits:
+          self._time_limits[record.topic].check(event.tx_time, record.timestamp_ms)
+        events.append(event)
       except InvalidRecord as e:
         yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
     yield from in_kind_of(records, events)
@@ -305,14 +337,18 @@ class ParseRecords(beam.PTransform):
 
   Args:
     schemas: topic name -> the schema of its records.
+    time_limits: topic name -> how far its records' ``tx_time`` may be from
+      their Kafka timestamps (:class:`EventTimeLimits`); a topic not named
+      is not checked.
   """
 
-  def __init__(self, schemas: Mapping[str, RecordSchema]):
+  def __init__(self, schemas: Mapping[str, RecordSchema], time_limits: Optional[Mapping[str, EventTimeLimits]] = None):
     super().__init__()
     self._schemas = dict(schemas)
+    self._time_limits = dict(time_limits or {})
 
   def expand(self, records):
-    parse = beam.ParDo(_ParseFn(self._schemas))
+    parse = beam.ParDo(_ParseFn(self._schemas, self._time_limits))
     if records.element_type is Batch:
       parse = parse.with_output_types(Batch)
     return records | 'Parse' >> parse.with_outputs(DEAD_LETTER_TAG, main='records')
