@@ -84,6 +84,8 @@ def parse_utc_timestamp(value: Any) -> float:
   if not isinstance(value, str):
     raise InvalidRecord(f'must be an ISO-8601 UTC timestamp string, got {type(value).__name__}')
   try:
+    if not (value.isascii() and value.isprintable()):  # fromisoformat lets a trailing NUL through
+      raise ValueError(value)
     parsed = datetime.datetime.fromisoformat(value.replace('Z', '+00:00'))
   except ValueError:
     raise InvalidRecord(f'is not an ISO-8601 timestamp: {value!r}'[:200]) from None
