@@ -192,7 +192,11 @@ def _promote_challenger_if_better(store, args) -> int:
     print(f'not promoted: the challenger is not better; {record}')
     return 0
   store.verified_model_bytes(challenger)
-  store.promote(challenger)
+  # Compared with the champion read above: if another version went in service since, this comparison says nothing.
+  if store.promote_replacing(challenger, champion) is None:
+    print(f'not promoted: version {store.current()} was put in service while the challenger was compared with '
+          f'{champion}; run again to compare it with the one in service now. {record}')
+    return 0
   print(f'promoted {challenger}: {record}')
   return 0
 

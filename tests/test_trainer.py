@@ -4,6 +4,8 @@ import datetime
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -13,7 +15,7 @@ from sklearn.metrics import average_precision_score
 
 from kbml.warehouse import WarehouseError, open_warehouse
 from tests.scoring_models import publish_model
-from trainer import data, evaluate, model, task
+from trainer import data, evaluate, model, retrain, task
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.features import FEATURE_NAMES, FEATURES_TABLE
 from transforms.records import LABELS_TABLE
@@ -254,3 +256,28 @@ def test_training_rows_keep_one_row_per_transaction_of_tables_without_a_key(tmp_
   assert len(warehouse.query('SELECT * FROM features')) == 18
 
   _check_one_row_per_transaction(warehouse, transactions=6)
+
+
+def test_a_retrain_does_not_replace_a_version_promoted_while_it_trained(warehouse, tmp_path):
+  model_dir = str(tmp_path / 'models')
+  champion = publish_model(model_dir, seed=0)  # an untrained network: any retrain beats it
+  by_hand = publish_model(model_dir, seed=1, promote=False)
+  store = ModelStore(model_dir)
+  versions_dir = os.path.join(model_dir, 'versions')
+
+  def promote_by_hand_once_the_retrain_publishes():
+    # The retrain publishes its version after comparing it with the champion, and promotes it after that.
+    while set(os.listdir(versions_dir)) <= {champion, by_hand}:
+      time.sleep(0.001)
+    store.promote(by_hand)
+
+  person = threading.Thread(target=promote_by_hand_once_the_retrain_publishes, daemon=True)
+  person.start()
+  assert retrain.run(['--warehouse', warehouse, '--model-dir', model_dir, '--epochs', '2', '--ensemble', '1']) == 0
+  person.join(10)
+
+  (retrained,) = set(store.versions()) - {champion, by_hand}
+  blessing = store.metadata(retrained)['blessing']
+  assert blessing['champion'] == champion and not blessing['promoted']
+  assert f'version {by_hand} was put in service' in blessing['reason']
+  assert store.current() == by_hand and [p.version for p in store.promotions()] == [champion, by_hand]

@@ -20,22 +20,45 @@ on a local disk, one object creation on Cloud Storage). A version without
 metadata is not a version, so a half-written model is never visible, and
 the metadata records the model file's size and SHA-256, so a truncated or
 corrupt file is refused when loaded. ``current`` is replaced the same way.
+
+Promotions and changes of the challenger are serialised across processes (a
+manual ``kbml promote`` and a retrain's may come at once): a promotion's
+record and pointer are written together, records in the order of the
+pointer's moves, and a gated promotion (:meth:`ModelStore.promote_replacing`)
+checks the version in service and replaces it in one step. On a local disk
+they hold an exclusive ``flock`` of ``ROOT/.promotion.lock`` (released when
+the holder ends, even if it crashed).
+
+On Cloud Storage (and any other file system but the local one) there is no
+such lock: each object write is still atomic and each record has its own
+name, so no record is lost and a reader sees a whole pointer, but two
+promotions at once may leave the pointer on the one recorded first, and a
+gated promotion checks the pointer and then writes it, a window of one
+object read and write. Closing them takes a compare-and-swap of the pointer
+(a write with ``ifGenerationMatch`` set to the generation read), which
+Beam's ``FileSystems`` does not offer; until then, promote into a Cloud
+Storage store from one place at a time (the retrain job, or a person).
 """
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
+import os
 import secrets
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 MODEL_FILE = 'model.keras'
 METADATA_FILE = 'metadata.json'
 CURRENT_FILE = 'current'
 CHALLENGER_FILE = 'challenger'
 PROMOTIONS_DIR = 'promotions'
+PROMOTION_LOCK_FILE = '.promotion.lock'
 
 
 class ModelStoreError(ValueError):
@@ -183,26 +206,73 @@ class ModelStore:
 
   def set_challenger(self, version: Optional[str]):
     """Puts a published version in the champion's shadow (its scores are recorded, not acted on); None: none."""
+    if version is not None:
+      self.metadata(version)
+    with self._promotion_lock():
+      self._write_challenger(version)
+
+  def _write_challenger(self, version: Optional[str]):
     path = FileSystems.join(self.root, CHALLENGER_FILE)
     if version is None:
       if FileSystems.exists(path):
         FileSystems.delete([path])
       return
-    self.metadata(version)
     since = datetime.datetime.now(datetime.timezone.utc).isoformat()
     _write_atomically(path, json.dumps({'version': version, 'since': since}).encode())
 
   def promote(self, version: str) -> Promotion:
     """Makes a published version the one in service: records the promotion, then moves the pointer."""
     self.metadata(version)
+    with self._promotion_lock():
+      return self._record_and_point(version)
+
+  def promote_replacing(self, version: str, in_service: Optional[str]) -> Optional[Promotion]:
+    """Promotes ``version`` only if ``in_service`` is still the version in service (None: none yet).
+
+    The check and the promotion are one step for other promoters: a version
+    gated against a champion never replaces another version promoted since.
+
+    Returns:
+      The promotion, or None when another version is in service now.
+    """
+    self.metadata(version)
+    with self._promotion_lock():
+      if self.current() != in_service:
+        return None
+      return self._record_and_point(version)
+
+  def _record_and_point(self, version: str) -> Promotion:
+    """Records a promotion and moves the pointer to it; the caller holds the promotion lock."""
     now = datetime.datetime.now(datetime.timezone.utc)
+    latest = self._promoted_at(CURRENT_FILE)
+    if latest is not None and now <= latest:
+      # The history's order must be the pointer's, even if the clock stepped back or two came in one microsecond.
+      now = latest + datetime.timedelta(microseconds=1)
     record = json.dumps({'version': version, 'promoted_at': now.isoformat()}).encode()
     path = FileSystems.join(self.promotions_dir(), f'{now:%Y%m%dT%H%M%S%fZ}-{version}.json')
     _write_atomically(path, record)
     _write_atomically(FileSystems.join(self.root, CURRENT_FILE), record)
     if self.challenger() == version:
-      self.set_challenger(None)
+      self._write_challenger(None)
     return Promotion(now.timestamp(), version, path)
+
+  def _promoted_at(self, pointer: str) -> Optional[datetime.datetime]:
+    """When the version a pointer holds was promoted, or None without a readable pointer."""
+    try:
+      return datetime.datetime.fromisoformat(json.loads(_read(FileSystems.join(self.root, pointer)))['promoted_at'])
+    except (BeamIOError, OSError, ValueError, KeyError):
+      return None
+
+  @contextlib.contextmanager
+  def _promotion_lock(self) -> Iterator[None]:
+    """Holds the store's promotion lock (see the module docstring); on Cloud Storage, nothing."""
+    if not isinstance(FileSystems.get_filesystem(self.root), LocalFileSystem):
+      yield
+      return
+    os.makedirs(self.root, exist_ok=True)
+    with open(os.path.join(self.root, PROMOTION_LOCK_FILE), 'a') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # each open file is its own holder: threads of one process wait too
+      yield  # closing the file releases it
 
   def promotions_dir(self) -> str:
     return FileSystems.join(self.root, PROMOTIONS_DIR)

@@ -3,9 +3,11 @@
 A retrain is ``kbml train`` on the most recent labelled days, its evaluation,
 the blessing gate (the new version is promoted only if its average precision
 on the test rows is not worse than the champion's) and the promotion, which
-running scorers take live. Its split differs from ``kbml train``'s: the test
-range is the last 3 labelled days and the training range the 14 days before,
-with no gap, because a model meant to learn a new pattern must have seen it.
+running scorers take live (only if the champion it was compared with is still
+in service: a version promoted meanwhile, by hand or by another retrain,
+stays). Its split differs from ``kbml train``'s: the test range is the last
+3 labelled days and the training range the 14 days before, with no gap,
+because a model meant to learn a new pattern must have seen it.
 Each version a retrain publishes records why in its metadata (``retrain``:
 the trigger, manual, schedule or drift; the alert that caused it; when it
 started and finished); ``kbml status`` shows the newest as the last retrain.
@@ -206,16 +208,35 @@ class Retrainer:
     cause = f': {alert["kind"]} alert, "{alert.get("message")}"' if alert else ''
     self._say(f'{started:%Y-%m-%d %H:%M:%S} UTC  retrain {self.attempts} ({trigger}{cause}): test on the last '
               f'{self._args.test_days} labelled days, train on the {self._args.last_days} before')
-    result = train_in_a_child_process(self._args)
-    self._say(task.summary(result, self._args.model_dir))
+    # The child trains, publishes and gates; the promotion is made here, against the version in service then.
+    trained = train_in_a_child_process(argparse.Namespace(**{**vars(self._args), 'no_promote': True}))
+    store = ModelStore(self._args.model_dir)
+    blessing = self._promote_if_blessed(store, trained.version, trained.metadata['blessing'])
     record = {'trigger': trigger, 'alert': alert, 'started_at': started.isoformat(),
               'finished_at': _utc_now().isoformat()}
-    ModelStore(self._args.model_dir).update_metadata(result.version, retrain=record)
-    result.metadata['retrain'] = record
+    store.update_metadata(trained.version, blessing=blessing, retrain=record)
+    result = task.Result(trained.version, store.metadata(trained.version), blessing['promoted'])
+    self._say(task.summary(result, self._args.model_dir))
     outcome = 'promoted: running scorers take it live' if result.promoted else 'not promoted'
     self._say(f'retrain {self.attempts} done in {time.monotonic() - started_monotonic:.0f} s: version '
               f'{result.version} {outcome}')
     return result
+
+  def _promote_if_blessed(self, store: ModelStore, version: str, blessing: Dict) -> Dict:
+    """Promotes a blessed version if the champion it was compared with is still in service; returns the blessing.
+
+    A person (``kbml promote``) or another retrain may have put a version in
+    service while this one trained: it was not compared with that one, so it
+    is not promoted; the next retrain compares with it.
+    """
+    if not blessing['blessed'] or self._args.no_promote:
+      return blessing
+    champion = blessing.get('champion')
+    if store.promote_replacing(version, champion) is not None:
+      return {**blessing, 'promoted': True}
+    return {**blessing, 'blessed': False, 'promoted': False,
+            'reason': f'{blessing["reason"]}; but version {store.current()} was put in service while this one '
+                      f'trained (it was compared with {champion or "no champion"}), so it stays'}
 
   def retrain_surviving(self, trigger: str, alert: Optional[Dict] = None) -> Optional[task.Result]:
     """:meth:`retrain`, reporting a failure instead of raising it: a loop goes on after a bad run."""
