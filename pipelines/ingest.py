@@ -42,6 +42,7 @@ from pipelines.events import (
   write_repeats_to_dead_letters,
 )
 from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
+from pipelines.stopping import stop_on_signals
 from transforms.batches import items_of
 from transforms.features import FEATURES_TABLE, ComputeFeatures
 from transforms.records import (
@@ -155,6 +156,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
 
 def run(argv: Optional[List[str]] = None):
+  stop_on_signals()
   options = pipeline_options(argv, [IngestOptions, WarehouseOptions, EventOptions], prog='python -m pipelines.ingest')
   open_warehouse(options.view_as(WarehouseOptions).warehouse_url()).prepare()
   first_unwritten = snapshot_offsets = None

@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options import KafkaOptions, kafka_config, pipeline_options
+from pipelines.stopping import stop_on_signals
 from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
 
 
@@ -52,6 +53,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
 
 
 def run(argv: Optional[List[str]] = None):
+  stop_on_signals()
   options = pipeline_options(argv, [MirrorOptions], prog='python -m pipelines.mirror')
   with beam.Pipeline(options=options) as pipeline:
     build_pipeline(pipeline, options)

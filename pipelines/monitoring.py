@@ -41,6 +41,7 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
 from pipelines.events import EventOptions
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, WarehouseOptions, kafka_config, pipeline_options
+from pipelines.stopping import stop_on_signals
 from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
 from transforms.metrics import read_sums, summaries
 from transforms.monitoring import (
@@ -187,6 +188,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
 
 def run(argv: Optional[List[str]] = None):
+  stop_on_signals()
   options = pipeline_options(argv, [MonitoringOptions, ModelOptions, WarehouseOptions, EventOptions],
                              prog='python -m pipelines.monitoring')
   kafka = options.view_as(KafkaOptions)

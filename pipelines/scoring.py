@@ -63,6 +63,7 @@ from pipelines.events import (
   write_repeats_to_dead_letters,
 )
 from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
+from pipelines.stopping import stop_on_signals
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
 from transforms.features import FEATURE_NAMES, ORDERED_BUNDLES, ComputeFeatures
@@ -285,6 +286,7 @@ def backtest_summary(result) -> Dict[str, Dict[str, int]]:
 
 
 def run(argv: Optional[List[str]] = None):
+  stop_on_signals()
   logging.getLogger('apache_beam.transforms.util').setLevel(logging.WARNING)  # BatchElements logs every bundle
   options = pipeline_options(argv, [ScoringOptions, ModelOptions, EventOptions], prog='python -m pipelines.scoring')
   kafka = options.view_as(KafkaOptions)

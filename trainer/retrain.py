@@ -77,6 +77,7 @@ from kbml.alerts import ALERTS_TOPIC, DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW
 from kbml.cli import _add_kafka_arguments, _kafka_config
 from kbml.kafka_client import group_start_offsets, new_consumer
 from kbml.warehouse import WarehouseError, open_warehouse
+from pipelines.stopping import stop_on_signals
 from trainer import data, task
 from trainer.registry import ModelStore
 
@@ -494,6 +495,7 @@ def run(argv: Optional[List[str]] = None) -> int:
   _check_arguments(parser, args)
   try:
     if args.every or args.on_drift:
+      stop_on_signals()  # a listener runs for days: Ctrl-C and SIGTERM must end it
       return RetrainScheduler(args).run()
     Retrainer(args).retrain(MANUAL)
     return 0
