@@ -25,6 +25,14 @@ is the one published (the shadow deployment of a challenger).
 A version that fails its check (truncated, corrupt, not loadable) is
 refused: the version in service keeps scoring, and one ``model_refused``
 alert is sent for it.
+
+A worker runs several threads, each with its own copy of the handler (one
+per DoFn instance) and all with one model (RunInference's shared model).
+The versions are loaded, and refused, once per process: by the process-wide
+loader of the store (one per ``model_dir``), in its own thread. The shared
+model holds an immutable snapshot of what scores (the champion and its
+challenger), which the thread that reads the store replaces whole, so that a
+batch is scored by the versions of one moment.
 """
 
 import bisect
@@ -76,13 +84,134 @@ class Score(NamedTuple):
   challenger: Optional[ShadowScore] = None
 
 
-class _ModelInService:
-  """What RunInference holds as the model: the version scoring now and its shadow, which polling may replace."""
+class _Serving(NamedTuple):
+  """What scores now: the champion and its challenger, and when to read the store again; replaced, never changed."""
+  scoring: ScoringModel
+  challenger: Optional[ScoringModel]
+  check_at: float
 
-  def __init__(self, scoring: ScoringModel, check_at: float, challenger: Optional[ScoringModel] = None):
-    self.scoring = scoring
-    self.check_at = check_at
-    self.challenger = challenger
+
+class _ModelInService:
+  """What RunInference holds as the model, shared by a worker's threads: the snapshot that scores now.
+
+  One thread at a time (the holder of ``following``) reads the store and
+  replaces ``serving``; the others go on scoring with the snapshot they read.
+  """
+
+  def __init__(self, serving: _Serving):
+    self.serving = serving
+    self.following = threading.Lock()
+
+
+class _StoreVersions:
+  """A store's versions as this process loads them: each loaded, or refused, once for every handler of the store.
+
+  Loads run one at a time in a thread of their own. A loaded version is
+  kept for reuse (the last few), a refused one for good, with the reason.
+
+  Args:
+    store: the model store.
+  """
+
+  def __init__(self, store: ModelStore):
+    self._store = store
+    self._lock = threading.Lock()
+    self._loaded: Dict[str, ScoringModel] = {}
+    self._loading: Dict[str, concurrent.futures.Future] = {}
+    self._refused: Dict[str, str] = {}
+    self._loader: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+  def get(self, version: str, in_service: Optional[str], alerts: Optional[AlertSink],
+          wait: bool) -> Optional[ScoringModel]:
+    """The version loaded, starting its load if none has; None if it is refused, or still loading and not ``wait``.
+
+    Args:
+      version: the version wanted.
+      in_service: the version that keeps scoring if this one is refused (for the alert).
+      alerts: where the refusal's alert goes.
+      wait: wait for the load to end.
+    """
+    with self._lock:
+      if version in self._loaded:
+        return self._loaded[version]
+      if version in self._refused:
+        return None
+      loading = self._loading.get(version)
+      if loading is None:
+        if self._loader is None:
+          self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='ModelLoader')
+        loading = self._loading[version] = self._loader.submit(self._load_or_refuse, version, in_service, alerts)
+    return loading.result() if wait or loading.done() else None
+
+  def refused(self, version: str) -> bool:
+    with self._lock:
+      return version in self._refused
+
+  def refuse(self, version: str, reason: str, in_service: Optional[str], alerts: Optional[AlertSink]):
+    """Refuses a version (or a promotion record) and sends its alert, unless it was refused already."""
+    with self._lock:
+      if version in self._refused:
+        return
+      self._refused[version] = reason
+    self._alert_refusal(version, reason, in_service, alerts)
+
+  def _alert_refusal(self, version: str, reason: str, in_service: Optional[str], alerts: Optional[AlertSink]):
+    message = (f'Model version {version} was promoted but is refused: {reason} '
+               f'Version {in_service} keeps scoring.' if in_service else
+               f'Model version {version} was promoted but is refused: {reason}')
+    if alerts is None:
+      _LOG.error(message)
+    else:
+      alerts.send(MODEL_REFUSED, message, version=version, reason=reason, version_in_service=in_service,
+                  model_dir=self._store.root)
+
+  def reason_refused(self, version: str) -> str:
+    with self._lock:
+      return self._refused[version]
+
+  def _load_or_refuse(self, version: str, in_service: Optional[str],
+                      alerts: Optional[AlertSink]) -> Optional[ScoringModel]:
+    try:
+      metadata = self._store.metadata(version)
+      network = self._store.load_model(version)
+      scoring = ScoringModel(network, version, float(metadata['threshold']), tuple(metadata['features']))
+      _prepare_predict_function(scoring)
+    except ModelStoreError as e:
+      with self._lock:  # refused as it stops loading: asked meanwhile, it would load again
+        del self._loading[version]
+        self._refused[version] = str(e)
+      self._alert_refusal(version, str(e), in_service, alerts)
+      return None
+    except BaseException:
+      with self._lock:  # asked again, it loads again
+        del self._loading[version]
+      raise
+    with self._lock:
+      while len(self._loaded) >= _LOADED_VERSIONS:
+        del self._loaded[next(iter(self._loaded))]
+      self._loaded[version] = scoring
+      del self._loading[version]
+    _LOG.info('model version %s loaded from %s (threshold %.4f)', version, self._store.root, scoring.threshold)
+    return scoring
+
+
+def _prepare_predict_function(scoring: ScoringModel):
+  # Keras traces its predict function on the first batch and again on the first of another size (about 0.1 s each),
+  # then serves any size: done here, in the loader, rather than by the first batches the version scores.
+  for rows in (1, 2):
+    scoring.network.predict_on_batch(np.zeros((rows, len(scoring.feature_names)), dtype=np.float32))
+
+
+# One _StoreVersions per model store in this process, for every handler of it, for the process's lifetime.
+_VERSIONS_OF_STORES: Dict[str, _StoreVersions] = {}
+_VERSIONS_OF_STORES_LOCK = threading.Lock()
+
+
+def _versions_of(store: ModelStore) -> _StoreVersions:
+  with _VERSIONS_OF_STORES_LOCK:
+    if store.root not in _VERSIONS_OF_STORES:
+      _VERSIONS_OF_STORES[store.root] = _StoreVersions(store)
+    return _VERSIONS_OF_STORES[store.root]
 
 
 def check_features(row: Dict[str, Any]) -> Dict[str, Any]:
@@ -127,118 +256,94 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
     self._alerts = alerts
     self._batching = {'min_batch_size': min_batch_size or max_batch_size, 'max_batch_size': max_batch_size}
     self._promotion_path: Optional[str] = None
-    self._loaded: Dict[str, ScoringModel] = {}
-    self._refused: Dict[str, str] = {}
     self._in_service: Optional[ScoringModel] = None
-    self._cache_lock = threading.Lock()
-    self._loader: Optional[concurrent.futures.ThreadPoolExecutor] = None
-    self._loading: Optional[Tuple[str, concurrent.futures.Future]] = None  # (version, its load)
 
-  def __getstate__(self):
-    return {**self.__dict__, '_cache_lock': None, '_loader': None, '_loading': None}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state, _cache_lock=threading.Lock())
+  def _versions(self) -> _StoreVersions:
+    return _versions_of(self._store)
 
   def update_model_path(self, model_path: Optional[str] = None):
     """Serves the version of this promotion record (RunInference's side input)."""
     self._promotion_path = model_path or None
 
   def load_model(self) -> _ModelInService:
+    versions = self._versions()
+    in_service = self._in_service.version if self._in_service else None
     try:
       version = (self._store.promotion(self._promotion_path).version if self._promotion_path
                  else self._store.current())
     except ModelStoreError as e:
       version = None
-      self._refuse(self._promotion_path, str(e))
+      versions.refuse(self._promotion_path, str(e), in_service, self._alerts)
     if version is None and self._in_service is None:
       raise ModelStoreError(f'No model is in service in {self._store.root}: train one (`kbml train`), '
                             'which promotes it, or promote one (`kbml promote VERSION`).')
-    scoring = self._load_or_refuse(version) if version is not None else None
+    scoring = versions.get(version, in_service, self._alerts, wait=True) if version is not None else None
     if scoring is None:
       if self._in_service is None:
-        raise ModelStoreError(f'The model in service, version {version}, was refused ({self._refused[version]}) '
-                              'and no earlier version has been loaded. Promote a sound version.')
+        raise ModelStoreError(f'The model in service, version {version}, was refused '
+                              f'({versions.reason_refused(version)}) and no earlier version has been loaded. '
+                              'Promote a sound version.')
       scoring = self._in_service
     self._in_service = scoring
-    return _ModelInService(scoring, time.monotonic() + (self._check_interval() or 0), self._shadow())
+    # Loading a model takes its time anyway: the challenger too, rather than in the first batches.
+    challenger = self._challenger_now(None, scoring.version, wait=True)
+    return _ModelInService(_Serving(scoring, challenger, time.monotonic() + (self._check_interval() or 0)))
 
   def _check_interval(self) -> Optional[float]:
     intervals = [s for s in (self._poll_s, self._shadow_poll_s) if s is not None]
     return min(intervals) if intervals else None
 
-  def _shadow(self) -> Optional[ScoringModel]:
-    """The challenger version loaded (None without one, or if it is refused)."""
+  def _challenger_now(self, challenger: Optional[ScoringModel], in_service: str,
+                      wait: bool) -> Optional[ScoringModel]:
+    """The challenger to score in the shadow: the store's, once loaded; until then ``challenger``.
+
+    None without shadowing, without a challenger in the store, or if it is refused.
+    """
     if self._shadow_poll_s is None:
       return None
     version = self._store.challenger()
-    return self._load_or_refuse(version) if version is not None else None
-
-  def _load_or_refuse(self, version: str) -> Optional[ScoringModel]:
-    """The version loaded and checked, or None if it is (or was) refused."""
-    if version in self._loaded:
-      return self._loaded[version]
-    if version in self._refused:
+    if version is None:
       return None
+    if challenger is not None and challenger.version == version:
+      return challenger
+    versions = self._versions()
+    loaded = versions.get(version, in_service, self._alerts, wait)
+    return loaded if loaded is not None or versions.refused(version) else challenger
+
+  def _follow_store(self, model: _ModelInService) -> _Serving:
+    """Takes a newly promoted champion (when polling) and the current challenger (when shadowing), once loaded.
+
+    Returns:
+      The snapshot to score with: the new one, or the one in service while
+      another thread reads the store.
+    """
+    if not model.following.acquire(blocking=False):
+      return model.serving
     try:
-      metadata = self._store.metadata(version)
-      network = self._store.load_model(version)
-    except ModelStoreError as e:
-      self._refuse(version, str(e))
-      return None
-    scoring = ScoringModel(network, version, float(metadata['threshold']), tuple(metadata['features']))
-    with self._cache_lock:  # the champion's versions load in a background thread, the challenger's here
-      while len(self._loaded) >= _LOADED_VERSIONS:
-        del self._loaded[next(iter(self._loaded))]
-      self._loaded[version] = scoring
-    _LOG.info('model version %s loaded from %s (threshold %.4f)', version, self._store.root, scoring.threshold)
-    return scoring
-
-  def _refuse(self, version: str, reason: str):
-    self._refused[version] = reason
-    in_service = self._in_service.version if self._in_service else None
-    message = (f'Model version {version} was promoted but is refused: {reason} '
-               f'Version {in_service} keeps scoring.' if in_service else
-               f'Model version {version} was promoted but is refused: {reason}')
-    if self._alerts is None:
-      _LOG.error(message)
-    else:
-      self._alerts.send(MODEL_REFUSED, message, version=version, reason=reason, version_in_service=in_service,
-                        model_dir=self._store.root)
-
-  def _follow_store(self, model: _ModelInService):
-    """Takes a newly promoted champion (when polling) and the current challenger (when shadowing)."""
-    version = self._store.current() if self._poll_s is not None else None
-    if version is not None and version != model.scoring.version:
-      scoring = self._loaded_in_background(version)
-      if scoring is not None:
-        _LOG.info('now scoring with model version %s (was %s)', version, model.scoring.version)
-        model.scoring = self._in_service = scoring
-    challenger = self._shadow()
-    if challenger is not model.challenger:
-      _LOG.info('challenger in the shadow: %s', challenger.version if challenger else 'none')
-      model.challenger = challenger
-    model.check_at = time.monotonic() + self._check_interval()
-
-  def _loaded_in_background(self, version: str) -> Optional[ScoringModel]:
-    """The version once a background thread has loaded it; None while it loads, or if it is refused."""
-    if version in self._loaded or version in self._refused:
-      return self._loaded.get(version)
-    if self._loading is None or self._loading[0] != version:
-      if self._loader is None:
-        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='ModelLoader')
-      self._loading = (version, self._loader.submit(self._load_or_refuse, version))
-      return None
-    if not self._loading[1].done():
-      return None
-    loaded, self._loading = self._loading[1].result(), None
-    return loaded
+      serving = model.serving
+      if time.monotonic() < serving.check_at:  # another thread has just read the store
+        return serving
+      scoring = serving.scoring
+      version = self._store.current() if self._poll_s is not None else None
+      if version is not None and version != scoring.version:
+        loaded = self._versions().get(version, scoring.version, self._alerts, wait=False)
+        if loaded is not None:
+          _LOG.info('now scoring with model version %s (was %s)', version, scoring.version)
+          scoring = self._in_service = loaded
+      challenger = self._challenger_now(serving.challenger, scoring.version, wait=False)
+      if challenger is not serving.challenger:
+        _LOG.info('challenger in the shadow: %s', challenger.version if challenger else 'none')
+      model.serving = _Serving(scoring, challenger, time.monotonic() + self._check_interval())
+      return model.serving
+    finally:
+      model.following.release()
 
   def run_inference(self, batch: Sequence[Dict[str, Any]], model: _ModelInService,
                     inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    if self._check_interval() is not None and time.monotonic() >= model.check_at:
-      self._follow_store(model)
-    scoring, challenger = model.scoring, model.challenger
+    serving = model.serving
+    if self._check_interval() is not None and time.monotonic() >= serving.check_at:
+      serving = self._follow_store(model)
+    scoring, challenger = serving.scoring, serving.challenger
     scores = _scores(scoring, batch)
     shadow_scores = _scores(challenger, batch) if challenger else [None] * len(batch)
     scored_at = time.time()
