@@ -1,13 +1,14 @@
 """Makes SIGINT and SIGTERM stop a pipeline process within seconds, every time.
 
 Python's own Ctrl-C raises KeyboardInterrupt wherever the main thread
-happens to be. Beam's local runner (the FnApiRunner) starts threads for each
-bundle, among them the state sampler's, and an unbounded read starts bundles
-back to back: the interrupt often lands inside ``threading.Thread.start`` or
-between a sampler's start and its stop. The sampler thread is then never
-stopped, and as it is not a daemon the interpreter waits for it at exit: the
-process stayed up until SIGKILL in 3 stops of 10. SIGTERM, by default, kills
-the process at once, without a word in its log.
+happens to be. Beam's local runner (the FnApiRunner) starts a state sampler
+thread for each bundle, and an unbounded read starts bundles back to back.
+An interrupt that lands inside the sampler's ``threading.Thread.start``
+(while the caller waits for the new thread to run, longer on a busy machine)
+leaves the thread started but the sampler not marked as started, so the
+bundle's clean-up never stops it; it is no daemon, and the interpreter waits
+for it at exit: the process stayed up until SIGKILL in 3 stops of 10.
+SIGTERM, by default, kills the process at once, without a word in its log.
 
 :func:`stop_on_signals` keeps Python's graceful try (one KeyboardInterrupt in
 the main thread, for SIGTERM too) and bounds it: a watchdog thread hears the
@@ -41,7 +42,9 @@ def stop_on_signals(grace_s: float = DEFAULT_GRACE_S):
 
   Call it first in a pipeline's ``run()``. The handlers stay for the life of
   the process; later calls change nothing. Called outside the main thread,
-  where Python cannot install signal handlers, it does nothing.
+  where Python cannot install signal handlers, it does nothing. It takes
+  Python's one wakeup fd: an asyncio loop that later handles signals in this
+  process would take it back, leaving only the graceful try.
 
   Args:
     grace_s: how long the graceful stop may take before the process is ended.
