@@ -197,8 +197,11 @@ def train(args) -> Result:
   decision = bless(metrics['average_precision'], champion, champion_scores, test_y, args.tolerance)
   promoted = decision['blessed'] and not args.no_promote
   store.update_metadata(version, blessing={**decision, 'promoted': promoted})
-  if promoted:
-    store.promote(version)
+  # Gated against the champion read before training: promoted only if that one is still in service.
+  if promoted and store.promote_replacing(version, champion) is None:
+    promoted = False
+    store.update_metadata(version, blessing={**decision, 'promoted': False, 'reason': (
+        f'{decision["reason"]}; not promoted: version {store.current()} went in service while this one trained')})
   return Result(version, store.metadata(version), promoted)
 
 
