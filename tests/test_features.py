@@ -7,12 +7,21 @@ import apache_beam as beam
 import numpy as np
 import pandas as pd
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
-from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, FORMS, ComputeFeatures, Histories
+from transforms.features import (
+  CUSTOMER_HISTORY_FEATURES,
+  FEATURE_NAMES,
+  FORMS,
+  KEYED_STATE,
+  METRICS_NAMESPACE,
+  ComputeFeatures,
+  Histories,
+)
 from transforms.records import Label, Transaction, parse_utc_timestamp
 
 DELAY_DAYS = 7
@@ -200,3 +209,39 @@ def test_repeats_and_orphan_labels_change_no_feature(simulation, expected, form)
     assert_that(outputs.rows, equal_features(expected))
     assert_that(outputs.repeated | beam.Map(lambda t: (t.transaction_id, t.amount)),
                 equal_to([(original.transaction_id, original.amount + 1000)] * 2), label='Repeats')
+
+
+def test_the_histories_forget_the_idle_but_not_for_one_record_from_the_far_future():
+  histories = Histories(label_delay_days=7)
+  day = 86_400.0
+  start = parse_utc_timestamp('2018-04-01T00:00:00Z')
+
+  def transaction(tx_id, customer, terminal, at, partition=0):
+    return Transaction(tx_id, start + at, customer, terminal, Decimal('10.00'), partition, tx_id)
+
+  histories.apply(transaction(0, customer=1, terminal=1, at=0))
+  histories.apply(transaction(1, customer=2, terminal=2, at=0, partition=1))
+  histories.apply(transaction(2, customer=3, terminal=3, at=10 * 365 * day, partition=1))  # far future
+  assert len(histories) == 6, 'partition 1 jumped ten years ahead, partition 0 did not: nobody is idle'
+  for i in range(100):  # customer 4 at terminal 4, every day, on partition 0
+    histories.apply(transaction(10 + i, customer=4, terminal=4, at=i * day))
+  assert len(histories) == 4, 'customers 1 and 2 and their terminals were idle for over 60 days'
+  row = histories.apply(transaction(400, customer=1, terminal=1, at=104 * day))
+  assert row['CUSTOMER_ID_NB_TX_30DAY_WINDOW'] == 1 and row['TERMINAL_ID_NB_TX_30DAY_WINDOW'] == 0
+
+
+def test_keyed_state_clears_each_idle_terminal_with_a_timer(simulation):
+  elements = streams(simulation)
+  pipeline = TestPipeline(options=local_options())
+  _ = (pipeline
+       | beam.Create([elements])
+       | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
+       | ComputeFeatures(label_delay_days=DELAY_DAYS, form=KEYED_STATE))
+  result = pipeline.run()
+  result.wait_until_finish()
+  forgotten = {counter.key.metric.name: counter.committed for counter in result.metrics().query(
+      MetricsFilter().with_namespace(METRICS_NAMESPACE))['counters']}
+  # A bounded input ends with the watermark at the end of time: every terminal's idle timer fires. (The local
+  # runner fires the timers of only one of the two fused stateful stages, the terminals'; the customers' idle
+  # timers are for Flink and Dataflow, to be tested on the Flink runner.)
+  assert forgotten == {'forgotten_terminals': simulation.transactions['terminal_id'].nunique()}

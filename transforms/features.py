@@ -329,11 +329,13 @@ class _CustomerFeaturesFn(beam.DoFn):
 
   Transactions are applied as they arrive (see the module docstring). Labels
   only pass through: the terminal stage needs them in the same stream as the
-  transactions.
+  transactions. A customer's state is cleared once the watermark is 60 days
+  past its newest transaction, when no window holds anything of it.
   """
   HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
+  IDLE = TimerSpec('idle', TimeDomain.WATERMARK)
 
-  def process(self, element, history_state=beam.DoFn.StateParam(HISTORY)):
+  def process(self, element, history_state=beam.DoFn.StateParam(HISTORY), idle=beam.DoFn.TimerParam(IDLE)):
     _, event = element
     if isinstance(event, Label):
       yield event
@@ -345,6 +347,14 @@ class _CustomerFeaturesFn(beam.DoFn):
       return
     yield event, features
     history_state.write(history)
+    idle.set(Timestamp.of(history.newest_time + HISTORY_DAYS * DAY_SECONDS))
+
+  @on_timer(IDLE)
+  def forget_when_idle(self, fired_at=beam.DoFn.TimestampParam, history_state=beam.DoFn.StateParam(HISTORY)):
+    history = history_state.read()
+    if history is not None and history.newest_time + HISTORY_DAYS * DAY_SECONDS <= fired_at.micros / 1e6:
+      history_state.clear()
+      Metrics.counter(METRICS_NAMESPACE, 'forgotten_customers').inc()
 
 
 class _TerminalState:
@@ -386,12 +396,18 @@ class _TerminalFeaturesFn(beam.DoFn):
   the watermark passes everything that waits, and releases it all in one
   go. (A runner fires newly set timers in a later round; releasing one
   instant per firing would take a round per event.)
+
+  A terminal's state is cleared once nothing waits and the watermark is the
+  label delay and 30 days past its newest transaction, when no window holds
+  anything of it.
   """
   STATE = ReadModifyWriteStateSpec('terminal', PickleCoder())
   DUE = TimerSpec('due', TimeDomain.WATERMARK)
+  IDLE = TimerSpec('idle', TimeDomain.WATERMARK)
 
   def __init__(self, label_delay_days: float):
     self._label_delay_days = label_delay_days
+    self._idle_s = (label_delay_days + max(WINDOW_DAYS)) * DAY_SECONDS
 
   def process(self, element, timestamp=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
               due=beam.DoFn.TimerParam(DUE)):
@@ -403,12 +419,22 @@ class _TerminalFeaturesFn(beam.DoFn):
 
   @on_timer(DUE)
   def release_due_events(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
-                         due=beam.DoFn.TimerParam(DUE)):
+                         due=beam.DoFn.TimerParam(DUE), idle=beam.DoFn.TimerParam(IDLE)):
     terminal = state.read()
     yield from terminal.release(fired_at.micros)
     state.write(terminal)
     if terminal.pending:
       due.set(Timestamp(micros=terminal.pending[-1].micros))
+    elif terminal.history.newest_time > -math.inf:
+      idle.set(Timestamp.of(terminal.history.newest_time + self._idle_s))
+
+  @on_timer(IDLE)
+  def forget_when_idle(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE)):
+    terminal = state.read()
+    if terminal is not None and not terminal.pending and (
+        terminal.history.newest_time + self._idle_s <= fired_at.micros / 1e6):
+      state.clear()
+      Metrics.counter(METRICS_NAMESPACE, 'forgotten_terminals').inc()
 
 
 def _customer_features_of_group(element) -> Iterator:
@@ -489,10 +515,13 @@ class Histories:
     if now < self._next_sweep:
       return
     self._next_sweep = now + DAY_SECONDS
-    for histories, idle_s in ((self._customers, HISTORY_DAYS * DAY_SECONDS),
-                              (self._terminals, (self._label_delay_days + max(WINDOW_DAYS)) * DAY_SECONDS)):
-      for key in [key for key, history in histories.items() if history.newest_time < now - idle_s]:
+    for kind, histories, idle_s in (
+        ('customers', self._customers, HISTORY_DAYS * DAY_SECONDS),
+        ('terminals', self._terminals, (self._label_delay_days + max(WINDOW_DAYS)) * DAY_SECONDS)):
+      idle = [key for key, history in histories.items() if history.newest_time < now - idle_s]
+      for key in idle:
         del histories[key]
+      Metrics.counter(METRICS_NAMESPACE, f'forgotten_{kind}').inc(len(idle))
 
 
 _IN_THE_GLOBAL_WINDOW = (GlobalWindow(),)
