@@ -181,7 +181,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   if monitoring.label_join_days <= events.label_delay_days:
     raise ValueError(f'--label_join_days ({monitoring.label_join_days:g}) must be longer than the label delay '
                      f'({events.label_delay_days:g} days), or no label would meet its prediction.')
-  join = JoinLabelsInProcessFn(monitoring.label_join_days * 86_400) if local else JoinLabelsFn()
+  retention_s = monitoring.label_join_days * 86_400
+  join = JoinLabelsInProcessFn(retention_s) if local else JoinLabelsFn(retention_s)
   _ = (observed['observed']
        | 'JoinLabels' >> beam.ParDo(join).with_input_types(Tuple[str, Observation])
        | 'WindowMetrics' >> beam.ParDo(WindowMetricsFn(settings_of(options, read_partitions))))

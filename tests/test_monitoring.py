@@ -3,9 +3,14 @@
 import json
 from typing import Sequence, Tuple
 
+import apache_beam as beam
 import numpy as np
 import pandas as pd
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
 from confluent_kafka import TopicPartition
 from sklearn.metrics import average_precision_score, precision_score, recall_score
 
@@ -14,14 +19,14 @@ from kbml.alerts import DEAD_LETTER_RATE, DRIFT, PRECISION_BELOW_FLOOR, RECALL_B
 from kbml.kafka_client import AcknowledgedProducer, fetched_end_offset, list_partitions, new_consumer
 from kbml.warehouse import open_warehouse
 from pipelines import monitoring
-from tests.conftest import consume, produce
+from tests.conftest import consume, local_options, produce
 from tests.scoring_models import publish_model
 from trainer.data import feature_statistics
 from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES
 from transforms.kafka_io import KafkaRecord
 from transforms.metrics import SCORE_BINS, read_sums, score_bin, summaries
-from transforms.monitoring import LABEL, PREDICTION, LabelJoin, Observation, parse_prediction
+from transforms.monitoring import LABEL, PREDICTION, JoinLabelsFn, LabelJoin, Observation, parse_prediction
 from transforms.records import DeadLetter, InvalidRecord, dead_letter_message
 
 DAY_MS = 86_400_000
@@ -318,22 +323,29 @@ def test_a_shadow_challenger_is_promoted_only_if_better_on_live_labels(bootstrap
   assert store.challenger() == (None if promoted else challenger)
 
 
-def test_the_local_label_join_pairs_within_its_retention_and_forgets_the_rest():
-  hour, retention = 3600.0, 14 * 86_400.0
-  join = LabelJoin(retention)
-  records = []  # (event time, key, Observation): a transaction an hour, 90 days
+def _join_records(hour: float):
+  """(event time, key, Observation) of 90 days, a transaction an hour, in event-time order: one in ten never
+  labelled, the others 7 days later and one in a hundred 20 days later; every 50th hour a label of no
+  transaction."""
+  records = []
   for i in range(90 * 24):
     tx_time = i * hour
     records.append((tx_time, str(i), Observation(PREDICTION, {'tx_time': tx_time, 'read_from': (PREDICTION, 0)},
                                                  True)))
-    if i % 10:  # one in ten is never labelled; the others 7 days later, and one in a hundred 20 days later
+    if i % 10:
       delay = (20 if i % 100 == 1 else 7) * 86_400
       records.append((tx_time + delay, str(i), Observation(
           LABEL, {'is_fraud': i % 2, 'known_time': tx_time + delay, 'read_from': (LABEL, 0)}, True)))
-    if i % 50 == 0:  # a label for a transaction never seen
+    if i % 50 == 0:
       records.append((tx_time, f'unknown-{i}', Observation(
           LABEL, {'is_fraud': 1, 'known_time': tx_time, 'read_from': (LABEL, 0)}, True)))
-  records.sort(key=lambda record: record[0])
+  return sorted(records, key=lambda record: record[0])
+
+
+def test_the_local_label_join_pairs_within_its_retention_and_forgets_the_rest():
+  hour, retention = 3600.0, 14 * 86_400.0
+  join = LabelJoin(retention)
+  records = _join_records(hour)
   paired, most_kept = [], 0
   for _, key, observation in records:
     paired += [c.prediction['tx_time'] for c in join.observe(key, observation) if c.kind == LABEL]
@@ -349,6 +361,27 @@ def test_the_local_label_join_pairs_within_its_retention_and_forgets_the_rest():
       i % 10 == 0 or i % 100 == 1))
   assert join.forgotten_labels == sum(1 for i in range(0, 90 * 24, 50) if i * hour < horizon) + sum(
       1 for i in range(90 * 24) if i % 100 == 1 and horizon > i * hour + 20 * 86_400)
+
+
+def test_the_keyed_label_join_pairs_and_clears_each_transaction_with_a_timer():
+  hour = 3600.0
+  records = _join_records(hour)
+  pipeline = TestPipeline(options=local_options())
+  paired = (pipeline
+            | beam.Create([records])
+            | 'InThisOrder' >> beam.FlatMap(lambda listed: [TimestampedValue((key, observation), at)
+                                                            for at, key, observation in listed])
+            | beam.ParDo(JoinLabelsFn(14 * 86_400.0))
+            | beam.Filter(lambda contribution: contribution.kind == LABEL)
+            | beam.Map(lambda contribution: contribution.prediction['tx_time']))
+  assert_that(paired, equal_to([i * hour for i in range(90 * 24) if i % 10]))
+  result = pipeline.run()
+  result.wait_until_finish()
+  forgotten = {counter.key.metric.name: counter.committed for counter in result.metrics().query(
+      MetricsFilter().with_namespace('kbml.monitoring'))['counters']}
+  # A bounded input ends with the watermark at the end of time: every transaction's timer fires.
+  assert forgotten == {'predictions_forgotten_without_label': 90 * 24 // 10,
+                       'labels_forgotten_without_prediction': len(range(0, 90 * 24, 50))}
 
 
 @pytest.mark.parametrize('payload, reason', [

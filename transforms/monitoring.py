@@ -37,8 +37,10 @@ from typing import Any, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, 
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils import shared
+from apache_beam.utils.timestamp import Timestamp
 
 from kbml.alerts import (
   DEAD_LETTER_RATE,
@@ -173,22 +175,55 @@ def _event_time(observation: Observation) -> float:
   return fields['known_time'] if observation.kind == LABEL else fields['source_time']
 
 
+FORGOTTEN_PREDICTIONS = beam.metrics.Metrics.counter('kbml.monitoring', 'predictions_forgotten_without_label')
+FORGOTTEN_LABELS = beam.metrics.Metrics.counter('kbml.monitoring', 'labels_forgotten_without_prediction')
+
+
+def _count_forgotten(prediction: Optional[Observation], label: Optional[Observation]) -> Tuple[int, int]:
+  """A forgotten transaction's unpaired prediction and label, as (predictions, labels) counts."""
+  return (int(label is None and prediction is not None and prediction.kind == PREDICTION),
+          int(prediction is None and label is not None))
+
+
 class JoinLabelsFn(beam.DoFn):
-  """Keyed by transaction id: the first prediction meets the first label (see the module docstring)."""
+  """Keyed by transaction id: the first prediction meets the first label (see the module docstring).
+
+  A transaction's state is cleared ``retention_s`` of event time after its
+  first record (a watermark timer), as :class:`LabelJoin` forgets it; what
+  it held unpaired is counted (``predictions_forgotten_without_label``,
+  ``labels_forgotten_without_prediction``), and a label that comes later
+  starts a new wait, which is counted in turn.
+  """
 
   PREDICTION_STATE = ReadModifyWriteStateSpec('prediction', PickleCoder())
   LABEL_STATE = ReadModifyWriteStateSpec('label', PickleCoder())
+  FORGET = TimerSpec('forget', TimeDomain.WATERMARK)
+
+  def __init__(self, retention_s: float):
+    self._retention_s = retention_s
 
   def process(self, element: Tuple[str, Observation], prediction_state=beam.DoFn.StateParam(PREDICTION_STATE),
-              label_state=beam.DoFn.StateParam(LABEL_STATE)) -> Iterable[Contribution]:
+              label_state=beam.DoFn.StateParam(LABEL_STATE),
+              forget=beam.DoFn.TimerParam(FORGET)) -> Iterable[Contribution]:
     _, observation = element
     kept = prediction_state.read(), label_state.read()
+    if kept == (None, None):
+      forget.set(Timestamp.of(_event_time(observation) + self._retention_s))
     prediction, label, contributions = _join(observation, *kept)
     if prediction is not kept[0]:
       prediction_state.write(prediction)
     if label is not kept[1]:
       label_state.write(label)
     return contributions
+
+  @on_timer(FORGET)
+  def forget(self, prediction_state=beam.DoFn.StateParam(PREDICTION_STATE),
+             label_state=beam.DoFn.StateParam(LABEL_STATE)):
+    predictions, labels = _count_forgotten(prediction_state.read(), label_state.read())
+    FORGOTTEN_PREDICTIONS.inc(predictions)
+    FORGOTTEN_LABELS.inc(labels)
+    prediction_state.clear()
+    label_state.clear()
 
 
 class LabelJoin:
@@ -231,11 +266,9 @@ class LabelJoin:
     predictions = labels = 0
     with self._lock:
       while self._first_seen and self._first_seen[0][0] < horizon:
-        prediction, label = self._kept.pop(self._first_seen.popleft()[1])
-        if label is None and prediction is not None and prediction.kind == PREDICTION:
-          predictions += 1
-        elif prediction is None:
-          labels += 1
+        forgotten = _count_forgotten(*self._kept.pop(self._first_seen.popleft()[1]))
+        predictions += forgotten[0]
+        labels += forgotten[1]
       self.forgotten_predictions += predictions
       self.forgotten_labels += labels
     return predictions, labels
@@ -250,9 +283,6 @@ class JoinLabelsInProcessFn(beam.DoFn):
   reads them from the beginning), so nothing is lost with the process.
   """
 
-  FORGOTTEN_PREDICTIONS = beam.metrics.Metrics.counter('kbml.monitoring', 'predictions_forgotten_without_label')
-  FORGOTTEN_LABELS = beam.metrics.Metrics.counter('kbml.monitoring', 'labels_forgotten_without_prediction')
-
   def __init__(self, retention_s: float):
     self._retention_s = retention_s
     self._shared = shared.Shared()
@@ -266,8 +296,8 @@ class JoinLabelsInProcessFn(beam.DoFn):
 
   def finish_bundle(self):
     predictions, labels = self._join.forget_old()
-    self.FORGOTTEN_PREDICTIONS.inc(predictions)
-    self.FORGOTTEN_LABELS.inc(labels)
+    FORGOTTEN_PREDICTIONS.inc(predictions)
+    FORGOTTEN_LABELS.inc(labels)
 
 
 @dataclasses.dataclass(frozen=True)
