@@ -50,6 +50,8 @@ test: $(STAMP) $(BIGQUERY_EMULATOR) $(CHROMIUM)
 
 # bench.trainer simulates and ingests the standard run (3.6 million events) first: about 12 minutes on 2 cores.
 # bench.soak runs every long-running pipeline idle for 10 minutes, then at 1,000 events/s: about 35 minutes.
+# bench.restart restarts scorers after 30 and 150 days of history: about 10 minutes; bench.long_stream scores the
+# standard run (183 days) in one streaming scorer: about 15 minutes.
 bench: $(STAMP)
 	$(BIN)/python -m bench.kafka_clients
 	$(BIN)/python -m bench.kafka_io
@@ -57,6 +59,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.scoring
 	$(BIN)/python -m bench.trainer
 	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.restart
+	$(BIN)/python -m bench.long_stream
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
