@@ -54,7 +54,6 @@ class EventOptions(PipelineOptions):
         help='A transaction produced more than this many days after its tx_datetime is a dead letter: every '
         'record\'s Kafka timestamp must be its event time. Default: the longest history, beyond which a '
         'transaction changes no feature.')
-
     parser.add_argument(
         '--state_snapshot',
         help='Streaming on the local runner: the file the feature histories are saved to now and then, with the '

@@ -9,9 +9,11 @@ trainer joins the two.
 
 It runs unbounded (a streaming job), or bounded (``--stop_at_end``: what the
 topics hold now). Either way it reads from the beginning of the topics, so
-that every customer's and terminal's history is warm, and writes only the
-records its consumer group has not committed yet: a restart, or a bounded
-run after another, writes the rows one run would have written.
+that every customer's and terminal's history is warm (a streaming run on the
+local runner reads on from its newest snapshot of the histories instead,
+``--state_snapshot``), and writes only the records its consumer group has
+not committed yet: a restart, or a bounded run after another, writes the rows
+one run would have written. A repeated transaction id is a dead letter.
 ``--replay_from``/``--replay_to`` rebuild the feature rows of an event-time
 range into a new table, warmed up the same way: only the rows of the range
 are written. ``--replay_offsets`` names the range by offsets of the

@@ -16,11 +16,13 @@ input, the model handler reads the store's ``current`` pointer every
 version whose file is truncated or corrupt is refused: the old one keeps
 scoring and a ``model_refused`` alert goes to the ``alerts`` topic.
 
-Delivery is at least once. The customer and terminal histories are rebuilt
-from the beginning of the topics at every start, and only transactions at or
-after the consumer group's committed offsets are scored (without committed
-offsets: those that arrive from now on, or all with ``--score_from
-earliest``). Offsets are committed only once the predictions of the records
+Delivery is at least once. On the local runner the customer and terminal
+histories are saved now and then with the offsets they reflect, and a start
+loads the newest snapshot and reads on from there (``--state_snapshot``;
+without one they are rebuilt from the beginning of the topics); only
+transactions at or after the consumer group's committed offsets are scored
+(without committed offsets: those that arrive from now on, or all with
+``--score_from earliest``). Offsets are committed only once the predictions of the records
 before them are flushed to Kafka. After a crash some transactions may be
 scored twice (same transaction id); none is skipped.
 
@@ -93,7 +95,8 @@ class ScoringOptions(PipelineOptions):
     parser.add_argument(
         '--score_from', choices=('latest', 'earliest'), default='latest',
         help='Without committed offsets for the consumer group: score the transactions that arrive from now on '
-        '(latest) or every one in the topic (earliest). Either way, the histories are built from the start.')
+        '(latest) or every one in the topic (earliest). Either way, the histories are built from the start of the '
+        'topics, or from the newest snapshot (--state_snapshot).')
     parser.add_argument(
         '--min_batch_size', type=int,
         help='Dataflow, Flink and backtests: RunInference batches at least this many rows (a bundle\'s last batch '
