@@ -41,8 +41,8 @@ Three forms compute the same rows (``ComputeFeatures(form=...)``):
   bundle's events are applied in event-time order at its end, to histories
   kept in the process, and the rows leave in the bundle that read their
   transactions. The local runner keeps keyed state in the process too, and
-  loses it with the process as this does (a pipeline rebuilds its
-  histories from the topics at every start); but it loads, pickles and
+  loses it with the process (this form's histories are saved in snapshots
+  with the offsets they reflect, ``snapshots``); but it loads, pickles and
   weighs a key's state at every bundle that touches it, and fires a timer
   per terminal a bundle later: about 60% of the scorer's CPU
   (BENCHMARKS.md).
