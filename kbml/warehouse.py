@@ -36,9 +36,12 @@ _DUCKDB_TYPES = {'INT64': 'BIGINT', 'FLOAT64': 'DOUBLE', 'STRING': 'VARCHAR', 'T
 
 @dataclasses.dataclass(frozen=True)
 class TableSchema:
-  """A table's columns (name, BigQuery type) and the columns that identify a row."""
+  """A table's columns (name, BigQuery type), the columns that identify a row, and which of two rows of one key
+  stays: the last written (``keep_first`` False), or the first (the embedded warehouse's upsert; BigQuery
+  appends, and readers keep one row per key)."""
   columns: Tuple[Tuple[str, str], ...]
   key: Tuple[str, ...]
+  keep_first: bool = False
 
   @property
   def names(self) -> List[str]:
@@ -144,7 +147,8 @@ class DuckDBWarehouse(Warehouse):
       connection.register('batch', batch)
       columns = ', '.join(f'"{name}"' for name in schema.names)
       casts = ', '.join(f'CAST("{name}" AS {_DUCKDB_TYPES[kind]})' for name, kind in schema.columns)
-      connection.execute(f'INSERT OR REPLACE INTO "{table}" ({columns}) SELECT {casts} FROM batch')
+      conflict = 'IGNORE' if schema.keep_first else 'REPLACE'
+      connection.execute(f'INSERT OR {conflict} INTO "{table}" ({columns}) SELECT {casts} FROM batch')
 
   def query(self, sql):
     with self._connect(read_only=True) as connection:

@@ -6,6 +6,7 @@ from decimal import Decimal
 import pytest
 
 from kbml.warehouse import TableSchema, WarehouseError, open_warehouse
+from transforms.records import LABELS_TABLE
 
 SCHEMA = TableSchema(columns=(('id', 'INT64'), ('at', 'TIMESTAMP'), ('amount', 'NUMERIC'), ('score', 'FLOAT64')),
                      key=('id',))
@@ -63,3 +64,13 @@ def test_any_text_as_a_string_literal_reads_back_as_itself(any_warehouse):
   values = any_warehouse.query(' UNION ALL '.join(
       f'SELECT {i} AS i, {any_warehouse.string(text)} AS text' for i, text in enumerate(HOSTILE_TEXT)))
   assert list(values.sort_values('i')['text']) == HOSTILE_TEXT
+
+
+def test_a_transaction_keeps_its_first_label(tmp_path):
+  warehouse = open_warehouse(f'duckdb://{tmp_path}/labels.duckdb')
+  label = {'transaction_id': 1, 'tx_datetime': '2018-04-01T10:00:00Z', 'customer_id': 2, 'terminal_id': 3,
+           'is_fraud': 0, 'fraud_scenario': 0, 'known_datetime': '2018-04-08T10:00:00Z'}
+  flipped = {**label, 'is_fraud': 1, 'fraud_scenario': 1, 'known_datetime': '2018-04-09T10:00:00Z'}
+  warehouse.write_rows('labels', LABELS_TABLE, [label, flipped])  # in one write
+  warehouse.write_rows('labels', LABELS_TABLE, [flipped])  # and in another
+  assert warehouse.query('SELECT is_fraud FROM labels')['is_fraud'].tolist() == [0]

@@ -52,7 +52,7 @@ def read_labelled_rows(warehouse: Warehouse, first_day: datetime.date, last_day:
   features = _one_row_per_transaction(warehouse.table_ref(features_table), feature_columns,
                                       'kafka_partition, kafka_offset', in_range)
   labels = _one_row_per_transaction(warehouse.table_ref(labels_table), ['transaction_id', LABEL_COLUMN],
-                                    f'known_datetime DESC, {LABEL_COLUMN} DESC', in_range)
+                                    f'known_datetime, {LABEL_COLUMN} DESC', in_range)
   columns = ', '.join([*(f'f.{name}' for name in feature_columns), f'l.{LABEL_COLUMN}'])
   sql = (f'SELECT {columns} FROM ({features}) AS f JOIN ({labels}) AS l ON f.transaction_id = l.transaction_id '
          'ORDER BY f.tx_datetime, f.transaction_id')

@@ -182,10 +182,11 @@ class Label(NamedTuple):
 TRANSACTION_COLUMNS = (('transaction_id', 'INT64'), ('tx_datetime', 'TIMESTAMP'), ('customer_id', 'INT64'),
                        ('terminal_id', 'INT64'))
 
+# A transaction's first label wins, as in the features and the monitor's join: a later one changes nothing.
 LABELS_TABLE = TableSchema(
     columns=(*TRANSACTION_COLUMNS, ('is_fraud', 'INT64'), ('fraud_scenario', 'INT64'),
              ('known_datetime', 'TIMESTAMP')),
-    key=('transaction_id',))
+    key=('transaction_id',), keep_first=True)
 
 
 def label_row(label: Label) -> Dict[str, object]:
