@@ -43,7 +43,7 @@ from pipelines.events import (
   snapshot_start_offsets,
   write_repeats_to_dead_letters,
 )
-from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options
+from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options, will_run
 from pipelines.stopping import stop_on_signals
 from transforms.batches import items_of
 from transforms.features import FEATURES_TABLE, ComputeFeatures
@@ -160,9 +160,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 def run(argv: Optional[List[str]] = None):
   stop_on_signals()
   options = pipeline_options(argv, [IngestOptions, WarehouseOptions, EventOptions], prog='python -m pipelines.ingest')
-  open_warehouse(options.view_as(WarehouseOptions).warehouse_url()).prepare()
   first_unwritten = snapshot_offsets = None
-  if replay_range(options.view_as(IngestOptions)) is None:
+  if will_run(options):
+    open_warehouse(options.view_as(WarehouseOptions).warehouse_url()).prepare()
+  if will_run(options) and replay_range(options.view_as(IngestOptions)) is None:
     kafka, events = options.view_as(KafkaOptions), options.view_as(EventOptions)
     group, config = kafka.consumer_group or DEFAULT_CONSUMER_GROUP, kafka_config(options)
     first_unwritten = {topic: group_start_offsets(config, group, topic, 'earliest')

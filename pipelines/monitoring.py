@@ -40,7 +40,15 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
 from pipelines.events import EventOptions
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, WarehouseOptions, kafka_config, pipeline_options
+from pipelines.options import (
+  LOCAL_RUNNER,
+  KafkaOptions,
+  ModelOptions,
+  WarehouseOptions,
+  kafka_config,
+  pipeline_options,
+  will_run,
+)
 from pipelines.stopping import stop_on_signals
 from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
 from transforms.metrics import read_sums, summaries
@@ -197,14 +205,16 @@ def run(argv: Optional[List[str]] = None):
   events = options.view_as(EventOptions)
   config = kafka_config(options)
   group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
-  first_new = {topic: group_start_offsets(config, group, topic, monitoring.monitor_from)
-               for topic in (options.view_as(ModelOptions).predictions_topic, events.labels_topic,
-                             events.dead_letter_topic)}
-  logging.info('monitoring from offsets %s; the earlier records only join late labels', first_new)
+  first_new = None
+  if will_run(options):
+    first_new = {topic: group_start_offsets(config, group, topic, monitoring.monitor_from)
+                 for topic in (options.view_as(ModelOptions).predictions_topic, events.labels_topic,
+                               events.dead_letter_topic)}
+    logging.info('monitoring from offsets %s; the earlier records only join late labels', first_new)
   pipeline = beam.Pipeline(options=options)
   build_pipeline(pipeline, options, first_new)
   pipeline.run().wait_until_finish()
-  if kafka.stop_at_end:
+  if kafka.stop_at_end and will_run(options):
     settings = settings_of(options)
     windows = summaries(read_sums(open_warehouse(settings.warehouse_url)))
     print(windows.tail(10).to_string(index=False, float_format=lambda x: f'{x:.3f}'))

@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Type
 
 from apache_beam.metrics import monitoring_infos
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 from kbml.kafka_config import kafka_client_config
@@ -26,6 +26,8 @@ from kbml.local_stack import local_bootstrap_servers
 from transforms.kafka_io import KAFKA_IO_JAVA, KAFKA_IO_PYTHON
 
 LOCAL_RUNNER = 'FnApiRunner'
+# Runners whose workers are other machines: they cannot reach this machine's broker, files or warehouse.
+REMOTE_RUNNERS = ('DataflowRunner',)
 # Beam parses every PipelineOptions class together, so an option two pipelines share is declared once, here.
 
 
@@ -104,6 +106,38 @@ def keep_fn_api_runner_metrics_flat():
   fn_runner.consolidate_monitoring_infos = _consolidated_monitoring_infos
 
 
+def will_run(options: PipelineOptions) -> bool:
+  """Whether the job will run, rather than only be built (``--dry_run``): what a pipeline looks up before it
+  builds its graph (group offsets, the model in service, the warehouse's tables) is looked up only then."""
+  return not options.view_as(TestOptions).dry_run
+
+
+def refuse_local_settings(options: PipelineOptions, documented: Sequence[Type[PipelineOptions]]):
+  """Raises ValueError when a remote runner is given a setting only this machine can serve.
+
+  Args:
+    options: the parsed options.
+    documented: the options classes the pipeline reads (a warehouse and a model store only matter to those
+      that read WarehouseOptions or ModelOptions).
+  """
+  runner = options.view_as(StandardOptions).runner
+  if runner not in REMOTE_RUNNERS:
+    return
+  refused = []
+  if not options.get_all_options(drop_default=True).get('bootstrap_servers'):
+    refused.append('the local broker (`kbml local up`): pass --bootstrap_servers HOST:PORT of a broker the workers '
+                   'reach')
+  if WarehouseOptions in documented and not options.view_as(WarehouseOptions).warehouse_url().startswith(
+      'bigquery://'):
+    refused.append(f'the warehouse {options.view_as(WarehouseOptions).warehouse_url()}: pass --warehouse '
+                   'bigquery://PROJECT/DATASET')
+  if ModelOptions in documented and not options.view_as(ModelOptions).model_dir_or_default().startswith('gs://'):
+    refused.append(f'the model store {options.view_as(ModelOptions).model_dir_or_default()}: pass --model_dir '
+                   'gs://BUCKET/PREFIX')
+  if refused:
+    raise ValueError(f'{runner} workers cannot reach what is on this machine: ' + '; '.join(refused) + '.')
+
+
 def kafka_config(options: PipelineOptions) -> Dict[str, str]:
   """The Kafka client settings these options describe."""
   kafka = options.view_as(KafkaOptions)
@@ -120,6 +154,9 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
     documented: the options classes whose flags ``--help`` prints (beside
       the runner and Kafka options; Beam's others are listed in its docs).
     prog: the program name ``--help`` shows.
+
+  Raises:
+    ValueError: a remote runner is given a setting only this machine can serve (:func:`refuse_local_settings`).
   """
   argv = sys.argv[1:] if argv is None else argv
   if '--help' in argv or '-h' in argv:
@@ -139,4 +176,5 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
     standard.runner = LOCAL_RUNNER
   if standard.runner == LOCAL_RUNNER:
     keep_fn_api_runner_metrics_flat()
+  refuse_local_settings(options, documented)
   return options

@@ -64,7 +64,7 @@ from pipelines.events import (
   write_dead_letters,
   write_repeats_to_dead_letters,
 )
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options
+from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options, will_run
 from pipelines.stopping import stop_on_signals
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
@@ -296,10 +296,10 @@ def run(argv: Optional[List[str]] = None):
   scoring = options.view_as(ScoringOptions)
   events_options = options.view_as(EventOptions)
   store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
-  if store.current() is None:
+  if will_run(options) and store.current() is None:
     raise ModelStoreError(f'No model is in service in {store.root}: train one first (`kbml train`).')
   first_unscored = snapshot_offsets = None
-  if not scoring.backtest_range():
+  if will_run(options) and not scoring.backtest_range():
     group, config = kafka.consumer_group or DEFAULT_CONSUMER_GROUP, kafka_config(options)
     first_unscored = group_start_offsets(config, group, events_options.transactions_topic, scoring.score_from)
     logging.info('scoring %s from offsets %s; the earlier records only build the histories',

@@ -1,4 +1,10 @@
-"""The mirror pipeline builds a Dataflow job offline, with our Kafka source and sink in its graph."""
+"""Dataflow jobs built offline: the Kafka source and sink in the graph; dry runs need no broker and no credentials."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
 
 import apache_beam as beam
 import pytest
@@ -6,6 +12,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 
 from pipelines import mirror
 from pipelines.options import pipeline_options
+from tests.pipeline_process import PROJECT_ROOT
 
 DATAFLOW_DRY_RUN = ['--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=test-project',
                     '--region=us-central1', '--temp_location=gs://bkt/tmp', '--sdk_location=container']
@@ -41,3 +48,38 @@ def test_dataflow_job_contains_the_kafka_source_and_sink(extra_args, boundedness
 def test_pipeline_options_pin_the_local_runner_unless_one_is_given():
   assert pipeline_options([]).get_all_options()['runner'] == 'FnApiRunner'
   assert pipeline_options(['--runner=PrismRunner']).get_all_options()['runner'] == 'PrismRunner'
+
+
+REMOTE_SETTINGS = {
+    'pipelines.ingest': ['--warehouse=bigquery://test-project/fraud'],
+    'pipelines.scoring': ['--model_dir=gs://bkt/models'],
+    'pipelines.monitoring': ['--warehouse=bigquery://test-project/fraud', '--model_dir=gs://bkt/models'],
+    'pipelines.mirror': ['--input_topic=transactions', '--output_topic=copy'],
+}
+NO_CREDENTIALS = {'GOOGLE_APPLICATION_CREDENTIALS': '/nonexistent/credentials.json', 'NO_GCE_CHECK': 'True'}
+
+
+def _dry_run(module: str, *args: str) -> subprocess.CompletedProcess:
+  """``python -m MODULE`` as a Dataflow dry run, with no broker at its address and no Google credentials."""
+  environment = {**{name: value for name, value in os.environ.items() if not name.startswith('GOOGLE')},
+                 **NO_CREDENTIALS, 'CLOUDSDK_CONFIG': tempfile.mkdtemp()}
+  return subprocess.run([sys.executable, '-m', module, *DATAFLOW_DRY_RUN, '--streaming', *args], env=environment,
+                        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('module', sorted(REMOTE_SETTINGS))
+def test_a_dataflow_dry_run_needs_no_broker_and_no_credentials(module):
+  started = time.monotonic()
+  done = _dry_run(module, '--bootstrap_servers=127.0.0.1:9', *REMOTE_SETTINGS[module])
+  assert done.returncode == 0, done.stderr[-3000:]
+  print(f'{module}: built in {time.monotonic() - started:.1f} s')
+
+
+@pytest.mark.parametrize('module, args, refused', [
+    ('pipelines.ingest', ['--bootstrap_servers=broker:9092'], '--warehouse bigquery://'),
+    ('pipelines.scoring', ['--bootstrap_servers=broker:9092', '--model_dir=/tmp/models'], '--model_dir gs://'),
+    ('pipelines.mirror', REMOTE_SETTINGS['pipelines.mirror'], '--bootstrap_servers HOST:PORT'),
+])
+def test_a_dataflow_job_refuses_what_only_this_machine_can_serve(module, args, refused):
+  done = _dry_run(module, *args)
+  assert done.returncode != 0 and refused in done.stderr, done.stderr[-3000:]
