@@ -7,7 +7,6 @@ import apache_beam as beam
 import numpy as np
 import pandas as pd
 import pytest
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -17,8 +16,6 @@ from transforms.features import (
   CUSTOMER_HISTORY_FEATURES,
   FEATURE_NAMES,
   FORMS,
-  KEYED_STATE,
-  METRICS_NAMESPACE,
   ComputeFeatures,
   Histories,
 )
@@ -228,20 +225,3 @@ def test_the_histories_forget_the_idle_but_not_for_one_record_from_the_far_futur
   assert len(histories) == 4, 'customers 1 and 2 and their terminals were idle for over 60 days'
   row = histories.apply(transaction(400, customer=1, terminal=1, at=104 * day))
   assert row['CUSTOMER_ID_NB_TX_30DAY_WINDOW'] == 1 and row['TERMINAL_ID_NB_TX_30DAY_WINDOW'] == 0
-
-
-def test_keyed_state_clears_each_idle_terminal_with_a_timer(simulation):
-  elements = streams(simulation)
-  pipeline = TestPipeline(options=local_options())
-  _ = (pipeline
-       | beam.Create([elements])
-       | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
-       | ComputeFeatures(label_delay_days=DELAY_DAYS, form=KEYED_STATE))
-  result = pipeline.run()
-  result.wait_until_finish()
-  forgotten = {counter.key.metric.name: counter.committed for counter in result.metrics().query(
-      MetricsFilter().with_namespace(METRICS_NAMESPACE))['counters']}
-  # A bounded input ends with the watermark at the end of time: every terminal's idle timer fires. (The local
-  # runner fires the timers of only one of the two fused stateful stages, the terminals'; the customers' idle
-  # timers are for Flink and Dataflow, to be tested on the Flink runner.)
-  assert forgotten == {'forgotten_terminals': simulation.transactions['terminal_id'].nunique()}

@@ -329,13 +329,15 @@ class _CustomerFeaturesFn(beam.DoFn):
 
   Transactions are applied as they arrive (see the module docstring). Labels
   only pass through: the terminal stage needs them in the same stream as the
-  transactions. A customer's state is cleared once the watermark is 60 days
-  past its newest transaction, when no window holds anything of it.
+  transactions.
+
+  An idle customer's state is not cleared yet: a timer for it fired early on
+  the local runner, the only one this form can be tested on here (left for
+  the Flink runner).
   """
   HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
-  IDLE = TimerSpec('idle', TimeDomain.WATERMARK)
 
-  def process(self, element, history_state=beam.DoFn.StateParam(HISTORY), idle=beam.DoFn.TimerParam(IDLE)):
+  def process(self, element, history_state=beam.DoFn.StateParam(HISTORY)):
     _, event = element
     if isinstance(event, Label):
       yield event
@@ -347,14 +349,6 @@ class _CustomerFeaturesFn(beam.DoFn):
       return
     yield event, features
     history_state.write(history)
-    idle.set(Timestamp.of(history.newest_time + HISTORY_DAYS * DAY_SECONDS))
-
-  @on_timer(IDLE)
-  def forget_when_idle(self, fired_at=beam.DoFn.TimestampParam, history_state=beam.DoFn.StateParam(HISTORY)):
-    history = history_state.read()
-    if history is not None and history.newest_time + HISTORY_DAYS * DAY_SECONDS <= fired_at.micros / 1e6:
-      history_state.clear()
-      Metrics.counter(METRICS_NAMESPACE, 'forgotten_customers').inc()
 
 
 class _TerminalState:
@@ -397,17 +391,13 @@ class _TerminalFeaturesFn(beam.DoFn):
   go. (A runner fires newly set timers in a later round; releasing one
   instant per firing would take a round per event.)
 
-  A terminal's state is cleared once nothing waits and the watermark is the
-  label delay and 30 days past its newest transaction, when no window holds
-  anything of it.
+  An idle terminal's state is not cleared yet (see _CustomerFeaturesFn).
   """
   STATE = ReadModifyWriteStateSpec('terminal', PickleCoder())
   DUE = TimerSpec('due', TimeDomain.WATERMARK)
-  IDLE = TimerSpec('idle', TimeDomain.WATERMARK)
 
   def __init__(self, label_delay_days: float):
     self._label_delay_days = label_delay_days
-    self._idle_s = (label_delay_days + max(WINDOW_DAYS)) * DAY_SECONDS
 
   def process(self, element, timestamp=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
               due=beam.DoFn.TimerParam(DUE)):
@@ -419,22 +409,12 @@ class _TerminalFeaturesFn(beam.DoFn):
 
   @on_timer(DUE)
   def release_due_events(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
-                         due=beam.DoFn.TimerParam(DUE), idle=beam.DoFn.TimerParam(IDLE)):
+                         due=beam.DoFn.TimerParam(DUE)):
     terminal = state.read()
     yield from terminal.release(fired_at.micros)
     state.write(terminal)
     if terminal.pending:
       due.set(Timestamp(micros=terminal.pending[-1].micros))
-    elif terminal.history.newest_time > -math.inf:
-      idle.set(Timestamp.of(terminal.history.newest_time + self._idle_s))
-
-  @on_timer(IDLE)
-  def forget_when_idle(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE)):
-    terminal = state.read()
-    if terminal is not None and not terminal.pending and (
-        terminal.history.newest_time + self._idle_s <= fired_at.micros / 1e6):
-      state.clear()
-      Metrics.counter(METRICS_NAMESPACE, 'forgotten_terminals').inc()
 
 
 def _customer_features_of_group(element) -> Iterator:
