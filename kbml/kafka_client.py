@@ -136,12 +136,27 @@ def fetched_end_offset(consumer: Consumer, topic: str, partition: int, start: in
 Partition = Tuple[str, int]
 
 
+# Errors of a group coordinator that is moving or still loading (a broker just started): asked again, it answers.
+_COORDINATOR_NOT_READY = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                          KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._WAIT_COORD)
+
+
 def committed_offsets(consumer: Consumer, pairs: Iterable[Partition], timeout_s: float = 15.0) -> Dict[Partition, int]:
-  """Returns the consumer group's committed offset per partition (NO_OFFSET if none)."""
-  try:
-    committed = consumer.committed([TopicPartition(t, p) for t, p in pairs], timeout=timeout_s)
-  except KafkaException as e:
-    raise unreachable_error(consumer.kbml_config, timeout_s, e) from e
+  """Returns the consumer group's committed offset per partition (NO_OFFSET if none).
+
+  A coordinator that is not ready yet (Apache Kafka loading its offsets after a start) is asked again until
+  ``timeout_s``.
+  """
+  partitions = [TopicPartition(t, p) for t, p in pairs]
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      committed = consumer.committed(partitions, timeout=max(deadline - time.monotonic(), 1.0))
+      break
+    except KafkaException as e:
+      if e.args[0].code() not in _COORDINATOR_NOT_READY or time.monotonic() > deadline:
+        raise unreachable_error(consumer.kbml_config, timeout_s, e) from e
+      time.sleep(0.2)
   return {(tp.topic, tp.partition): tp.offset for tp in committed}
 
 

@@ -288,7 +288,8 @@ def test_dataflow_job_feeds_run_inference_from_a_watch_file_pattern_side_input()
 
 def test_scoring_options_choose_the_reload_by_runner():
   assert scoring.model_reload(pipeline_options([])) == scoring.RELOAD_POLL
-  assert scoring.model_reload(pipeline_options(['--runner=DataflowRunner'])) == scoring.RELOAD_WATCH
+  assert scoring.model_reload(pipeline_options(['--runner=DataflowRunner', '--bootstrap_servers=broker:9092'])) == \
+      scoring.RELOAD_WATCH
   assert scoring.model_reload(pipeline_options(['--runner=FlinkRunner'])) == scoring.RELOAD_WATCH
   assert scoring.model_reload(pipeline_options(['--model_reload=watch'])) == scoring.RELOAD_WATCH
 
