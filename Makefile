@@ -8,8 +8,11 @@ STAMP := $(VENV)/.installed
 # The BigQuery emulator the tests use needs Python 3.13: it gets its own environment.
 BIGQUERY_EMULATOR_VENV ?= .venv-bigquery
 BIGQUERY_EMULATOR := $(BIGQUERY_EMULATOR_VENV)/bin/local-bigquery
+# Apache Kafka's jars and their dependencies, from Maven Central (kbml/broker/apache-kafka.pom.xml); the local
+# stack runs the broker from them (kbml/local_stack.py).
+KAFKA_LIBS := .cache/apache-kafka/libs
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv kafka demo test bench lint clean
 
 $(STAMP): setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "kafka-beam-ml needs Python 3.11; set PYTHON=/path/to/python3.11")'
@@ -20,20 +23,29 @@ $(STAMP): setup.py constraints.txt
 
 venv: $(STAMP)
 
+kafka: $(KAFKA_LIBS)/.complete
+
+$(KAFKA_LIBS)/.complete: kbml/broker/apache-kafka.pom.xml
+	command -v java >/dev/null && command -v mvn >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends openjdk-17-jre-headless maven; }
+	rm -rf $(KAFKA_LIBS)
+	mvn --quiet --batch-mode -f $< dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(KAFKA_LIBS))
+	touch $@
+
 $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 	bash tests/install_bigquery_emulator.sh $(BIGQUERY_EMULATOR_VENV)
 	@touch $@
 
-# The demo, from a clean slate (the broker keeps its data in memory; the demo's warehouse and model store are
-# rebuilt): the whole loop of `kbml loop` on a simulated population of 500 cards. 82 days of history are
-# ingested and a first model is trained; then the scorer, the monitor, a streaming ingest and `kbml retrain
-# --on-drift` run as their own processes while more days are produced live, with a cash-out wave from day 85.
+# The demo, from a clean slate (the broker's topics, the demo's warehouse and model store are rebuilt): the
+# whole loop of `kbml loop` on a simulated population of 500 cards. 82 days of history are ingested and a first
+# model is trained; then the scorer, the monitor, a streaming ingest and `kbml retrain --on-drift` run as their
+# own processes while more days are produced live, with a cash-out wave from day 85.
 # The monitor reports the drift, the retrain waits for the wave's labelled days, trains and promotes a new
 # model, and the scorer takes it live; the traffic goes on until the labels of 3 whole days the new model scored
 # are in. Then `kbml status` and `kbml report` (the path of the HTML page).
 demo: $(STAMP)
 	$(BIN)/kbml local down
-	rm -rf .kbml/warehouse.duckdb .kbml/models .kbml/loop
+	rm -rf .kbml/kafka-logs .kbml/snapshots .kbml/warehouse.duckdb .kbml/models .kbml/loop
 	$(BIN)/kbml local up
 	$(BIN)/kbml loop
 	$(BIN)/kbml status --sample-s 0
@@ -45,7 +57,7 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update && apt-get install -y --no-install-recommends chromium
 
-test: $(STAMP) $(BIGQUERY_EMULATOR) $(CHROMIUM)
+test: $(STAMP) $(KAFKA_LIBS)/.complete $(BIGQUERY_EMULATOR) $(CHROMIUM)
 	KBML_BIGQUERY_EMULATOR_VENV=$(abspath $(BIGQUERY_EMULATOR_VENV)) $(BIN)/python -m pytest
 
 # bench.trainer simulates and ingests the standard run (3.6 million events) first: about 12 minutes on 2 cores.
@@ -67,4 +79,4 @@ lint: $(STAMP)
 
 clean:
 	-$(BIN)/kbml local down
-	rm -rf $(VENV) $(BIGQUERY_EMULATOR_VENV) .kbml *.egg-info
+	rm -rf $(VENV) $(BIGQUERY_EMULATOR_VENV) .kbml .cache *.egg-info

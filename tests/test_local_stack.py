@@ -3,10 +3,13 @@
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+from confluent_kafka import TopicPartition
 
-from kbml.local_stack import PROJECT_TOPICS, LocalStack, LocalStackError
+from kbml.kafka_client import committed_offsets, new_consumer
+from kbml.local_stack import APACHE_KAFKA, BROKERS, PROJECT_TOPICS, LocalStack, LocalStackError
 from tests.conftest import produce
 
 
@@ -15,8 +18,9 @@ def _kbml(*args, env=None):
                         env=env)
 
 
-def test_up_twice_is_harmless_and_status_shows_offsets(tmp_path):
-  stack = LocalStack(str(tmp_path))
+@pytest.mark.parametrize('broker', BROKERS)
+def test_up_twice_is_harmless_and_status_shows_offsets(tmp_path, broker):
+  stack = LocalStack(str(tmp_path), broker=broker)
   try:
     bootstrap = stack.up(port=0)
     pid = stack.status().pid
@@ -24,12 +28,40 @@ def test_up_twice_is_harmless_and_status_shows_offsets(tmp_path):
     produce(bootstrap, 'transactions', [(b'k', b'%d' % i, []) for i in range(1_000)])
 
     status = stack.status()
-    assert status.reachable and set(PROJECT_TOPICS) <= set(status.topics)
+    assert status.broker == broker and status.reachable and set(PROJECT_TOPICS) <= set(status.topics)
     assert sum(p.high - p.low for p in status.topics['transactions']) == 1_000
     assert [len(status.topics[t]) for t in PROJECT_TOPICS] == [4] * 5
   finally:
     assert stack.down(grace_s=0)
   assert not stack.status().running and not stack.down()
+
+
+def test_apache_kafka_starts_within_30_s_and_keeps_records_and_group_offsets_across_down_and_up(tmp_path):
+  stack = LocalStack(str(tmp_path), broker=APACHE_KAFKA)
+  started = time.monotonic()
+  bootstrap = stack.up(port=0, timeout_s=30)
+  print(f'Apache Kafka up, topics created, in {time.monotonic() - started:.1f} s')
+  assert time.monotonic() - started < 30
+  try:
+    produce(bootstrap, 'transactions', [(b'k%d' % i, b'%d' % i, []) for i in range(1_000)])
+    consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': 'kept'})
+    consumer.commit(offsets=[TopicPartition('transactions', 0, 7)], asynchronous=False)
+    consumer.close()
+    assert stack.down()
+    bootstrap = stack.up(port=0, timeout_s=30)
+    status = stack.status()
+    assert sum(p.high - p.low for p in status.topics['transactions']) == 1_000
+    consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': 'kept'})
+    assert committed_offsets(consumer, [('transactions', 0)]) == {('transactions', 0): 7}
+    consumer.close()
+  finally:
+    stack.down(grace_s=0)
+
+
+def test_without_java_apache_kafka_is_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAVA_HOME', str(tmp_path / 'no-java'))
+  with pytest.raises(LocalStackError, match='Apache Kafka needs Java 17 or newer'):
+    LocalStack(str(tmp_path), broker=APACHE_KAFKA).up(port=0)
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path):
@@ -43,14 +75,14 @@ def test_a_taken_port_is_a_clear_error(tmp_path):
 def test_a_missing_broker_binary_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setenv('KBML_BROKER_BINARY', str(tmp_path / 'tansu'))
   with pytest.raises(LocalStackError, match='is not an executable file'):
-    LocalStack(str(tmp_path)).up(port=0)
+    LocalStack(str(tmp_path), broker='tansu').up(port=0)
 
 
 def test_cli_up_status_down(tmp_path):
   state = ['--state-dir', str(tmp_path)]
   up = _kbml('local', 'up', '--port', '0', *state)
   try:
-    assert up.returncode == 0 and 'local broker started at 127.0.0.1:' in up.stdout, up.stderr
+    assert up.returncode == 0 and 'local broker (tansu) started at 127.0.0.1:' in up.stdout, up.stderr
     assert 'already running' in _kbml('local', 'up', '--port', '0', *state).stdout
     status = _kbml('local', 'status', *state)
     assert status.returncode == 0 and 'reachable' in status.stdout and 'dead-letter' in status.stdout

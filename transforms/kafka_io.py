@@ -37,10 +37,11 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from kbml.kafka_client import (
   AcknowledgedProducer,
+  KafkaUnreachableError,
   committed_offsets,
   fetched_end_offset,
   list_partitions,
@@ -57,6 +58,14 @@ KAFKA_IO_JAVA = 'java'
 
 _UNBOUNDED_STOP = sys.maxsize
 _FIRST_IDLE_WAIT_S = 0.05
+# How often an unbounded read that gets nothing from a partition checks that the partition still holds the
+# offsets it read: a broker that lost its data (an in-memory one restarted, a topic deleted and created again)
+# would otherwise leave it waiting for offsets that will never come.
+_PARTITION_CHECK_S = 10.0
+
+
+class PartitionLostError(RuntimeError):
+  """A partition no longer holds the records a read has reached: the read cannot go on without losing some."""
 # Each partition's watermark is set by hand from the newest record timestamp read.
 _RECORD_TIME_WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
 
@@ -174,6 +183,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self._last_record_at = {}
     self._due_before_ms = math.inf
     self._quiet_reads = 0  # consecutive calls of process that emitted nothing
+    self._checked_at = {}  # (topic, partition) -> when the partition was last found to hold what was read
+    self._failed_commits = {}  # (topic, partition) -> the newest offset whose commit failed, to try again
 
   def start_bundle(self):
     group = self._spec.align_group
@@ -201,6 +212,35 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
 
   def __setstate__(self, state):
     self.__init__(state['_spec'])
+
+  def _check_partition_holds_what_was_read(self, key: Tuple[str, int]):
+    """Raises :class:`PartitionLostError` when the broker answers that the partition ends before the offset
+    reached (or is gone); a broker that does not answer is waited for, as the consumers wait for it."""
+    now = time.monotonic()
+    if now - self._checked_at.setdefault(key, now) < _PARTITION_CHECK_S:
+      return
+    self._checked_at[key] = now
+    position = self._positions[key]
+    consumer = self._metadata_client()
+    try:
+      high = consumer.get_watermark_offsets(TopicPartition(*key), timeout=5)[1]
+      if high < position:  # a listed end is short on some brokers (Tansu): the fetched one is the true end
+        high = fetched_end_offset(consumer, *key, max(high, 0), 5)
+    except KafkaException as e:
+      if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+        _LOG.warning('cannot check %s[%d] on the broker (%s): waiting for it', *key, e.args[0])
+        return
+      high = -1
+    except KafkaUnreachableError as e:
+      _LOG.warning('cannot check %s[%d] on the broker (%s): waiting for it', *key, e)
+      return
+    if high < position:
+      raise PartitionLostError(
+          f'Kafka partition {key[0]}[{key[1]}] ' + ('no longer exists' if high < 0 else f'ends at offset {high}')
+          + f', before offset {position} that this pipeline has read: the topic was deleted and created again, or '
+          'the broker lost its data (an in-memory broker restarted). Stopping rather than wait for offsets that '
+          'will not come: check the broker, then start the pipeline again (its group\'s committed offsets, or '
+          '--score_from / the read options, say where it goes on).')
 
   def _metadata_client(self):
     if self._metadata_consumer is None:
@@ -253,15 +293,23 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     return self._consumers[key]
 
   def _commit(self, topic: str, partition: int, next_offset: int):
+    """Commits ``next_offset``; one that fails (the broker is away) is tried again at the partition's next read,
+    even one that reads nothing: an idle partition would otherwise keep a stale offset."""
     key = (topic, partition)
-    if key not in self._committed:
-      # A read from the beginning passes the offsets the group committed before: it must not take them back.
-      self._committed[key] = committed_offsets(self._metadata_client(), [key], self._spec.timeout_s)[key]
-    # Finalizations of successive bundles may come out of order: never move back.
-    if next_offset <= self._committed[key]:
+    try:
+      if key not in self._committed:
+        # A read from the beginning passes the offsets the group committed before: it must not take them back.
+        self._committed[key] = committed_offsets(self._metadata_client(), [key], self._spec.timeout_s)[key]
+      # Finalizations of successive bundles may come out of order: never move back.
+      if next_offset <= self._committed[key]:
+        return
+      consumer = self._consumers.get(key) or new_consumer(self._spec.consumer_config)
+      consumer.commit(offsets=[TopicPartition(topic, partition, next_offset)], asynchronous=False)
+    except (KafkaException, KafkaUnreachableError) as e:
+      _LOG.warning('could not commit offset %d of %s[%d] (%s): trying again at its next read', next_offset, topic,
+                   partition, e)
+      self._failed_commits[key] = max(next_offset, self._failed_commits.get(key, next_offset))
       return
-    consumer = self._consumers.get(key) or new_consumer(self._spec.consumer_config)
-    consumer.commit(offsets=[TopicPartition(topic, partition, next_offset)], asynchronous=False)
     self._committed[key] = next_offset
 
   def process(
@@ -273,6 +321,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     topic, partition = element
     key = (topic, partition)
     spec = self._spec
+    if key in self._failed_commits:
+      self._commit(topic, partition, self._failed_commits.pop(key))
     restriction = tracker.current_restriction()
     next_offset = restriction.start
     buffer = self._buffers.get(key)
@@ -314,6 +364,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
             finished = True
         elif caught_up:
           self._fetched_through(key, math.inf)  # an idle partition holds nobody back
+        if not spec.bounded:
+          self._check_partition_holds_what_was_read(key)
       due = 0
       while (due < len(buffer) and emitted + due < spec.read_budget_records
              and buffer[due].timestamp()[1] < self._due_before_ms):
