@@ -1,11 +1,14 @@
 """The events every fraud pipeline reads: transactions and labels from Kafka, validated, in event time."""
 
+import json
 import logging
 import os
+import time
 from typing import Dict, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from confluent_kafka import TopicPartition
 
 from kbml.kafka_client import PartitionOffsets, fetched_end_offset, listed_offsets, new_probe_consumer
 from kbml.local_stack import local_state_dir
@@ -168,12 +171,35 @@ def feature_snapshots(options: PipelineOptions, group: Optional[str], form: str)
                                                 events.labels_topic), events.state_snapshot_interval_s)
 
 
+def _holds_the_last_applied(consumer, topic: str, partition: int, offset: int, transaction_id: Optional[int]) -> bool:
+  """Whether the record before ``offset`` is the one of ``transaction_id`` (True when there is nothing to
+  compare: no marker, or retention deleted the record)."""
+  if transaction_id is None or offset <= 0:
+    return True
+  consumer.assign([TopicPartition(topic, partition, offset - 1)])
+  try:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+      for message in consumer.consume(1, 0.5):
+        if message.error() or message.offset() != offset - 1:
+          return True
+        try:
+          return json.loads(message.value()).get('transaction_id') == transaction_id
+        except (ValueError, TypeError, AttributeError, RecursionError):
+          return False
+    return True
+  finally:
+    consumer.unassign()
+
+
 def snapshot_start_offsets(snapshots: Optional[StateSnapshots], config: Dict[str, str]) -> Dict[Tuple[str, int], int]:
   """Per (topic, partition), the offset a pipeline resuming from the newest snapshot reads on from.
 
-  A snapshot whose offsets lie beyond the ends of the partitions (the topics
-  were deleted and created again) is set aside (renamed ``*.stale``) and the
-  state is rebuilt from the beginning of the topics. Records that retention
+  A snapshot of other topics than those there now (its offsets lie beyond
+  the ends of the partitions, or the record before an offset is not the
+  transaction it applied last: the topics were deleted and created again) is
+  set aside (renamed ``*.stale``) and the state is rebuilt from the beginning
+  of the topics. Records that retention
   deleted after the snapshot was taken are missing from the state: that is
   logged.
   """
@@ -187,11 +213,14 @@ def snapshot_start_offsets(snapshots: Optional[StateSnapshots], config: Dict[str
     for (topic, partition), offset in offsets.items():
       low, high = listed_offsets(consumer, topic, partition)
       # A listed end is short on some brokers (Tansu): only the fetched end tells a recreated topic.
-      if offset > high and offset > fetched_end_offset(consumer, topic, partition, low):
+      beyond_the_end = offset > high and offset > fetched_end_offset(consumer, topic, partition, low)
+      kind = next(kind for kind, stream in topics.items() if stream == topic)
+      if beyond_the_end or not _holds_the_last_applied(consumer, topic, partition, offset,
+                                                       header.markers.get((kind, partition))):
         os.replace(snapshots.path, f'{snapshots.path}.stale')
-        logging.warning('the state snapshot %s reflects %s[%d] up to offset %d, beyond the end of the partition: '
-                        'the topic was created again; set the snapshot aside and rebuilding the state from the '
-                        'beginning of the topics', snapshots.path, topic, partition, offset)
+        logging.warning('the state snapshot %s reflects %s[%d] up to offset %d, which the partition does not hold '
+                        'as it did: the topic was created again; set the snapshot aside and rebuilding the state '
+                        'from the beginning of the topics', snapshots.path, topic, partition, offset)
         return {}
       if offset < low:
         logging.warning('%s[%d]: retention deleted offsets %d to %d after the state snapshot was taken; the '

@@ -11,6 +11,7 @@ import pandas as pd
 from kbml import simulator
 from kbml.simulator import SimulationConfig, simulate
 from pipelines.events import snapshot_start_offsets
+from tests.conftest import produce
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_features import independent_features
@@ -97,3 +98,18 @@ def test_a_snapshot_of_other_settings_or_recreated_topics_is_not_resumed(bootstr
   assert snapshot_start_offsets(StateSnapshots(path, snapshot_identity(7, transactions, labels)),
                                 {'bootstrap.servers': bootstrap}) == {}
   assert not os.path.exists(path) and os.path.exists(f'{path}.stale')
+
+
+def test_a_snapshot_of_topics_created_again_with_as_many_records_is_not_resumed(bootstrap, new_topic, tmp_path):
+  transactions, labels = new_topic(partitions=1), new_topic(partitions=1)
+  record = b'{"transaction_id": %d, "tx_datetime": "2018-04-01T10:00:00Z", "customer_id": 1, "terminal_id": 1, ' \
+           b'"amount": 1.5}'
+  produce(bootstrap, transactions, [(b'1', record % i, []) for i in range(10)])
+  path = str(tmp_path / 'features')
+  snapshots = StateSnapshots(path, snapshot_identity(7, transactions, labels))
+  config = {'bootstrap.servers': bootstrap}
+
+  snapshots.save({('Transaction', 0): 5}, Histories(), {('Transaction', 0): 4})  # applied up to transaction 4
+  assert snapshot_start_offsets(snapshots, config) == {(transactions, 0): 5}
+  snapshots.save({('Transaction', 0): 5}, Histories(), {('Transaction', 0): 104})  # of records not there now
+  assert snapshot_start_offsets(snapshots, config) == {} and os.path.exists(f'{path}.stale')

@@ -457,6 +457,8 @@ class Histories:
     self._next_sweep = -math.inf
     # Per (kind of event, partition): the offset after the newest record applied (a snapshot's restart point).
     self.next_offsets: Dict[Tuple[str, int], int] = {}
+    # ... and the transaction id of that newest record: it tells the same topic from one created again.
+    self.last_transaction_ids: Dict[Tuple[str, int], int] = {}
 
   def __len__(self) -> int:
     """How many customers and terminals it holds."""
@@ -472,6 +474,7 @@ class Histories:
     kind = type(event).__name__
     if event.kafka_offset >= self.next_offsets.get((kind, event.kafka_partition), 0):
       self.next_offsets[(kind, event.kafka_partition)] = event.kafka_offset + 1
+      self.last_transaction_ids[(kind, event.kafka_partition)] = event.transaction_id
     terminal = self._terminals.get(event.terminal_id)
     if isinstance(event, Label):
       count_label(terminal.add_label(event) if terminal is not None else LABEL_ORPHAN)
@@ -545,7 +548,7 @@ class _OrderedBundleFeaturesFn(beam.DoFn):
     # restart reads from the snapshot's.)
     if self._snapshots is not None and self._snapshots.due():
       with _PROCESS_HISTORIES_LOCK:
-        self._snapshots.save(self._histories.next_offsets, self._histories)
+        self._snapshots.save(self._histories.next_offsets, self._histories, self._histories.last_transaction_ids)
 
   def process(self, events: Union[Transaction, Label, Batch]):
     self._bundle.extend(_PendingEvent(*_apply_order(event), event) for event in items_of(events))

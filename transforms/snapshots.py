@@ -36,6 +36,9 @@ class SnapshotHeader(NamedTuple):
   identity: Dict[str, Any]
   offsets: Dict[Tuple[str, int], int]  # (stream, partition) -> the offset after the newest record applied
   saved_at: float
+  # (stream, partition) -> what identifies the record just before the offset: a topic created again, with other
+  # records at the same offsets, is told by it.
+  markers: Dict[Tuple[str, int], Any] = {}
 
 
 class StateSnapshots:
@@ -90,14 +93,17 @@ class StateSnapshots:
   def due(self) -> bool:
     return time.monotonic() - self._saved_at >= self._interval_s
 
-  def save(self, offsets: Mapping[Tuple[str, int], int], state: Any):
-    """Writes a snapshot of ``state``, which reflects the records before ``offsets``."""
+  def save(self, offsets: Mapping[Tuple[str, int], int], state: Any,
+           markers: Optional[Mapping[Tuple[str, int], Any]] = None):
+    """Writes a snapshot of ``state``, which reflects the records before ``offsets`` (the last of which
+    ``markers`` identify)."""
     started = time.monotonic()
     folder = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile('wb', dir=folder, prefix='.snapshot-', delete=False) as f:
       try:
-        pickle.dump(SnapshotHeader(self._identity, dict(offsets), time.time()), f, pickle.HIGHEST_PROTOCOL)
+        pickle.dump(SnapshotHeader(self._identity, dict(offsets), time.time(), dict(markers or {})), f,
+                    pickle.HIGHEST_PROTOCOL)
         pickle.dump(state, f, pickle.HIGHEST_PROTOCOL)
         f.flush()
         os.fsync(f.fileno())
