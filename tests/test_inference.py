@@ -110,15 +110,16 @@ def test_a_slow_challenger_loads_while_the_champion_goes_on_scoring(tmp_path):
   list(handler.run_inference(ROWS, model))  # the champion's first batch prepares its predict function
 
   store.set_challenger(challenger)
-  longest_s, deadline = 0.0, time.monotonic() + 60
+  without_challenger, deadline = 0, time.monotonic() + 60
   while True:
-    started = time.monotonic()
     results = handler.run_inference(ROWS, model)
-    longest_s = max(longest_s, time.monotonic() - started)
     if results[0].inference.challenger is not None:
       break
+    without_challenger += 1
     assert time.monotonic() < deadline, 'the challenger never scored'
 
   assert {result.inference.challenger.version for result in results} == {challenger}
-  assert longest_s < load_s / 2, f'a batch took {longest_s:.2f} s; loading the challenger takes {load_s:.2f} s'
+  # Loaded in the scoring thread, the first batch after the pointer moved would wait for the load and come back
+  # with the challenger's scores; loaded in the background, the champion went on scoring meanwhile.
+  assert without_challenger >= 1, f'no batch was scored while the challenger loaded ({load_s:.2f} s)'
 
