@@ -199,22 +199,22 @@ def snapshot_start_offsets(snapshots: Optional[StateSnapshots], config: Dict[str
   the ends of the partitions, or the record before an offset is not the
   transaction it applied last: the topics were deleted and created again) is
   set aside (renamed ``*.stale``) and the state is rebuilt from the beginning
-  of the topics. Records that retention
-  deleted after the snapshot was taken are missing from the state: that is
-  logged.
+  of the topics. Records that retention deleted after the snapshot was taken
+  are missing from the state: that is logged.
   """
   header = snapshots.header() if snapshots is not None else None
   if header is None:
     return {}
   topics = header.identity['streams']
-  offsets = {(topics[kind], partition): offset for (kind, partition), offset in header.offsets.items()}
+  offsets = {}
   consumer = new_probe_consumer(config)
   try:
-    for (topic, partition), offset in offsets.items():
+    for (kind, partition), offset in header.offsets.items():
+      topic = topics[kind]
+      offsets[(topic, partition)] = offset
       low, high = listed_offsets(consumer, topic, partition)
       # A listed end is short on some brokers (Tansu): only the fetched end tells a recreated topic.
       beyond_the_end = offset > high and offset > fetched_end_offset(consumer, topic, partition, low)
-      kind = next(kind for kind, stream in topics.items() if stream == topic)
       if beyond_the_end or not _holds_the_last_applied(consumer, topic, partition, offset,
                                                        header.markers.get((kind, partition))):
         os.replace(snapshots.path, f'{snapshots.path}.stale')

@@ -22,9 +22,9 @@ loads the newest snapshot and reads on from there (``--state_snapshot``;
 without one they are rebuilt from the beginning of the topics); only
 transactions at or after the consumer group's committed offsets are scored
 (without committed offsets: those that arrive from now on, or all with
-``--score_from earliest``). Offsets are committed only once the predictions of the records
-before them are flushed to Kafka. After a crash some transactions may be
-scored twice (same transaction id); none is skipped.
+``--score_from earliest``). Offsets are committed only once the predictions
+of the records before them are flushed to Kafka. After a crash some
+transactions may be scored twice (same transaction id); none is skipped.
 
 ``--backtest_from``/``--backtest_to`` score a bounded range of event time
 instead, each transaction with the version that was in service at its time
