@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
   up.add_argument('--partitions', type=int, default=DEFAULT_PARTITIONS, help='Partitions of each created topic.')
   up.add_argument('--broker', choices=BROKERS, help='kafka: Apache Kafka, from the jars `make kafka` fetches, with '
                   'Java 17+; its topics, records and group offsets survive down and up. tansu: in memory, starts in '
-                  'a tenth of a second. Default: $KBML_BROKER, else tansu.')
+                  'a tenth of a second, for a quick look. Default: $KBML_BROKER, else kafka.')
   local_actions.add_parser('down', help='Stop the broker (Tansu\'s in-memory data is lost; Apache Kafka\'s is kept).')
   local_actions.add_parser('status', help='Show whether the broker answers, and each topic\'s offsets.')
   for action in local_actions.choices.values():

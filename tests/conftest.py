@@ -11,13 +11,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import TopicPartition
 
 from kbml.kafka_client import AcknowledgedProducer, create_topics, new_consumer
-from kbml.local_stack import APACHE_KAFKA, DEFAULT_KAFKA_LIBS, TANSU, LocalStack
+from kbml.local_stack import APACHE_KAFKA, DEFAULT_KAFKA_LIBS, LocalStack, default_broker
 from pipelines.options import LOCAL_RUNNER
 from tests.bigquery_emulator import EMULATOR_EXECUTABLE
 
 CHROMIUM = '/usr/bin/chromium'
-# The broker most tests run on: Tansu unless KBML_BROKER says kafka (kbml/local_stack.py).
-BROKER = os.environ.get('KBML_BROKER') or TANSU
+# The broker the tests run on: Apache Kafka unless KBML_BROKER says tansu (kbml/local_stack.py).
+BROKER = default_broker()
 # What some tests run that pip does not install: the file, whether a test needs it, the Makefile target that
 # installs it (`make test` depends on each).
 PREREQUISITES = (

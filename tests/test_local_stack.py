@@ -7,10 +7,13 @@ import time
 
 import pytest
 from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from kbml.kafka_client import committed_offsets, new_consumer
 from kbml.local_stack import APACHE_KAFKA, BROKERS, PROJECT_TOPICS, LocalStack, LocalStackError
 from tests.conftest import produce
+
+SIMULATED_TIME_MS = 1_522_540_800_000  # 2018-04-01, the simulation's default start
 
 
 def _kbml(*args, env=None):
@@ -43,7 +46,8 @@ def test_apache_kafka_starts_within_30_s_and_keeps_records_and_group_offsets_acr
   print(f'Apache Kafka up, topics created, in {time.monotonic() - started:.1f} s')
   assert time.monotonic() - started < 30
   try:
-    produce(bootstrap, 'transactions', [(b'k%d' % i, b'%d' % i, []) for i in range(1_000)])
+    # Timestamped in 2018 like the simulated history: time retention would delete them (30 s after a start).
+    produce(bootstrap, 'transactions', [(b'k%d' % i, b'%d' % i, [], SIMULATED_TIME_MS + i) for i in range(1_000)])
     consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': 'kept'})
     consumer.commit(offsets=[TopicPartition('transactions', 0, 7)], asynchronous=False)
     consumer.close()
@@ -54,6 +58,10 @@ def test_apache_kafka_starts_within_30_s_and_keeps_records_and_group_offsets_acr
     consumer = new_consumer({'bootstrap.servers': bootstrap, 'group.id': 'kept'})
     assert committed_offsets(consumer, [('transactions', 0)]) == {('transactions', 0): 7}
     consumer.close()
+    topic = ConfigResource(ConfigResource.Type.TOPIC, 'transactions')
+    admin = AdminClient({'bootstrap.servers': bootstrap})
+    retention = admin.describe_configs([topic])[topic].result(30)
+    assert retention['retention.ms'].value == '-1', 'the local broker keeps records of any age'
   finally:
     stack.down(grace_s=0)
 
