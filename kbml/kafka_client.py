@@ -8,7 +8,7 @@ brokers, the bundled local one among them, list it short).
 
 import logging
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -134,6 +134,18 @@ def fetched_end_offset(consumer: Consumer, topic: str, partition: int, start: in
 
 
 Partition = Tuple[str, int]
+
+
+def records_only(messages: Iterable, report: Callable[[str], None]) -> List:
+  """The messages that carry records; reports the others (errors the consumer delivers as messages: a partition
+  that lost its records, a broker that is down) instead of dropping them unseen."""
+  records = []
+  for message in messages:
+    if message.error():
+      report(f'Kafka consumer error on {message.topic()}[{message.partition()}]: {message.error()}')
+    else:
+      records.append(message)
+  return records
 
 
 # Errors of a group coordinator that is moving or still loading (a broker just started): asked again, it answers.

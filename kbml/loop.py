@@ -161,10 +161,11 @@ class _ServedTimes:
   first model's last day and the new version's first can overlap.
   """
 
-  def __init__(self, config: Dict[str, str]):
+  def __init__(self, config: Dict[str, str], report: Callable[[str], None]):
     from confluent_kafka import TopicPartition
 
     from kbml.kafka_client import fetched_end_offset, list_partitions, new_consumer
+    self._report = report
     self.first_ms: Dict[str, int] = {}
     self.last_ms: Dict[str, int] = {}
     self._consumer = new_consumer(config)
@@ -173,9 +174,10 @@ class _ServedTimes:
 
   def poll(self, budget_s: float = 2.0):
     """Reads the predictions made since the last call, for at most ``budget_s`` (the scorer may never pause)."""
+    from kbml.kafka_client import records_only
     deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline and (
-        messages := [m for m in self._consumer.consume(1000, 0.2) if not m.error()]):
+        messages := records_only(self._consumer.consume(1000, 0.2), self._report)):
       for prediction in (json.loads(m.value()) for m in messages):
         version, time_ms = prediction['model_version'], pandas.Timestamp(prediction['tx_datetime']).value // 1_000_000
         self.first_ms[version] = min(time_ms, self.first_ms.get(version, time_ms))
@@ -253,7 +255,7 @@ def run_loop(args, out=print) -> LoopResult:
         f'{_without_kafka(simulation)} --from-day {args.live_from_day} '
         f'--rate {args.rate:.0f})')
     traffic.start()
-    served = _ServedTimes(config)
+    served = _ServedTimes(config, out)
     reported = time.monotonic()
     while traffic.is_alive():
       traffic.join(1)

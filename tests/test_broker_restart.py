@@ -3,7 +3,8 @@
 Apache Kafka keeps its data across the restart: the streaming scorer, ingest
 and monitor ride through it with no manual restart, and every transaction
 produced before, during (buffered by the producer) and after gets its
-prediction, its warehouse row and its metrics. Tansu keeps its data in
+prediction, its warehouse row and its metrics; the retrain listener hears a
+drift alert raised after it. Tansu keeps its data in
 memory: after its restart the pipelines stop with a clear error instead of
 waiting for offsets that will never come.
 """
@@ -15,6 +16,7 @@ import time
 import pytest
 
 from kbml import simulator
+from kbml.alerts import DRIFT, AlertSink
 from kbml.kafka_client import group_lag
 from kbml.local_stack import APACHE_KAFKA, TANSU, LocalStack
 from kbml.simulator import SimulationConfig, simulate
@@ -25,6 +27,8 @@ from tests.test_scoring import TopicReader
 from transforms.metrics import read_sums, summaries
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
+# The retrain listener's own alerts topic: only the alert the test raises, none of the monitor's.
+RETRAIN_ALERTS = 'retrain-alerts'
 OUTAGE_S = 10
 LIVE_S = 40  # the live events are produced over this long: before, during and after the outage
 
@@ -43,6 +47,10 @@ def _pipelines(bootstrap: str, tmp_path) -> dict:
       'monitor': PipelineProcess('pipelines.monitoring', [
           *common, '--model_dir', model_dir, '--warehouse', f'duckdb://{tmp_path}/monitor.duckdb',
           '--consumer_group', 'monitor', '--scorer_group', 'scorer'], str(tmp_path / 'monitor.log')),
+      'retrain': PipelineProcess('trainer.retrain', [
+          '--on-drift', '--bootstrap-servers', bootstrap, '--alerts-topic', RETRAIN_ALERTS, '--consumer-group',
+          'retrain', '--model-dir', model_dir, '--warehouse', f'duckdb://{tmp_path}/retrain.duckdb'],
+          str(tmp_path / 'retrain.log')),
   }
 
 
@@ -58,7 +66,7 @@ def _wait_until(condition, timeout_s: float, pipelines: dict, what: str):
 
 @pytest.mark.timeout(600)
 def test_the_pipelines_ride_through_a_restart_of_apache_kafka(tmp_path):
-  stack = LocalStack(str(tmp_path / 'stack'), topics=TOPICS, broker=APACHE_KAFKA)
+  stack = LocalStack(str(tmp_path / 'stack'), topics=(*TOPICS, RETRAIN_ALERTS), broker=APACHE_KAFKA)
   bootstrap = stack.up(port=0, timeout_s=30)
   port = int(bootstrap.rsplit(':', 1)[1])
   config = {'bootstrap.servers': bootstrap}
@@ -73,6 +81,7 @@ def test_the_pipelines_ride_through_a_restart_of_apache_kafka(tmp_path):
     for pipeline in pipelines.values():
       pipeline.start()
     _wait_until(lambda: group_lag(config, 'scorer', ['transactions']) == 0, 240, pipelines, 'the scorer caught up')
+    _wait_until(lambda: 'listening for' in pipelines['retrain'].log_tail(), 60, pipelines, 'the retrain listens')
     producing = threading.Thread(target=simulator.produce,
                                  args=(live, config, 'transactions', 'labels', len(live) / LIVE_S))
     producing.start()
@@ -81,6 +90,9 @@ def test_the_pipelines_ride_through_a_restart_of_apache_kafka(tmp_path):
     time.sleep(OUTAGE_S)
     assert stack.up(port=port, timeout_s=30) == bootstrap
     producing.join()
+    AlertSink(config, RETRAIN_ALERTS).send(DRIFT, 'raised after the restart', window_start='2018-04-10T00:00:00+00:00')
+    _wait_until(lambda: 'a retrain is due once the warehouse has labels through' in pipelines['retrain'].log_tail(),
+                60, pipelines, 'the retrain listener heard the drift alert')
     expected = {json.loads(e.value)['transaction_id'] for e in events if not e.is_label}
     predictions = TopicReader(bootstrap, 'predictions')
     _wait_until(lambda: predictions.read_until(lambda r: expected <= {p['transaction_id'] for p in r}, 1), 300,

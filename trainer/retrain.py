@@ -75,7 +75,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from kbml.alerts import ALERTS_TOPIC, DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR
 from kbml.cli import _add_kafka_arguments, _kafka_config
-from kbml.kafka_client import group_start_offsets, new_consumer
+from kbml.kafka_client import group_start_offsets, new_consumer, records_only
 from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines.stopping import stop_on_signals
 from trainer import data, task
@@ -360,11 +360,9 @@ class AlertListener:
     if first is None:
       return []
     # The rest of a burst (one episode raises several alerts at once) is decided on together.
-    messages = [first, *self._consumer.consume(num_messages=100, timeout=BURST_S)]
+    messages = records_only([first, *self._consumer.consume(num_messages=100, timeout=BURST_S)], self._say)
     alerts = []
     for message in messages:
-      if message.error():
-        continue
       self._handled[(message.topic(), message.partition())] = message.offset() + 1
       try:
         record = json.loads(message.value())
