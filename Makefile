@@ -64,7 +64,8 @@ test: $(STAMP) $(KAFKA_LIBS)/.complete $(BIGQUERY_EMULATOR) $(CHROMIUM)
 # bench.soak runs every long-running pipeline idle for 10 minutes, then at 1,000 events/s: about 35 minutes.
 # bench.restart restarts scorers after 30 and 150 days of history: about 10 minutes; bench.long_stream scores the
 # standard run (183 days) in one streaming scorer: about 15 minutes.
-bench: $(STAMP)
+bench: $(STAMP) $(KAFKA_LIBS)/.complete
+	$(BIN)/python -m bench.brokers
 	$(BIN)/python -m bench.kafka_clients
 	$(BIN)/python -m bench.kafka_io
 	$(BIN)/python -m bench.features

@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 import uuid
+from typing import Optional
 
 from kbml.kafka_client import create_topics
 from kbml.local_stack import LocalStack
@@ -16,10 +17,11 @@ PAYLOAD = b'{"tx_id": "%08d", "customer_id": 1234, "terminal_id": 5678, "amount"
 
 
 @contextlib.contextmanager
-def local_broker():
-  """Yields the bootstrap address of a broker that lives for the benchmark."""
+def local_broker(broker: Optional[str] = None):
+  """Yields the bootstrap address of a broker that lives for the benchmark (``kafka`` or ``tansu``; default: the
+  local stack's)."""
   with tempfile.TemporaryDirectory() as state_dir:
-    stack = LocalStack(state_dir, topics=())
+    stack = LocalStack(state_dir, topics=(), broker=broker)
     try:
       yield stack.up(port=0)
     finally:
