@@ -133,6 +133,23 @@ def fetched_end_offset(consumer: Consumer, topic: str, partition: int, start: in
   raise unreachable_error(consumer.kbml_config, timeout_s, 'no fetch response')
 
 
+def offset_for_time(consumer: Consumer, topic: str, partition: int, time_ms: int, timeout_s: float = 10.0) -> int:
+  """The first offset of the partition whose record timestamp is ``time_ms`` or later (Kafka's ListOffsets by
+  timestamp); the end offset when every record is older.
+
+  Every record before it is older than ``time_ms``. A broker that matches the time it wrote the records instead
+  (Tansu) gives an earlier offset: a read from there holds more than it needs, never less.
+  """
+  try:
+    [found] = consumer.offsets_for_times([TopicPartition(topic, partition, time_ms)], timeout=timeout_s)
+  except KafkaException as e:
+    raise unreachable_error(getattr(consumer, 'kbml_config', {}), timeout_s, e) from e
+  if found.offset >= 0:
+    return found.offset
+  low, _ = listed_offsets(consumer, topic, partition, timeout_s)
+  return fetched_end_offset(consumer, topic, partition, low, timeout_s)
+
+
 Partition = Tuple[str, int]
 
 

@@ -16,7 +16,8 @@ not committed yet: a restart, or a bounded run after another, writes the rows
 one run would have written. A repeated transaction id is a dead letter.
 ``--replay_from``/``--replay_to`` rebuild the feature rows of an event-time
 range into a new table, warmed up the same way: only the rows of the range
-are written. ``--replay_offsets`` names the range by offsets of the
+are written, and the read starts at the records new enough to count in the
+range's histories (Kafka's offsets by timestamp). ``--replay_offsets`` names the range by offsets of the
 transactions topic.
 
 Example::
@@ -46,7 +47,7 @@ from pipelines.events import (
 from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options, will_run
 from pipelines.stopping import stop_on_signals
 from transforms.batches import items_of
-from transforms.features import FEATURES_TABLE, ComputeFeatures
+from transforms.features import DAY_SECONDS, FEATURES_TABLE, ComputeFeatures, history_span_days
 from transforms.records import (
   LABELS_TABLE,
   Label,
@@ -101,6 +102,20 @@ def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]]
   return lambda row: start <= parse_utc_timestamp(row['tx_datetime']) < end
 
 
+def replay_read_start_ms(ingest: IngestOptions, events: EventOptions) -> Optional[int]:
+  """The Kafka timestamp a replay by time starts reading at; None: from the beginning of the topics.
+
+  No older record counts: a valid event's time runs at most ``--max_event_time_ahead_s`` ahead of its Kafka
+  timestamp, so the records before this one hold events older than every history a row of the range uses (its
+  windows, the label delay, repeated transaction ids: :func:`~transforms.features.history_span_days`).
+  """
+  if ingest.replay_offsets or not ingest.replay_from:
+    return None
+  span_s = history_span_days(events.label_delay_days) * DAY_SECONDS
+  start_s = parse_utc_timestamp(ingest.replay_from) - span_s - events.max_event_time_ahead_s
+  return int(start_s * 1000)
+
+
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                    first_unwritten: Optional[Dict[str, PartitionOffsets]] = None,
                    snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> beam.PCollection:
@@ -134,7 +149,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   group = None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP
   snapshots = feature_snapshots(options, group, form) if snapshot_offsets is not None else None
   events = read_events(pipeline, options, config, group, form, first_new=None if replay else first_unwritten,
-                       stop_at_end=bounded, from_beginning=True, start_offsets=snapshot_offsets)
+                       stop_at_end=bounded, from_beginning=True, start_offsets=snapshot_offsets,
+                       start_read_time_ms=replay_read_start_ms(ingest, events_options))
   rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form,
                                                                  snapshots=snapshots)
   if replay:

@@ -2,6 +2,8 @@
 
 import contextlib
 import hashlib
+import logging
+import re
 import subprocess
 import sys
 import time
@@ -118,19 +120,25 @@ def test_valid_records_reach_the_warehouse_and_bad_ones_the_dead_letter_topic(bo
   assert len(sources) == 1_000, 'each dead letter names a distinct source record'
 
 
-def test_replay_of_a_time_or_offset_range_rebuilds_the_same_rows(bootstrap, topics, tmp_path):
-  simulation = simulate(SimulationConfig(customers=150, terminals=200, days=40, seed=5))
+def test_replay_of_a_time_or_offset_range_rebuilds_the_same_rows(bootstrap, topics, tmp_path, caplog):
+  simulation = simulate(SimulationConfig(customers=100, terminals=200, days=75, seed=5))
   simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
   warehouse = f'duckdb://{tmp_path}/warehouse.duckdb'
   ingest.run(_ingest_args(bootstrap, topics, warehouse, '--stop_at_end', '--consumer_group', 'replay-original'))
-  ingest.run(_ingest_args(bootstrap, topics, warehouse, '--replay_from', '2018-04-25T00:00:00Z',
-                          '--replay_to', '2018-05-02T00:00:00Z', '--features_table', 'features_replay'))
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='transforms.kafka_io'):
+    ingest.run(_ingest_args(bootstrap, topics, warehouse, '--replay_from', '2018-06-05T00:00:00Z',
+                            '--replay_to', '2018-06-12T00:00:00Z', '--features_table', 'features_replay'))
+  # The histories reach 60 days back, to 2018-04-06: the transactions of the first 5 days are not read (the
+  # first labels, 7 days after their transactions, are all read).
+  starts = [int(m) for m in re.findall(rf'reading {topics["transactions"]}\[\d\] from offset (\d+)', caplog.text)]
+  assert len(starts) == 4 and all(start > 0 for start in starts)
 
   ingest.run(_ingest_args(bootstrap, topics, warehouse, '--replay_offsets', '0:500-900,2:100-300',
                           '--features_table', 'features_replay_offsets'))
 
   store = open_warehouse(warehouse)
-  in_range = "WHERE tx_datetime >= TIMESTAMPTZ '2018-04-25 00:00:00+00' AND tx_datetime < TIMESTAMPTZ '2018-05-02'"
+  in_range = "WHERE tx_datetime >= TIMESTAMPTZ '2018-06-05 00:00:00+00' AND tx_datetime < TIMESTAMPTZ '2018-06-12'"
   original = store.query(f'SELECT * FROM features {in_range} ORDER BY transaction_id')
   replayed = store.query('SELECT * FROM features_replay ORDER BY transaction_id')
   assert len(original) > 1_000 and (original['TERMINAL_ID_RISK_30DAY_WINDOW'] > 0).any()

@@ -105,6 +105,16 @@ FEATURES_TABLE = TableSchema(
                for name in FEATURE_NAMES)),
     key=('transaction_id',))
 
+def terminal_history_days(label_delay_days: float) -> float:
+  """How far back a terminal's features look: the label delay, then its longest window."""
+  return label_delay_days + max(WINDOW_DAYS)
+
+
+def history_span_days(label_delay_days: float) -> float:
+  """How far before a transaction lie the events its features (and the test for a repeated id) use."""
+  return max(HISTORY_DAYS, terminal_history_days(label_delay_days))
+
+
 # Within one instant, labels are applied before transactions: a label that has
 # arrived by time t is known when the transaction at t is scored.
 _LABEL, _TRANSACTION = 0, 1
@@ -500,7 +510,7 @@ class Histories:
     self._next_sweep = now + DAY_SECONDS
     for kind, histories, idle_s in (
         ('customers', self._customers, HISTORY_DAYS * DAY_SECONDS),
-        ('terminals', self._terminals, (self._label_delay_days + max(WINDOW_DAYS)) * DAY_SECONDS)):
+        ('terminals', self._terminals, terminal_history_days(self._label_delay_days) * DAY_SECONDS)):
       idle = [key for key, history in histories.items() if history.newest_time < now - idle_s]
       for key in idle:
         del histories[key]

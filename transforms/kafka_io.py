@@ -48,6 +48,7 @@ from kbml.kafka_client import (
   listed_offsets,
   new_consumer,
   new_probe_consumer,
+  offset_for_time,
 )
 from transforms.batches import Batch
 
@@ -98,6 +99,7 @@ class _ReadSpec(NamedTuple):
   batched: bool = False  # each run of a partition's records handed on as one list
   idle_poll_s: float = 1.0
   start_offsets: Optional[Dict[Tuple[str, int], int]] = None  # where given, a partition's read starts here
+  start_read_time_ms: Optional[int] = None  # set: each other partition starts at its first record this new
 
   @property
   def bounded(self) -> bool:
@@ -252,6 +254,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
       return self._spec.start_offsets[(topic, partition)]
     consumer = self._metadata_client()
     config = self._spec.consumer_config
+    if self._spec.start_read_time_ms is not None:
+      return offset_for_time(consumer, topic, partition, self._spec.start_read_time_ms, self._spec.timeout_s)
     if 'group.id' in config and not self._spec.from_beginning:
       committed = committed_offsets(consumer, [(topic, partition)], self._spec.timeout_s)[(topic, partition)]
       if committed >= 0:
@@ -492,6 +496,9 @@ class ReadFromKafka(beam.PTransform):
     start_offsets: (topic, partition) -> the offset to start that partition
       at, whatever the group committed (where a state snapshot was taken,
       ``transforms/snapshots.py``); the others start as said above.
+    start_read_time_ms: start each partition (not in ``start_offsets``) at
+      its first record with this Kafka timestamp or a later one, whatever
+      the group committed (Beam KafkaIO's ``start_read_time``).
     batched: hand on each run of a partition's records that a bundle emits
       as one element, a :class:`~transforms.batches.Batch` of
       :class:`KafkaRecord` at the time of its first record, rather than one
@@ -505,7 +512,8 @@ class ReadFromKafka(beam.PTransform):
                read_budget_s: float = 0.5, read_budget_records: int = 20000, timeout_s: float = 15.0,
                align_partitions: bool = False, from_beginning: bool = False, commit_delay_bundles: int = 0,
                batched: bool = False, idle_poll_s: float = 1.0,
-               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
+               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None,
+               start_read_time_ms: Optional[int] = None):
     super().__init__()
     topics = [topics] if isinstance(topics, str) else list(topics)
     if not topics:
@@ -516,7 +524,7 @@ class ReadFromKafka(beam.PTransform):
         idle_timeout_s=idle_timeout_s, read_budget_s=read_budget_s, read_budget_records=read_budget_records,
         timeout_s=timeout_s, topics=tuple(topics), align_group=uuid.uuid4().hex if align_partitions else None,
         from_beginning=from_beginning, commit_delay_bundles=commit_delay_bundles, batched=batched,
-        idle_poll_s=idle_poll_s, start_offsets=dict(start_offsets or {}))
+        idle_poll_s=idle_poll_s, start_offsets=dict(start_offsets or {}), start_read_time_ms=start_read_time_ms)
 
   def expand(self, pbegin):
     read = beam.ParDo((_ReadPartitionsFn if self._spec.bounded else _UnboundedReadPartitionsFn)(self._spec))
@@ -597,13 +605,14 @@ def _record_from_java_row(row) -> KafkaRecord:
 class _JavaReadFromKafka(beam.PTransform):
   """Beam's Java KafkaIO read, emitting :class:`KafkaRecord` like the Python one."""
 
-  def __init__(self, consumer_config, topics, expansion_service, max_num_records, max_read_time_s):
+  def __init__(self, consumer_config, topics, expansion_service, max_num_records, max_read_time_s,
+               start_read_time_ms):
     super().__init__()
     from apache_beam.io import kafka
     self._read = kafka.ReadFromKafka(
         consumer_config=dict(consumer_config), topics=list(topics), with_metadata=True,
         commit_offset_in_finalize='group.id' in consumer_config, max_num_records=max_num_records,
-        max_read_time=max_read_time_s, expansion_service=expansion_service)
+        max_read_time=max_read_time_s, start_read_time=start_read_time_ms, expansion_service=expansion_service)
 
   def expand(self, pbegin):
     return pbegin | 'JavaKafkaIO' >> self._read | 'ToKafkaRecord' >> beam.Map(_record_from_java_row)
@@ -636,9 +645,10 @@ def read_from_kafka(kafka_io: str, consumer_config: Mapping[str, str], topics: S
     consumer_config: consumer settings.
     topics: topic names.
     expansion_service: address of a running Kafka expansion service (java).
-    **bounds: :class:`ReadFromKafka` stop conditions; with ``java`` only
-      ``max_records_per_partition`` (as a total) and ``idle_timeout_s``
-      (as a read time) have an equivalent.
+    **bounds: :class:`ReadFromKafka` start and stop conditions; with
+      ``java`` only ``max_records_per_partition`` (as a total),
+      ``idle_timeout_s`` (as a read time) and ``start_read_time_ms`` have an
+      equivalent.
   """
   if kafka_io == KAFKA_IO_PYTHON:
     return ReadFromKafka(consumer_config, topics, **bounds)
@@ -651,7 +661,8 @@ def read_from_kafka(kafka_io: str, consumer_config: Mapping[str, str], topics: S
     if bounds.get('stop_at_end'):
       raise ValueError('Beam\'s Java KafkaIO cannot stop at the end offsets: use --kafka_io=python.')
     return _JavaReadFromKafka(consumer_config, topics, expansion_service,
-                              bounds.get('max_records_per_partition'), bounds.get('idle_timeout_s'))
+                              bounds.get('max_records_per_partition'), bounds.get('idle_timeout_s'),
+                              bounds.get('start_read_time_ms'))
   raise ValueError(f'Unknown Kafka IO {kafka_io!r}: choose {KAFKA_IO_PYTHON!r} or {KAFKA_IO_JAVA!r}.')
 
 
