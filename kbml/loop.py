@@ -277,9 +277,7 @@ def run_loop(args, out=print) -> LoopResult:
               f'labels of {args.retrained_days} whole days the new version scored are in')
       if time.monotonic() - reported >= 10:
         reported = time.monotonic()
-        ends = _end_offsets(config, ['transactions', 'predictions', 'alerts'])
-        out(f'{time.monotonic() - started:5.0f} s  {_utc(traffic.event_time_ms)}  transactions '
-            f'{ends["transactions"]:,}  predictions {ends["predictions"]:,}  alerts {ends["alerts"]:,}  '
+        out(f'{time.monotonic() - started:5.0f} s  {_utc(traffic.event_time_ms)}  {_progress(config)}  '
             f'model {current}')
     if traffic.error:
       raise RuntimeError(f'the live traffic failed: {traffic.error}') from traffic.error
@@ -342,9 +340,13 @@ def phase_metrics(sums: pandas.DataFrame, first_version: str, retrained_version:
 def _wait_until(pending: Callable[[], Optional[str]], timeout_s: float, out, late: str):
   """Calls ``pending`` every 5 s until it returns None (done) or ``timeout_s`` pass; prints what it returns
   every 15 s."""
+  from kbml.kafka_client import KafkaUnreachableError
   deadline, reported = time.monotonic() + timeout_s, -math.inf
   while time.monotonic() < deadline:
-    waiting_for = pending()
+    try:
+      waiting_for = pending()
+    except KafkaUnreachableError as e:  # a broker restarting: the pipelines wait for it, and so does the loop
+      waiting_for = f'the broker: {e}'
     if waiting_for is None:
       return
     if time.monotonic() - reported >= 15:
@@ -373,6 +375,17 @@ def _monitor_counting(config: Dict[str, str], live_transactions: int) -> Optiona
     return None
   return (f'the pipelines to catch up: {predictions:,} of {live_transactions:,} transactions scored, '
           f'{"all" if uncounted is None else f"{uncounted:,}"} predictions and labels not counted yet')
+
+
+def _progress(config: Dict[str, str]) -> str:
+  """The records in the topics the loop follows; or that the broker does not answer (it may be restarting: the
+  pipelines and the loop wait for it)."""
+  from kbml.kafka_client import KafkaUnreachableError
+  try:
+    ends = _end_offsets(config, ['transactions', 'predictions', 'alerts'])
+  except KafkaUnreachableError as e:
+    return f'the broker does not answer, waiting for it ({e})'
+  return f'transactions {ends["transactions"]:,}  predictions {ends["predictions"]:,}  alerts {ends["alerts"]:,}'
 
 
 def _end_offsets(config: Dict[str, str], topics: List[str]) -> Dict[str, int]:
