@@ -152,6 +152,56 @@ def offset_for_time(consumer: Consumer, topic: str, partition: int, time_ms: int
 
 Partition = Tuple[str, int]
 
+# How long a consumer may fetch nothing while the broker holds records past its positions before it counts as
+# stuck: librdkafka clients that read assigned partitions sometimes stop fetching after a broker restart until they
+# are created again (confluentinc/librdkafka#5153; seen here under load on 2 cores).
+STALL_S = 20.0
+
+
+class StallWatch:
+  """Tells a consumer that fetches nothing although the broker holds records past its positions.
+
+  Call :meth:`stalled` when a poll came back empty; it looks at the broker's
+  end offsets at most every ``check_s`` and answers True once records have
+  waited past the positions for ``stall_s``. A broker that does not answer
+  is a broker being waited for, not a stuck client.
+
+  Args:
+    config: the consumer's Kafka settings (a probe consumer reads the end offsets).
+    check_s: the least time between two looks at the end offsets.
+    stall_s: how long records may wait past the positions.
+  """
+
+  def __init__(self, config: Mapping[str, str], check_s: float = 5.0, stall_s: float = STALL_S):
+    self._config = dict(config)
+    self._check_s = check_s
+    self._stall_s = stall_s
+    self._checked_at = time.monotonic()
+    self._behind_since: Optional[float] = None
+
+  def stalled(self, positions: Mapping[Partition, int]) -> bool:
+    now = time.monotonic()
+    if now - self._checked_at < self._check_s:
+      return False
+    self._checked_at = now
+    probe = new_probe_consumer(self._config)
+    try:
+      behind = any(fetched_end_offset(probe, topic, partition, offset, 5.0) > offset
+                   for (topic, partition), offset in positions.items())
+    except KafkaUnreachableError:
+      behind = False
+    finally:
+      probe.close()
+    if not behind:
+      self._behind_since = None
+      return False
+    if self._behind_since is None:
+      self._behind_since = now
+    if now - self._behind_since < self._stall_s:
+      return False
+    self._behind_since = None
+    return True
+
 
 def records_only(messages: Iterable, report: Callable[[str], None]) -> List:
   """The messages that carry records; reports the others (errors the consumer delivers as messages: a partition

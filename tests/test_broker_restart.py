@@ -92,7 +92,7 @@ def test_the_pipelines_ride_through_a_restart_of_apache_kafka(tmp_path):
     producing.join()
     AlertSink(config, RETRAIN_ALERTS).send(DRIFT, 'raised after the restart', window_start='2018-04-10T00:00:00+00:00')
     _wait_until(lambda: 'a retrain is due once the warehouse has labels through' in pipelines['retrain'].log_tail(),
-                60, pipelines, 'the retrain listener heard the drift alert')
+                90, pipelines, 'the retrain listener heard the drift alert')
     expected = {json.loads(e.value)['transaction_id'] for e in events if not e.is_label}
     predictions = TopicReader(bootstrap, 'predictions')
     _wait_until(lambda: predictions.read_until(lambda r: expected <= {p['transaction_id'] for p in r}, 1), 300,

@@ -11,7 +11,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from kbml.kafka_client import committed_offsets, new_consumer
+from kbml.kafka_client import StallWatch, committed_offsets, new_consumer
 from kbml.local_stack import LocalStack, free_port
 from tests.conftest import consume, local_options, produce
 from transforms.kafka_io import ReadFromKafka, WriteToKafka
@@ -219,3 +219,19 @@ def test_write_delivers_keys_values_and_headers(bootstrap, new_topic):
     _ = p | beam.Create(elements) | WriteToKafka({'bootstrap.servers': bootstrap}, topic)
   received = [(m.key(), m.value(), m.headers()) for m in consume(bootstrap, topic, 101)]
   assert received == [(b'k%d' % i, b'text-%d' % i, [('n', b'%d' % i)]) for i in range(100)] + [(None, b'no-key', None)]
+
+
+def test_a_consumer_that_fetches_nothing_while_records_wait_counts_as_stalled(bootstrap, new_topic):
+  topic = new_topic(partitions=1)
+  watch = StallWatch({'bootstrap.servers': bootstrap}, check_s=0, stall_s=1)
+  assert not watch.stalled({(topic, 0): 0}), 'nothing waits in an empty partition'
+  produce(bootstrap, topic, [(b'k', b'v', [])])
+  assert not watch.stalled({(topic, 0): 1}), 'nothing waits at the end'
+  assert not watch.stalled({(topic, 0): 0}), 'a record waits, not yet for stall_s'
+  deadline = time.monotonic() + 10
+  while not watch.stalled({(topic, 0): 0}):
+    assert time.monotonic() < deadline, 'a record waited past stall_s and the consumer did not count as stalled'
+    time.sleep(0.2)
+  # A broker that does not answer is waited for: no client to create again.
+  unreachable = StallWatch({'bootstrap.servers': f'127.0.0.1:{free_port()}'}, check_s=0, stall_s=0)
+  assert not unreachable.stalled({(topic, 0): 0})

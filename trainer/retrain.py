@@ -75,7 +75,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from kbml.alerts import ALERTS_TOPIC, DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR
 from kbml.cli import _add_kafka_arguments, _kafka_config
-from kbml.kafka_client import group_start_offsets, new_consumer, records_only
+from kbml.kafka_client import STALL_S, StallWatch, group_start_offsets, new_consumer, records_only
 from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines.stopping import stop_on_signals
 from trainer import data, task
@@ -340,13 +340,15 @@ class AlertListener:
 
   def __init__(self, config: Dict[str, str], topic: str, group: str, say: Say = _say):
     self._say = say
+    self._config = {**config, 'group.id': group}
     self._handled: Dict[tuple, int] = {}  # (topic, partition) -> the next offset, not committed yet
-    self._consumer = new_consumer(config, **{'group.id': group})
+    # A first start begins at the end of the topic (earlier alerts are history) and commits it at once.
+    starts = group_start_offsets(config, group, topic, 'latest')
+    self._positions = {(topic, partition): offset for partition, offset in starts.items()}
+    self._stall = StallWatch(self._config)
+    self._consumer = self._assigned_consumer()
     try:
-      # A first start begins at the end of the topic (earlier alerts are history) and commits it at once.
-      starts = group_start_offsets(config, group, topic, 'latest')
-      self._handled = {(topic, partition): offset for partition, offset in starts.items()}
-      self._consumer.assign([TopicPartition(topic, partition, offset) for partition, offset in starts.items()])
+      self._handled = dict(self._positions)
       self.commit()
     except BaseException:
       self._consumer.close()
@@ -354,15 +356,26 @@ class AlertListener:
     self.description = (f'topic {topic!r}, group {group!r}, from offsets '
                         + ', '.join(f'{partition}:{offset}' for partition, offset in starts.items()))
 
+  def _assigned_consumer(self):
+    consumer = new_consumer(self._config)
+    consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in self._positions.items()])
+    return consumer
+
   def poll(self, timeout_s: float) -> List[Dict]:
     """The alerts that arrive within ``timeout_s`` (returns soon after some do); they count as handled."""
     first = self._consumer.poll(max(timeout_s, 0.0))  # returns on the first record, unlike consume()
     if first is None:
+      if self._stall.stalled(self._positions):
+        self._say(f'the alerts consumer fetched nothing for {STALL_S:.0f} s although the broker holds alerts past '
+                  f'its offsets {self._positions} (a client stuck after a broker restart): reconnecting')
+        self._consumer.close()
+        self._consumer = self._assigned_consumer()
       return []
     # The rest of a burst (one episode raises several alerts at once) is decided on together.
     messages = records_only([first, *self._consumer.consume(num_messages=100, timeout=BURST_S)], self._say)
     alerts = []
     for message in messages:
+      self._positions[(message.topic(), message.partition())] = message.offset() + 1
       self._handled[(message.topic(), message.partition())] = message.offset() + 1
       try:
         record = json.loads(message.value())
