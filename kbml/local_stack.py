@@ -70,7 +70,14 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.ms=-1
+offsets.topic.num.partitions=4
+num.network.threads=1
+num.io.threads=2
+background.threads=2
 """
+# Sized for one machine shared with the pipelines (2 cores): fewer threads and __consumer_offsets partitions, serial
+# GC and the JVM's first compiler only. Against Kafka's defaults, in alternating runs here: half the CPU to start
+# (3.8 s against 6.8 s), a third of it for 100,000 records, 30 % less when idle, 85 MiB less memory.
 # Kafka's time retention counts from each record's own timestamp: the simulated history carries its event times
 # (2018), so the default of 7 days deleted it 30 s after the broker started. The local broker keeps every record.
 _KAFKA_LOGGING = """rootLogger.level = WARN
@@ -291,8 +298,8 @@ class LocalStack:
                                      partitions=self.partitions))
     with open(logging_settings, 'w', encoding='utf-8') as f:
       f.write(_KAFKA_LOGGING)
-    jvm = [java, '-Xms256m', '-Xmx1g', f'-Dlog4j2.configurationFile={logging_settings}', '-cp',
-           os.path.join(libs, '*')]
+    jvm = [java, '-Xms256m', '-Xmx1g', '-XX:+UseSerialGC', '-XX:TieredStopAtLevel=1',
+           f'-Dlog4j2.configurationFile={logging_settings}', '-cp', os.path.join(libs, '*')]
     if not os.path.exists(os.path.join(log_dir, 'meta.properties')):
       cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip('=')
       formatted = subprocess.run([*jvm, 'kafka.tools.StorageTool', 'format', '-t', cluster_id, '-c', settings],
