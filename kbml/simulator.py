@@ -338,7 +338,9 @@ def produce(simulated: Iterable[Event], producer_config: Dict[str, str], transac
       last_report = time.monotonic()
   undelivered, reasons = producer.flush(60)
   if undelivered:
-    raise RuntimeError(f'{undelivered} simulated records were not delivered to Kafka: {"; ".join(reasons)}')
+    raise RuntimeError(f'{undelivered} simulated records were not delivered to Kafka: {"; ".join(reasons)}. The '
+                       'broker is down, or the producer is stuck after a broker restart: check the broker '
+                       '(`kbml local status`), then produce again')
   if progress:
     progress(*counts)
   return counts[0], counts[1]
