@@ -175,13 +175,17 @@ def test_a_killed_scorer_restarts_without_losing_a_transaction(stream):
   producing = _produce_in_background(stream, stream['live'][200:])
   # Kill only once the scorer has committed progress on every partition: the restart must then resume from its own
   # commits. A scorer that never commits would rescore from the history's end and lose nothing: it fails here.
+  # And only while transactions wait to be scored: the kill lands mid-stream.
   committed = {}
 
-  def committed_past_history() -> bool:
+  def committed_past_history_and_behind() -> bool:
     committed.update(_committed_offsets(bootstrap, group, transactions))
-    return all(committed[partition] > end for partition, end in history_ends.items())
+    scored = sum(_end_offsets(bootstrap, stream['topics']['predictions']).values())
+    produced = sum(_end_offsets(bootstrap, transactions).values()) - sum(history_ends.values())
+    return all(committed[partition] > end for partition, end in history_ends.items()) and produced > scored
 
-  assert _wait_until(committed_past_history, 30), f'offsets committed {committed}, at the start {history_ends}'
+  assert _wait_until(committed_past_history_and_behind, 60), \
+      f'offsets committed {committed}, at the start {history_ends}'
   assert producing.is_alive(), 'the live traffic was all produced before the kill: it did not land mid-stream'
   stream['scorer'].kill()
   live_at_kill = sum(_end_offsets(bootstrap, transactions).values()) - sum(history_ends.values())
