@@ -37,7 +37,8 @@ $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 	@touch $@
 
 # The demo, from a clean slate (the broker's topics, the demo's warehouse and model store are rebuilt): the
-# whole loop of `kbml loop` on a simulated population of 500 cards. 82 days of history are ingested and a first
+# whole loop of `kbml loop` on a simulated population of 500 cards, on the local Apache Kafka (`make kafka` fetches
+# its jars; KBML_BROKER=tansu for the in-memory broker). 82 days of history are ingested and a first
 # model is trained; then the scorer, the monitor, a streaming ingest and `kbml retrain --on-drift` run as their
 # own processes while more days are produced live, with a cash-out wave from day 85.
 # The monitor reports the drift, the retrain waits for the wave's labelled days, trains and promotes a new
