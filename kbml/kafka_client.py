@@ -178,20 +178,20 @@ class StallWatch:
     self._stall_s = stall_s
     self._checked_at = time.monotonic()
     self._behind_since: Optional[float] = None
+    self._probe: Optional[Consumer] = None
 
   def stalled(self, positions: Mapping[Partition, int]) -> bool:
     now = time.monotonic()
     if now - self._checked_at < self._check_s:
       return False
     self._checked_at = now
-    probe = new_probe_consumer(self._config)
+    if self._probe is None:
+      self._probe = new_probe_consumer(self._config)
     try:
-      behind = any(fetched_end_offset(probe, topic, partition, offset, 5.0) > offset
+      behind = any(fetched_end_offset(self._probe, topic, partition, offset, 5.0) > offset
                    for (topic, partition), offset in positions.items())
     except KafkaUnreachableError:
       behind = False
-    finally:
-      probe.close()
     if not behind:
       self._behind_since = None
       return False
@@ -201,6 +201,11 @@ class StallWatch:
       return False
     self._behind_since = None
     return True
+
+  def close(self):
+    if self._probe is not None:
+      self._probe.close()
+      self._probe = None
 
 
 def records_only(messages: Iterable, report: Callable[[str], None]) -> List:

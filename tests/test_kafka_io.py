@@ -232,6 +232,8 @@ def test_a_consumer_that_fetches_nothing_while_records_wait_counts_as_stalled(bo
   while not watch.stalled({(topic, 0): 0}):
     assert time.monotonic() < deadline, 'a record waited past stall_s and the consumer did not count as stalled'
     time.sleep(0.2)
+  watch.close()
   # A broker that does not answer is waited for: no client to create again.
   unreachable = StallWatch({'bootstrap.servers': f'127.0.0.1:{free_port()}'}, check_s=0, stall_s=0)
   assert not unreachable.stalled({(topic, 0): 0})
+  unreachable.close()

@@ -400,6 +400,7 @@ class AlertListener:
 
   def close(self):
     self._consumer.close()
+    self._stall.close()
 
 
 class RetrainScheduler:
