@@ -341,14 +341,14 @@ class AlertListener:
   def __init__(self, config: Dict[str, str], topic: str, group: str, say: Say = _say):
     self._say = say
     self._config = {**config, 'group.id': group}
-    self._handled: Dict[tuple, int] = {}  # (topic, partition) -> the next offset, not committed yet
     # A first start begins at the end of the topic (earlier alerts are history) and commits it at once.
     starts = group_start_offsets(config, group, topic, 'latest')
+    # (topic, partition) -> the offset after the last alert handled; whether the group has not committed them yet.
     self._positions = {(topic, partition): offset for partition, offset in starts.items()}
+    self._uncommitted = True
     self._stall = StallWatch(self._config)
     self._consumer = self._assigned_consumer()
     try:
-      self._handled = dict(self._positions)
       self.commit()
     except BaseException:
       self._consumer.close()
@@ -376,7 +376,7 @@ class AlertListener:
     alerts = []
     for message in messages:
       self._positions[(message.topic(), message.partition())] = message.offset() + 1
-      self._handled[(message.topic(), message.partition())] = message.offset() + 1
+      self._uncommitted = True
       try:
         record = json.loads(message.value())
       except ValueError:
@@ -389,12 +389,12 @@ class AlertListener:
 
   def commit(self):
     """Commits the offsets after the handled alerts; a failure is reported and retried on the next commit."""
-    if not self._handled:
+    if not self._uncommitted:
       return
     try:
-      self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._handled.items()],
+      self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._positions.items()],
                             asynchronous=False)
-      self._handled = {}
+      self._uncommitted = False
     except KafkaException as e:
       self._say(f'could not commit the alert offsets (will retry): {e}')
 
