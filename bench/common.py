@@ -6,7 +6,6 @@ import os
 import tempfile
 import time
 import uuid
-from typing import Optional
 
 from kbml.kafka_client import create_topics
 from kbml.local_stack import LocalStack
@@ -17,11 +16,10 @@ PAYLOAD = b'{"tx_id": "%08d", "customer_id": 1234, "terminal_id": 5678, "amount"
 
 
 @contextlib.contextmanager
-def local_broker(broker: Optional[str] = None):
-  """Yields the bootstrap address of a broker that lives for the benchmark (``kafka`` or ``tansu``; default: the
-  local stack's)."""
+def local_broker():
+  """Yields the bootstrap address of a broker that lives for the benchmark."""
   with tempfile.TemporaryDirectory() as state_dir:
-    stack = LocalStack(state_dir, topics=(), broker=broker)
+    stack = LocalStack(state_dir, topics=())
     try:
       yield stack.up(port=0)
     finally:

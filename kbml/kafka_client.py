@@ -105,13 +105,15 @@ def listed_offsets(consumer: Consumer, topic: str, partition: int, timeout_s: fl
   return max(low, 0), max(high, 0)
 
 
-def fetched_end_offset(consumer: Consumer, topic: str, partition: int, start: int, timeout_s: float = 10.0) -> int:
+def fetched_end_offset(consumer: Consumer, topic: str, partition: int, start: Optional[int] = None,
+                       timeout_s: float = 10.0) -> int:
   """Returns a partition's end offset, as reported with fetched data.
 
   The listed end offset is a lower bound (exact on Apache Kafka, short on
   some compatible brokers); an empty listing needs no fetch. Otherwise the
-  consumer is assigned at ``start`` and fetches once: the high watermark that
-  comes back with the fetch response is the true end offset.
+  consumer is assigned at ``start`` (default: the partition's first offset)
+  and fetches once: the high watermark that comes back with the fetch
+  response is the true end offset.
 
   Raises:
     KafkaUnreachableError: no fetch response within ``timeout_s``.
@@ -120,7 +122,7 @@ def fetched_end_offset(consumer: Consumer, topic: str, partition: int, start: in
   if listed_high <= low:
     return listed_high
   tp = TopicPartition(topic, partition)
-  consumer.assign([TopicPartition(topic, partition, start)])
+  consumer.assign([TopicPartition(topic, partition, low if start is None else start)])
   try:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -146,8 +148,7 @@ def offset_for_time(consumer: Consumer, topic: str, partition: int, time_ms: int
     raise unreachable_error(getattr(consumer, 'kbml_config', {}), timeout_s, e) from e
   if found.offset >= 0:
     return found.offset
-  low, _ = listed_offsets(consumer, topic, partition, timeout_s)
-  return fetched_end_offset(consumer, topic, partition, low, timeout_s)
+  return fetched_end_offset(consumer, topic, partition, timeout_s=timeout_s)
 
 
 Partition = Tuple[str, int]

@@ -53,6 +53,11 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_KAFKA_LIBS = os.path.join(_PROJECT_ROOT, '.cache', 'apache-kafka', 'libs')  # what `make kafka` fills
 # Apache Kafka's settings for one local node (the ports and folder are filled in): the internal topics have one
 # replica, and a consumer group starts without waiting for more members.
+# Sized for one machine shared with the pipelines (2 cores): fewer threads and __consumer_offsets partitions, serial
+# GC and the JVM's first compiler only. Against Kafka's defaults, in alternating runs here: half the CPU to start
+# (3.8 s against 6.8 s), a third of it for 100,000 records, 30 % less when idle, 85 MiB less memory.
+# Kafka's time retention counts from each record's own timestamp: the simulated history carries its event times
+# (2018), so the default of 7 days deleted it 30 s after the broker started. The local broker keeps every record.
 _KAFKA_SETTINGS = """process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@{host}:{controller_port}
@@ -75,11 +80,6 @@ num.network.threads=1
 num.io.threads=2
 background.threads=2
 """
-# Sized for one machine shared with the pipelines (2 cores): fewer threads and __consumer_offsets partitions, serial
-# GC and the JVM's first compiler only. Against Kafka's defaults, in alternating runs here: half the CPU to start
-# (3.8 s against 6.8 s), a third of it for 100,000 records, 30 % less when idle, 85 MiB less memory.
-# Kafka's time retention counts from each record's own timestamp: the simulated history carries its event times
-# (2018), so the default of 7 days deleted it 30 s after the broker started. The local broker keeps every record.
 _KAFKA_LOGGING = """rootLogger.level = WARN
 rootLogger.appenderRef.stdout.ref = STDOUT
 logger.server.name = kafka.server.KafkaRaftServer

@@ -17,8 +17,8 @@ one run would have written. A repeated transaction id is a dead letter.
 ``--replay_from``/``--replay_to`` rebuild the feature rows of an event-time
 range into a new table, warmed up the same way: only the rows of the range
 are written, and the read starts at the records new enough to count in the
-range's histories (Kafka's offsets by timestamp). ``--replay_offsets`` names the range by offsets of the
-transactions topic.
+range's histories (Kafka's offsets by timestamp). ``--replay_offsets``
+names the range by offsets of the transactions topic.
 
 Example::
 

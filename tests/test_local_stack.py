@@ -12,9 +12,10 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from kbml.kafka_client import committed_offsets, new_consumer
 from kbml.local_stack import APACHE_KAFKA, BROKERS, PROJECT_TOPICS, LocalStack, LocalStackError
+from kbml.simulator import SimulationConfig
 from tests.conftest import produce
 
-SIMULATED_TIME_MS = 1_522_540_800_000  # 2018-04-01, the simulation's default start
+SIMULATED_TIME_MS = int(SimulationConfig().start.timestamp() * 1000)  # the simulation's default start, 2018
 
 
 def _kbml(*args, env=None):

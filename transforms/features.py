@@ -105,6 +105,7 @@ FEATURES_TABLE = TableSchema(
                for name in FEATURE_NAMES)),
     key=('transaction_id',))
 
+
 def terminal_history_days(label_delay_days: float) -> float:
   """How far back a terminal's features look: the label delay, then its longest window."""
   return label_delay_days + max(WINDOW_DAYS)
