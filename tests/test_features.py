@@ -7,8 +7,12 @@ import apache_beam as beam
 import numpy as np
 import pandas as pd
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import trigger, window
+from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
@@ -16,6 +20,7 @@ from transforms.features import (
   CUSTOMER_HISTORY_FEATURES,
   FEATURE_NAMES,
   FORMS,
+  KEYED_STATE,
   ComputeFeatures,
   Histories,
 )
@@ -174,6 +179,40 @@ def test_features_equal_an_independent_pandas_computation(simulation, expected, 
             | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
             | ComputeFeatures(label_delay_days=DELAY_DAYS, form=form)).rows
     assert_that(rows, equal_features(expected))
+
+
+class _OnTimeIds(beam.DoFn):
+  """A window's transaction ids, if its pane came when the watermark passed the window's end."""
+
+  def process(self, keyed_ids, pane=beam.DoFn.PaneInfoParam):
+    if pane.timing == PaneInfoTiming.ON_TIME:
+      yield from keyed_ids[1]
+
+
+def test_keyed_state_rows_leave_as_the_watermark_passes_them_while_newer_events_keep_arriving():
+  # One terminal gets a transaction a minute, each ahead of the watermark when it arrives: the state form must
+  # release each row once the watermark passes it, not wait for a moment when nothing newer waits (a busy
+  # terminal has none; before the fix, no row left until the stream ended).
+  start = parse_utc_timestamp('2018-08-01T00:00:00Z')
+  arrivals = 8
+  stream = TestStream()
+  for minute in range(arrivals):
+    transaction = Transaction(minute + 1, start + 60 * minute, 100 + minute, 7, Decimal('10.00'), 0, minute)
+    stream = (stream
+              .add_elements([beam.window.TimestampedValue(transaction, transaction.tx_time)])
+              .advance_watermark_to(transaction.tx_time - 1))
+  # Beam's DirectRunner plays a TestStream with its watermark steps (the FnApiRunner does not run one).
+  options = PipelineOptions(flags=[], runner='BundleBasedDirectRunner', streaming=True)
+  with TestPipeline(options=options) as p:
+    rows = (p | stream.advance_watermark_to_infinity() | ComputeFeatures(form=KEYED_STATE)).rows
+    on_time = (rows
+               | beam.WindowInto(window.FixedWindows(60), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                                 allowed_lateness=86_400, accumulation_mode=trigger.AccumulationMode.DISCARDING)
+               | beam.Map(lambda row: (row['terminal_id'], row['transaction_id']))
+               | beam.GroupByKey()
+               | beam.ParDo(_OnTimeIds()))
+    # The last one is released by the end of the stream, after its window closed.
+    assert_that(on_time, equal_to(list(range(1, arrivals))))
 
 
 def test_a_far_future_or_far_past_transaction_leaves_every_window_defined():

@@ -387,6 +387,12 @@ class _TerminalState:
     ready, self.pending = self.pending[:due], self.pending[due:]
     yield from _apply_in_order(self.history, (event._replace(event=pickle.loads(event.event)) for event in ready))
 
+  def set_timers(self, first_due, last_due):
+    """Sets the timers due at the earliest and at the latest waiting event, if any waits."""
+    if self.pending:
+      first_due.set(Timestamp(micros=self.pending[0].micros))
+      last_due.set(Timestamp(micros=self.pending[-1].micros))
+
 
 class _TerminalFeaturesFn(beam.DoFn):
   """(terminal_id, Label or (Transaction, customer features)) -> feature row, in event-time order.
@@ -396,36 +402,48 @@ class _TerminalFeaturesFn(beam.DoFn):
   (time, label first, transaction id) order, and each transaction's row is
   emitted with its own timestamp.
 
-  Each arrival sets the key's timer to its own timestamp, and a firing that
-  leaves events waiting sets it to the latest of them: the timer fires once
-  the watermark passes everything that waits, and releases it all in one
-  go. (A runner fires newly set timers in a later round; releasing one
-  instant per firing would take a round per event.)
+  Two timers per terminal: one due at the earliest waiting event, so that
+  rows leave as soon as the watermark passes them while newer events keep
+  arriving, and one due at the latest, so that a watermark that passes
+  everything at once (a catch-up, the end of bounded input) releases it all
+  in one firing. (A runner fires a newly set timer in a later round: with
+  the first timer alone, such a jump would take a round per waiting instant.)
 
   An idle terminal's state is not cleared yet (see _CustomerFeaturesFn).
   """
   STATE = ReadModifyWriteStateSpec('terminal', PickleCoder())
-  DUE = TimerSpec('due', TimeDomain.WATERMARK)
+  FIRST_DUE = TimerSpec('first_due', TimeDomain.WATERMARK)
+  LAST_DUE = TimerSpec('last_due', TimeDomain.WATERMARK)
 
   def __init__(self, label_delay_days: float):
     self._label_delay_days = label_delay_days
 
-  def process(self, element, timestamp=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
-              due=beam.DoFn.TimerParam(DUE)):
+  def process(self, element, state=beam.DoFn.StateParam(STATE), first_due=beam.DoFn.TimerParam(FIRST_DUE),
+              last_due=beam.DoFn.TimerParam(LAST_DUE)):
     _, event = element
     terminal = state.read() or _TerminalState(self._label_delay_days)
     terminal.wait(_pending_event(event))
     state.write(terminal)
-    due.set(timestamp)
+    terminal.set_timers(first_due, last_due)
 
-  @on_timer(DUE)
-  def release_due_events(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
-                         due=beam.DoFn.TimerParam(DUE)):
+  @on_timer(FIRST_DUE)
+  def release_first_due(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
+                        first_due=beam.DoFn.TimerParam(FIRST_DUE), last_due=beam.DoFn.TimerParam(LAST_DUE)):
+    yield from self._release(fired_at, state, first_due, last_due)
+
+  @on_timer(LAST_DUE)
+  def release_last_due(self, fired_at=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
+                       first_due=beam.DoFn.TimerParam(FIRST_DUE), last_due=beam.DoFn.TimerParam(LAST_DUE)):
+    yield from self._release(fired_at, state, first_due, last_due)
+
+  @staticmethod
+  def _release(fired_at, state, first_due, last_due) -> Iterator[TimestampedValue]:
     terminal = state.read()
+    if terminal is None or not terminal.pending:
+      return  # the other timer released it all in the same round
     yield from terminal.release(fired_at.micros)
     state.write(terminal)
-    if terminal.pending:
-      due.set(Timestamp(micros=terminal.pending[-1].micros))
+    terminal.set_timers(first_due, last_due)
 
 
 def _customer_features_of_group(element) -> Iterator:
