@@ -11,7 +11,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from kbml.kafka_config import redact
 
@@ -96,6 +96,11 @@ def new_probe_consumer(config: Mapping[str, str]) -> Consumer:
   return new_consumer(config, **{'fetch.wait.max.ms': 10})
 
 
+def new_admin_client(config: Mapping[str, str]) -> AdminClient:
+  """An admin client with the given settings, logging through Python's logging."""
+  return _ConfiguredAdminClient(config)
+
+
 def listed_offsets(consumer: Consumer, topic: str, partition: int, timeout_s: float = 10.0) -> Tuple[int, int]:
   """The partition's low and high offsets as the broker lists them."""
   try:
@@ -157,6 +162,15 @@ Partition = Tuple[str, int]
 # stuck: librdkafka clients that read assigned partitions sometimes stop fetching after a broker restart until they
 # are created again (confluentinc/librdkafka#5153; seen here under load on 2 cores).
 STALL_S = 20.0
+
+
+def newest_record_time_ms(admin: AdminClient, pairs: Iterable[Partition], timeout_s: float = 10.0) -> Optional[int]:
+  """The newest record timestamp of the partitions (Kafka's ListOffsets with MAX_TIMESTAMP); None if they hold
+  no record."""
+  futures = admin.list_offsets({TopicPartition(*pair): OffsetSpec.max_timestamp() for pair in pairs},
+                               request_timeout=timeout_s)
+  times = [future.result().timestamp for future in futures.values()]
+  return max((time_ms for time_ms in times if time_ms >= 0), default=None)
 
 
 class StallWatch:
@@ -264,7 +278,7 @@ def group_lag(config: Mapping[str, str], group: str, topics: Iterable[str], time
 def create_topics(config: Mapping[str, str], topics: Iterable[str], partitions: int,
                   timeout_s: float = 15.0) -> List[str]:
   """Creates the topics that do not exist yet; returns the ones it created."""
-  admin = _ConfiguredAdminClient(config)
+  admin = new_admin_client(config)
   existing = cluster_metadata(admin, timeout_s).topics
   wanted = [t for t in topics if t not in existing]
   if not wanted:

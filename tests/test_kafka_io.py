@@ -8,8 +8,13 @@ from collections import defaultdict
 
 import apache_beam as beam
 import pytest
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.pipeline import PipelineVisitor
+from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.timestamp import Timestamp
+from confluent_kafka import Producer
 
 from kbml.kafka_client import StallWatch, committed_offsets, new_consumer
 from kbml.local_stack import LocalStack, free_port
@@ -237,3 +242,44 @@ def test_a_consumer_that_fetches_nothing_while_records_wait_counts_as_stalled(bo
   unreachable = StallWatch({'bootstrap.servers': f'127.0.0.1:{free_port()}'}, check_s=0, stall_s=0)
   assert not unreachable.stalled({(topic, 0): 0})
   unreachable.close()
+
+
+def _partition_reader(read: ReadFromKafka) -> beam.DoFn:
+  """The splittable DoFn that ``read`` applies, found in the graph it builds."""
+  readers = []
+
+  class FindReader(PipelineVisitor):
+    def visit_transform(self, node):
+      if node.full_label.endswith('/ReadPartitions'):
+        readers.append(node.transform.fn)
+
+  pipeline = beam.Pipeline()
+  _ = pipeline | read
+  pipeline.visit(FindReader())
+  return readers[0]
+
+
+def test_a_caught_up_quiet_partition_stops_holding_the_watermark_back(bootstrap, new_topic):
+  # Partition 0 goes on to a minute after partition 1's only record. No local runner holds a stage's watermark
+  # at its slowest partition (Flink and Dataflow do), so the reader runs here bundle after bundle as a runner
+  # calls it, with its watermark estimator: before the fix, partition 1 stayed at its record's time for good.
+  topic = new_topic(partitions=2)
+  start_ms = 1_533_081_600_000
+  producer = Producer({'bootstrap.servers': bootstrap})
+  producer.produce(topic, b'only', partition=1, timestamp=start_ms)
+  for second in range(61):
+    producer.produce(topic, b'%d' % second, partition=0, timestamp=start_ms + 1000 * second)
+  assert producer.flush(30) == 0
+  reader = _partition_reader(ReadFromKafka({'bootstrap.servers': bootstrap}, topic))
+  reader.setup()
+  restriction = reader.initial_restriction((topic, 1))
+  watermark = ManualWatermarkEstimator(None)
+  deadline = time.monotonic() + 30
+  while time.monotonic() < deadline and watermark.current_watermark() != Timestamp(micros=(start_ms + 58_000) * 1000):
+    tracker = ThreadsafeRestrictionTracker(reader.create_tracker(restriction))
+    emitted = list(reader.process((topic, 1), None, RestrictionTrackerView(tracker), watermark))
+    restriction = tracker.deferred_status()[0]
+    assert [timestamped.value.value for timestamped in emitted] in ([], [b'only'])
+  reader.teardown()
+  # The newest record time of the topic, less the 2 s lag for records still on their way.
+  assert watermark.current_watermark() == Timestamp(micros=(start_ms + 58_000) * 1000)

@@ -46,8 +46,10 @@ from kbml.kafka_client import (
   fetched_end_offset,
   list_partitions,
   listed_offsets,
+  new_admin_client,
   new_consumer,
   new_probe_consumer,
+  newest_record_time_ms,
   offset_for_time,
 )
 from transforms.batches import Batch
@@ -63,6 +65,16 @@ _FIRST_IDLE_WAIT_S = 0.05
 # offsets it read: a broker that lost its data (an in-memory one restarted, a topic deleted and created again)
 # would otherwise leave it waiting for offsets that will never come.
 _PARTITION_CHECK_S = 10.0
+
+
+# An unbounded read's partition that is caught up with its end and has fetched nothing for this long stops
+# holding the watermark back: its watermark moves up to the newest record time of the topics read, less the lag,
+# looked up at most once a second. A record that reaches it later and is older than that is late. (Java KafkaIO's
+# timestamp policies move an idle partition's watermark to the wall clock less 2 s; here event time is the
+# records' own, which may be far from the wall clock, as in a replay or a simulation.)
+_IDLE_WATERMARK_AFTER_S = 2.0
+_IDLE_WATERMARK_LAG_MS = 2_000
+_IDLE_WATERMARK_LOOKUP_S = 1.0
 
 
 class PartitionLostError(RuntimeError):
@@ -187,6 +199,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self._quiet_reads = 0  # consecutive calls of process that emitted nothing
     self._checked_at = {}  # (topic, partition) -> when the partition was last found to hold what was read
     self._failed_commits = {}  # (topic, partition) -> the newest offset whose commit failed, to try again
+    self._admin = None
+    self._stream_time = (-math.inf, None)  # (when looked up, the newest record time of the topics read, in ms)
 
   def start_bundle(self):
     group = self._spec.align_group
@@ -243,6 +257,34 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
           'the broker lost its data (an in-memory broker restarted). Stopping rather than wait for offsets that '
           'will not come: check the broker, then start the pipeline again (its group\'s committed offsets, or '
           '--score_from / the read options, say where it goes on).')
+
+  def _advance_idle_watermark(self, key: Tuple[str, int], watermark_estimator):
+    """Moves a caught-up, quiet partition's watermark up to the stream's time (see _IDLE_WATERMARK_AFTER_S)."""
+    now = time.monotonic()
+    if now - self._last_record_at.get(key, now) < _IDLE_WATERMARK_AFTER_S or self._admin is False:
+      return
+    looked_up_at, newest_ms = self._stream_time
+    if now - looked_up_at >= _IDLE_WATERMARK_LOOKUP_S:
+      try:
+        self._admin = self._admin or new_admin_client(self._spec.consumer_config)
+        partitions = list_partitions(self._metadata_client(), self._spec.topics, self._spec.timeout_s)
+        newest_ms = newest_record_time_ms(self._admin, partitions, self._spec.timeout_s)
+      except KafkaException as e:
+        if e.args[0].code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+          return  # the broker is away: looked up again at the next quiet read
+        _LOG.warning('the broker cannot tell the newest record time (%s): an idle partition of %s holds the '
+                     'watermark back', e.args[0], ', '.join(self._spec.topics))
+        self._admin = False
+        return
+      except KafkaUnreachableError:
+        return
+      self._stream_time = (now, newest_ms)
+    if newest_ms is None:
+      return
+    idle_watermark = Timestamp(micros=int(min(newest_ms, time.time() * 1000) - _IDLE_WATERMARK_LAG_MS) * 1000)
+    current = watermark_estimator.current_watermark()
+    if current is None or idle_watermark > current:
+      watermark_estimator.set_watermark(idle_watermark)
 
   def _metadata_client(self):
     if self._metadata_consumer is None:
@@ -368,6 +410,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
             finished = True
         elif caught_up:
           self._fetched_through(key, math.inf)  # an idle partition holds nobody back
+          self._advance_idle_watermark(key, watermark_estimator)
         if not spec.bounded:
           self._check_partition_holds_what_was_read(key)
       due = 0
@@ -450,7 +493,9 @@ class ReadFromKafka(beam.PTransform):
   """Reads Kafka topics into a PCollection of :class:`KafkaRecord`.
 
   Element timestamps are the records' Kafka timestamps; the watermark of each
-  partition follows the newest record timestamp read from it.
+  partition follows the newest record timestamp read from it, and that of a
+  caught-up partition that has been quiet for 2 s moves up to the newest
+  record time of the topics, less 2 s (see ``_IDLE_WATERMARK_AFTER_S``).
 
   The read is unbounded unless a stop condition is given: ``stop_at_end``,
   ``max_records_per_partition`` or ``idle_timeout_s`` (any that is met first
