@@ -7,12 +7,12 @@ import time
 from typing import Dict, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import TopicPartition
 
 from kbml.kafka_client import PartitionOffsets, fetched_end_offset, listed_offsets, new_probe_consumer
 from kbml.local_stack import local_state_dir
-from pipelines.options import LOCAL_RUNNER, KafkaOptions
+from pipelines.options import KafkaOptions, runs_in_process
 from transforms.features import (
   DAY_SECONDS,
   DEFAULT_LABEL_DELAY_DAYS,
@@ -78,7 +78,7 @@ def feature_form(options: PipelineOptions, bounded: bool) -> str:
   in event-time step on the local runner (``align_partitions``), in keyed state elsewhere."""
   if bounded:
     return GROUPED
-  return ORDERED_BUNDLES if options.view_as(StandardOptions).runner == LOCAL_RUNNER else KEYED_STATE
+  return ORDERED_BUNDLES if runs_in_process(options) else KEYED_STATE
 
 
 def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[str, str], group: Optional[str],

@@ -35,18 +35,18 @@ import logging
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
 from pipelines.events import EventOptions
 from pipelines.options import (
-  LOCAL_RUNNER,
   KafkaOptions,
   ModelOptions,
   WarehouseOptions,
   kafka_config,
   pipeline_options,
+  runs_in_process,
   will_run,
 )
 from pipelines.stopping import stop_on_signals
@@ -166,7 +166,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
   kafka = options.view_as(KafkaOptions)
   predictions_topic = options.view_as(ModelOptions).predictions_topic
   events = options.view_as(EventOptions)
-  local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
+  local = runs_in_process(options)
   config = kafka_config(options)
   group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
   topics = [predictions_topic, events.labels_topic, events.dead_letter_topic]

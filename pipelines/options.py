@@ -1,12 +1,22 @@
-"""Pipeline options shared by every pipeline, and the choice of local runner.
+"""Pipeline options shared by every pipeline, and what each runner gets.
 
-Local runner: Beam's ``DirectRunner`` first tries Prism, a Go binary it
-downloads from the internet, and falls back to the in-process FnApiRunner when
-that fails. A user with internet access would silently get a different runner
-from one without, so the local default is pinned to ``FnApiRunner``: it runs
-splittable DoFns (our Kafka source) unbounded and stateful DoFns as the stream
-flows. Any ``--runner`` given explicitly (``DataflowRunner``, ``FlinkRunner``,
-``PrismRunner``, ...) is used as given.
+The pipelines choose their forms from what the runner can do, not from its
+name (:func:`runs_in_process`, :func:`runs_remotely`):
+
+- The FnApiRunner runs the whole pipeline in this process, stage after
+  stage. A stage fused with the Kafka read gets no watermark from it, and a
+  side input never updates while an unbounded job runs: the pipelines read
+  the partitions in event-time step and keep the feature histories in the
+  process (``ORDERED_BUNDLES``), and the scorer polls the model store.
+- Beam's ``DirectRunner`` first tries Prism, a Go binary it downloads from
+  the internet, and falls back to the FnApiRunner when that fails. A user
+  with internet access would silently get a different runner from one
+  without, so it is pinned to the FnApiRunner, which is also the default.
+- Every other runner (Prism, Flink, Dataflow, ...) carries watermarks
+  between stages and updates side inputs: keyed state with event-time timers
+  (``KEYED_STATE``), and the model from a ``WatchFilePattern`` side input.
+- The Dataflow runner's workers are other machines: the local broker,
+  warehouse and model store are refused there (:func:`refuse_local_settings`).
 
 The FnApiRunner of Beam 2.77 grows without bound in a long unbounded run
 (see :func:`keep_fn_api_runner_metrics_flat`); the pipelines here mend that
@@ -19,15 +29,16 @@ from typing import Dict, List, Optional, Sequence, Type
 
 from apache_beam.metrics import monitoring_infos
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
+from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
 from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.runner import PipelineRunner, create_runner
 
 from kbml.kafka_config import kafka_client_config
 from kbml.local_stack import local_bootstrap_servers
 from transforms.kafka_io import KAFKA_IO_JAVA, KAFKA_IO_PYTHON
 
 LOCAL_RUNNER = 'FnApiRunner'
-# Runners whose workers are other machines: they cannot reach this machine's broker, files or warehouse.
-REMOTE_RUNNERS = ('DataflowRunner',)
 # Beam parses every PipelineOptions class together, so an option two pipelines share is declared once, here.
 
 
@@ -106,6 +117,23 @@ def keep_fn_api_runner_metrics_flat():
   fn_runner.consolidate_monitoring_infos = _consolidated_monitoring_infos
 
 
+def _runner(options: PipelineOptions) -> PipelineRunner:
+  runner = options.view_as(StandardOptions).runner or LOCAL_RUNNER
+  return runner if isinstance(runner, PipelineRunner) else create_runner(runner)
+
+
+def runs_in_process(options: PipelineOptions) -> bool:
+  """Whether the runner runs the whole pipeline in this process, stage after stage (the FnApiRunner): no
+  watermark reaches the stages fused with an unbounded read, and side inputs do not update while it runs."""
+  return isinstance(_runner(options), fn_runner.FnApiRunner)
+
+
+def runs_remotely(options: PipelineOptions) -> bool:
+  """Whether the runner's workers are other machines (Dataflow): they cannot reach this machine's broker, files
+  or warehouse."""
+  return isinstance(_runner(options), DataflowRunner)
+
+
 def will_run(options: PipelineOptions) -> bool:
   """Whether the job will run, rather than only be built (``--dry_run``): what a pipeline looks up before it
   builds its graph (group offsets, the model in service, the warehouse's tables) is looked up only then."""
@@ -120,9 +148,9 @@ def refuse_local_settings(options: PipelineOptions, documented: Sequence[Type[Pi
     documented: the options classes the pipeline reads (a warehouse and a model store only matter to those
       that read WarehouseOptions or ModelOptions).
   """
-  runner = options.view_as(StandardOptions).runner
-  if runner not in REMOTE_RUNNERS:
+  if not runs_remotely(options):
     return
+  runner = options.view_as(StandardOptions).runner
   refused = []
   if not options.get_all_options(drop_default=True).get('bootstrap_servers'):
     refused.append('the local broker (`kbml local up`): pass --bootstrap_servers HOST:PORT of a broker the workers '
@@ -162,8 +190,8 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
   if '--help' in argv or '-h' in argv:
     parser = argparse.ArgumentParser(prog=prog, description=(sys.modules['__main__'].__doc__ or '').strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--runner', default=LOCAL_RUNNER, help='Beam runner: FnApiRunner (local, the default), '
-                        'DataflowRunner, FlinkRunner, PrismRunner, ...')
+    parser.add_argument('--runner', default=LOCAL_RUNNER, help='Beam runner: FnApiRunner (local, the default; '
+                        'DirectRunner runs on it too), PrismRunner, FlinkRunner, DataflowRunner, ...')
     parser.add_argument('--bootstrap_servers', help='Kafka bootstrap servers, host:port[,host:port] (default: the '
                         'local broker of `kbml local up`).')
     for options_class in (*documented, KafkaOptions):
@@ -172,9 +200,9 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
     sys.exit(0)
   options = PipelineOptions(argv)
   standard = options.view_as(StandardOptions)
-  if not standard.runner:
+  if not standard.runner or isinstance(_runner(options), SwitchingDirectRunner):
     standard.runner = LOCAL_RUNNER
-  if standard.runner == LOCAL_RUNNER:
+  if runs_in_process(options):
     keep_fn_api_runner_metrics_flat()
   refuse_local_settings(options, documented)
   return options

@@ -51,7 +51,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.ml.inference.utils import WatchFilePattern
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.alerts import AlertSink
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
@@ -64,7 +64,7 @@ from pipelines.events import (
   write_dead_letters,
   write_repeats_to_dead_letters,
 )
-from pipelines.options import LOCAL_RUNNER, KafkaOptions, ModelOptions, kafka_config, pipeline_options, will_run
+from pipelines.options import KafkaOptions, ModelOptions, kafka_config, pipeline_options, runs_in_process, will_run
 from pipelines.stopping import stop_on_signals
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
@@ -121,7 +121,7 @@ def model_reload(options: PipelineOptions) -> str:
   chosen = options.view_as(ScoringOptions).model_reload
   if chosen:
     return chosen
-  return RELOAD_POLL if options.view_as(StandardOptions).runner == LOCAL_RUNNER else RELOAD_WATCH
+  return RELOAD_POLL if runs_in_process(options) else RELOAD_WATCH
 
 
 def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:

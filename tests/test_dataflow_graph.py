@@ -11,8 +11,11 @@ import pytest
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from pipelines import mirror
+from pipelines.events import feature_form
 from pipelines.options import pipeline_options
+from pipelines.scoring import RELOAD_POLL, RELOAD_WATCH, model_reload
 from tests.pipeline_process import PROJECT_ROOT
+from transforms.features import GROUPED, KEYED_STATE, ORDERED_BUNDLES
 
 DATAFLOW_DRY_RUN = ['--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=test-project',
                     '--region=us-central1', '--temp_location=gs://bkt/tmp', '--sdk_location=container']
@@ -45,9 +48,23 @@ def test_dataflow_job_contains_the_kafka_source_and_sink(extra_args, boundedness
   assert transforms['WriteOutput/Produce'].spec.urn == 'beam:transform:pardo:v1'
 
 
-def test_pipeline_options_pin_the_local_runner_unless_one_is_given():
-  assert pipeline_options([]).get_all_options()['runner'] == 'FnApiRunner'
-  assert pipeline_options(['--runner=PrismRunner']).get_all_options()['runner'] == 'PrismRunner'
+@pytest.mark.parametrize('args, runs_on, form, reload', [
+    ([], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_POLL),
+    (['--runner=FnApiRunner'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_POLL),
+    (['--runner=DirectRunner'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_POLL),
+    (['--runner=direct'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_POLL),
+    (['--runner=PrismRunner'], 'PrismRunner', KEYED_STATE, RELOAD_WATCH),
+    (['--runner=FlinkRunner'], 'FlinkRunner', KEYED_STATE, RELOAD_WATCH),
+    (['--runner=DataflowRunner', '--bootstrap_servers=broker:9092'], 'DataflowRunner', KEYED_STATE, RELOAD_WATCH),
+    (['--model_reload=watch'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_WATCH),
+])
+def test_each_runner_gets_the_forms_it_can_run(args, runs_on, form, reload):
+  # By what the runner can do, not its name: the DirectRunner, which falls back to the FnApiRunner, used to get
+  # the keyed-state features and the side-input reload that never fires there.
+  options = pipeline_options(args)
+  assert (options.get_all_options()['runner'], feature_form(options, bounded=False), model_reload(options)) == \
+      (runs_on, form, reload)
+  assert feature_form(options, bounded=True) == GROUPED
 
 
 REMOTE_SETTINGS = {

@@ -290,14 +290,6 @@ def test_dataflow_job_feeds_run_inference_from_a_watch_file_pattern_side_input()
   assert beam_runner_api_pb2.ParDoPayload.FromString(source.spec.payload).requests_finalization
 
 
-def test_scoring_options_choose_the_reload_by_runner():
-  assert scoring.model_reload(pipeline_options([])) == scoring.RELOAD_POLL
-  assert scoring.model_reload(pipeline_options(['--runner=DataflowRunner', '--bootstrap_servers=broker:9092'])) == \
-      scoring.RELOAD_WATCH
-  assert scoring.model_reload(pipeline_options(['--runner=FlinkRunner'])) == scoring.RELOAD_WATCH
-  assert scoring.model_reload(pipeline_options(['--model_reload=watch'])) == scoring.RELOAD_WATCH
-
-
 @pytest.mark.parametrize('batched', [True, False])
 def test_rows_to_score_are_the_unscored_ones_and_a_non_finite_row_leaves_alone(batched):
   def row(transaction_id, partition, offset, amount):
