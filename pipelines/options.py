@@ -13,8 +13,9 @@ name (:func:`runs_in_process`, :func:`runs_remotely`):
   with internet access would silently get a different runner from one
   without, so it is pinned to the FnApiRunner, which is also the default.
 - Every other runner (Prism, Flink, Dataflow, ...) carries watermarks
-  between stages and updates side inputs: keyed state with event-time timers
-  (``KEYED_STATE``), and the model from a ``WatchFilePattern`` side input.
+  between stages: keyed state with event-time timers (``KEYED_STATE``).
+  Those that update a side input while an unbounded job runs (not Prism)
+  take the model from a ``WatchFilePattern`` side input; the others poll.
 - The Dataflow runner's workers are other machines: the local broker,
   warehouse and model store are refused there (:func:`refuse_local_settings`).
 
@@ -32,6 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
 from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.prism_runner import PrismRunner
 from apache_beam.runners.runner import PipelineRunner, create_runner
 
 from kbml.kafka_config import kafka_client_config
@@ -126,6 +128,12 @@ def runs_in_process(options: PipelineOptions) -> bool:
   """Whether the runner runs the whole pipeline in this process, stage after stage (the FnApiRunner): no
   watermark reaches the stages fused with an unbounded read, and side inputs do not update while it runs."""
   return isinstance(_runner(options), fn_runner.FnApiRunner)
+
+
+def updates_side_inputs(options: PipelineOptions) -> bool:
+  """Whether a side input of an unbounded run in the global window gets its new values while the job runs
+  (``WatchFilePattern``): not on the FnApiRunner, nor on Prism (apache/beam#31438, which refuses the job)."""
+  return not isinstance(_runner(options), (fn_runner.FnApiRunner, PrismRunner))
 
 
 def runs_remotely(options: PipelineOptions) -> bool:

@@ -64,7 +64,7 @@ from pipelines.events import (
   write_dead_letters,
   write_repeats_to_dead_letters,
 )
-from pipelines.options import KafkaOptions, ModelOptions, kafka_config, pipeline_options, runs_in_process, will_run
+from pipelines.options import KafkaOptions, ModelOptions, kafka_config, pipeline_options, updates_side_inputs, will_run
 from pipelines.stopping import stop_on_signals
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
@@ -117,11 +117,11 @@ class ScoringOptions(PipelineOptions):
 
 
 def model_reload(options: PipelineOptions) -> str:
-  """The reload mechanism: as chosen, else polling on the local runner and the side input elsewhere."""
+  """The reload mechanism: as chosen, else the side input where the runner updates it, polling elsewhere."""
   chosen = options.view_as(ScoringOptions).model_reload
   if chosen:
     return chosen
-  return RELOAD_POLL if runs_in_process(options) else RELOAD_WATCH
+  return RELOAD_WATCH if updates_side_inputs(options) else RELOAD_POLL
 
 
 def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:

@@ -53,7 +53,7 @@ def test_dataflow_job_contains_the_kafka_source_and_sink(extra_args, boundedness
     (['--runner=FnApiRunner'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_POLL),
     (['--runner=DirectRunner'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_POLL),
     (['--runner=direct'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_POLL),
-    (['--runner=PrismRunner'], 'PrismRunner', KEYED_STATE, RELOAD_WATCH),
+    (['--runner=PrismRunner'], 'PrismRunner', KEYED_STATE, RELOAD_POLL),
     (['--runner=FlinkRunner'], 'FlinkRunner', KEYED_STATE, RELOAD_WATCH),
     (['--runner=DataflowRunner', '--bootstrap_servers=broker:9092'], 'DataflowRunner', KEYED_STATE, RELOAD_WATCH),
     (['--model_reload=watch'], 'FnApiRunner', ORDERED_BUNDLES, RELOAD_WATCH),
