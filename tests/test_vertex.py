@@ -13,6 +13,7 @@ import time
 
 import pytest
 from google.cloud import aiplatform_v1
+from packaging.specifiers import SpecifierSet
 
 from trainer import vertex
 
@@ -22,7 +23,8 @@ ARGV = ['--train-start', '2018-07-25', '--vertex', '--project', 'my-project', '-
         '--accelerator-type=NVIDIA_L4', '--accelerator-count', '2', '--dry-run', '--epochs', '20',
         '--display-name', 'kbml-test']
 TRAINER_ARGS = ['--train-start', '2018-07-25', '--train-end=2018-07-31', '--epochs', '20']
-# Everything a submission needs but credentials; the image names no Python, so the Python check lets it through.
+PREBUILT = ['--container-image', 'europe-docker.pkg.dev/vertex-ai/training/tf-gpu.2-17.py310:latest']
+# Everything a submission needs but credentials; a custom image, which needs no Python check and no build.
 SUBMIT = ['--vertex', '--project', 'p', '--staging-bucket', 'gs://b', '--container-image',
           'us-docker.pkg.dev/my-project/images/trainer:latest']
 
@@ -46,7 +48,7 @@ def test_trainer_arguments_drop_the_vertex_options():
   assert vertex.trainer_arguments(['--epochs', '3', '--', '--vertex']) == ['--epochs', '3', '--', '--vertex']
 
 
-def test_spec_has_the_machine_the_image_the_module_and_only_the_trainer_args():
+def test_spec_has_the_machine_the_training_container_and_only_the_trainer_args():
   args = parse(ARGV)
   assert (args.vertex, args.dry_run, args.epochs) == (True, True, 20)
   spec = vertex.custom_job_spec(args, vertex.trainer_arguments(ARGV))
@@ -54,14 +56,22 @@ def test_spec_has_the_machine_the_image_the_module_and_only_the_trainer_args():
   assert pool['machine_spec'] == {'machine_type': 'g2-standard-8', 'accelerator_type': 'NVIDIA_L4',
                                   'accelerator_count': 2}
   assert pool['replica_count'] == 1
-  package = pool['python_package_spec']
+  assert pool['container_spec'] == {
+      'image_uri': f'europe-west4-docker.pkg.dev/my-project/kbml/trainer:{vertex.sources_digest()}',
+      'args': TRAINER_ARGS}
+  assert 'python_package_spec' not in pool
+  assert spec['display_name'] == 'kbml-test'
+  assert spec['job_spec']['base_output_directory'] == {'output_uri_prefix': 'gs://my-bucket/kbml/kbml-test'}
+
+
+def test_a_prebuilt_image_installs_the_uploaded_package_and_runs_the_module():
+  spec = vertex.custom_job_spec(parse(ARGV + PREBUILT), vertex.trainer_arguments(ARGV))
+  package = worker_pool(spec)['python_package_spec']
   assert package['executor_image_uri'] == 'europe-docker.pkg.dev/vertex-ai/training/tf-gpu.2-17.py310:latest'
   assert package['python_module'] == 'trainer.task'
   assert package['args'] == TRAINER_ARGS
   (package_uri,) = package['package_uris']
   assert re.fullmatch(r'gs://my-bucket/kbml/packages/kbml-test/kafka_beam_ml-[\w.]+\.tar\.gz', package_uri)
-  assert spec['display_name'] == 'kbml-test'
-  assert spec['job_spec']['base_output_directory'] == {'output_uri_prefix': 'gs://my-bucket/kbml/kbml-test'}
 
 
 def test_defaults_are_one_t4_on_n1_standard_8_and_vertex_options_never_reach_the_job():
@@ -69,8 +79,9 @@ def test_defaults_are_one_t4_on_n1_standard_8_and_vertex_options_never_reach_the
   pool = worker_pool(spec)
   assert pool['machine_spec'] == {'machine_type': 'n1-standard-8', 'accelerator_type': 'NVIDIA_TESLA_T4',
                                   'accelerator_count': 1}
-  assert pool['python_package_spec']['executor_image_uri'] == vertex.IMAGE.format(host='us', kind='gpu')
-  assert pool['python_package_spec']['args'] == ['--epochs', '1']
+  assert pool['container_spec'] == {
+      'image_uri': f'us-central1-docker.pkg.dev/PROJECT/kbml/trainer:{vertex.sources_digest()}',
+      'args': ['--epochs', '1']}
   assert re.fullmatch(r'kbml-train-\d{8}-\d{6}', spec['display_name'])
 
 
@@ -79,7 +90,6 @@ def test_cpu_only_has_no_accelerator(cpu):
   spec = vertex.custom_job_spec(parse(['--vertex', '--accelerator-type', cpu, '--accelerator-count', '4']), [])
   pool = worker_pool(spec)
   assert pool['machine_spec'] == {'machine_type': 'n1-standard-8'}
-  assert pool['python_package_spec']['executor_image_uri'] == vertex.IMAGE.format(host='us', kind='cpu')
   machine = aiplatform_v1.CustomJob(spec).job_spec.worker_pool_specs[0].machine_spec
   assert machine.accelerator_type == aiplatform_v1.AcceleratorType.ACCELERATOR_TYPE_UNSPECIFIED
   assert machine.accelerator_count == 0
@@ -103,10 +113,22 @@ def test_dry_run_prints_json_that_parses_into_a_custom_job(capsys, no_credential
   job = aiplatform_v1.CustomJob.from_json(out)  # strict: an unknown field fails
   assert job == aiplatform_v1.CustomJob(vertex.custom_job_spec(args, TRAINER_ARGS))
   assert json.loads(out)['display_name'] == 'kbml-test'
-  package = job.job_spec.worker_pool_specs[0].python_package_spec
-  assert (package.python_module, list(package.args)) == ('trainer.task', TRAINER_ARGS)
+  assert list(job.job_spec.worker_pool_specs[0].container_spec.args) == TRAINER_ARGS
   assert job.job_spec.service_account == 'trainer@my-project.iam.gserviceaccount.com'
-  assert 'nothing was submitted' in err
+  assert 'nothing was submitted' in err and f'Python {vertex.dockerfile_python()}' in err
+
+
+def test_the_training_container_has_the_python_the_package_requires_and_runs_the_trainer():
+  requires = importlib.metadata.metadata(vertex.DIST_NAME)['Requires-Python']
+  assert SpecifierSet(requires).contains(vertex.dockerfile_python()), (vertex.dockerfile_python(), requires)
+  assert 'ENTRYPOINT ["python", "-m", "trainer.task"]' in vertex.DOCKERFILE.read_text()
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies(tmp_path):
+  names = vertex.write_build_context(str(tmp_path))
+  (copied,) = re.findall(r'^COPY (.+) \./$', vertex.DOCKERFILE.read_text(), re.MULTILINE)
+  assert set(copied.split()) <= set(names) and 'Dockerfile' in names
+  assert any(name.endswith('/trainer/task.py') for name in tarfile.open(tmp_path / 'kafka_beam_ml.tar.gz').getnames())
 
 
 @pytest.fixture
@@ -159,14 +181,15 @@ def test_submitting_needs_a_project_and_a_staging_bucket(no_credentials, monkeyp
 
 def test_an_image_without_the_packages_python_is_refused(no_credentials):
   requires = importlib.metadata.metadata(vertex.DIST_NAME)['Requires-Python']
-  message, _ = submit(['--vertex', '--project', 'p', '--staging-bucket', 'gs://b'])
+  message, _ = submit(['--vertex', '--project', 'p', '--staging-bucket', 'gs://b', *PREBUILT])
   assert f'has Python 3.10 but kafka-beam-ml requires Python {requires}' in message
   assert vertex.python_mismatch('us-docker.pkg.dev/vertex-ai/training/pytorch-gpu.2-4.py311:latest') is None
 
 
 def test_the_built_package_is_the_one_the_spec_names(tmp_path):
   sdist = vertex.build_sdist(str(tmp_path))
-  (package_uri,) = worker_pool(vertex.custom_job_spec(parse(ARGV), []))['python_package_spec']['package_uris']
+  package = worker_pool(vertex.custom_job_spec(parse(ARGV + PREBUILT), []))['python_package_spec']
+  (package_uri,) = package['package_uris']
   assert package_uri.endswith('/' + sdist.rsplit('/', 1)[1])
   names = tarfile.open(sdist).getnames()
   assert any(name.endswith('/trainer/vertex.py') for name in names)

@@ -42,12 +42,11 @@ each time (``crontab -e``)::
 
 On Google Cloud, Cloud Scheduler can create a Vertex AI custom job running
 the trainer with the retrain's split. ``kbml train --vertex`` builds that job;
-``--dry-run`` prints its spec (a real submission uploads the trainer package
-first and prints where: give that URI with ``--package-uri``)::
+``--dry-run`` prints its spec, which runs the project's training container (a
+real submission builds it first if its tag is missing)::
 
     kbml train --vertex --dry-run --project PROJECT --region us-central1 \\
-        --staging-bucket gs://BUCKET/kbml --package-uri gs://BUCKET/kbml/packages/NAME/kafka_beam_ml-VERSION.tar.gz \\
-        --container-image IMAGE --warehouse bigquery://PROJECT/DATASET --model-dir gs://BUCKET/models \\
+        --staging-bucket gs://BUCKET/kbml --warehouse bigquery://PROJECT/DATASET --model-dir gs://BUCKET/models \\
         --last-days 14 --delay-days 0 --test-days 3 > retrain-job.json
     gcloud scheduler jobs create http kbml-retrain --location us-central1 --schedule '0 */6 * * *' \\
         --uri https://us-central1-aiplatform.googleapis.com/v1/projects/PROJECT/locations/us-central1/customJobs \\

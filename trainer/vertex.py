@@ -1,18 +1,18 @@
 """Runs the trainer as a Vertex AI custom job: ``kbml train --vertex [Vertex AI options] [trainer args]``.
 
-The job installs this project's source distribution (built from the checkout and uploaded to the
-staging bucket on submit, or ``--package-uri``) in a prebuilt Vertex AI training container and runs
-``python -m trainer.task`` with the trainer's arguments, less the Vertex AI options. ``--dry-run``
-prints the job spec as JSON and submits nothing; it needs no project, bucket or credentials.
+By default the job runs this project's training container (``trainer/Dockerfile``: Python 3.11, the package
+and its pinned dependencies, TensorFlow with its CUDA wheels), ``python -m trainer.task`` with the trainer's
+arguments, less the Vertex AI options. Its image lives in the project's Artifact Registry, tagged with a
+digest of the sources it holds: a submission builds and pushes it with Cloud Build (``gcloud builds submit``)
+when that tag is not there yet (``--build-image`` rebuilds it anyway). ``--dry-run`` prints the job spec as
+JSON and submits nothing; it needs no project, bucket or credentials.
 
-Note on the container: Vertex AI runs a Python package only in one of its prebuilt training images,
-and no prebuilt TensorFlow image has Python 3.11, which this package requires (``python_requires``;
-pandas 3 and numpy 2.4 too): the newest, TensorFlow 2.17 with CUDA 12, has Python 3.10, and Google's
-table gives its end of availability as 11 July 2026. pip would refuse to install the package there,
-so a submission whose image tag names another Python (``.py310``) stops before anything is uploaded.
-The default stays that image, to move to a ``.py311`` one when Google publishes it; until then,
-submitting needs ``--container-image`` naming a prebuilt image with Python 3.11 (or a custom
-container, which this module does not build).
+Why a custom container: Vertex AI runs a Python package only in one of its prebuilt training images, and no
+prebuilt TensorFlow image has Python 3.11, which this package requires (``python_requires``; pandas 3 and
+numpy 2.4 too): the newest, TensorFlow 2.17 with CUDA 12, has Python 3.10. ``--container-image`` naming a
+prebuilt image (``.../vertex-ai/training/...``) still takes that path: the package is built from the checkout,
+uploaded to the staging bucket (or ``--package-uri``) and installed in the image, and an image whose tag names
+another Python (``.py310``) is refused before anything is uploaded.
 
 Example::
 
@@ -23,10 +23,12 @@ Example::
 import argparse
 import copy
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,9 +37,16 @@ from pathlib import Path
 TRAINER_MODULE = 'trainer.task'
 DIST_NAME = 'kafka-beam-ml'
 # The newest prebuilt TensorFlow training images (TensorFlow 2.17, CUDA 12): the closest to our TensorFlow 2.21 and
-# Keras 3 among the images Vertex AI runs a Python package in, and pip installs our pin over theirs. But they have
-# Python 3.10, which our package excludes: see the module docstring.
-IMAGE = '{host}-docker.pkg.dev/vertex-ai/training/tf-{kind}.2-17.py310:latest'
+# Keras 3 among the images Vertex AI runs a Python package in. But they have Python 3.10, which our package
+# excludes: see the module docstring.
+PREBUILT_IMAGE = '{host}-docker.pkg.dev/vertex-ai/training/tf-{kind}.2-17.py310:latest'
+PREBUILT_IMAGES = '-docker.pkg.dev/vertex-ai/training/'
+# This project's training container, in the job's project and region; SOURCES is a digest of what it holds.
+TRAINING_IMAGE = '{region}-docker.pkg.dev/{project}/kbml/trainer:{sources}'
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = PROJECT_ROOT / 'trainer' / 'Dockerfile'
+# What the training container's image is built from, beside the Dockerfile: a change to any of them is a new tag.
+IMAGE_SOURCES = ('setup.py', 'constraints.txt', 'kbml', 'pipelines', 'transforms', 'trainer')
 NO_ACCELERATOR = ('NONE', 'ACCELERATOR_TYPE_UNSPECIFIED')
 STAGING_PLACEHOLDER = 'gs://STAGING_BUCKET'
 NO_CREDENTIALS = ('no Google Cloud credentials found: run `gcloud auth application-default login`, or set '
@@ -62,13 +71,15 @@ def add_vertex_arguments(parser: argparse.ArgumentParser) -> None:
                      '(default: %(default)s).')
   group.add_argument('--accelerator-count', type=int, default=1, help='GPUs per machine (default: %(default)s).')
   group.add_argument('--container-image',
-                     help='Prebuilt Vertex AI training image that installs and runs the trainer package (default: '
-                     'the newest TensorFlow one, TensorFlow 2.17 with CUDA 12, its GPU or CPU variant in the '
-                     'region\'s registry: ' + IMAGE.format(host='us', kind='gpu') + '). No prebuilt TensorFlow image '
-                     'has Python 3.11 yet, which this package requires, so submitting with the default is refused: '
-                     'name a prebuilt image with Python 3.11.')
-  group.add_argument('--package-uri', help='gs:// URI of the trainer\'s source distribution (default: built from this '
-                     'checkout and uploaded to STAGING_BUCKET/packages/DISPLAY_NAME/ on submit).')
+                     help='The job\'s image (default: this project\'s training container, trainer/Dockerfile, '
+                     + TRAINING_IMAGE.format(region='REGION', project='PROJECT', sources='SOURCES_DIGEST')
+                     + ', built with Cloud Build when missing). A prebuilt Vertex AI training image '
+                     '(' + PREBUILT_IMAGE.format(host='us', kind='gpu') + ', say) installs the trainer package '
+                     'instead; one without Python 3.11 is refused.')
+  group.add_argument('--build-image', action='store_true',
+                     help='Build and push the training container even if its tag exists (Cloud Build).')
+  group.add_argument('--package-uri', help='With a prebuilt image: gs:// URI of the trainer\'s source distribution '
+                     '(default: built from this checkout and uploaded to STAGING_BUCKET/packages/DISPLAY_NAME/).')
   group.add_argument('--service-account', help='Service account the job runs as (default: Vertex AI\'s).')
   group.add_argument('--display-name', default=datetime.datetime.now(datetime.UTC).strftime('kbml-train-%Y%m%d-%H%M%S'),
                      help='Name of the job (default: kbml-train-YYYYmmdd-HHMMSS, UTC).')
@@ -116,6 +127,37 @@ def _sdist_name() -> str:
   return f'{DIST_NAME.replace("-", "_")}-{version}.tar.gz'
 
 
+def sources_digest() -> str:
+  """A digest of what the training container holds (IMAGE_SOURCES and the Dockerfile): its image's tag."""
+  digest = hashlib.sha256()
+  paths = [DOCKERFILE]
+  for name in IMAGE_SOURCES:
+    path = PROJECT_ROOT / name
+    paths.extend(sorted(path.rglob('*.py')) if path.is_dir() else [path])
+  for path in paths:
+    digest.update(str(path.relative_to(PROJECT_ROOT)).encode() + b'\0' + path.read_bytes() + b'\0')
+  return digest.hexdigest()[:16]
+
+
+def job_image(args: argparse.Namespace) -> str:
+  """The image the job runs: ``--container-image``, else this project's training container."""
+  return args.container_image or TRAINING_IMAGE.format(region=args.region, project=args.project or 'PROJECT',
+                                                      sources=sources_digest())
+
+
+def is_prebuilt(image: str) -> bool:
+  """Whether ``image`` is one of Vertex AI's prebuilt training images, which run a Python package."""
+  return PREBUILT_IMAGES in image
+
+
+def dockerfile_python() -> str:
+  """The Python version (``3.11``) of the training container's base image."""
+  match = re.search(r'^FROM python:(3\.\d+)', DOCKERFILE.read_text(), re.MULTILINE)
+  if not match:
+    raise ValueError(f'{DOCKERFILE} does not start from a python:3.X image')
+  return match.group(1)
+
+
 def custom_job_spec(args: argparse.Namespace, trainer_args: list[str]) -> dict:
   """The custom job as a plain dict in the shape of Vertex AI's ``CustomJob``, checked against its proto.
 
@@ -132,26 +174,22 @@ def custom_job_spec(args: argparse.Namespace, trainer_args: list[str]) -> dict:
   for option, uri in (('--staging-bucket', staging), ('--package-uri', package)):
     if not uri.startswith('gs://'):
       raise ValueError(f'{option} must be a gs:// URI, not {uri}')
+  image = job_image(args)
   accelerator = _accelerator(args.accelerator_type)
   machine_spec = {'machine_type': args.machine_type}
   if accelerator:
     if args.accelerator_count < 1:
       raise ValueError(f'--accelerator-count must be at least 1 with {accelerator} (or use --accelerator-type none)')
     machine_spec.update(accelerator_type=accelerator, accelerator_count=args.accelerator_count)
-  host = {'europe': 'europe', 'asia': 'asia', 'australia': 'asia'}.get(args.region.split('-')[0], 'us')
-  image = args.container_image or IMAGE.format(host=host, kind='gpu' if accelerator else 'cpu')
+  # Stripped again: a --vertex reaching the job would make it submit another job.
+  job_args = trainer_arguments(list(trainer_args))
+  if is_prebuilt(image):
+    code = {'python_package_spec': {'executor_image_uri': image, 'package_uris': [package],
+                                    'python_module': TRAINER_MODULE, 'args': job_args}}
+  else:
+    code = {'container_spec': {'image_uri': image, 'args': job_args}}
   job_spec = {
-      'worker_pool_specs': [{
-          'machine_spec': machine_spec,
-          'replica_count': 1,
-          'python_package_spec': {
-              'executor_image_uri': image,
-              'package_uris': [package],
-              'python_module': TRAINER_MODULE,
-              # Stripped again: a --vertex reaching the job would make it submit another job.
-              'args': trainer_arguments(list(trainer_args)),
-          },
-      }],
+      'worker_pool_specs': [{'machine_spec': machine_spec, 'replica_count': 1, **code}],
       'base_output_directory': {'output_uri_prefix': f'{staging}/{args.display_name}'},
   }
   if args.service_account:
@@ -217,7 +255,7 @@ def build_sdist(out_dir: str) -> str:
   """Builds this project's source distribution into ``out_dir``; returns its path."""
   # egg_info would otherwise write into the checkout, which may be shared.
   command = [sys.executable, 'setup.py', '-q', 'egg_info', '--egg-base', out_dir, 'sdist', '--dist-dir', out_dir]
-  done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+  done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
   built = sorted(Path(out_dir).glob('*.tar.gz'))
   if done.returncode or len(built) != 1:
     raise ValueError(f'building the trainer package failed: {(done.stderr.strip().splitlines() or ["?"])[-1]}')
@@ -225,18 +263,66 @@ def build_sdist(out_dir: str) -> str:
   return str(built[0].rename(Path(out_dir) / _sdist_name()))
 
 
+def write_build_context(out_dir: str) -> list[str]:
+  """Writes what ``trainer/Dockerfile`` copies into ``out_dir``: itself, the constraints and the package."""
+  shutil.copy(DOCKERFILE, Path(out_dir) / 'Dockerfile')
+  shutil.copy(PROJECT_ROOT / 'constraints.txt', Path(out_dir) / 'constraints.txt')
+  with tempfile.TemporaryDirectory() as sdist_dir:
+    shutil.move(build_sdist(sdist_dir), Path(out_dir) / 'kafka_beam_ml.tar.gz')
+  return sorted(path.name for path in Path(out_dir).iterdir())
+
+
+def _gcloud(*command: str) -> subprocess.CompletedProcess:
+  gcloud = shutil.which('gcloud')
+  if not gcloud:
+    raise ValueError('building the training container needs the Google Cloud CLI (gcloud, '
+                     'https://cloud.google.com/sdk/docs/install): install it, or build trainer/Dockerfile, push the '
+                     'image and pass --container-image (the Dockerfile says what its context holds)')
+  return subprocess.run([gcloud, *command], capture_output=True, text=True)
+
+
+def build_training_image(image: str, project: str, region: str, rebuild: bool):
+  """Builds and pushes the training container as ``image`` with Cloud Build, unless that tag exists already (or
+  ``rebuild``); creates its Artifact Registry repository if missing."""
+  if not rebuild and _gcloud('artifacts', 'docker', 'images', 'describe', image, '--project', project).returncode == 0:
+    print(f'the training container {image} is there already', file=sys.stderr)
+    return
+  repository = image.split('/')[2]
+  if _gcloud('artifacts', 'repositories', 'describe', repository, '--location', region,
+             '--project', project).returncode != 0:
+    created = _gcloud('artifacts', 'repositories', 'create', repository, '--repository-format', 'docker',
+                      '--location', region, '--project', project)
+    if created.returncode != 0:
+      raise ValueError(f'could not create the Artifact Registry repository {repository} in {region}: '
+                       f'{created.stderr.strip()}')
+  print(f'building {image} with Cloud Build (some minutes: TensorFlow and its CUDA wheels)...', file=sys.stderr)
+  with tempfile.TemporaryDirectory() as context:
+    write_build_context(context)
+    built = _gcloud('builds', 'submit', context, '--tag', image, '--project', project, '--region', region)
+  if built.returncode != 0:
+    raise ValueError(f'building {image} failed: {(built.stderr.strip().splitlines() or ["?"])[-1]}')
+  print(f'built and pushed {image}', file=sys.stderr)
+
+
 def run_vertex(args: argparse.Namespace, trainer_args: list[str]) -> int:
-  """Prints the job spec (``--dry-run``), or uploads the trainer package and submits the job without waiting.
+  """Prints the job spec (``--dry-run``), or makes the job's code available and submits the job without waiting.
+
+  The code: this project's training container (built when missing, see :func:`build_training_image`), or with
+  a prebuilt image, the trainer package uploaded to the staging bucket.
 
   Raises:
     ValueError: no project or staging bucket, an unusable spec or image, no credentials, a failed build.
   """
   spec = custom_job_spec(args, trainer_args)
-  mismatch = python_mismatch(spec['job_spec']['worker_pool_specs'][0]['python_package_spec']['executor_image_uri'])
+  image = job_image(args)
+  mismatch = python_mismatch(image) if is_prebuilt(image) else None
   if args.dry_run:
     print(json.dumps(spec, indent=2))
     if mismatch:
       print(f'warning: {mismatch}', file=sys.stderr)
+    if not args.container_image:
+      print(f'the training container (trainer/Dockerfile, Python {dockerfile_python()}) is built on submit if its '
+            'tag is missing', file=sys.stderr)
     print(f'dry run: nothing was submitted (project {args.project or "not given"}, region {args.region})',
           file=sys.stderr)
     return 0
@@ -248,7 +334,10 @@ def run_vertex(args: argparse.Namespace, trainer_args: list[str]) -> int:
     raise ValueError(mismatch)
   credentials = check_credentials()
   from google.cloud import aiplatform, storage
-  if not args.package_uri:
+  if not is_prebuilt(image):
+    if args.build_image or not args.container_image:
+      build_training_image(image, args.project, args.region, rebuild=args.build_image)
+  elif not args.package_uri:
     args = copy.copy(args)
     with tempfile.TemporaryDirectory() as out_dir:
       sdist = build_sdist(out_dir)
