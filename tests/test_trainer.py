@@ -119,6 +119,21 @@ def test_training_needs_labelled_rows_in_every_part_of_the_split(warehouse, tmp_
                             FEATURE_NAMES, features_table='no_such_table')
 
 
+def test_prequential_folds_fit_and_test_the_same_recipe_a_test_range_earlier_each(warehouse, tmp_path):
+  result = _train(warehouse, tmp_path, '--ensemble', '1', '--epochs', '2', '--prequential-folds', '3')
+  prequential = result.metadata['prequential']
+  assert [fold['test'] for fold in prequential['folds']] == [
+      '2018-05-13..2018-05-19', '2018-05-06..2018-05-12', '2018-04-29..2018-05-05']
+  published = prequential['folds'][0]['model']
+  assert published == {name: result.metadata['metrics'][name] for name in evaluate.SUMMARIZED_METRICS}
+  for kind in ('model', 'baseline'):
+    for name, summary in prequential[kind].items():
+      values = [fold[kind][name] for fold in prequential['folds']]
+      assert summary == pytest.approx({'mean': np.mean(values), 'std': np.std(values)})
+      assert summary['std'] > 0, f'three test weeks gave the same {name}: the folds are one week'
+  assert 'prequential, 3 test ranges from 2018-04-29..2018-05-05' in task.summary(result, str(tmp_path))
+
+
 def test_last_days_places_the_test_range_at_the_newest_labels(warehouse):
   args = task.build_parser().parse_args(['--warehouse', warehouse, '--last-days', '7'])
   protocol = task.protocol_of(args, open_warehouse(warehouse))

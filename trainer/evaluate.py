@@ -79,6 +79,23 @@ class Protocol:
             'delay_days': str(self.delay_days), 'test': f'{self.test_start}..{self.test_end}'}
 
 
+def prequential_protocols(protocol: Protocol, folds: int) -> List[Protocol]:
+  """``protocol`` and the ``folds - 1`` splits before it, each one test range earlier (the handbook's
+  prequential validation, chapter 5): the same lengths of training, delay and test, over successive weeks."""
+  if folds < 1:
+    raise ValueError(f'Prequential evaluation needs at least 1 fold, not {folds}.')
+  return [dataclasses.replace(protocol, train_start=protocol.day(-fold * protocol.test_days)) for fold in range(folds)]
+
+
+SUMMARIZED_METRICS = ('auc_roc', 'average_precision', 'card_precision_at_100')
+
+
+def mean_and_spread(fold_metrics: List[Mapping[str, object]]) -> Dict[str, Dict[str, float]]:
+  """The mean and standard deviation over the folds of each of SUMMARIZED_METRICS."""
+  return {name: {'mean': float(np.mean([m[name] for m in fold_metrics])),
+                 'std': float(np.std([m[name] for m in fold_metrics]))} for name in SUMMARIZED_METRICS}
+
+
 @dataclasses.dataclass
 class Split:
   train: 'pandas.DataFrame'

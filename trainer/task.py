@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
   split.add_argument('--validation-days', type=int, default=2,
                      help='The last days of the training range, held out for early stopping and the threshold '
                      '(default: %(default)s).')
+  split.add_argument('--prequential-folds', type=int, default=1,
+                     help='Also fit and test the same recipe on this many splits in all, each a test range before '
+                     'the last (the handbook\'s prequential validation), and report the mean and standard '
+                     'deviation of the test figures; the published model is the one of the named split '
+                     '(default: %(default)s, the named split only).')
   fitting = parser.add_argument_group('Model')
   fitting.add_argument('--epochs', type=int, default=40, help='At most this many epochs (default: %(default)s).')
   fitting.add_argument('--patience', type=int, default=5, help='Stop after this many epochs without a better '
@@ -114,13 +119,50 @@ def protocol_of(args, warehouse) -> evaluate.Protocol:
   return evaluate.Protocol(args.train_start, train_days=(args.train_end - args.train_start).days + 1, **days)
 
 
-def _check_split(split: evaluate.Split, protocol: evaluate.Protocol, warehouse_url: str):
-  for name, rows in (('training', split.train), ('validation', split.validation), ('test', split.test)):
-    if len(rows) == 0 or rows[data.LABEL_COLUMN].sum() == 0:
-      ranges = ', '.join(f'{part} {days}' for part, days in protocol.describe().items())
-      raise ValueError(f'The {name} range has {len(rows):,} labelled transactions and '
-                       f'{int(rows[data.LABEL_COLUMN].sum()) if len(rows) else 0} frauds in {warehouse_url} '
+def _checked_split(rows, protocol: evaluate.Protocol, warehouse_url: str) -> evaluate.Split:
+  split = evaluate.split(rows, protocol)
+  for name, part in (('training', split.train), ('validation', split.validation), ('test', split.test)):
+    if len(part) == 0 or part[data.LABEL_COLUMN].sum() == 0:
+      ranges = ', '.join(f'{range_name} {days}' for range_name, days in protocol.describe().items())
+      raise ValueError(f'The {name} range has {len(part):,} labelled transactions and '
+                       f'{int(part[data.LABEL_COLUMN].sum()) if len(part) else 0} frauds in {warehouse_url} '
                        f'({ranges}); it needs both. Ingest more days or choose other dates.')
+  return split
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """The recipe fitted on one split, and the test figures of it and of the logistic baseline."""
+  network: object
+  devices: List[str]
+  epochs_run: List[int]
+  fit_seconds: float
+  threshold: float
+  validation_scores: np.ndarray
+  test_scores: np.ndarray
+  metrics: Dict[str, object]
+  baseline_scores: np.ndarray
+  baseline_metrics: Dict[str, object]
+
+
+def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> Evaluation:
+  """Fits the networks (early stopping on the validation split) and the baseline on the split's training rows,
+  chooses each one's threshold on the validation split, and tests both on its test range."""
+  train_x, train_y = data.feature_matrix(split.train, feature_names), data.labels(split.train)
+  validation_x, validation_y = data.feature_matrix(split.validation, feature_names), data.labels(split.validation)
+  test_x = data.feature_matrix(split.test, feature_names)
+  fit_started = time.monotonic()
+  network, devices, epochs_run = _fit_networks(args, train_x, train_y, validation_x, validation_y)
+  fit_seconds = time.monotonic() - fit_started
+  baseline = model.train_baseline(train_x, train_y, args.seed)
+  validation_scores = model.predict(network, validation_x)
+  threshold = evaluate.choose_threshold(validation_y, validation_scores)
+  test_scores = model.predict(network, test_x)
+  baseline_scores = baseline.predict_proba(test_x)[:, 1]
+  baseline_threshold = evaluate.choose_threshold(validation_y, baseline.predict_proba(validation_x)[:, 1])
+  return Evaluation(network, devices, epochs_run, fit_seconds, threshold, validation_scores, test_scores,
+                    evaluate.test_metrics(split.test, test_scores, threshold), baseline_scores,
+                    evaluate.test_metrics(split.test, baseline_scores, baseline_threshold))
 
 
 @dataclasses.dataclass
@@ -137,28 +179,32 @@ def train(args) -> Result:
   warehouse = open_warehouse(args.warehouse)
   protocol = protocol_of(args, warehouse)
   feature_names = feature_names_of(args.feature_set)
-  rows = data.read_labelled_rows(warehouse, protocol.train_start, protocol.test_end, feature_names,
+  protocols = evaluate.prequential_protocols(protocol, args.prequential_folds)
+  rows = data.read_labelled_rows(warehouse, protocols[-1].train_start, protocol.test_end, feature_names,
                                  args.features_table, args.labels_table)
-  split = evaluate.split(rows, protocol)
-  _check_split(split, protocol, warehouse.url)
-  train_x, train_y = data.feature_matrix(split.train, feature_names), data.labels(split.train)
-  validation_x, validation_y = data.feature_matrix(split.validation, feature_names), data.labels(split.validation)
-  test_x, test_y = data.feature_matrix(split.test, feature_names), data.labels(split.test)
+  split = _checked_split(rows, protocol, warehouse.url)
+  earlier_splits = [_checked_split(rows, earlier, warehouse.url) for earlier in protocols[1:]]
   print(f'read {len(rows):,} labelled transactions from {warehouse.url} in {time.monotonic() - started:.1f} s; '
         + ', '.join(f'{part} {days}' for part, days in protocol.describe().items()), flush=True)
 
-  fit_started = time.monotonic()
-  network, devices, epochs_run = _fit_networks(args, train_x, train_y, validation_x, validation_y)
-  fit_seconds = time.monotonic() - fit_started
-  baseline = model.train_baseline(train_x, train_y, args.seed)
-
-  validation_scores = model.predict(network, validation_x)
-  threshold = evaluate.choose_threshold(validation_y, validation_scores)
-  test_scores = model.predict(network, test_x)
-  baseline_scores = baseline.predict_proba(test_x)[:, 1]
-  metrics = evaluate.test_metrics(split.test, test_scores, threshold)
-  baseline_threshold = evaluate.choose_threshold(validation_y, baseline.predict_proba(validation_x)[:, 1])
-  baseline_metrics = evaluate.test_metrics(split.test, baseline_scores, baseline_threshold)
+  evaluation = fit_and_evaluate(args, split, feature_names)
+  network, threshold, test_scores, metrics = (evaluation.network, evaluation.threshold, evaluation.test_scores,
+                                              evaluation.metrics)
+  prequential = None
+  if earlier_splits:
+    folds = [evaluation]
+    for number, (earlier, earlier_split) in enumerate(zip(protocols[1:], earlier_splits, strict=True), start=2):
+      print(f'prequential fold {number} of {len(protocols)}: test {earlier.describe()["test"]}', flush=True)
+      folds.append(fit_and_evaluate(args, earlier_split, feature_names))
+    prequential = {
+        'folds': [{'test': fold_protocol.describe()['test'],
+                   'model': {name: fold.metrics[name] for name in evaluate.SUMMARIZED_METRICS},
+                   'baseline': {name: fold.baseline_metrics[name] for name in evaluate.SUMMARIZED_METRICS}}
+                  for fold_protocol, fold in zip(protocols, folds, strict=True)],
+        'model': evaluate.mean_and_spread([fold.metrics for fold in folds]),
+        'baseline': evaluate.mean_and_spread([fold.baseline_metrics for fold in folds])}
+  train_y, validation_y, test_y = (data.labels(split.train), data.labels(split.validation),
+                                   data.labels(split.test))
   store = ModelStore(args.model_dir)
   champion = store.current()
   champion_scores = _champion_scores(store, champion, split.test)
@@ -167,25 +213,27 @@ def train(args) -> Result:
   metadata = {
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'model': {'kind': 'keras', 'name': network.name, 'hidden_units': args.hidden_units, 'ensemble': args.ensemble,
-                'fraud_weight': args.fraud_weight, 'epochs_run': epochs_run, 'fit_seconds': round(fit_seconds, 1),
-                'devices': devices},
+                'fraud_weight': args.fraud_weight, 'epochs_run': evaluation.epochs_run,
+                'fit_seconds': round(evaluation.fit_seconds, 1), 'devices': evaluation.devices},
       'training': {'warehouse': warehouse.url, 'features_table': args.features_table,
                    'labels_table': args.labels_table, **protocol.describe(),
-                   'rows': {'train': len(train_x), 'validation': len(validation_x), 'test': len(test_x)},
+                   'rows': {'train': len(split.train), 'validation': len(split.validation), 'test': len(split.test)},
                    'frauds': {'train': int(train_y.sum()), 'validation': int(validation_y.sum()),
                               'test': int(test_y.sum())}},
       'features': feature_names,
-      'feature_statistics': data.feature_statistics(train_x, feature_names),
-      'score_statistics': data.feature_statistics(validation_scores[:, None], ['score'])['score'],
+      'feature_statistics': data.feature_statistics(data.feature_matrix(split.train, feature_names), feature_names),
+      'score_statistics': data.feature_statistics(evaluation.validation_scores[:, None], ['score'])['score'],
       'threshold': threshold,
       'metrics': metrics,
-      'baseline': {'kind': 'logistic regression (scikit-learn)', 'metrics': baseline_metrics},
+      'baseline': {'kind': 'logistic regression (scikit-learn)', 'metrics': evaluation.baseline_metrics},
       'parent_version': champion,
   }
+  if prequential:
+    metadata['prequential'] = prequential
   with tempfile.TemporaryDirectory() as scratch:
     plots = {'pr_curve.png': os.path.join(scratch, 'pr_curve.png'),
              'score_histogram.png': os.path.join(scratch, 'score_histogram.png')}
-    curves = {'this model': test_scores, 'logistic baseline': baseline_scores}
+    curves = {'this model': test_scores, 'logistic baseline': evaluation.baseline_scores}
     if champion_scores is not None:
       curves[f'champion {champion}'] = champion_scores
     evaluate.plot_precision_recall(test_y, curves, plots['pr_curve.png'])
@@ -275,6 +323,14 @@ def summary(result: Result, model_dir: str) -> str:
     lines.append(f"{name:24}{figures['auc_roc']:>9.3f}{figures['average_precision']:>10.3f}"
                  f"{figures['card_precision_at_100']:>8.3f}{figures['threshold']:>11.3f}"
                  f"{figures['precision_at_threshold']:>11.3f}{figures['recall_at_threshold']:>8.3f}")
+  if 'prequential' in meta:
+    prequential = meta['prequential']
+    tests = [fold['test'] for fold in prequential['folds']]
+    lines.append(f'prequential, {len(tests)} test ranges from {tests[-1]} to {tests[0]}, mean (standard deviation) '
+                 'of AUC ROC, average precision, CP@100:')
+    for name, key in (('keras network', 'model'), ('logistic baseline', 'baseline')):
+      lines.append(f'{name:24}' + ''.join(f"{figures['mean']:>9.3f} ({figures['std']:.3f})"
+                                          for figures in prequential[key].values()))
   blessing = meta['blessing']
   verdict = 'promoted: now current' if blessing['promoted'] else (
       'blessed, not promoted (--no-promote)' if blessing['blessed'] else 'refused: the champion stays current')
