@@ -31,6 +31,7 @@ setuptools.setup(
         'pandas==3.1.1',  # the simulator, warehouse query results
         'tensorflow==2.21.0',  # the trainer's Keras model, and scoring
         'scikit-learn==1.9.1',  # the baseline model and the evaluation metrics
+        'xgboost-cpu==3.2.0',  # the trainer's gradient-boosted trees (served as a Keras layer: trainer/trees.py)
         'matplotlib==3.11.2',  # the evaluation plots
     ],
     extras_require={

@@ -114,7 +114,7 @@ def main(argv=None):
           + (f' ({total_seconds:.0f} s for {weeks} weeks)' if weeks > 1 else '') + ' '
           f"({seconds / TARGET_SECONDS:.2f}x the {TARGET_SECONDS} s target; {seconds / baseline.seconds:.0f}x the "
           f"{baseline.seconds:.2f} s logistic-regression fit on the same rows); "
-          f"{'+'.join(map(str, result.metadata['model']['epochs_run']))} epochs")
+          f"{task.describe_fit(result.metadata['model'])}")
 
 
 if __name__ == '__main__':

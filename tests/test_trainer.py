@@ -11,11 +11,12 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
+import xgboost
 from sklearn.metrics import average_precision_score
 
 from kbml.warehouse import WarehouseError, open_warehouse
 from tests.scoring_models import publish_model
-from trainer import data, evaluate, model, retrain, task
+from trainer import data, evaluate, model, retrain, task, trees
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.features import FEATURE_NAMES, FEATURES_TABLE
 from transforms.records import LABELS_TABLE
@@ -68,6 +69,35 @@ def test_a_stored_ensemble_gives_the_very_same_scores_after_reload(warehouse, tm
   store.publish('v1', str(tmp_path / 'model.keras'), {'features': FEATURE_NAMES}, {})
 
   np.testing.assert_array_equal(model.predict(store.load_model('v1'), features), model.predict(network, features))
+
+
+def test_the_keras_trees_give_xgboosts_own_probabilities(warehouse):
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 20), datetime.date(2018, 5, 10),
+                                 FEATURE_NAMES)
+  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+  fit_rows = len(rows) * 3 // 4
+  booster = trees.fit(features[:fit_rows], targets[:fit_rows], features[fit_rows:], targets[fit_rows:],
+                      {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': 80}, seed=0)
+  served = trees.to_keras(booster, features[fit_rows:])
+  expected = booster.predict(xgboost.DMatrix(features.astype(np.float32)))
+  np.testing.assert_allclose(model.predict(served, features), expected, rtol=0, atol=2e-6)
+  assert len(np.unique(expected)) > 100, 'the trees must rank the rows, not give a few values'
+
+
+@pytest.mark.parametrize('family', ['trees', 'ensemble'])
+def test_a_tree_or_ensemble_version_scores_after_reload_as_it_was_evaluated(warehouse, tmp_path, family):
+  result = _train(warehouse, tmp_path, '--model-family', family, '--ensemble', '1', '--epochs', '3',
+                  '--max-trees', '60')
+  meta = result.metadata['model']
+  assert meta['family'] == family and 1 <= meta['trees'] <= 60
+  assert ('epochs_run' in meta) == (family == 'ensemble')
+  assert f'{meta["trees"]} trees of depth at most 6' in task.summary(result, str(tmp_path))
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), datetime.date(2018, 5, 19),
+                                 FEATURE_NAMES)
+  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 4, 29))).test
+  scores = model.predict(ModelStore(str(tmp_path)).load_model(result.version), data.feature_matrix(test, FEATURE_NAMES))
+  assert average_precision_score(data.labels(test), scores) == pytest.approx(
+      result.metadata['metrics']['average_precision'], abs=1e-9)
 
 
 def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_path):

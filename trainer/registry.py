@@ -181,12 +181,14 @@ class ModelStore:
     import tempfile
 
     import keras
+
+    from trainer.trees import TreeEnsemble
     data = self.verified_model_bytes(version)
     with tempfile.NamedTemporaryFile(suffix='.keras') as f:
       f.write(data)
       f.flush()
       try:
-        return keras.models.load_model(f.name)
+        return keras.models.load_model(f.name, custom_objects={'kbml>TreeEnsemble': TreeEnsemble})
       except Exception as e:  # noqa: BLE001 - Keras raises many kinds; all mean the same to a caller
         raise ModelStoreError(f'Model version {version} cannot be loaded: {e}') from e
 

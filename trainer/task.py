@@ -30,11 +30,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from kbml.local_stack import local_state_dir
 from kbml.warehouse import open_warehouse
-from trainer import data, evaluate, model, vertex
+from trainer import data, evaluate, model, trees, vertex
 from trainer.registry import ModelStore, new_version
 from transforms.features import FEATURE_NAMES, HANDBOOK_FEATURES
 
 FEATURE_SETS = ('all', 'handbook')
+# What a version's model is: Keras networks, gradient-boosted trees (served as a Keras layer), or the mean of both.
+MODEL_FAMILIES = ('keras', 'trees', 'ensemble')
 
 
 def default_model_dir() -> str:
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      'deviation of the test figures; the published model is the one of the named split '
                      '(default: %(default)s, the named split only).')
   fitting = parser.add_argument_group('Model')
+  fitting.add_argument('--model-family', choices=MODEL_FAMILIES, default='keras',
+                       help='keras: the mean of --ensemble networks; trees: gradient-boosted trees (XGBoost, '
+                       'served as a Keras layer); ensemble: the mean of both scores (default: %(default)s).')
   fitting.add_argument('--epochs', type=int, default=40, help='At most this many epochs (default: %(default)s).')
   fitting.add_argument('--patience', type=int, default=5, help='Stop after this many epochs without a better '
                        'validation average precision (default: %(default)s).')
@@ -91,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help='Networks fitted from different random starts; the model scores their mean (default: '
                        '%(default)s).')
   fitting.add_argument('--seed', type=int, default=0)
+  fitting.add_argument('--max-trees', type=int, default=trees.DEFAULT_TREE_PARAMS['n_estimators'],
+                       help='Trees: at most this many, fewer when the validation average precision stops improving '
+                       '(default: %(default)s).')
+  fitting.add_argument('--tree-depth', type=int, default=trees.DEFAULT_TREE_PARAMS['max_depth'],
+                       help='Trees: the deepest (default: %(default)s).')
+  fitting.add_argument('--tree-learning-rate', type=float, default=trees.DEFAULT_TREE_PARAMS['learning_rate'],
+                       help='Trees: the weight of each new tree (default: %(default)s).')
   store = parser.add_argument_group('Model store')
   store.add_argument('--model-dir', default=default_model_dir(),
                      help='The model store: a folder or gs:// prefix (default: .kbml/models).')
@@ -135,7 +147,7 @@ class Evaluation:
   """The recipe fitted on one split, and the test figures of it and of the logistic baseline."""
   network: object
   devices: List[str]
-  epochs_run: List[int]
+  fitted: Dict[str, object]  # what the fit found: epochs run per network, trees kept
   fit_seconds: float
   threshold: float
   validation_scores: np.ndarray
@@ -146,13 +158,13 @@ class Evaluation:
 
 
 def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> Evaluation:
-  """Fits the networks (early stopping on the validation split) and the baseline on the split's training rows,
-  chooses each one's threshold on the validation split, and tests both on its test range."""
+  """Fits the model family (early stopping on the validation split) and the baseline on the split's training
+  rows, chooses each one's threshold on the validation split, and tests both on its test range."""
   train_x, train_y = data.feature_matrix(split.train, feature_names), data.labels(split.train)
   validation_x, validation_y = data.feature_matrix(split.validation, feature_names), data.labels(split.validation)
   test_x = data.feature_matrix(split.test, feature_names)
   fit_started = time.monotonic()
-  network, devices, epochs_run = _fit_networks(args, train_x, train_y, validation_x, validation_y)
+  network, devices, fitted = _fit_model(args, train_x, train_y, validation_x, validation_y)
   fit_seconds = time.monotonic() - fit_started
   baseline = model.train_baseline(train_x, train_y, args.seed)
   validation_scores = model.predict(network, validation_x)
@@ -160,7 +172,7 @@ def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> E
   test_scores = model.predict(network, test_x)
   baseline_scores = baseline.predict_proba(test_x)[:, 1]
   baseline_threshold = evaluate.choose_threshold(validation_y, baseline.predict_proba(validation_x)[:, 1])
-  return Evaluation(network, devices, epochs_run, fit_seconds, threshold, validation_scores, test_scores,
+  return Evaluation(network, devices, fitted, fit_seconds, threshold, validation_scores, test_scores,
                     evaluate.test_metrics(split.test, test_scores, threshold), baseline_scores,
                     evaluate.test_metrics(split.test, baseline_scores, baseline_threshold))
 
@@ -212,9 +224,8 @@ def train(args) -> Result:
   version = new_version()
   metadata = {
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'model': {'kind': 'keras', 'name': network.name, 'hidden_units': args.hidden_units, 'ensemble': args.ensemble,
-                'fraud_weight': args.fraud_weight, 'epochs_run': evaluation.epochs_run,
-                'fit_seconds': round(evaluation.fit_seconds, 1), 'devices': evaluation.devices},
+      'model': {'kind': 'keras', 'family': args.model_family, 'name': network.name, **_family_parameters(args),
+                **evaluation.fitted, 'fit_seconds': round(evaluation.fit_seconds, 1), 'devices': evaluation.devices},
       'training': {'warehouse': warehouse.url, 'features_table': args.features_table,
                    'labels_table': args.labels_table, **protocol.describe(),
                    'rows': {'train': len(split.train), 'validation': len(split.validation), 'test': len(split.test)},
@@ -251,6 +262,31 @@ def train(args) -> Result:
     store.update_metadata(version, blessing={**decision, 'promoted': False, 'reason': (
         f'{decision["reason"]}; not promoted: version {store.current()} went in service while this one trained')})
   return Result(version, store.metadata(version), promoted)
+
+
+def _family_parameters(args) -> Dict[str, object]:
+  """The settings of the chosen model family, for the metadata."""
+  networks = {'hidden_units': args.hidden_units, 'ensemble': args.ensemble, 'fraud_weight': args.fraud_weight}
+  boosted = {'max_trees': args.max_trees, 'tree_depth': args.tree_depth, 'tree_learning_rate': args.tree_learning_rate}
+  return {'keras': networks, 'trees': boosted, 'ensemble': {**networks, **boosted}}[args.model_family]
+
+
+def _fit_model(args, train_x, train_y, validation_x, validation_y):
+  """Fits the chosen model family; returns its Keras model, the devices, and what the fit found."""
+  fitted, parts = {}, []
+  devices = []
+  if args.model_family in ('keras', 'ensemble'):
+    networks, devices, fitted['epochs_run'] = _fit_networks(args, train_x, train_y, validation_x, validation_y)
+    parts.append(networks)
+  if args.model_family in ('trees', 'ensemble'):
+    params = {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': args.max_trees, 'max_depth': args.tree_depth,
+              'learning_rate': args.tree_learning_rate}
+    booster = trees.fit(train_x, train_y, validation_x, validation_y, params, args.seed)
+    fitted['trees'] = booster.num_boosted_rounds()
+    print(f'boosted {fitted["trees"]} trees of depth at most {args.tree_depth} (XGBoost, CPU)', flush=True)
+    parts.append(trees.to_keras(booster, validation_x))
+    devices = devices or ['CPU (XGBoost)']
+  return model.average(parts), devices, fitted
 
 
 def _fit_networks(args, train_x, train_y, validation_x, validation_y):
@@ -304,22 +340,31 @@ def bless(candidate_ap: float, champion: Optional[str], champion_scores: Optiona
                     f'{tolerance} on the same test rows'}
 
 
+def describe_fit(model_metadata: Dict[str, object]) -> str:
+  """What was fitted, how long it took and where, from a version's ``model`` metadata."""
+  parts = []
+  if 'epochs_run' in model_metadata:
+    parts.append(f"{model_metadata['ensemble']} network(s), {'+'.join(map(str, model_metadata['epochs_run']))} "
+                 'epochs')
+  if 'trees' in model_metadata:
+    parts.append(f"{model_metadata['trees']} trees of depth at most {model_metadata['tree_depth']}")
+  return (f"{' and '.join(parts)} in {model_metadata['fit_seconds']} s on "
+          f"{', '.join(model_metadata['devices'])}")
+
+
 def summary(result: Result, model_dir: str) -> str:
   """The end-of-run report, for people."""
   meta = result.metadata
   metrics, baseline = meta['metrics'], meta['baseline']['metrics']
   training = meta['training']
   lines = [
-      f"model {result.version}: {meta['model']['ensemble']} network(s), "
-      f"{'+'.join(map(str, meta['model']['epochs_run']))} epochs in {meta['model']['fit_seconds']} s on "
-      f"{', '.join(meta['model']['devices'])}; "
-      f"{len(meta['features'])} features",
+      f"model {result.version}: {describe_fit(meta['model'])}; {len(meta['features'])} features",
       f"train {training['train']} ({training['rows']['train']:,} rows), validation {training['validation']}, "
       f"delay {training['delay_days']} days, test {training['test']}: {metrics['transactions']:,} transactions, "
       f"{metrics['frauds']:,} frauds (cards already known to be compromised left out)",
       f"{'':24}{'AUC ROC':>9}{'avg prec':>10}{'CP@100':>8}{'threshold':>11}{'precision':>11}{'recall':>8}",
   ]
-  for name, figures in (('keras network', metrics), ('logistic baseline', baseline)):
+  for name, figures in ((f"{meta['model']['family']} model", metrics), ('logistic baseline', baseline)):
     lines.append(f"{name:24}{figures['auc_roc']:>9.3f}{figures['average_precision']:>10.3f}"
                  f"{figures['card_precision_at_100']:>8.3f}{figures['threshold']:>11.3f}"
                  f"{figures['precision_at_threshold']:>11.3f}{figures['recall_at_threshold']:>8.3f}")
@@ -328,7 +373,7 @@ def summary(result: Result, model_dir: str) -> str:
     tests = [fold['test'] for fold in prequential['folds']]
     lines.append(f'prequential, {len(tests)} test ranges from {tests[-1]} to {tests[0]}, mean (standard deviation) '
                  'of AUC ROC, average precision, CP@100:')
-    for name, key in (('keras network', 'model'), ('logistic baseline', 'baseline')):
+    for name, key in ((f"{meta['model']['family']} model", 'model'), ('logistic baseline', 'baseline')):
       lines.append(f'{name:24}' + ''.join(f"{figures['mean']:>9.3f} ({figures['std']:.3f})"
                                           for figures in prequential[key].values()))
   blessing = meta['blessing']
