@@ -5,21 +5,29 @@ import tempfile
 
 import numpy as np
 
+from trainer import trees
 from trainer.model import average, build_model
 from trainer.registry import ModelStore, new_version
 from transforms.features import FEATURE_NAMES
 
 
 def publish_model(model_dir: str, seed: int = 0, threshold: float = 0.5, promote: bool = True,
-                  hidden_units=(8,), ensemble: int = 1) -> str:
-  """Publishes (and promotes) an untrained model over all features, the mean of ``ensemble`` networks.
+                  hidden_units=(8,), ensemble: int = 1, with_trees: bool = False) -> str:
+  """Publishes (and promotes) an untrained model over all features, the mean of ``ensemble`` networks (and,
+  ``with_trees``, of gradient-boosted trees: the ensemble family).
 
-  Its normalisation is fitted on random rows: the scores are arbitrary but real model outputs, and inference
-  costs what a trained model of the same shape costs.
+  Its normalisation is fitted on random rows, and the trees on random rows and labels: the scores are arbitrary
+  but real model outputs, and inference costs what a trained model of the same shape costs.
   """
   rng = np.random.default_rng(seed)
   statistics = rng.normal(size=(64, len(FEATURE_NAMES))).astype(np.float32)
-  network = average([build_model(statistics, hidden_units, seed=seed + i) for i in range(ensemble)])
+  members = [build_model(statistics, hidden_units, seed=seed + i) for i in range(ensemble)]
+  if with_trees:
+    rows = rng.normal(size=(2_000, len(FEATURE_NAMES))).astype(np.float32)
+    labels = (rows[:, 0] + rng.normal(size=len(rows)) > 1.5).astype(int)
+    booster = trees.fit(rows, labels, rows, labels, {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': 50}, seed)
+    members.append(trees.to_keras(booster, rows))
+  network = average(members)
   store = ModelStore(model_dir)
   version = new_version()
   with tempfile.TemporaryDirectory() as folder:

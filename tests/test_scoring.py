@@ -145,10 +145,11 @@ def _all_scored(ids):
 
 
 def test_a_promoted_model_scores_within_5_seconds_and_no_transaction_is_missed(stream):
+  # From networks to the ensemble family (networks and gradient-boosted trees), as a retrain can promote.
   predictions = _start_scoring(stream)
   producing = _produce_in_background(stream, stream['live'][200:])
   time.sleep(3)
-  second_version = publish_model(stream['model_dir'], seed=2, promote=False)
+  second_version = publish_model(stream['model_dir'], seed=2, promote=False, with_trees=True)
   promotion = ModelStore(stream['model_dir']).promote(second_version)
   producing.join()
   live_ids = _transaction_ids(stream['live'])
