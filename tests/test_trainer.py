@@ -101,10 +101,12 @@ def test_a_tree_or_ensemble_version_scores_after_reload_as_it_was_evaluated(ware
 
 
 def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_path):
-  untrained = ('--learning-rate', '0', '--epochs', '1')  # the random initial network: a poor model
+  # Across families: the default ensemble (networks and trees) against an untrained network.
+  untrained = ('--model-family', 'keras', '--learning-rate', '0', '--epochs', '1')  # the random initial network
   first = _train(warehouse, tmp_path, '--ensemble', '1', *untrained)
   better = _train(warehouse, tmp_path, '--ensemble', '1')
   worse = _train(warehouse, tmp_path, '--ensemble', '1', *untrained, '--seed', '1')
+  assert (first.metadata['model']['family'], better.metadata['model']['family']) == ('keras', 'ensemble')
 
   store = ModelStore(str(tmp_path))
   assert first.promoted

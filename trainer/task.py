@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                      'deviation of the test figures; the published model is the one of the named split '
                      '(default: %(default)s, the named split only).')
   fitting = parser.add_argument_group('Model')
-  fitting.add_argument('--model-family', choices=MODEL_FAMILIES, default='keras',
+  fitting.add_argument('--model-family', choices=MODEL_FAMILIES, default='ensemble',
                        help='keras: the mean of --ensemble networks; trees: gradient-boosted trees (XGBoost, '
-                       'served as a Keras layer); ensemble: the mean of both scores (default: %(default)s).')
+                       'served as a Keras layer); ensemble: the mean of both scores, the default: the best of the '
+                       'three on the weeks before the handbook\'s test week (BENCHMARKS.md).')
   fitting.add_argument('--epochs', type=int, default=40, help='At most this many epochs (default: %(default)s).')
   fitting.add_argument('--patience', type=int, default=5, help='Stop after this many epochs without a better '
                        'validation average precision (default: %(default)s).')
