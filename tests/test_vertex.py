@@ -74,7 +74,8 @@ def test_a_prebuilt_image_installs_the_uploaded_package_and_runs_the_module():
   assert re.fullmatch(r'gs://my-bucket/kbml/packages/kbml-test/kafka_beam_ml-[\w.]+\.tar\.gz', package_uri)
 
 
-def test_defaults_are_one_t4_on_n1_standard_8_and_vertex_options_never_reach_the_job():
+def test_defaults_are_one_t4_on_n1_standard_8_and_vertex_options_never_reach_the_job(monkeypatch):
+  monkeypatch.delenv('GOOGLE_CLOUD_PROJECT', raising=False)  # the default project, which the image names
   spec = vertex.custom_job_spec(parse(['--vertex']), ['--epochs', '1', '--vertex', '--dry-run', '--region', 'x'])
   pool = worker_pool(spec)
   assert pool['machine_spec'] == {'machine_type': 'n1-standard-8', 'accelerator_type': 'NVIDIA_TESLA_T4',
