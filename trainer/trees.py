@@ -71,17 +71,6 @@ def _complete_trees(booster) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
   return features, splits, leaves, levels
 
 
-def _walk(features: np.ndarray, splits: np.ndarray, leaves: np.ndarray, levels: int, rows: np.ndarray) -> np.ndarray:
-  """The sum of the leaf values each row reaches (NumPy, as the layer computes it)."""
-  rows = rows.astype(np.float32)
-  trees = np.arange(features.shape[0])
-  position = np.zeros((len(rows), len(trees)), np.int64)
-  for _ in range(levels):
-    values = np.take_along_axis(rows, features[trees, position], axis=1)
-    position = 2 * position + 1 + (values >= splits[trees, position])
-  return leaves[trees, position - (2 ** levels - 1)].sum(axis=1)
-
-
 def to_keras(booster, check_rows: np.ndarray, name: str = 'fraud_trees'):
   """A Keras model whose output is the booster's fraud probability.
 
@@ -90,14 +79,17 @@ def to_keras(booster, check_rows: np.ndarray, name: str = 'fraud_trees'):
   """
   import xgboost
   features, splits, leaves, levels = _complete_trees(booster)
-  margins = booster.predict(xgboost.DMatrix(check_rows.astype(np.float32)), output_margin=True)
-  base_margin = float(np.median(margins - _walk(features, splits, leaves, levels, check_rows)))
+  rows = check_rows.astype(np.float32)
+  margins = booster.predict(xgboost.DMatrix(rows), output_margin=True)
   inputs = keras.Input(shape=(check_rows.shape[1],), name='features')
   layer = TreeEnsemble(features.shape[0], levels, name='trees')
   score = keras.layers.Activation('sigmoid', name='fraud_probability')(layer(inputs))
   model = keras.Model(inputs, score, name=name)
+  # The booster's base margin is what its margins add to the leaves the rows reach.
+  layer.set_weights([features, splits, leaves, np.float32([0.0])])
+  base_margin = np.median(margins - np.asarray(layer(rows)).reshape(-1))
   layer.set_weights([features, splits, leaves, np.float32([base_margin])])
-  walked = np.asarray(layer(check_rows.astype(np.float32))).reshape(-1)
+  walked = np.asarray(layer(rows)).reshape(-1)
   worst = float(np.max(np.abs(walked - margins))) if len(margins) else 0.0
   if worst > 1e-4 * max(1.0, float(np.max(np.abs(margins)))):
     raise ValueError(f'the Keras trees differ from XGBoost by up to {worst:.2e} in margin')
