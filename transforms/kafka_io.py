@@ -201,6 +201,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
     self._failed_commits = {}  # (topic, partition) -> the newest offset whose commit failed, to try again
     self._admin = None
     self._stream_time = (-math.inf, None)  # (when looked up, the newest record time of the topics read, in ms)
+    self._broker_tells_stream_time = True  # False once the broker refused the look-up (no MAX_TIMESTAMP)
 
   def start_bundle(self):
     group = self._spec.align_group
@@ -261,7 +262,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
   def _advance_idle_watermark(self, key: Tuple[str, int], watermark_estimator):
     """Moves a caught-up, quiet partition's watermark up to the stream's time (see _IDLE_WATERMARK_AFTER_S)."""
     now = time.monotonic()
-    if now - self._last_record_at.get(key, now) < _IDLE_WATERMARK_AFTER_S or self._admin is False:
+    if now - self._last_record_at.get(key, now) < _IDLE_WATERMARK_AFTER_S or not self._broker_tells_stream_time:
       return
     looked_up_at, newest_ms = self._stream_time
     if now - looked_up_at >= _IDLE_WATERMARK_LOOKUP_S:
@@ -274,7 +275,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
           return  # the broker is away: looked up again at the next quiet read
         _LOG.warning('the broker cannot tell the newest record time (%s): an idle partition of %s holds the '
                      'watermark back', e.args[0], ', '.join(self._spec.topics))
-        self._admin = False
+        self._broker_tells_stream_time = False
         return
       except KafkaUnreachableError:
         return
