@@ -21,7 +21,7 @@ from bench.common import Timer, local_broker
 from kbml import simulator
 from kbml.warehouse import open_warehouse
 from pipelines import ingest
-from trainer import data, model, task
+from trainer import data, evaluate, model, task
 from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES, HANDBOOK_FEATURES
 
@@ -127,8 +127,7 @@ def main(argv=None):
       print(f'{"published: " + name + " (ch.7)":46}{auc:>15.3f}{ap:>15.3f}{cp:>15.3f}')
     for family, prequential in prequential_runs:
       for name, key in ((f'{family}, 23 features', 'model'), ('logistic baseline, 23 features', 'baseline')):
-        print(f"{'ours: ' + name:46}" + ''.join(f"{figures['mean']:>7.3f} ({figures['std']:.3f})"
-                                                 for figures in prequential[key].values()))
+        print(f"{'ours: ' + name:46}" + evaluate.mean_and_spread_text(prequential[key]))
         print(f"{'':46}per week: " + ', '.join(f"{fold[key]['average_precision']:.3f}"
                                                for fold in prequential['folds']) + ' (average precision)')
   for (_, family), (result, total_seconds, _) in results.items():

@@ -96,6 +96,11 @@ def mean_and_spread(fold_metrics: List[Mapping[str, object]]) -> Dict[str, Dict[
                  'std': float(np.std([m[name] for m in fold_metrics]))} for name in SUMMARIZED_METRICS}
 
 
+def mean_and_spread_text(summary: Mapping[str, Mapping[str, float]]) -> str:
+  """A :func:`mean_and_spread` result as text: each metric's mean (standard deviation), in columns of 15."""
+  return ''.join(f"{figures['mean']:>7.3f} ({figures['std']:.3f})" for figures in summary.values())
+
+
 @dataclasses.dataclass
 class Split:
   train: 'pandas.DataFrame'

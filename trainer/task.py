@@ -375,8 +375,7 @@ def summary(result: Result, model_dir: str) -> str:
     lines.append(f'prequential, {len(tests)} test ranges from {tests[-1]} to {tests[0]}, mean (standard deviation) '
                  'of AUC ROC, average precision, CP@100:')
     for name, key in ((f"{meta['model']['family']} model", 'model'), ('logistic baseline', 'baseline')):
-      lines.append(f'{name:24}' + ''.join(f"{figures['mean']:>9.3f} ({figures['std']:.3f})"
-                                          for figures in prequential[key].values()))
+      lines.append(f'{name:24}' + evaluate.mean_and_spread_text(prequential[key]))
   blessing = meta['blessing']
   verdict = 'promoted: now current' if blessing['promoted'] else (
       'blessed, not promoted (--no-promote)' if blessing['blessed'] else 'refused: the champion stays current')
