@@ -21,6 +21,7 @@ what was read but not written is read again at the next start (delivery is
 at least once).
 """
 
+import atexit
 import logging
 import os
 import select
@@ -34,7 +35,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEFAULT_GRACE_S = 5.0
 
 _installed = False
-_interrupted = False
+_interrupted = None  # the stop signal that raised the KeyboardInterrupt
+_announce_lock = threading.Lock()
+_announced = False
 
 
 def stop_on_signals(grace_s: float = DEFAULT_GRACE_S):
@@ -58,22 +61,39 @@ def stop_on_signals(grace_s: float = DEFAULT_GRACE_S):
   for signum in STOP_SIGNALS:
     signal.signal(signum, _interrupt_once)
   threading.Thread(target=_end_after_grace, args=(read_fd, grace_s), name='stop-on-signals', daemon=True).start()
+  # A main thread that ends at once on the KeyboardInterrupt can beat the watchdog to its log line.
+  atexit.register(_announce_at_exit, grace_s)
   _installed = True
 
 
 def _interrupt_once(signum, frame):
   """The graceful try: KeyboardInterrupt in the main thread, once (a second one would only break the clean-up)."""
   global _interrupted
-  if not _interrupted:
-    _interrupted = True
+  if _interrupted is None:
+    _interrupted = signum
     raise KeyboardInterrupt
+
+
+def _announce(signum: int, grace_s: float):
+  """Logs the stop signal, once: from the watchdog, or at exit if the main thread got there first."""
+  global _announced
+  with _announce_lock:
+    if _announced:
+      return
+    _announced = True
+  _LOG.warning('%s: stopping (a second one stops at once; in %g s the process is ended)',
+               signal.Signals(signum).name, grace_s)
+
+
+def _announce_at_exit(grace_s: float):
+  if _interrupted is not None:
+    _announce(_interrupted, grace_s)
 
 
 def _end_after_grace(read_fd: int, grace_s: float):
   """The watchdog: waits for a stop signal, then for the process to end by itself, ``grace_s`` at most."""
   signum = _next_stop_signal(read_fd, None)
-  _LOG.warning('%s: stopping (a second one stops at once; in %g s the process is ended)',
-                  signal.Signals(signum).name, grace_s)
+  _announce(signum, grace_s)
   again = _next_stop_signal(read_fd, grace_s)
   if again is not None:
     _LOG.warning('%s again: ending the process now', signal.Signals(again).name)
