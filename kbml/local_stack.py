@@ -302,7 +302,9 @@ class LocalStack:
            f'-Dlog4j2.configurationFile={logging_settings}', '-cp', os.path.join(libs, '*')]
     if not os.path.exists(os.path.join(log_dir, 'meta.properties')):
       cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip('=')
-      formatted = subprocess.run([*jvm, 'kafka.tools.StorageTool', 'format', '-t', cluster_id, '-c', settings],
+      # One form with '=': a base64 id may begin with '-', which the tool would read as an option.
+      formatted = subprocess.run([*jvm, 'kafka.tools.StorageTool', 'format', f'--cluster-id={cluster_id}',
+                                  f'--config={settings}'],
                                  capture_output=True, text=True, cwd=self.state_dir)
       if formatted.returncode:
         raise LocalStackError(f'Apache Kafka could not format its log folder {log_dir}: {formatted.stdout[-500:]}'

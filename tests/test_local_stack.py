@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -39,6 +40,20 @@ def test_up_twice_is_harmless_and_status_shows_offsets(tmp_path, broker):
   finally:
     assert stack.down(grace_s=0)
   assert not stack.status().running and not stack.down()
+
+
+def test_apache_kafka_formats_its_log_folder_with_a_cluster_id_that_begins_with_a_dash(tmp_path, monkeypatch):
+  # One random id in 64 begins with '-' (URL-safe base64 of a byte from 0xf8); the storage tool once took it for an
+  # option and the broker could not start.
+  monkeypatch.setattr(uuid, 'uuid4', lambda: uuid.UUID(bytes=b'\xf8' + bytes(15)))
+  stack = LocalStack(str(tmp_path), broker=APACHE_KAFKA)
+  try:
+    stack.up(port=0, timeout_s=30)
+    assert stack.status().reachable
+  finally:
+    stack.down(grace_s=0)
+  with open(tmp_path / 'kafka-logs' / 'meta.properties', encoding='utf-8') as f:
+    assert 'cluster.id=-' in f.read()
 
 
 def test_apache_kafka_starts_within_30_s_and_keeps_records_and_group_offsets_across_down_and_up(tmp_path):
