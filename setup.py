@@ -32,6 +32,7 @@ setuptools.setup(
         'tensorflow==2.21.0',  # the trainer's Keras model, and scoring
         'scikit-learn==1.9.1',  # the baseline model and the evaluation metrics
         'xgboost-cpu==3.2.0',  # the trainer's gradient-boosted trees (served as a Keras layer: trainer/trees.py)
+        'optuna==5.1.0',  # the trainer's search of model settings on validation weeks (trainer/tune.py)
         'matplotlib==3.11.2',  # the evaluation plots
     ],
     extras_require={

@@ -73,8 +73,9 @@ def main(argv=None):
   parser.add_argument('--days', type=int, default=simulator.SimulationConfig().days,
                       help='Simulated days (default: the standard run\'s %(default)s; 136 reach the test week\'s end).')
   parser.add_argument('--families', default='keras',
-                      help='Model families trained on the 23 features, comma-separated (keras, trees, ensemble; '
-                      'default: %(default)s); the 15 handbook features are trained with keras.')
+                      help='Model families trained on the 23 features, comma-separated (each a --model-family of '
+                      '`kbml train`: keras, trees, forest or several joined with "+"; default: %(default)s); the 15 '
+                      'handbook features are trained with keras.')
   parser.add_argument('--prequential-folds', type=int, default=1,
                       help='Also test each family on this many weeks in all, ending with the test week, and print '
                       'the mean and standard deviation (default: %(default)s, the test week only).')

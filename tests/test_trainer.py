@@ -78,20 +78,48 @@ def test_the_keras_trees_give_xgboosts_own_probabilities(warehouse):
   fit_rows = len(rows) * 3 // 4
   booster = trees.fit(features[:fit_rows], targets[:fit_rows], features[fit_rows:], targets[fit_rows:],
                       {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': 80}, seed=0)
-  served = trees.to_keras(booster, features[fit_rows:])
+  served = trees.boosted_to_keras(booster, features[fit_rows:])
   expected = booster.predict(xgboost.DMatrix(features.astype(np.float32)))
   np.testing.assert_allclose(model.predict(served, features), expected, rtol=0, atol=2e-6)
   assert len(np.unique(expected)) > 100, 'the trees must rank the rows, not give a few values'
 
 
-@pytest.mark.parametrize('family', ['trees', 'ensemble'])
-def test_a_tree_or_ensemble_version_scores_after_reload_as_it_was_evaluated(warehouse, tmp_path, family):
+def test_the_keras_forest_gives_scikit_learns_own_probabilities(warehouse):
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 20), datetime.date(2018, 5, 10),
+                                 FEATURE_NAMES)
+  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+  fit_rows = len(rows) * 3 // 4
+  forest = trees.fit_forest(features[:fit_rows], targets[:fit_rows], trees=30, depth=8, seed=0)
+  served = trees.forest_to_keras(forest, features[fit_rows:])
+  expected = forest.predict_proba(features)[:, 1]
+  # Exact splits: a row whose feature equals a threshold goes where scikit-learn sends it.
+  np.testing.assert_allclose(model.predict(served, features), expected, rtol=0, atol=2e-6)
+  assert len(np.unique(expected)) > 100, 'the forest must rank the rows, not give a few values'
+
+
+def test_model_families_join_with_a_plus_and_the_old_ensemble_name_is_kept():
+  parse = task.build_parser().parse_args
+  assert parse([]).model_family == task.DEFAULT_MODEL_FAMILY == 'keras+trees+forest'
+  assert parse(['--model-family', 'ensemble']).model_family == 'keras+trees'
+  assert parse(['--model-family', 'forest+keras']).model_family == 'forest+keras'
+  for wrong in ('forest+forest', 'bagging', 'keras+'):
+    with pytest.raises(SystemExit):
+      parse(['--model-family', wrong])
+
+
+@pytest.mark.parametrize('family', ['trees', 'forest', 'keras+trees+forest'])
+def test_a_tree_forest_or_ensemble_version_scores_after_reload_as_it_was_evaluated(warehouse, tmp_path, family):
   result = _train(warehouse, tmp_path, '--model-family', family, '--ensemble', '1', '--epochs', '3',
-                  '--max-trees', '60')
+                  '--max-trees', '60', '--forest-trees', '20')
   meta = result.metadata['model']
-  assert meta['family'] == family and 1 <= meta['trees'] <= 60
-  assert ('epochs_run' in meta) == (family == 'ensemble')
-  assert f'{meta["trees"]} trees of depth at most 6' in task.summary(result, str(tmp_path))
+  assert meta['family'] == family
+  assert ('epochs_run' in meta) == ('keras' in family)
+  if 'trees' in family:
+    assert 1 <= meta['trees'] <= 60
+    assert f'{meta["trees"]} boosted trees of depth at most 6' in task.summary(result, str(tmp_path))
+  if 'forest' in family:
+    assert meta['forest_trees'] == 20 and 'a forest of 20 trees of depth at most 10' in task.summary(
+        result, str(tmp_path))
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), datetime.date(2018, 5, 19),
                                  FEATURE_NAMES)
   test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 4, 29))).test
@@ -101,12 +129,12 @@ def test_a_tree_or_ensemble_version_scores_after_reload_as_it_was_evaluated(ware
 
 
 def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_path):
-  # Across families: the default ensemble (networks and trees) against an untrained network.
+  # Across families: the default (networks, boosted trees and a forest) against an untrained network.
   untrained = ('--model-family', 'keras', '--learning-rate', '0', '--epochs', '1')  # the random initial network
   first = _train(warehouse, tmp_path, '--ensemble', '1', *untrained)
   better = _train(warehouse, tmp_path, '--ensemble', '1')
   worse = _train(warehouse, tmp_path, '--ensemble', '1', *untrained, '--seed', '1')
-  assert (first.metadata['model']['family'], better.metadata['model']['family']) == ('keras', 'ensemble')
+  assert (first.metadata['model']['family'], better.metadata['model']['family']) == ('keras', 'keras+trees+forest')
 
   store = ModelStore(str(tmp_path))
   assert first.promoted
@@ -328,3 +356,57 @@ def test_a_retrain_does_not_replace_a_version_promoted_while_it_trained(warehous
   assert blessing['champion'] == champion and not blessing['promoted']
   assert f'version {by_hand} was put in service' in blessing['reason']
   assert store.current() == by_hand and [p.version for p in store.promotions()] == [champion, by_hand]
+
+
+def test_a_prequential_gate_compares_the_folds_whose_test_range_the_champion_did_not_train_on(warehouse, tmp_path):
+  champion = _train(warehouse, tmp_path, '--model-family', 'trees')  # trained 04-29..05-05
+  candidate = _train(warehouse, tmp_path, '--model-family', 'trees', '--tree-depth', '3', '--prequential-folds', '3',
+                     '--gate', 'prequential')
+
+  blessing = candidate.metadata['blessing']
+  assert blessing['champion'] == champion.version
+  # The third fold tests on 04-29..05-05, the champion's training range: left out.
+  assert blessing['compared_tests'] == ['2018-05-13..2018-05-19', '2018-05-06..2018-05-12']
+  folds = candidate.metadata['prequential']['folds'][:2]
+  assert blessing['candidate_average_precision'] == pytest.approx(
+      np.mean([fold['model']['average_precision'] for fold in folds]))
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 22), datetime.date(2018, 5, 19),
+                                 FEATURE_NAMES)
+  served = ModelStore(str(tmp_path)).load_model(champion.version)
+  champion_aps = []
+  for train_start in (datetime.date(2018, 4, 29), datetime.date(2018, 4, 22)):
+    test = evaluate.split(rows, evaluate.Protocol(train_start)).test
+    champion_aps.append(average_precision_score(data.labels(test),
+                                                model.predict(served, data.feature_matrix(test, FEATURE_NAMES))))
+  assert blessing['champion_average_precision'] == pytest.approx(np.mean(champion_aps))
+  assert 'test rows of 2 prequential folds (mean)' in blessing['reason']
+  with pytest.raises(ValueError, match='--prequential-folds 2 or more'):
+    _train(warehouse, tmp_path, '--gate', 'prequential')
+
+
+def test_tuning_searches_on_validation_weeks_and_never_on_the_test_range(warehouse, tmp_path):
+  # The same search on a copy of the warehouse whose test-range labels are all flipped: any look at the test range
+  # would change a trial's figure or the settings chosen.
+  flipped = tmp_path / 'flipped.duckdb'
+  with open(warehouse.removeprefix('duckdb://'), 'rb') as source, open(flipped, 'wb') as copy:
+    copy.write(source.read())
+  import duckdb
+  with duckdb.connect(str(flipped)) as connection:
+    connection.execute("UPDATE labels SET is_fraud = 1 - is_fraud WHERE tx_datetime >= TIMESTAMP '2018-05-13'")
+  tuning = ('--model-family', 'trees', '--tune-trials', '4', '--tune-weeks', '2', '--max-trees', '40')
+  results = [_train(url, tmp_path / name, *tuning) for url, name in ((warehouse, 'kept'),
+                                                                     (f'duckdb://{flipped}', 'flipped'))]
+
+  kept, flipped_result = (result.metadata for result in results)
+  assert kept['tuning'] == {**flipped_result['tuning'], 'families': [
+      {**found, 'seconds': kept_found['seconds']}
+      for found, kept_found in zip(flipped_result['tuning']['families'], kept['tuning']['families'], strict=True)]}
+  assert kept['metrics']['average_precision'] != flipped_result['metrics']['average_precision']
+  assert kept['tuning']['validation_tests'] == ['2018-04-29..2018-05-05', '2018-04-22..2018-04-28']
+  found, = kept['tuning']['families']
+  assert found['family'] == 'trees' and found['trials'] == 4
+  assert found['given'] == {'tree_depth': 6, 'tree_learning_rate': 0.05}
+  assert found['best_average_precision'] >= found['given_average_precision']
+  assert kept['model']['tree_depth'] == found['best']['tree_depth']
+  assert 'tuned on validation tests 2018-04-29..2018-05-05, 2018-04-22..2018-04-28' in task.summary(
+      results[0], str(tmp_path / 'kept'))

@@ -19,24 +19,31 @@ Examples::
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from kbml.local_stack import local_state_dir
 from kbml.warehouse import open_warehouse
-from trainer import data, evaluate, model, trees, vertex
+from trainer import data, evaluate, model, trees, tune, vertex
 from trainer.registry import ModelStore, new_version
 from transforms.features import FEATURE_NAMES, HANDBOOK_FEATURES
 
 FEATURE_SETS = ('all', 'handbook')
-# What a version's model is: Keras networks, gradient-boosted trees (served as a Keras layer), or the mean of both.
-MODEL_FAMILIES = ('keras', 'trees', 'ensemble')
+# What a version's model is: one family, or several joined with '+' whose scores it averages. keras: networks;
+# trees: gradient-boosted trees; forest: a random forest (the trees served as a Keras layer).
+MODEL_FAMILIES = ('keras', 'trees', 'forest')
+# Earlier names, still taken.
+MODEL_FAMILY_ALIASES = {'ensemble': 'keras+trees'}
+# The best on the three weeks before the handbook's test week (BENCHMARKS.md).
+DEFAULT_MODEL_FAMILY = 'keras+trees+forest'
+GATES = ('test', 'prequential')
 
 
 def default_model_dir() -> str:
@@ -48,6 +55,18 @@ def _date(text: str) -> datetime.date:
     return datetime.date.fromisoformat(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f'expected a date YYYY-MM-DD, got {text!r}') from None
+
+
+def model_family(text: str) -> str:
+  """A --model-family value: families of MODEL_FAMILIES joined with '+', each once, or an alias."""
+  text = MODEL_FAMILY_ALIASES.get(text, text)
+  families = text.split('+')
+  unknown = [family for family in families if family not in MODEL_FAMILIES]
+  if unknown or len(set(families)) < len(families):
+    raise argparse.ArgumentTypeError(
+        f'expected one or more of {", ".join(MODEL_FAMILIES)}, each once, joined with "+" (for example '
+        f'{DEFAULT_MODEL_FAMILY}), got {text!r}')
+  return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                      'deviation of the test figures; the published model is the one of the named split '
                      '(default: %(default)s, the named split only).')
   fitting = parser.add_argument_group('Model')
-  fitting.add_argument('--model-family', choices=MODEL_FAMILIES, default='ensemble',
-                       help='keras: the mean of --ensemble networks; trees: gradient-boosted trees (XGBoost, '
-                       'served as a Keras layer); ensemble: the mean of both scores, the default: the best of the '
-                       'three on the weeks before the handbook\'s test week (BENCHMARKS.md).')
+  fitting.add_argument('--model-family', type=model_family, default=DEFAULT_MODEL_FAMILY,
+                       help='keras: the mean of --ensemble networks; trees: gradient-boosted trees (XGBoost); '
+                       'forest: a random forest (scikit-learn); trees and forests are served as a Keras layer. '
+                       'Several joined with "+" score the mean of their scores (ensemble: keras+trees). Default: '
+                       '%(default)s, the best on the weeks before the handbook\'s test week (BENCHMARKS.md).')
   fitting.add_argument('--epochs', type=int, default=40, help='At most this many epochs (default: %(default)s).')
   fitting.add_argument('--patience', type=int, default=5, help='Stop after this many epochs without a better '
                        'validation average precision (default: %(default)s).')
@@ -104,12 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help='Trees: the deepest (default: %(default)s).')
   fitting.add_argument('--tree-learning-rate', type=float, default=trees.DEFAULT_TREE_PARAMS['learning_rate'],
                        help='Trees: the weight of each new tree (default: %(default)s).')
+  fitting.add_argument('--forest-trees', type=int, default=trees.DEFAULT_FOREST_TREES,
+                       help='Forest: its number of trees (default: %(default)s).')
+  fitting.add_argument('--forest-depth', type=int, default=trees.DEFAULT_FOREST_DEPTH,
+                       help='Forest: the deepest a tree grows (default: %(default)s).')
+  tuning = parser.add_argument_group('Tuning (trainer/tune.py)')
+  tuning.add_argument('--tune-trials', type=int, default=0,
+                      help='Before the final fit, search each model family\'s settings with at most this many trials '
+                      'on validation weeks (the test range is never used); the given settings are the first trial '
+                      '(default: %(default)s, no search).')
+  tuning.add_argument('--tune-seconds', type=float, default=0,
+                      help='Start no trial after this many seconds of a family\'s search (alone: trials until then; '
+                      'default: %(default)s, no limit).')
+  tuning.add_argument('--tune-weeks', type=int, default=tune.DEFAULT_TUNE_WEEKS,
+                      help='Validation splits a trial fits and tests on: the first tests on the training range, '
+                      'each further one a test range earlier (default: %(default)s).')
   store = parser.add_argument_group('Model store')
   store.add_argument('--model-dir', default=default_model_dir(),
                      help='The model store: a folder or gs:// prefix (default: .kbml/models).')
   store.add_argument('--tolerance', type=float, default=0.0,
                      help='Promote when the new average precision is at least the champion\'s minus this '
                      '(default: %(default)s).')
+  store.add_argument('--gate', choices=GATES, default='test',
+                     help='test: compare the average precision of the new version and the champion on the test '
+                     'range; prequential: their mean over the --prequential-folds test ranges that begin after the '
+                     'champion\'s training range (each fold\'s fit of the new recipe against the champion), the '
+                     'test range alone when none does (default: %(default)s).')
   store.add_argument('--no-promote', action='store_true', help='Publish the version, never make it current.')
   vertex.add_vertex_arguments(parser)
   return parser
@@ -189,23 +229,41 @@ class Result:
 def train(args) -> Result:
   """Trains, evaluates and publishes one version (see the module docstring)."""
   started = time.monotonic()
+  if args.gate == 'prequential' and args.prequential_folds < 2:
+    raise ValueError('--gate prequential compares prequential folds: give --prequential-folds 2 or more.')
   warehouse = open_warehouse(args.warehouse)
   protocol = protocol_of(args, warehouse)
   feature_names = feature_names_of(args.feature_set)
   protocols = evaluate.prequential_protocols(protocol, args.prequential_folds)
-  rows = data.read_labelled_rows(warehouse, protocols[-1].train_start, protocol.test_end, feature_names,
-                                 args.features_table, args.labels_table)
+  tuned = bool(args.tune_trials or args.tune_seconds)
+  validation_protocols = tune.validation_protocols(protocol, args.tune_weeks) if tuned else []
+  first_day = min(earlier.train_start for earlier in [*protocols, *validation_protocols])
+  rows = data.read_labelled_rows(warehouse, first_day, protocol.test_end, feature_names, args.features_table,
+                                 args.labels_table)
   split = _checked_split(rows, protocol, warehouse.url)
   earlier_splits = [_checked_split(rows, earlier, warehouse.url) for earlier in protocols[1:]]
   print(f'read {len(rows):,} labelled transactions from {warehouse.url} in {time.monotonic() - started:.1f} s; '
         + ', '.join(f'{part} {days}' for part, days in protocol.describe().items()), flush=True)
 
+  searches = []
+  if tuned:
+    validation_splits = [_checked_split(rows, validation, warehouse.url) for validation in validation_protocols]
+    print(f'tuning on {len(validation_splits)} validation split(s), tests '
+          f'{", ".join(validation.describe()["test"] for validation in validation_protocols)}', flush=True)
+    for family in args.model_family.split('+'):
+      found = tune.search(family, functools.partial(_validation_average_precision, args, family, validation_splits,
+                                                    feature_names),
+                          {name: getattr(args, name) for name in tune.SEARCHED_SETTINGS[family]},
+                          args.tune_trials or None, args.tune_seconds or None, args.seed)
+      searches.append(found)
+      args = argparse.Namespace(**{**vars(args), **found.best})
+
   evaluation = fit_and_evaluate(args, split, feature_names)
   network, threshold, test_scores, metrics = (evaluation.network, evaluation.threshold, evaluation.test_scores,
                                               evaluation.metrics)
   prequential = None
+  folds = [evaluation]
   if earlier_splits:
-    folds = [evaluation]
     for number, (earlier, earlier_split) in enumerate(zip(protocols[1:], earlier_splits, strict=True), start=2):
       print(f'prequential fold {number} of {len(protocols)}: test {earlier.describe()["test"]}', flush=True)
       folds.append(fit_and_evaluate(args, earlier_split, feature_names))
@@ -242,6 +300,9 @@ def train(args) -> Result:
   }
   if prequential:
     metadata['prequential'] = prequential
+  if searches:
+    metadata['tuning'] = {'validation_tests': [validation.describe()['test'] for validation in validation_protocols],
+                          'families': [found.describe() for found in searches]}
   with tempfile.TemporaryDirectory() as scratch:
     plots = {'pr_curve.png': os.path.join(scratch, 'pr_curve.png'),
              'score_histogram.png': os.path.join(scratch, 'score_histogram.png')}
@@ -254,7 +315,8 @@ def train(args) -> Result:
     network.save(model_file)
     store.publish(version, model_file, metadata, plots)
 
-  decision = bless(metrics['average_precision'], champion, champion_scores, test_y, args.tolerance)
+  decision = _gate(args, store, champion, champion_scores, list(zip(protocols, [split, *earlier_splits], folds,
+                                                                     strict=True)))
   promoted = decision['blessed'] and not args.no_promote
   store.update_metadata(version, blessing={**decision, 'promoted': promoted})
   # Gated against the champion read before training: promoted only if that one is still in service.
@@ -265,28 +327,49 @@ def train(args) -> Result:
   return Result(version, store.metadata(version), promoted)
 
 
+def _validation_average_precision(args, family: str, validation_splits: List[evaluate.Split],
+                                  feature_names: List[str], settings: Dict[str, object]) -> float:
+  """The mean test average precision over ``validation_splits`` of ``family`` fitted with ``settings``."""
+  trial = argparse.Namespace(**{**vars(args), **settings, 'model_family': family})
+  return float(np.mean([fit_and_evaluate(trial, validation, feature_names).metrics['average_precision']
+                        for validation in validation_splits]))
+
+
 def _family_parameters(args) -> Dict[str, object]:
-  """The settings of the chosen model family, for the metadata."""
-  networks = {'hidden_units': args.hidden_units, 'ensemble': args.ensemble, 'fraud_weight': args.fraud_weight}
-  boosted = {'max_trees': args.max_trees, 'tree_depth': args.tree_depth, 'tree_learning_rate': args.tree_learning_rate}
-  return {'keras': networks, 'trees': boosted, 'ensemble': {**networks, **boosted}}[args.model_family]
+  """The settings of the chosen model families, for the metadata."""
+  settings = {'keras': {'hidden_units': args.hidden_units, 'ensemble': args.ensemble,
+                        'fraud_weight': args.fraud_weight, 'learning_rate': args.learning_rate},
+              'trees': {'max_trees': args.max_trees, 'tree_depth': args.tree_depth,
+                        'tree_learning_rate': args.tree_learning_rate},
+              'forest': {'forest_trees': args.forest_trees, 'forest_depth': args.forest_depth}}
+  return {name: value for family in args.model_family.split('+') for name, value in settings[family].items()}
 
 
 def _fit_model(args, train_x, train_y, validation_x, validation_y):
-  """Fits the chosen model family; returns its Keras model, the devices, and what the fit found."""
+  """Fits the chosen model families; returns the Keras model of their mean score, the devices, and what the fit
+  found."""
   fitted, parts = {}, []
   devices = []
-  if args.model_family in ('keras', 'ensemble'):
-    networks, devices, fitted['epochs_run'] = _fit_networks(args, train_x, train_y, validation_x, validation_y)
-    parts.append(networks)
-  if args.model_family in ('trees', 'ensemble'):
-    params = {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': args.max_trees, 'max_depth': args.tree_depth,
-              'learning_rate': args.tree_learning_rate}
-    booster = trees.fit(train_x, train_y, validation_x, validation_y, params, args.seed)
-    fitted['trees'] = booster.num_boosted_rounds()
-    print(f'boosted {fitted["trees"]} trees of depth at most {args.tree_depth} (XGBoost, CPU)', flush=True)
-    parts.append(trees.to_keras(booster, validation_x))
-    devices = devices or ['CPU (XGBoost)']
+  for family in args.model_family.split('+'):
+    if family == 'keras':
+      networks, network_devices, fitted['epochs_run'] = _fit_networks(args, train_x, train_y, validation_x,
+                                                                      validation_y)
+      parts.append(networks)
+      devices.extend(network_devices)
+    elif family == 'trees':
+      params = {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': args.max_trees, 'max_depth': args.tree_depth,
+                'learning_rate': args.tree_learning_rate}
+      booster = trees.fit(train_x, train_y, validation_x, validation_y, params, args.seed)
+      fitted['trees'] = booster.num_boosted_rounds()
+      print(f'boosted {fitted["trees"]} trees of depth at most {args.tree_depth} (XGBoost, CPU)', flush=True)
+      parts.append(trees.boosted_to_keras(booster, validation_x))
+      devices.append('CPU (XGBoost)')
+    else:
+      forest = trees.fit_forest(train_x, train_y, args.forest_trees, args.forest_depth, args.seed)
+      print(f'grew a forest of {args.forest_trees} trees of depth at most {args.forest_depth} (scikit-learn, CPU)',
+            flush=True)
+      parts.append(trees.forest_to_keras(forest, validation_x))
+      devices.append('CPU (scikit-learn)')
   return model.average(parts), devices, fitted
 
 
@@ -326,19 +409,41 @@ def _champion_scores(store: ModelStore, champion: Optional[str], test) -> Option
   return model.predict(store.load_model(champion), data.feature_matrix(test, champion_features))
 
 
-def bless(candidate_ap: float, champion: Optional[str], champion_scores: Optional[np.ndarray],
-          test_y: np.ndarray, tolerance: float) -> Dict[str, object]:
+def _gate(args, store: ModelStore, champion: Optional[str], champion_scores: Optional[np.ndarray],
+          folds: List[Tuple[evaluate.Protocol, evaluate.Split, Evaluation]]) -> Dict[str, object]:
+  """The blessing gate's decision on the test range (``--gate test``) or on the folds fair to the champion."""
+  if champion is None:
+    return bless(folds[0][2].metrics['average_precision'], None, None, args.tolerance)
+  compared = folds[:1]
+  if args.gate == 'prequential':
+    champion_range = store.metadata(champion).get('training', {}).get('validation')
+    if champion_range:
+      # A fold whose test range the champion was trained on would favour it.
+      trained_until = datetime.date.fromisoformat(champion_range.split('..')[1])
+      compared = [fold for fold in folds if fold[0].test_start > trained_until] or compared
+  from sklearn.metrics import average_precision_score
+  champion_aps = [average_precision_score(data.labels(fold_split.test), champion_scores) if number == 0 else
+                  average_precision_score(data.labels(fold_split.test),
+                                          _champion_scores(store, champion, fold_split.test))
+                  for number, (_, fold_split, _) in enumerate(compared)]
+  rows = ('the same test rows' if len(compared) == 1 else
+          f'the same test rows of {len(compared)} prequential folds (mean)')
+  return {**bless(float(np.mean([fold.metrics['average_precision'] for _, _, fold in compared])), champion,
+                  float(np.mean(champion_aps)), args.tolerance, rows),
+          'compared_tests': [fold_protocol.describe()['test'] for fold_protocol, _, _ in compared]}
+
+
+def bless(candidate_ap: float, champion: Optional[str], champion_ap: Optional[float], tolerance: float,
+          compared_on: str = 'the same test rows') -> Dict[str, object]:
   """The blessing gate's decision: no champion, or an average precision not worse than its, less the tolerance."""
   if champion is None:
     return {'blessed': True, 'reason': 'no champion yet', 'candidate_average_precision': candidate_ap}
-  from sklearn.metrics import average_precision_score
-  champion_ap = float(average_precision_score(test_y, champion_scores))
   blessed = candidate_ap >= champion_ap - tolerance
   comparison = '>=' if blessed else '<'
   return {'blessed': blessed, 'champion': champion, 'champion_average_precision': champion_ap,
           'candidate_average_precision': candidate_ap, 'tolerance': tolerance,
           'reason': f'average precision {candidate_ap:.4f} {comparison} champion {champion_ap:.4f} - tolerance '
-                    f'{tolerance} on the same test rows'}
+                    f'{tolerance} on {compared_on}'}
 
 
 def describe_fit(model_metadata: Dict[str, object]) -> str:
@@ -348,7 +453,10 @@ def describe_fit(model_metadata: Dict[str, object]) -> str:
     parts.append(f"{model_metadata['ensemble']} network(s), {'+'.join(map(str, model_metadata['epochs_run']))} "
                  'epochs')
   if 'trees' in model_metadata:
-    parts.append(f"{model_metadata['trees']} trees of depth at most {model_metadata['tree_depth']}")
+    parts.append(f"{model_metadata['trees']} boosted trees of depth at most {model_metadata['tree_depth']}")
+  if 'forest_trees' in model_metadata:
+    parts.append(f"a forest of {model_metadata['forest_trees']} trees of depth at most "
+                 f"{model_metadata['forest_depth']}")
   return (f"{' and '.join(parts)} in {model_metadata['fit_seconds']} s on "
           f"{', '.join(model_metadata['devices'])}")
 
@@ -376,6 +484,14 @@ def summary(result: Result, model_dir: str) -> str:
                  'of AUC ROC, average precision, CP@100:')
     for name, key in ((f"{meta['model']['family']} model", 'model'), ('logistic baseline', 'baseline')):
       lines.append(f'{name:24}' + evaluate.mean_and_spread_text(prequential[key]))
+  if 'tuning' in meta:
+    lines.append(f"tuned on validation tests {', '.join(meta['tuning']['validation_tests'])} (mean average "
+                 'precision):')
+    for found in meta['tuning']['families']:
+      settings = ', '.join(f'{name} {value}' for name, value in found['best'].items())
+      lines.append(f"  {found['family']}: {found['trials']} trials in {found['seconds']:.0f} s, "
+                   f"{found['given_average_precision']:.4f} as given -> {found['best_average_precision']:.4f} with "
+                   f"{settings}")
   blessing = meta['blessing']
   verdict = 'promoted: now current' if blessing['promoted'] else (
       'blessed, not promoted (--no-promote)' if blessing['blessed'] else 'refused: the champion stays current')

@@ -1,18 +1,18 @@
-"""Gradient-boosted trees: fitted with XGBoost, served as a Keras layer.
+"""Tree models: gradient-boosted trees (XGBoost) and a random forest (scikit-learn), served as a Keras layer.
 
 The scorer serves every model the same way: one ``.keras`` file that its
 model handler loads and reloads (``transforms/inference.py``). So a fitted
-XGBoost booster becomes a Keras layer that walks the trees with tensor
-operations. Each tree is padded to a complete binary tree of the booster's
-depth (a leaf above that depth becomes a node that always goes left, to
-copies of itself), so that one gather per level moves every row down every
-tree at once. The layer gives the booster's own margins: the same float32
-comparisons (a row goes left when its feature is below the split), the same
-leaf values, the booster's base margin; ``to_keras`` checks them against
-XGBoost's on the rows it is given.
+booster or forest becomes a Keras layer that walks the trees with tensor
+operations. Each tree is padded to a complete binary tree of the deepest
+tree's depth (a leaf above that depth becomes a node that always goes left,
+to copies of itself), so that one gather per level moves every row down
+every tree at once. The layer gives the model's own outputs: the same float32
+comparisons, the same leaf values; ``boosted_to_keras`` and
+``forest_to_keras`` check them against XGBoost's margins and scikit-learn's
+probabilities on the rows they are given.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import keras
 import numpy as np
@@ -22,6 +22,10 @@ DEFAULT_TREE_PARAMS = {'n_estimators': 400, 'max_depth': 6, 'learning_rate': 0.0
                        'colsample_bytree': 0.8, 'min_child_weight': 1.0}
 # Boosting stops when the validation average precision has not improved for this many trees.
 EARLY_STOPPING_TREES = 40
+# The forest chosen on the three weeks before the handbook's test week (BENCHMARKS.md): fully grown trees scored
+# lower than trees of depth 10, which also keep the padded layer small (1,024 leaves a tree).
+DEFAULT_FOREST_TREES = 100
+DEFAULT_FOREST_DEPTH = 10
 
 
 def fit(train_x: np.ndarray, train_y: np.ndarray, validation_x: np.ndarray, validation_y: np.ndarray,
@@ -36,64 +40,131 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, validation_x: np.ndarray, vali
   return classifier.get_booster()[:classifier.best_iteration + 1]
 
 
-def _complete_trees(booster) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-  """The booster's trees as complete binary trees of one depth: per tree, each internal node's feature and
-  split (breadth first), and the leaf values."""
+def fit_forest(train_x: np.ndarray, train_y: np.ndarray, trees: int = DEFAULT_FOREST_TREES,
+               depth: int = DEFAULT_FOREST_DEPTH, seed: int = 0):
+  """A random forest of ``trees`` trees at most ``depth`` deep on the training rows (all cores)."""
+  from sklearn.ensemble import RandomForestClassifier
+  return RandomForestClassifier(n_estimators=trees, max_depth=depth, n_jobs=-1, random_state=seed).fit(
+      train_x, train_y)
+
+
+class _Tree(NamedTuple):
+  """One tree's nodes (root first): a row goes to ``right`` when its ``feature`` is at or above ``split``, else
+  to ``left``; a leaf has ``left`` -1 and its ``value``."""
+  feature: np.ndarray
+  split: np.ndarray  # float32
+  left: np.ndarray
+  right: np.ndarray
+  value: np.ndarray
+
+
+def _boosted_trees(booster) -> List[_Tree]:
+  """A booster's trees. XGBoost sends a row left when its feature is below the split: the same comparison."""
   frame = booster.trees_to_dataframe()
-  nodes = {row.ID: row for row in frame.itertuples(index=False)}
-  tree_ids = sorted(frame['Tree'].unique())
+  trees = []
+  for _, nodes in frame.groupby('Tree', sort=True):
+    index = {node_id: position for position, node_id in enumerate(nodes['ID'])}
+    leaf = (nodes['Feature'] == 'Leaf').to_numpy()
+    trees.append(_Tree(
+        feature=nodes['Feature'].str.removeprefix('f').where(~leaf, '0').astype(int).to_numpy(),
+        split=nodes['Split'].fillna(np.inf).to_numpy(np.float32),
+        left=np.array([-1 if is_leaf else index[yes] for is_leaf, yes in zip(leaf, nodes['Yes'], strict=True)]),
+        right=np.array([-1 if is_leaf else index[no] for is_leaf, no in zip(leaf, nodes['No'], strict=True)]),
+        value=nodes['Gain'].to_numpy(np.float32)))  # a leaf's value
+  return trees
 
-  def depth(node_id: str) -> int:
-    node = nodes[node_id]
-    return 0 if node.Feature == 'Leaf' else 1 + max(depth(node.Yes), depth(node.No))
 
-  levels = max(1, max(depth(f'{tree}-0') for tree in tree_ids))
+def _forest_trees(forest) -> List[_Tree]:
+  """A forest's trees, each leaf's value its fraud fraction over the number of trees (their sum: the forest's
+  probability). scikit-learn sends a row left when its float32 feature is at most the float64 threshold, that is
+  right when at or above the smallest float32 over the threshold."""
+  trees = []
+  for estimator in forest.estimators_:
+    tree = estimator.tree_
+    threshold = tree.threshold.astype(np.float32)
+    not_above = threshold.astype(np.float64) <= tree.threshold
+    split = np.where(not_above, np.nextafter(threshold, np.float32(np.inf)), threshold)
+    fractions = tree.value[:, 0, :] / tree.value[:, 0, :].sum(axis=1, keepdims=True)
+    fraud_column = list(forest.classes_).index(1)
+    trees.append(_Tree(tree.feature.clip(min=0), split.astype(np.float32), tree.children_left,
+                       tree.children_right, (fractions[:, fraud_column] / len(forest.estimators_)).astype(np.float32)))
+  return trees
+
+
+def _complete_trees(trees: List[_Tree]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+  """The trees as complete binary trees of one depth: per tree, each internal node's feature and split (breadth
+  first), and the leaf values."""
+
+  def depth(tree: _Tree, node: int) -> int:
+    return 0 if tree.left[node] < 0 else 1 + max(depth(tree, tree.left[node]), depth(tree, tree.right[node]))
+
+  levels = max(1, max(depth(tree, 0) for tree in trees))
   internal = 2 ** levels - 1
-  features = np.zeros((len(tree_ids), internal), np.int32)
-  splits = np.full((len(tree_ids), internal), np.inf, np.float32)
-  leaves = np.zeros((len(tree_ids), 2 ** levels), np.float32)
+  features = np.zeros((len(trees), internal), np.int32)
+  splits = np.full((len(trees), internal), np.inf, np.float32)
+  leaves = np.zeros((len(trees), 2 ** levels), np.float32)
 
-  def place(tree: int, node_id: str, position: int):
-    node = nodes[node_id]
+  def place(index: int, tree: _Tree, node: int, position: int):
     if position >= internal:
-      leaves[tree, position - internal] = node.Gain  # a leaf's value
-    elif node.Feature == 'Leaf':
-      place(tree, node_id, 2 * position + 1)  # split +inf: every row goes left
-      place(tree, node_id, 2 * position + 2)
+      leaves[index, position - internal] = tree.value[node]
+    elif tree.left[node] < 0:
+      place(index, tree, node, 2 * position + 1)  # split +inf: every row goes left
+      place(index, tree, node, 2 * position + 2)
     else:
-      features[tree, position] = int(node.Feature.removeprefix('f'))
-      splits[tree, position] = np.float32(node.Split)
-      place(tree, node.Yes, 2 * position + 1)
-      place(tree, node.No, 2 * position + 2)
+      features[index, position] = tree.feature[node]
+      splits[index, position] = tree.split[node]
+      place(index, tree, tree.left[node], 2 * position + 1)
+      place(index, tree, tree.right[node], 2 * position + 2)
 
-  for index, tree in enumerate(tree_ids):
-    place(index, f'{tree}-0', 0)
+  for index, tree in enumerate(trees):
+    place(index, tree, 0, 0)
   return features, splits, leaves, levels
 
 
-def to_keras(booster, check_rows: np.ndarray, name: str = 'fraud_trees'):
+def _walked(trees: List[_Tree], width: int, name: str, activation: str):
+  """A Keras model and its TreeEnsemble layer (no bias yet) that sum the leaves of ``trees`` each row reaches."""
+  features, splits, leaves, levels = _complete_trees(trees)
+  inputs = keras.Input(shape=(width,), name='features')
+  layer = TreeEnsemble(features.shape[0], levels, name='trees')
+  score = keras.layers.Activation(activation, name='fraud_probability')(layer(inputs))
+  layer.set_weights([features, splits, leaves, np.float32([0.0])])
+  return keras.Model(inputs, score, name=name), layer, (features, splits, leaves)
+
+
+def _check(walked: np.ndarray, expected: np.ndarray, what: str):
+  worst = float(np.max(np.abs(walked - expected))) if len(expected) else 0.0
+  if worst > 1e-4 * max(1.0, float(np.max(np.abs(expected))) if len(expected) else 1.0):
+    raise ValueError(f'the Keras trees differ from {what} by up to {worst:.2e}')
+
+
+def boosted_to_keras(booster, check_rows: np.ndarray, name: str = 'fraud_trees'):
   """A Keras model whose output is the booster's fraud probability.
 
   Raises:
     ValueError: the layer's margins differ from XGBoost's on ``check_rows`` (beyond float32 rounding).
   """
   import xgboost
-  features, splits, leaves, levels = _complete_trees(booster)
   rows = check_rows.astype(np.float32)
+  served, layer, weights = _walked(_boosted_trees(booster), rows.shape[1], name, 'sigmoid')
   margins = booster.predict(xgboost.DMatrix(rows), output_margin=True)
-  inputs = keras.Input(shape=(check_rows.shape[1],), name='features')
-  layer = TreeEnsemble(features.shape[0], levels, name='trees')
-  score = keras.layers.Activation('sigmoid', name='fraud_probability')(layer(inputs))
-  model = keras.Model(inputs, score, name=name)
   # The booster's base margin is what its margins add to the leaves the rows reach.
-  layer.set_weights([features, splits, leaves, np.float32([0.0])])
   base_margin = np.median(margins - np.asarray(layer(rows)).reshape(-1))
-  layer.set_weights([features, splits, leaves, np.float32([base_margin])])
-  walked = np.asarray(layer(rows)).reshape(-1)
-  worst = float(np.max(np.abs(walked - margins))) if len(margins) else 0.0
-  if worst > 1e-4 * max(1.0, float(np.max(np.abs(margins)))):
-    raise ValueError(f'the Keras trees differ from XGBoost by up to {worst:.2e} in margin')
-  return model
+  layer.set_weights([*weights, np.float32([base_margin])])
+  _check(np.asarray(layer(rows)).reshape(-1), margins, 'XGBoost in margin')
+  return served
+
+
+def forest_to_keras(forest, check_rows: np.ndarray, name: str = 'fraud_forest'):
+  """A Keras model whose output is the forest's fraud probability (the mean of its trees').
+
+  Raises:
+    ValueError: the layer's probabilities differ from scikit-learn's on ``check_rows`` (beyond float32 rounding).
+  """
+  rows = check_rows.astype(np.float32)
+  served, layer, _ = _walked(_forest_trees(forest), rows.shape[1], name, 'linear')
+  _check(np.asarray(layer(rows)).reshape(-1), forest.predict_proba(rows)[:, list(forest.classes_).index(1)],
+         'scikit-learn in probability')
+  return served
 
 
 @keras.saving.register_keras_serializable(package='kbml')
