@@ -26,13 +26,17 @@ def publish_model(model_dir: str, seed: int = 0, threshold: float = 0.5, promote
     rows = rng.normal(size=(2_000, len(FEATURE_NAMES))).astype(np.float32)
     labels = (rows[:, 0] + rng.normal(size=len(rows)) > 1.5).astype(int)
     booster = trees.fit(rows, labels, rows, labels, {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': 50}, seed)
-    members.append(trees.to_keras(booster, rows))
-  network = average(members)
+    members.append(trees.boosted_to_keras(booster, rows))
+  return publish_keras(model_dir, average(members), threshold, promote)
+
+
+def publish_keras(model_dir: str, served, threshold: float = 0.5, promote: bool = True) -> str:
+  """Publishes (and promotes) the Keras model ``served`` over all features; returns its version."""
   store = ModelStore(model_dir)
   version = new_version()
   with tempfile.TemporaryDirectory() as folder:
     path = os.path.join(folder, 'model.keras')
-    network.save(path)
+    served.save(path)
     store.publish(version, path, {'threshold': threshold, 'features': FEATURE_NAMES}, {})
   if promote:
     store.promote(version)

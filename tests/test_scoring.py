@@ -5,6 +5,7 @@ user does, while simulated traffic is produced: a model swap, a SIGKILL and a
 restart, a corrupt model and bad records must leave no transaction unscored.
 """
 
+import datetime
 import json
 import os
 import subprocess
@@ -25,13 +26,15 @@ from confluent_kafka import TopicPartition
 from kbml import simulator
 from kbml.kafka_client import Partition, committed_offsets, fetched_end_offset, list_partitions, new_consumer
 from kbml.simulator import SimulationConfig, simulate
-from pipelines import scoring
+from kbml.warehouse import open_warehouse
+from pipelines import ingest, scoring
 from pipelines.options import pipeline_options
 from tests.conftest import local_options, produce
 from tests.pipeline_process import PROJECT_ROOT, PipelineProcess
-from tests.scoring_models import publish_model
+from tests.scoring_models import publish_keras, publish_model
 from tests.test_dataflow_graph import DATAFLOW_DRY_RUN
-from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS
+from trainer import data, model, trees
+from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS, average, build_model
 from trainer.registry import ModelStore
 from transforms.batches import Batch
 from transforms.features import FEATURE_NAMES
@@ -167,6 +170,45 @@ def test_a_promoted_model_scores_within_5_seconds_and_no_transaction_is_missed(s
                        and parse_utc_timestamp(r['scored_at']) > promotion.promoted_at + 5]
   assert not late_by_old_model
   assert all(0 <= r['score'] <= 1 and r['flagged'] == (r['score'] >= r['threshold']) for r in predictions.records)
+
+
+def test_the_scorer_gives_trees_and_an_ensemble_the_scores_of_offline_evaluation(stream, tmp_path):
+  # Boosted trees in service and the default ensemble (networks, boosted trees, a forest) in its shadow, fitted on
+  # the warehouse's rows of the same events: every live transaction's two scores must be the ones the trainer's
+  # evaluation computes from its feature row.
+  bootstrap, topics = stream['bootstrap'], stream['topics']
+  simulator.produce(stream['live'], {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
+  warehouse = f"duckdb://{tmp_path / 'warehouse.duckdb'}"
+  ingest.run(['--bootstrap_servers', bootstrap, '--transactions_topic', topics['transactions'], '--labels_topic',
+              topics['labels'], '--dead_letter_topic', topics['dead-letter'], '--warehouse', warehouse,
+              '--stop_at_end', '--consumer_group', f'offline-{uuid.uuid4().hex[:8]}'])
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 1), datetime.date(2018, 4, 20),
+                                 FEATURE_NAMES)
+  features, labels = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+  boosted = trees.boosted_to_keras(trees.fit(features, labels, features, labels,
+                                             {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': 40}), features)
+  forest = trees.forest_to_keras(trees.fit_forest(features, labels, trees=20, depth=8), features)
+  champion = publish_keras(stream['model_dir'], boosted)
+  challenger = publish_keras(stream['model_dir'], average([build_model(features, (8,)), boosted, forest]),
+                             promote=False)
+  store = ModelStore(stream['model_dir'])
+  store.set_challenger(challenger)
+
+  stream['scorer'].start()
+  live_ids = _transaction_ids(stream['live'])
+  predictions = TopicReader(bootstrap, topics['predictions'])
+  assert predictions.read_until(_all_scored(live_ids), 180), stream['scorer'].log_tail()
+  scored = {r['transaction_id']: r for r in predictions.records if r['transaction_id'] in live_ids}
+  assert {r['model_version'] for r in scored.values()} == {champion}
+  assert {r['challenger_version'] for r in scored.values()} == {challenger}
+  every_row = open_warehouse(warehouse).query('SELECT * FROM features')
+  offline = every_row.drop_duplicates('transaction_id').set_index('transaction_id').loc[sorted(scored)]
+  offline_features = data.feature_matrix(offline, FEATURE_NAMES)
+  for version, field in ((champion, 'score'), (challenger, 'challenger_score')):
+    expected = model.predict(store.load_model(version), offline_features)
+    served = np.array([scored[transaction_id][field] for transaction_id in offline.index])
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+    assert len(np.unique(expected)) > 50, 'the models must rank the transactions, not give a few values'
 
 
 def test_a_killed_scorer_restarts_without_losing_a_transaction(stream):
