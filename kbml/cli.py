@@ -5,19 +5,12 @@ import importlib
 import logging
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from kbml import __version__
-from kbml.kafka_config import kafka_client_config
-from kbml.local_stack import (
-  BROKERS,
-  DEFAULT_PARTITIONS,
-  DEFAULT_PORT,
-  LocalStack,
-  LocalStackError,
-  local_bootstrap_servers,
-  local_state_dir,
-)
+from kbml.kafka_args import add_kafka_arguments, kafka_config_from_args
+from kbml.local_stack import BROKERS, DEFAULT_PARTITIONS, DEFAULT_PORT, LocalStack, LocalStackError
+from kbml.local_state import default_model_dir, local_state_dir
 from kbml.warehouse import WarehouseError
 
 
@@ -63,7 +56,7 @@ def _simulate(args) -> int:
     print('wrote ' + ' and '.join(simulator.write_files(simulation, args.output_dir)))
   if args.no_kafka:
     return 0
-  config = _kafka_config(args)
+  config = kafka_config_from_args(args)
 
   def progress(transactions, labels):
     print(f'\rproduced {transactions:,}/{len(tx):,} transactions and {labels:,}/{len(tx):,} labels',
@@ -74,19 +67,6 @@ def _simulate(args) -> int:
   print(f'\nproduced {transactions:,} transactions to {args.transactions_topic!r} and {labels:,} labels '
         f'to {args.labels_topic!r} at {config["bootstrap.servers"]}')
   return 0
-
-
-def _kafka_config(args) -> Dict[str, str]:
-  """The Kafka client settings of a command that took :func:`_add_kafka_arguments`."""
-  return kafka_client_config(args.bootstrap_servers or local_bootstrap_servers(), args.kafka_config,
-                             args.kafka_config_file)
-
-
-def _add_kafka_arguments(parser):
-  parser.add_argument('--bootstrap-servers', help='Kafka; default: the local broker (`kbml local up`).')
-  parser.add_argument('--kafka-config', action='append', default=[], metavar='KEY=VALUE',
-                      help='Kafka client setting, passed through (repeatable).')
-  parser.add_argument('--kafka-config-file', help='A .properties file of Kafka client settings.')
 
 
 def _add_simulate_parser(commands):
@@ -122,7 +102,7 @@ def _add_simulate_parser(commands):
   simulate.add_argument('--no-kafka', action='store_true', help='Only write files (with --output-dir).')
   simulate.add_argument('--transactions-topic', default='transactions')
   simulate.add_argument('--labels-topic', default='labels')
-  _add_kafka_arguments(simulate)
+  add_kafka_arguments(simulate)
   simulate.set_defaults(handler=_simulate)
 
 
@@ -153,7 +133,6 @@ def _add_warehouse_parser(commands):
 
 def _promote(args) -> int:
   from trainer.registry import ModelStore
-  from trainer.task import default_model_dir
   store = ModelStore(args.model_dir or default_model_dir())
   if args.if_better:
     return _promote_challenger_if_better(store, args)
@@ -226,7 +205,8 @@ def _add_promote_parser(commands):
 
 def _watch(args) -> int:
   from kbml.watch import watch_predictions
-  watch_predictions(_kafka_config(args), args.predictions_topic, args.alerts_topic, args.seconds, args.interval)
+  watch_predictions(kafka_config_from_args(args), args.predictions_topic, args.alerts_topic, args.seconds,
+                    args.interval)
   return 0
 
 
@@ -239,7 +219,7 @@ def _add_watch_parser(commands):
   watch.add_argument('--interval', type=float, default=2.0, help='Seconds between lines.')
   watch.add_argument('--predictions-topic', default='predictions')
   watch.add_argument('--alerts-topic', default='alerts')
-  _add_kafka_arguments(watch)
+  add_kafka_arguments(watch)
   watch.set_defaults(handler=_watch)
 
 

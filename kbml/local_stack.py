@@ -39,10 +39,10 @@ from kbml.kafka_client import (
   listed_offsets,
   new_probe_consumer,
 )
+from kbml.local_state import DEFAULT_STATE_DIR, local_state_dir
 
 PROJECT_TOPICS = ('transactions', 'labels', 'predictions', 'alerts', 'dead-letter')
 DEFAULT_PORT = 19092
-DEFAULT_STATE_DIR = '.kbml'
 DEFAULT_PARTITIONS = 4
 HOST = '127.0.0.1'
 APACHE_KAFKA, TANSU = 'kafka', 'tansu'
@@ -135,11 +135,6 @@ def java_binary() -> str:
     raise LocalStackError('Apache Kafka needs Java 17 or newer, and no java was found: install it (Debian: '
                           '`apt-get install openjdk-17-jre-headless`) or set JAVA_HOME, or use --broker tansu.')
   return java
-
-
-def local_state_dir() -> str:
-  """The local stack's state folder: $KBML_STATE_DIR, else .kbml."""
-  return os.environ.get('KBML_STATE_DIR', DEFAULT_STATE_DIR)
 
 
 def local_bootstrap_servers() -> Optional[str]:

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional
 import pandas
 
 from kbml import simulator
-from kbml.local_stack import local_state_dir
+from kbml.local_state import default_model_dir, local_state_dir
 from kbml.simulator import SECONDS_PER_DAY, SimulationConfig
 from transforms.features import HISTORY_DAYS
 from transforms.metrics import CHAMPION, read_sums, summaries
@@ -208,7 +208,6 @@ def run_loop(args, out=print) -> LoopResult:
   from kbml.local_stack import local_bootstrap_servers
   from kbml.warehouse import default_warehouse_url, open_warehouse
   from trainer.registry import ModelStore
-  from trainer.task import default_model_dir
 
   bootstrap = args.bootstrap_servers or local_bootstrap_servers()
   if not bootstrap:

@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from kbml.local_stack import local_state_dir
+from kbml.local_state import default_model_dir, local_state_dir
 from kbml.warehouse import Warehouse, default_warehouse_url, open_warehouse
-from trainer.evaluate import _figure, _save
+from trainer.evaluate import new_figure, save_figure
 from trainer.registry import ModelStore, ModelStoreError
-from trainer.task import default_model_dir
 from transforms import metrics
 
 if TYPE_CHECKING:
@@ -97,7 +96,7 @@ def _png_data_uri(png: bytes) -> str:
 
 def _rendered(figure) -> bytes:
   buffer = io.BytesIO()
-  _save(figure, buffer)
+  save_figure(figure, buffer)
   return buffer.getvalue()
 
 
@@ -199,7 +198,7 @@ def _metrics_over_time(champion: 'pandas.DataFrame', colours: Mapping[str, Any])
     if champion[column].notna().sum() == 0:
       missing.append(label)
       continue
-    figure, axes = _figure()
+    figure, axes = new_figure()
     for version, rows in champion.groupby('model_version', sort=True):
       axes.plot(rows['window_start'], rows[column], marker='o', color=colours[version], label=version)
     axes.set(ylabel=label, title=f'{label.capitalize()} per window (champion)')
@@ -219,7 +218,7 @@ def _metrics_over_time(champion: 'pandas.DataFrame', colours: Mapping[str, Any])
 
 def _score_histograms(champion_sums: 'pandas.DataFrame', metadata_of: _Metadata, colours: Mapping[str, Any]) -> str:
   """Section 3: the share of predictions by score, per model version, with its threshold."""
-  figure, axes = _figure()
+  figure, axes = new_figure()
   edges = np.linspace(0, 1, DISPLAY_SCORE_BINS + 1)
   for version, rows in champion_sums.groupby('model_version', sort=True):
     counts = metrics.histogram(rows, 'score', metrics.SCORE_BINS)
@@ -260,7 +259,7 @@ def _drift(drift: 'pandas.DataFrame', psi_threshold: float, missing_versions: Se
     psi[statistics.index(row.statistic), columns.index((row.window_start, row.model_version))] = row.psi
 
   from matplotlib import colormaps, colors
-  figure, axes = _figure()
+  figure, axes = new_figure()
   figure.set_size_inches(min(16, 8 + 0.35 * len(columns)), 1.6 + 0.28 * len(statistics))
   colour_map = colormaps['YlOrRd'].with_extremes(bad='#e8e8e8')
   top = max(2 * psi_threshold, float(np.nanmax(psi)))
@@ -327,7 +326,7 @@ def _pr_curves(store: ModelStore, champion_sums: 'pandas.DataFrame', colours: Ma
     live = _figure_html('pr-curves', _empty('No labelled predictions yet: the curves need the labels, which arrive '
                                             'days after the transactions.'), 'Live precision-recall curves')
   else:
-    figure, axes = _figure()
+    figure, axes = new_figure()
     for version in versions:
       fraud_counts, genuine_counts = _labelled_bins(champion_sums[champion_sums['model_version'] == version])
       precision, recall = metrics.precision_recall_curve(fraud_counts, genuine_counts)

@@ -30,12 +30,11 @@ import datetime
 import json
 import logging
 import math
-import os
 import re
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from kbml.cli import _add_kafka_arguments, _kafka_config
+from kbml.kafka_args import add_kafka_arguments, kafka_config_from_args
 from kbml.kafka_client import (
   Partition,
   cluster_metadata,
@@ -46,7 +45,8 @@ from kbml.kafka_client import (
   new_probe_consumer,
 )
 from kbml.kafka_config import KafkaConfigError
-from kbml.local_stack import PartitionOffsets, StackStatus, local_bootstrap_servers, local_state_dir
+from kbml.local_stack import PartitionOffsets, StackStatus, local_bootstrap_servers
+from kbml.local_state import default_model_dir
 from kbml.warehouse import default_warehouse_url
 
 TOPIC_ROLES = ('transactions', 'labels', 'predictions', 'alerts', 'dead-letter')
@@ -63,16 +63,11 @@ MESSAGE_WIDTH = 80
 _CLIENT_LOGGER = 'kbml.kafka.client'
 
 
-def default_model_dir() -> str:
-  """trainer.task's default model store, computed here: importing trainer.task costs a second (scikit-learn)."""
-  return os.path.join(local_state_dir(), 'models')
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='kbml status', allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
       description=__doc__.split('\n\n', 1)[1])
-  _add_kafka_arguments(parser)
+  add_kafka_arguments(parser)
   parser.add_argument('--timeout-s', type=float, default=5.0,
                       help='How long to wait for the broker to answer (default: %(default)s).')
   parser.add_argument('--model-dir', help='The model store (default: $KBML_STATE_DIR/models, i.e. .kbml/models).')
@@ -519,7 +514,7 @@ def render(status: Mapping[str, Any]) -> str:
 def collect(args: argparse.Namespace) -> Dict[str, Any]:
   """Reads every part of the status, as a JSON-ready dict."""
   try:
-    config = _kafka_config(args)
+    config = kafka_config_from_args(args)
   except KafkaConfigError:
     if args.kafka_config or args.kafka_config_file:
       raise  # a broken setting is an error to show, not a stopped broker

@@ -24,7 +24,7 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from kbml.local_stack import local_state_dir
+from kbml.local_state import local_state_dir
 
 if TYPE_CHECKING:
   import pandas

@@ -11,7 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import TopicPartition
 
 from kbml.kafka_client import PartitionOffsets, fetched_end_offset, listed_offsets, new_probe_consumer
-from kbml.local_stack import local_state_dir
+from kbml.local_state import local_state_dir
 from pipelines.options import KafkaOptions, runs_in_process
 from transforms.features import (
   DAY_SECONDS,

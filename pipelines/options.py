@@ -96,7 +96,7 @@ class ModelOptions(PipelineOptions):
     parser.add_argument('--model_dir', help='The model store, a folder or gs:// prefix (default: .kbml/models).')
 
   def model_dir_or_default(self) -> str:
-    from trainer.task import default_model_dir
+    from kbml.local_state import default_model_dir
     return self.model_dir or default_model_dir()
 
 

@@ -167,36 +167,38 @@ def test_metrics(test: 'pandas.DataFrame', scores: np.ndarray, threshold: float,
 
 def plot_precision_recall(targets: np.ndarray, scores_by_model: Mapping[str, np.ndarray], path: str):
   """PR curves of the models on the same test rows, as a PNG."""
-  figure, axes = _figure()
+  figure, axes = new_figure()
   for name, scores in scores_by_model.items():
     precision, recall, _ = metrics.precision_recall_curve(targets, scores)
     average_precision = metrics.average_precision_score(targets, scores)
     axes.step(recall, precision, where='post', label=f'{name} (AP {average_precision:.3f})')
   axes.set(xlabel='recall', ylabel='precision', xlim=(0, 1), ylim=(0, 1.02), title='Precision-recall, test set')
   axes.legend(loc='lower left')
-  _save(figure, path)
+  save_figure(figure, path)
 
 
 def plot_score_histogram(targets: np.ndarray, scores: np.ndarray, threshold: float, path: str):
   """Histograms of the scores of genuine and fraudulent test transactions, with the threshold, as a PNG."""
-  figure, axes = _figure()
+  figure, axes = new_figure()
   bins = np.linspace(0, 1, 51)
   axes.hist(scores[targets == 0], bins=bins, alpha=0.6, label='genuine', log=True)
   axes.hist(scores[targets == 1], bins=bins, alpha=0.6, label='fraud', log=True)
   axes.axvline(threshold, color='black', linestyle='--', label=f'threshold {threshold:.3f}')
   axes.set(xlabel='score', ylabel='transactions (log)', title='Scores, test set')
   axes.legend()
-  _save(figure, path)
+  save_figure(figure, path)
 
 
-def _figure():
+def new_figure():
+  """A matplotlib figure and its axes, drawn for a file."""
   import matplotlib
   matplotlib.use('Agg')  # files only: no display on servers and CI
   from matplotlib import pyplot
   return pyplot.subplots(figsize=(6.4, 4.8))
 
 
-def _save(figure, path: str):
+def save_figure(figure, path: str):
+  """Writes ``figure`` to ``path`` (a file name or a binary buffer) and frees it."""
   from matplotlib import pyplot
   figure.tight_layout()
   figure.savefig(path, dpi=100)

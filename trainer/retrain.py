@@ -73,7 +73,7 @@ from typing import Callable, Dict, List, Optional
 from confluent_kafka import KafkaException, TopicPartition
 
 from kbml.alerts import ALERTS_TOPIC, DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR
-from kbml.cli import _add_kafka_arguments, _kafka_config
+from kbml.kafka_args import add_kafka_arguments, kafka_config_from_args
 from kbml.kafka_client import STALL_S, StallWatch, group_start_offsets, new_consumer, records_only
 from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines.stopping import stop_on_signals
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
   alerts.add_argument('--alerts-topic', default=ALERTS_TOPIC, help='Default: %(default)s.')
   alerts.add_argument('--consumer-group', default='kbml-retrain',
                       help='Its committed offsets say which alerts were handled (default: %(default)s).')
-  _add_kafka_arguments(alerts)
+  add_kafka_arguments(alerts)
   return parser
 
 
@@ -427,7 +427,7 @@ class RetrainScheduler:
     listener = None
     try:
       if args.on_drift:
-        listener = AlertListener(_kafka_config(args), args.alerts_topic, args.consumer_group, self._say)
+        listener = AlertListener(kafka_config_from_args(args), args.alerts_topic, args.consumer_group, self._say)
         self._say(f'listening for {", ".join(TRIGGERING_KINDS)} alerts on {listener.description}; cool-down '
                   f'{format_duration(args.cooldown)}; a retrain waits for {args.drift_labelled_days} days of labels in '
                   f'{self._warehouse.url}')

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from kbml.local_stack import local_state_dir
+from kbml.local_state import default_model_dir
 from kbml.warehouse import open_warehouse
 from trainer import data, evaluate, model, trees, tune, vertex
 from trainer.registry import ModelStore, new_version
@@ -44,10 +44,6 @@ MODEL_FAMILY_ALIASES = {'ensemble': 'keras+trees'}
 # The best on the three weeks before the handbook's test week (BENCHMARKS.md).
 DEFAULT_MODEL_FAMILY = 'keras+trees+forest'
 GATES = ('test', 'prequential')
-
-
-def default_model_dir() -> str:
-  return os.path.join(local_state_dir(), 'models')
 
 
 def _date(text: str) -> datetime.date:
