@@ -57,16 +57,63 @@ def _simulate(args) -> int:
   if args.no_kafka:
     return 0
   config = kafka_config_from_args(args)
-
-  def progress(transactions, labels):
-    print(f'\rproduced {transactions:,}/{len(tx):,} transactions and {labels:,}/{len(tx):,} labels',
-          end='', file=sys.stderr, flush=True)
-
-  transactions, labels = simulator.produce(simulator.events(simulation, args.from_day, args.until_day), config,
-                                           args.transactions_topic, args.labels_topic, args.rate, progress)
-  print(f'\nproduced {transactions:,} transactions to {args.transactions_topic!r} and {labels:,} labels '
-        f'to {args.labels_topic!r} at {config["bootstrap.servers"]}')
+  started = time.monotonic()
+  counts = simulator.produce(simulator.events(simulation, args.from_day, args.until_day), config,
+                             args.transactions_topic, args.labels_topic, args.rate, _progress(len(tx), len(tx)))
+  _print_produced(counts, args, config, time.monotonic() - started)
   return 0
+
+
+def _progress(transactions_total: int, labels_total: int):
+  """A progress line for producing, rewritten in place on stderr."""
+  def progress(transactions, labels):
+    print(f'\rproduced {transactions:,}/{transactions_total:,} transactions and {labels:,}/{labels_total:,} labels',
+          end='', file=sys.stderr, flush=True)
+  return progress
+
+
+def _print_produced(counts, args, config, seconds: float):
+  transactions, labels = counts
+  print(f'\nproduced {transactions:,} transactions to {args.transactions_topic!r} and {labels:,} labels '
+        f'to {args.labels_topic!r} at {config["bootstrap.servers"]} in {seconds:.1f} s '
+        f'({(transactions + labels) / max(seconds, 1e-9):,.0f} records/s)')
+
+
+def _produce(args) -> int:
+  from kbml import produce
+  transactions = produce.read_table(args.transactions)
+  labels = produce.read_table(args.labels) if args.labels else None
+  print(f'read {len(transactions):,} transactions from {args.transactions}'
+        + (f' and {len(labels):,} labels from {args.labels}' if labels is not None else ''))
+  config = kafka_config_from_args(args)
+  started = time.monotonic()
+  counts = produce.produce_frames(transactions, labels, config, args.transactions_topic, args.labels_topic,
+                                  args.label_delay_days, args.key_column, args.rate,
+                                  _progress(len(transactions), 0 if labels is None else len(labels)))
+  _print_produced(counts, args, config, time.monotonic() - started)
+  return 0
+
+
+def _add_produce_parser(commands):
+  from kbml import produce
+  command = commands.add_parser(
+      'produce', help='Produce transactions and labels from files (JSON Lines, CSV, Parquet) to Kafka.',
+      description=produce.__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  command.add_argument('--transactions', required=True, metavar='FILE',
+                       help=f'Transactions: columns {", ".join(produce.TRANSACTION_FIELDS)} (tx_datetime in UTC, '
+                       'ISO 8601), and any others, passed through.')
+  command.add_argument('--labels', metavar='FILE', help=f'Labels: columns {", ".join(produce.LABEL_FIELDS)}, '
+                       f'optionally {produce.KNOWN_TIME_COLUMN} (when the label became known).')
+  command.add_argument('--label-delay-days', type=float, default=7.0,
+                       help=f'Without {produce.KNOWN_TIME_COLUMN}, a label is known this long after its '
+                       'transaction (default: %(default)s).')
+  command.add_argument('--key-column', default='customer_id',
+                       help='The Kafka key of each record, which keeps its events in order (default: %(default)s).')
+  command.add_argument('--rate', type=float, help='Events per second (default: as fast as possible).')
+  command.add_argument('--transactions-topic', default='transactions')
+  command.add_argument('--labels-topic', default='labels')
+  add_kafka_arguments(command)
+  command.set_defaults(handler=_produce)
 
 
 def _add_simulate_parser(commands):
@@ -274,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     action.set_defaults(handler=_local)
 
   _add_simulate_parser(commands)
+  _add_produce_parser(commands)
   _add_warehouse_parser(commands)
   _add_promote_parser(commands)
   _add_watch_parser(commands)

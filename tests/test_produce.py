@@ -1,0 +1,81 @@
+"""`kbml produce`: one's own files into the topics, the records the simulator gives for the same events."""
+
+import subprocess
+import sys
+import uuid
+
+import pandas as pd
+import pytest
+
+from kbml import produce, simulator
+from kbml.warehouse import open_warehouse
+from pipelines import ingest
+from tests.pipeline_process import PROJECT_ROOT
+
+SIMULATION = simulator.SimulationConfig(customers=100, terminals=200, days=15, seed=4)
+
+
+@pytest.fixture(scope='module')
+def simulated(tmp_path_factory):
+  """A small simulation and its files: JSON Lines as `kbml simulate --output-dir` writes them, CSV and Parquet."""
+  simulation = simulator.simulate(SIMULATION)
+  folder = tmp_path_factory.mktemp('files')
+  transactions_file, labels_file = simulator.write_files(simulation, str(folder))
+  files = {'jsonl': (transactions_file, labels_file)}
+  for extension in ('csv', 'parquet'):
+    paths = (str(folder / f'transactions.{extension}'), str(folder / f'labels.{extension}'))
+    for source, path in zip(files['jsonl'], paths, strict=True):
+      frame = produce.read_table(source)
+      frame.to_csv(path, index=False) if extension == 'csv' else frame.to_parquet(path)
+    files[extension] = paths
+  return simulation, files
+
+
+@pytest.mark.parametrize('extension', ['jsonl', 'csv', 'parquet'])
+def test_a_file_in_each_format_gives_the_simulators_own_records_in_its_order(simulated, extension):
+  simulation, files = simulated
+  transactions, labels = (produce.read_table(path) for path in files[extension])
+  assert list(produce.events_of(transactions, labels, SIMULATION.label_delay_days)) == list(
+      simulator.events(simulation))
+
+
+def _ingested(bootstrap: str, topics, folder) -> pd.DataFrame:
+  url = f"duckdb://{folder / f'{uuid.uuid4().hex[:8]}.duckdb'}"
+  ingest.run(['--bootstrap_servers', bootstrap, '--transactions_topic', topics['transactions'], '--labels_topic',
+              topics['labels'], '--dead_letter_topic', topics['dead-letter'], '--warehouse', url, '--stop_at_end',
+              '--consumer_group', f'produce-{uuid.uuid4().hex[:8]}'])
+  warehouse = open_warehouse(url)
+  return {table: warehouse.query(f'SELECT * FROM {table}').drop(columns=['kafka_partition', 'kafka_offset'],
+                                                                 errors='ignore')
+          .sort_values('transaction_id').reset_index(drop=True) for table in ('features', 'labels')}
+
+
+def test_kbml_produce_round_trips_a_csv_file_through_ingest(simulated, bootstrap, new_topic, tmp_path):
+  simulation, files = simulated
+  by_simulator = {name: new_topic(suffix=f'-{name}') for name in ('transactions', 'labels', 'dead-letter')}
+  by_file = {name: new_topic(suffix=f'-{name}') for name in ('transactions', 'labels', 'dead-letter')}
+  simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, by_simulator['transactions'],
+                    by_simulator['labels'])
+  produced = subprocess.run(
+      [sys.executable, '-m', 'kbml.cli', 'produce', '--transactions', files['csv'][0], '--labels', files['csv'][1],
+       '--bootstrap-servers', bootstrap, '--transactions-topic', by_file['transactions'], '--labels-topic',
+       by_file['labels']], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+  assert produced.returncode == 0, produced.stderr
+  count = len(simulation.transactions)
+  assert f'produced {count:,} transactions to {by_file["transactions"]!r} and {count:,} labels' in produced.stdout
+
+  expected, got = _ingested(bootstrap, by_simulator, tmp_path), _ingested(bootstrap, by_file, tmp_path)
+  assert len(got['features']) == count
+  for table in ('features', 'labels'):
+    pd.testing.assert_frame_equal(got[table], expected[table])
+
+
+def test_a_file_without_a_column_the_topic_needs_is_refused_with_what_to_add(tmp_path):
+  path = tmp_path / 'transactions.csv'
+  pd.DataFrame({'transaction_id': [1], 'tx_datetime': ['2018-04-01T00:00:00Z'], 'customer_id': [1],
+                'terminal_id': [2]}).to_csv(path, index=False)
+  produced = subprocess.run([sys.executable, '-m', 'kbml.cli', 'produce', '--transactions', str(path),
+                             '--bootstrap-servers', '127.0.0.1:9'], capture_output=True, text=True, timeout=60,
+                            cwd=PROJECT_ROOT)
+  assert produced.returncode == 2
+  assert 'The transactions have no column amount' in produced.stderr
