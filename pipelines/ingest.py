@@ -29,9 +29,11 @@ Example::
 """
 
 import logging
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
@@ -50,11 +52,12 @@ from transforms.batches import items_of
 from transforms.features import DAY_SECONDS, FEATURES_TABLE, ComputeFeatures, history_span_days
 from transforms.records import (
   LABELS_TABLE,
+  RECORDS_METRICS,
   Label,
   label_row,
   parse_utc_timestamp,
 )
-from transforms.warehouse_io import WriteToWarehouse
+from transforms.warehouse_io import WAREHOUSE_METRICS, WriteToWarehouse
 
 DEFAULT_CONSUMER_GROUP = 'kbml-ingest'
 
@@ -187,8 +190,26 @@ def run(argv: Optional[List[str]] = None):
     logging.info('writing the records from offsets %s; the earlier ones only build the histories', first_unwritten)
     form = feature_form(options, bool(kafka.stop_at_end))
     snapshot_offsets = snapshot_start_offsets(feature_snapshots(options, group, form), config)
-  with beam.Pipeline(options=options) as pipeline:
-    build_pipeline(pipeline, options, first_unwritten, snapshot_offsets)
+  pipeline = beam.Pipeline(options=options)
+  build_pipeline(pipeline, options, first_unwritten, snapshot_offsets)
+  started = time.monotonic()
+  result = pipeline.run()
+  result.wait_until_finish()
+  if will_run(options):
+    print(run_summary(result, time.monotonic() - started))
+
+
+def run_summary(result, seconds: float) -> str:
+  """What a finished run wrote, from its Beam counters: rows per table, dead letters, the rate."""
+  counters = result.metrics().query(MetricsFilter())['counters']
+  counts = {(counter.key.metric.namespace, counter.key.metric.name): counter.committed or counter.attempted or 0
+            for counter in counters}
+  tables = {name.split(':', 1)[1]: count for (namespace, name), count in counts.items()
+            if namespace == WAREHOUSE_METRICS and name.startswith('rows_written:')}
+  written = ', '.join(f'{count:,} rows to {table}' for table, count in sorted(tables.items())) or 'no rows'
+  dead_letters = counts.get((RECORDS_METRICS, 'dead_letters'), 0)
+  return (f'ingest finished in {seconds:.1f} s: wrote {written} ({sum(tables.values()) / max(seconds, 1e-9):,.0f} '
+          f'rows/s); {dead_letters:,} dead letter(s)')
 
 
 if __name__ == '__main__':

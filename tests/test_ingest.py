@@ -22,6 +22,7 @@ from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines import ingest
 from tests import test_features
 from tests.conftest import consume, local_options, produce
+from transforms import warehouse_io
 from transforms.batches import Batch
 from transforms.features import KEYED_STATE, ORDERED_BUNDLES, ComputeFeatures
 from transforms.kafka_io import KafkaRecord, ReadFromKafka
@@ -89,7 +90,8 @@ def topics(new_topic):
   return {name: new_topic(partitions=4, suffix=f'-{name}') for name in ('transactions', 'labels', 'dead-letter')}
 
 
-def test_valid_records_reach_the_warehouse_and_bad_ones_the_dead_letter_topic(bootstrap, topics, tmp_path, group_id):
+def test_valid_records_reach_the_warehouse_and_bad_ones_the_dead_letter_topic(bootstrap, topics, tmp_path, group_id,
+                                                                             capsys, caplog, monkeypatch):
   messages, valid_ids, expected_reasons = [], set(), {}
   for i in range(11_000):
     if i % 11 == 10:
@@ -103,8 +105,14 @@ def test_valid_records_reach_the_warehouse_and_bad_ones_the_dead_letter_topic(bo
   produce(bootstrap, topics['transactions'], messages)
   warehouse = f'duckdb://{tmp_path}/warehouse.duckdb'
 
-  ingest.run(_ingest_args(bootstrap, topics, warehouse, '--stop_at_end', '--consumer_group', group_id))
+  monkeypatch.setattr(warehouse_io, 'PROGRESS_EVERY_S', 0.0)  # a progress line after every write
+  with caplog.at_level(logging.INFO):
+    ingest.run(_ingest_args(bootstrap, topics, warehouse, '--stop_at_end', '--consumer_group', group_id))
 
+  assert any('rows written to features so far by this worker' in message for message in caplog.messages)
+  summary = capsys.readouterr().out
+  assert 'ingest finished in' in summary and 'wrote 10,000 rows to features' in summary
+  assert '; 1,000 dead letter(s)' in summary
   features = open_warehouse(warehouse).query('SELECT transaction_id, amount FROM features')
   assert len(features) == 10_000 and set(features['transaction_id']) == valid_ids
   dead = consume(bootstrap, topics['dead-letter'], 1_000)
@@ -170,7 +178,8 @@ def test_a_run_after_another_writes_the_rows_one_run_writes_and_no_dead_letter_t
   assert len(consume(bootstrap, topics['dead-letter'], 10, timeout_s=5)) == 2 + 2
 
 
-def test_bigquery_and_the_embedded_warehouse_get_the_same_rows(bootstrap, topics, tmp_path, bigquery_emulator):
+def test_bigquery_and_the_embedded_warehouse_get_the_same_rows(bootstrap, topics, tmp_path, bigquery_emulator,
+                                                               capsys):
   simulation = simulate(SimulationConfig(customers=100, terminals=150, days=20, seed=8))
   simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
   embedded = f'duckdb://{tmp_path}/warehouse.duckdb'
@@ -178,6 +187,8 @@ def test_bigquery_and_the_embedded_warehouse_get_the_same_rows(bootstrap, topics
   ingest.run(_ingest_args(bootstrap, topics, embedded, '--stop_at_end', '--consumer_group', 'to-duckdb'))
   ingest.run(_ingest_args(bootstrap, topics, bigquery, '--stop_at_end', '--consumer_group', 'to-bigquery',
                           '--bigquery_temp_location', str(tmp_path / 'bigquery-loads')))
+  count = len(simulation.transactions)
+  assert capsys.readouterr().out.count(f'wrote {count:,} rows to features, {count:,} rows to labels') == 2
 
   for table in ('features', 'labels'):
     rows = [open_warehouse(url).query(f'SELECT * FROM {open_warehouse(url).table_ref(table)}')

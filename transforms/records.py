@@ -42,6 +42,9 @@ SOURCE_HEADERS = ('kbml.source.topic', 'kbml.source.partition', 'kbml.source.off
 # 1 MB by default (message.max.bytes), and a dead letter that cannot be produced would fail its bundle for good.
 MAX_DEAD_LETTER_BYTES = 512 * 1024
 ORIGINAL_BYTES_HEADER = 'kbml.original.bytes'
+# A Beam counter of the records sent to the dead-letter topic (each passes dead_letter_message once).
+RECORDS_METRICS = 'kbml.records'
+DEAD_LETTERS = beam.metrics.Metrics.counter(RECORDS_METRICS, 'dead_letters')
 ORIGINAL_SHA256_HEADER = 'kbml.original.sha256'
 
 
@@ -250,6 +253,7 @@ def dead_letter_message(dead: DeadLetter) -> Tuple[Optional[bytes], Optional[byt
   ``kbml.original.bytes`` and ``kbml.original.sha256`` describe the whole
   value.
   """
+  DEAD_LETTERS.inc()
   record = dead.record
   source = (record.topic, record.partition, record.offset, record.timestamp_ms)
   headers = [(REASON_HEADER, dead.reason.encode('utf-8'))]
