@@ -20,8 +20,10 @@ warehouse at the end of the bundle and then checks the windows that have
 closed: drift of the features and of the score (PSI against the version's
 training statistics) and the dead-letter rate when a window's transactions
 are all in, precision and recall floors when its labels are, and the
-scorer's consumer lag. Alerts go to the ``alerts`` topic, each once: the
-alerts raised are recorded in the warehouse too.
+scorer's consumer lag. Alerts go to the ``alerts`` topic, one per window,
+model version and kind, each once: the alerts raised are recorded in the
+warehouse too. A drift alert lists the statistics that drifted and is not
+raised again while the next windows drift the same way.
 """
 
 import collections
@@ -81,6 +83,8 @@ PREDICTION, LABEL, DEAD_LETTER = 'prediction', 'label', 'dead_letter'
 # Counts that belong to no model: the dead letters of a window.
 PIPELINE_ROLE = 'pipeline'
 ALERTS_TABLE = 'monitoring_alerts'
+# A drift alert names this many of the statistics that drifted, the most drifted first, and counts the others.
+_LISTED_STATISTICS = 5
 ALERTS_SCHEMA = TableSchema(
     columns=(('kind', 'STRING'), ('window_start', 'TIMESTAMP'), ('model_version', 'STRING'), ('subject', 'STRING'),
              ('raised_at', 'TIMESTAMP'), ('message', 'STRING')),
@@ -502,6 +506,9 @@ class WindowMetricsFn(beam.DoFn):
                   f'fix the producer.', rate=rate, threshold=settings.max_dead_letter_rate)
 
   def _check_drift(self, window, version: str, rows):
+    """One drift alert for the window and version, listing every statistic past the threshold, most drifted first;
+    none while the version's alert of the window before is still open (no statistic drifted that it did not
+    list)."""
     summary = window_summary(rows)
     predictions = summary['predictions']
     settings = self._settings
@@ -511,13 +518,22 @@ class WindowMetricsFn(beam.DoFn):
       metadata = self._store.metadata(version)
     except ModelStoreError:
       return
-    for statistic, psi in sorted(drift_by_statistic(rows, metadata).items()):
-      if psi > settings.psi_threshold and statistic not in settings.drift_exclude:
-        self._raise(DRIFT, window, version, statistic,
-                    f'{statistic} drifted in the window {_describe(window)}: PSI {psi:.3f} > {settings.psi_threshold} '
-                    f'against the training data of model {version} ({int(predictions):,} predictions). The model '
-                    'may no longer fit: retrain on recent data (`kbml retrain`).',
-                    statistic=statistic, psi=psi, threshold=settings.psi_threshold, predictions=predictions)
+    drifted = {statistic: psi for statistic, psi in drift_by_statistic(rows, metadata).items()
+               if psi > settings.psi_threshold and statistic not in settings.drift_exclude}
+    if not drifted:
+      return
+    previous = self._raised_subject(DRIFT, version, window[0] - (window[1] - window[0]))
+    if previous is not None and set(drifted) <= set(previous.split(',')):
+      return
+    ranked = sorted(drifted.items(), key=lambda item: (-item[1], item[0]))
+    listed = ', '.join(f'{statistic} {psi:.2f}' for statistic, psi in ranked[:_LISTED_STATISTICS])
+    more = f' and {len(ranked) - _LISTED_STATISTICS} more' if len(ranked) > _LISTED_STATISTICS else ''
+    self._raise(DRIFT, window, version, ','.join(sorted(drifted)),
+                f'{len(ranked)} statistic(s) drifted in the window {_describe(window)} against the training data of '
+                f'model {version} (PSI > {settings.psi_threshold}, {int(predictions):,} predictions): {listed}{more}. '
+                'The model may no longer fit: retrain on recent data (`kbml retrain`).',
+                statistic=ranked[0][0], psi=ranked[0][1], drifted=dict(ranked), threshold=settings.psi_threshold,
+                predictions=predictions)
 
   def _check_accuracy(self, window, version: str, rows):
     summary = window_summary(rows)
@@ -535,14 +551,20 @@ class WindowMetricsFn(beam.DoFn):
                     **{name: value, 'floor': floor, 'labelled': summary['labelled'], 'frauds': summary['frauds'],
                        'average_precision': summary['average_precision']})
 
-  def _raise(self, kind: str, window: Tuple[float, float], version: str, subject: str, message: str, **details):
-    """Sends an alert unless the same one (kind, window, version, subject) was raised before."""
-    start = utc_iso(window[0])
+  def _raised_subject(self, kind: str, version: str, window_start: float) -> Optional[str]:
+    """The subject of the alert of ``kind`` raised for the version's window starting then, or None."""
     warehouse = self._warehouse
-    key = f'kind = {warehouse.string(kind)} AND model_version = {warehouse.string(version)} AND subject = ' \
-          f'{warehouse.string(subject)} AND window_start = {warehouse.timestamp(_utc(window[0]))}'
-    if len(self._warehouse.query(f'SELECT kind FROM {self._warehouse.table_ref(ALERTS_TABLE)} WHERE {key}')):
+    raised = warehouse.query(
+        f'SELECT subject FROM {warehouse.table_ref(ALERTS_TABLE)} WHERE kind = {warehouse.string(kind)} AND '
+        f'model_version = {warehouse.string(version)} AND window_start = {warehouse.timestamp(_utc(window_start))}')
+    return str(raised['subject'].iloc[0]) if len(raised) else None
+
+  def _raise(self, kind: str, window: Tuple[float, float], version: str, subject: str, message: str, **details):
+    """Sends an alert unless one of its kind was raised for the window and version before (one per window,
+    version and kind)."""
+    if self._raised_subject(kind, version, window[0]) is not None:
       return
+    start = utc_iso(window[0])
     self._alerts.send(kind, message, window_start=start, window_end=utc_iso(window[1]), model_version=version,
                       **details)
     self._warehouse.write_rows(ALERTS_TABLE, ALERTS_SCHEMA, [{
