@@ -34,8 +34,8 @@ def with_client_logger(config: Mapping[str, str]) -> Dict[str, object]:
 def unreachable_error(config: Mapping[str, str], timeout_s: float, cause: Exception) -> KafkaUnreachableError:
   return KafkaUnreachableError(
       f"Kafka at {config.get('bootstrap.servers')!r} did not answer within {timeout_s:.0f} s ({cause}). "
-      'Check --bootstrap_servers (for the local broker: `kbml local status`) and the security '
-      f'settings passed with --kafka_config; client settings in use: {redact(config)}')
+      'Check --bootstrap-servers (for the local broker: `kbml local status`) and the security '
+      f'settings passed with --kafka-config; client settings in use: {redact(config)}')
 
 
 def cluster_metadata(client, timeout_s: float = 15.0):

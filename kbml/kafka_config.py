@@ -74,7 +74,7 @@ def kafka_client_config(
 
   Args:
     bootstrap_servers: ``host:port[,host:port]``; overrides the other sources.
-    pairs: ``key=value`` strings, as given to ``--kafka_config``.
+    pairs: ``key=value`` strings, as given to ``--kafka-config``.
     properties_file: a ``.properties`` file with more settings.
 
   Returns:
@@ -82,13 +82,13 @@ def kafka_client_config(
   """
   settings = read_properties_file(properties_file) if properties_file else {}
   for pair in pairs:
-    key, value = _split_pair(pair, '--kafka_config')
+    key, value = _split_pair(pair, '--kafka-config')
     settings[key] = value
   if bootstrap_servers:
     settings['bootstrap.servers'] = bootstrap_servers
   if not settings.get('bootstrap.servers'):
     raise KafkaConfigError(
-        'No Kafka bootstrap servers: pass --bootstrap_servers host:port '
+        'No Kafka bootstrap servers: pass --bootstrap-servers host:port '
         '(for the local broker, run `kbml local up` and use the address it prints).')
   return {key: _expand_env(key, value) for key, value in settings.items()}
 

@@ -218,7 +218,6 @@ def run_loop(args, out=print) -> LoopResult:
   os.makedirs(log_dir, exist_ok=True)
   started = time.monotonic()
   kafka = ['--bootstrap-servers', bootstrap]
-  pipeline_kafka = ['--bootstrap_servers', bootstrap]
   simulation = ['--customers', str(args.customers), '--terminals', str(2 * args.customers), '--days', str(args.days),
                 '--seed', str(args.seed), '--drift-from-day', str(args.drift_from_day),
                 '--drift-cards-per-day', str(args.drift_cards_per_day), '--drift-burst', str(args.drift_burst), *kafka]
@@ -230,7 +229,7 @@ def run_loop(args, out=print) -> LoopResult:
 
   simulate_args = cli.build_parser().parse_args(['simulate', *simulation])
   step('history', ['simulate', *simulation, '--until-day', str(args.live_from_day)])
-  step('ingest the history', ['ingest', '--stop_at_end', '--warehouse', warehouse, *pipeline_kafka])
+  step('ingest the history', ['ingest', '--stop-at-end', '--warehouse', warehouse, *kafka])
   step('train the first model', ['train', *FIRST_MODEL_SPLIT, '--epochs', str(args.epochs), '--warehouse', warehouse,
                                  '--model-dir', model_dir])
   store = ModelStore(model_dir)
@@ -244,9 +243,9 @@ def run_loop(args, out=print) -> LoopResult:
   retrained, served = None, None
   try:
     out(f'\n== live: scorer, monitor, streaming ingest and retrain --on-drift (logs in {log_dir})')
-    processes.start('scorer', 'score', '--model_dir', model_dir, *pipeline_kafka)
-    processes.start('monitor', 'monitor', '--model_dir', model_dir, '--warehouse', warehouse, *pipeline_kafka)
-    processes.start('ingest', 'ingest', '--warehouse', warehouse, *pipeline_kafka)
+    processes.start('scorer', 'score', '--model-dir', model_dir, *kafka)
+    processes.start('monitor', 'monitor', '--model-dir', model_dir, '--warehouse', warehouse, *kafka)
+    processes.start('ingest', 'ingest', '--warehouse', warehouse, *kafka)
     processes.start('retrain', 'retrain', '--on-drift', '--max-retrains', '1', '--epochs', str(args.epochs),
                     '--check-interval-s', '2', '--model-dir', model_dir, '--warehouse', warehouse, *kafka)
     _wait_until(lambda: _scorer_rebuilding(config), 300, out, 'the live traffic starts anyway')

@@ -161,7 +161,7 @@ def feature_snapshots(options: PipelineOptions, group: Optional[str], form: str)
 
   None where the runner keeps the state itself (keyed state, checkpointed by
   Flink and Dataflow), for bounded runs, without a consumer group, or with
-  ``--state_snapshot_interval_s 0``.
+  ``--state-snapshot-interval-s 0``.
   """
   events = options.view_as(EventOptions)
   if form != ORDERED_BUNDLES or group is None or not events.state_snapshot_interval_s:
@@ -224,7 +224,7 @@ def snapshot_start_offsets(snapshots: Optional[StateSnapshots], config: Dict[str
         return {}
       if offset < low:
         logging.warning('%s[%d]: retention deleted offsets %d to %d after the state snapshot was taken; the '
-                        'histories miss those records (keep the topics longer than --state_snapshot_interval_s)',
+                        'histories miss those records (keep the topics longer than --state-snapshot-interval-s)',
                         topic, partition, offset, low - 1)
   finally:
     consumer.close()

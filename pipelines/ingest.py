@@ -7,25 +7,25 @@ bytes, its source and the reason. Valid transactions get their features
 the warehouse's ``features`` table; labels go to its ``labels`` table. The
 trainer joins the two.
 
-It runs unbounded (a streaming job), or bounded (``--stop_at_end``: what the
+It runs unbounded (a streaming job), or bounded (``--stop-at-end``: what the
 topics hold now). Either way it reads from the beginning of the topics, so
 that every customer's and terminal's history is warm (a streaming run on the
 local runner reads on from its newest snapshot of the histories instead,
-``--state_snapshot``), and writes only the records its consumer group has
+``--state-snapshot``), and writes only the records its consumer group has
 not committed yet: a restart, or a bounded run after another, writes the rows
 one run would have written. A repeated transaction id is a dead letter.
-``--replay_from``/``--replay_to`` rebuild the feature rows of an event-time
+``--replay-from``/``--replay-to`` rebuild the feature rows of an event-time
 range into a new table, warmed up the same way: only the rows of the range
 are written, and the read starts at the records new enough to count in the
-range's histories (Kafka's offsets by timestamp). ``--replay_offsets``
+range's histories (Kafka's offsets by timestamp). ``--replay-offsets``
 names the range by offsets of the transactions topic.
 
 Example::
 
-    python -m pipelines.ingest --stop_at_end
-    python -m pipelines.ingest --replay_from 2018-05-01T00:00:00Z --replay_to 2018-05-08T00:00:00Z \\
-        --features_table features_replay
-    python -m pipelines.ingest --replay_offsets 0:1000-2000,1:1000-2000 --features_table features_replay
+    python -m pipelines.ingest --stop-at-end
+    python -m pipelines.ingest --replay-from 2018-05-01T00:00:00Z --replay-to 2018-05-08T00:00:00Z \\
+        --features-table features_replay
+    python -m pipelines.ingest --replay-offsets 0:1000-2000,1:1000-2000 --features-table features_replay
 """
 
 import logging
@@ -87,7 +87,7 @@ def parse_offset_ranges(text: str) -> Dict[int, Tuple[int, int]]:
       start, end = offsets.split('-')
       ranges[int(partition)] = (int(start), int(end))
     except ValueError:
-      raise ValueError(f'--replay_offsets: expected PARTITION:FROM-TO[,...], got {part!r}') from None
+      raise ValueError(f'--replay-offsets: expected PARTITION:FROM-TO[,...], got {part!r}') from None
   return ranges
 
 
@@ -100,7 +100,7 @@ def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]]
   if ingest.replay_from is None and ingest.replay_to is None:
     return None
   if not (ingest.replay_from and ingest.replay_to):
-    raise ValueError('A replay by time needs both --replay_from and --replay_to.')
+    raise ValueError('A replay by time needs both --replay-from and --replay-to.')
   start, end = parse_utc_timestamp(ingest.replay_from), parse_utc_timestamp(ingest.replay_to)
   return lambda row: start <= parse_utc_timestamp(row['tx_datetime']) < end
 
@@ -108,7 +108,7 @@ def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]]
 def replay_read_start_ms(ingest: IngestOptions, events: EventOptions) -> Optional[int]:
   """The Kafka timestamp a replay by time starts reading at; None: from the beginning of the topics.
 
-  No older record counts: a valid event's time runs at most ``--max_event_time_ahead_s`` ahead of its Kafka
+  No older record counts: a valid event's time runs at most ``--max-event-time-ahead-s`` ahead of its Kafka
   timestamp, so the records before this one hold events older than every history a row of the range uses (its
   windows, the label delay, repeated transaction ids: :func:`~transforms.features.history_span_days`).
   """

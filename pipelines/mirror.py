@@ -6,8 +6,8 @@ headers are copied unchanged.
 
 Example::
 
-    python -m pipelines.mirror --input_topic transactions --output_topic copy \\
-        --consumer_group mirror-1
+    python -m pipelines.mirror --input-topic transactions --output-topic copy \\
+        --consumer-group mirror-1
 """
 
 import logging
@@ -39,7 +39,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PC
   kafka = options.view_as(KafkaOptions)
   mirror = options.view_as(MirrorOptions)
   if not (mirror.input_topic and mirror.output_topic):
-    raise ValueError('The mirror needs --input_topic and --output_topic.')
+    raise ValueError('The mirror needs --input-topic and --output-topic.')
   config = kafka_config(options)
   consumer_config = {**config, 'group.id': kafka.consumer_group} if kafka.consumer_group else config
   records = pipeline | 'ReadInput' >> read_from_kafka(

@@ -25,10 +25,10 @@ pipeline restarts: the metrics are at least once, like the predictions.
 Example::
 
     python -m pipelines.monitoring                  # streaming, on the local runner
-    python -m pipelines.monitoring --stop_at_end    # what the topics hold now, then stop
-    python -m pipelines.monitoring --runner DataflowRunner --project P --region R --temp_location gs://B/tmp \\
-        --streaming --setup_file ./setup.py --warehouse bigquery://P/fraud --model_dir gs://B/models \\
-        --bootstrap_servers BROKER:9092
+    python -m pipelines.monitoring --stop-at-end    # what the topics hold now, then stop
+    python -m pipelines.monitoring --runner DataflowRunner --project P --region R --temp-location gs://B/tmp \\
+        --streaming --setup-file ./setup.py --warehouse bigquery://P/fraud --model-dir gs://B/models \\
+        --bootstrap-servers BROKER:9092
 """
 
 import logging
@@ -187,7 +187,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                                               expansion_service=kafka.kafka_expansion_service))
   monitoring = options.view_as(MonitoringOptions)
   if monitoring.label_join_days <= events.label_delay_days:
-    raise ValueError(f'--label_join_days ({monitoring.label_join_days:g}) must be longer than the label delay '
+    raise ValueError(f'--label-join-days ({monitoring.label_join_days:g}) must be longer than the label delay '
                      f'({events.label_delay_days:g} days), or no label would meet its prediction.')
   retention_s = monitoring.label_join_days * 86_400
   join = JoinLabelsInProcessFn(retention_s) if local else JoinLabelsFn(retention_s)

@@ -25,6 +25,7 @@ before they run on it.
 """
 
 import argparse
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Type
 
@@ -63,7 +64,7 @@ class KafkaOptions(PipelineOptions):
         '--kafka_io', choices=(KAFKA_IO_PYTHON, KAFKA_IO_JAVA), default=KAFKA_IO_PYTHON,
         help='python: the bundled Python-native Kafka IO (every runner). java: Beam\'s cross-language '
         'KafkaIO, which needs a Java expansion service (Beam fetches its jar from Maven, or see '
-        '--kafka_expansion_service).')
+        '--kafka-expansion-service).')
     parser.add_argument('--kafka_expansion_service', help='host:port of a running Kafka expansion service.')
     parser.add_argument(
         '--consumer_group',
@@ -143,7 +144,7 @@ def runs_remotely(options: PipelineOptions) -> bool:
 
 
 def will_run(options: PipelineOptions) -> bool:
-  """Whether the job will run, rather than only be built (``--dry_run``): what a pipeline looks up before it
+  """Whether the job will run, rather than only be built (``--dry-run``): what a pipeline looks up before it
   builds its graph (group offsets, the model in service, the warehouse's tables) is looked up only then."""
   return not options.view_as(TestOptions).dry_run
 
@@ -161,14 +162,14 @@ def refuse_local_settings(options: PipelineOptions, documented: Sequence[Type[Pi
   runner = options.view_as(StandardOptions).runner
   refused = []
   if not options.get_all_options(drop_default=True).get('bootstrap_servers'):
-    refused.append('the local broker (`kbml local up`): pass --bootstrap_servers HOST:PORT of a broker the workers '
+    refused.append('the local broker (`kbml local up`): pass --bootstrap-servers HOST:PORT of a broker the workers '
                    'reach')
   if WarehouseOptions in documented and not options.view_as(WarehouseOptions).warehouse_url().startswith(
       'bigquery://'):
     refused.append(f'the warehouse {options.view_as(WarehouseOptions).warehouse_url()}: pass --warehouse '
                    'bigquery://PROJECT/DATASET')
   if ModelOptions in documented and not options.view_as(ModelOptions).model_dir_or_default().startswith('gs://'):
-    refused.append(f'the model store {options.view_as(ModelOptions).model_dir_or_default()}: pass --model_dir '
+    refused.append(f'the model store {options.view_as(ModelOptions).model_dir_or_default()}: pass --model-dir '
                    'gs://BUCKET/PREFIX')
   if refused:
     raise ValueError(f'{runner} workers cannot reach what is on this machine: ' + '; '.join(refused) + '.')
@@ -179,6 +180,18 @@ def kafka_config(options: PipelineOptions) -> Dict[str, str]:
   kafka = options.view_as(KafkaOptions)
   bootstrap = options.get_all_options(drop_default=True).get('bootstrap_servers') or local_bootstrap_servers()
   return kafka_client_config(bootstrap, kafka.kafka_config, kafka.kafka_config_file)
+
+
+_FLAG = re.compile(r'--[a-z0-9]+(?:_[a-z0-9]+)+')
+
+
+def dashes_to_underscores(arg: str) -> str:
+  """A flag in the command line's style (``--model-dir``, as every ``kbml`` command spells it) in Beam's
+  (``--model_dir``), which the pipelines also take; anything but a flag is left as it is."""
+  if not arg.startswith('--'):
+    return arg
+  name, equals, value = arg.partition('=')
+  return '--' + name[2:].replace('-', '_') + equals + value
 
 
 def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[PipelineOptions]] = (),
@@ -194,7 +207,7 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
   Raises:
     ValueError: a remote runner is given a setting only this machine can serve (:func:`refuse_local_settings`).
   """
-  argv = sys.argv[1:] if argv is None else argv
+  argv = [dashes_to_underscores(arg) for arg in (sys.argv[1:] if argv is None else argv)]
   if '--help' in argv or '-h' in argv:
     parser = argparse.ArgumentParser(prog=prog, description=(sys.modules['__main__'].__doc__ or '').strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,7 +217,7 @@ def pipeline_options(argv: Optional[List[str]], documented: Sequence[Type[Pipeli
                         'local broker of `kbml local up`).')
     for options_class in (*documented, KafkaOptions):
       options_class._add_argparse_args(parser.add_argument_group(options_class.__name__))
-    parser.print_help()
+    print(_FLAG.sub(lambda flag: flag.group(0).replace('_', '-'), parser.format_help()), end='')
     sys.exit(0)
   options = PipelineOptions(argv)
   standard = options.view_as(StandardOptions)

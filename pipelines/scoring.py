@@ -12,21 +12,21 @@ The model changes without a restart. On Dataflow and Flink, RunInference
 takes it from a side input: WatchFilePattern on the model store's promotion
 records. On the local runner, whose unbounded runs never deliver a side
 input, the model handler reads the store's ``current`` pointer every
-``--model_poll_s`` seconds instead (``--model_reload`` chooses). A promoted
+``--model-poll-s`` seconds instead (``--model-reload`` chooses). A promoted
 version whose file is truncated or corrupt is refused: the old one keeps
 scoring and a ``model_refused`` alert goes to the ``alerts`` topic.
 
 Delivery is at least once. On the local runner the customer and terminal
 histories are saved now and then with the offsets they reflect, and a start
-loads the newest snapshot and reads on from there (``--state_snapshot``;
+loads the newest snapshot and reads on from there (``--state-snapshot``;
 without one they are rebuilt from the beginning of the topics); only
 transactions at or after the consumer group's committed offsets are scored
 (without committed offsets: those that arrive from now on, or all with
-``--score_from earliest``). Offsets are committed only once the predictions
+``--score-from earliest``). Offsets are committed only once the predictions
 of the records before them are flushed to Kafka. After a crash some
 transactions may be scored twice (same transaction id); none is skipped.
 
-``--backtest_from``/``--backtest_to`` score a bounded range of event time
+``--backtest-from``/``--backtest-to`` score a bounded range of event time
 instead, each transaction with the version that was in service at its time
 (the promotion history as a windowed side input), and print what each
 version flagged.
@@ -34,11 +34,11 @@ version flagged.
 Example::
 
     python -m pipelines.scoring
-    python -m pipelines.scoring --backtest_from 2026-11-01T00:00:00Z --backtest_to 2026-11-08T00:00:00Z \\
-        --predictions_topic predictions-backtest
-    python -m pipelines.scoring --runner DataflowRunner --project P --region R --temp_location gs://B/tmp \\
-        --streaming --enable_streaming_engine --setup_file ./setup.py --model_dir gs://B/models \\
-        --bootstrap_servers BROKER:9092
+    python -m pipelines.scoring --backtest-from 2026-11-01T00:00:00Z --backtest-to 2026-11-08T00:00:00Z \\
+        --predictions-topic predictions-backtest
+    python -m pipelines.scoring --runner DataflowRunner --project P --region R --temp-location gs://B/tmp \\
+        --streaming --enable-streaming-engine --setup-file ./setup.py --model-dir gs://B/models \\
+        --bootstrap-servers BROKER:9092
 """
 
 import json
@@ -96,11 +96,11 @@ class ScoringOptions(PipelineOptions):
         '--score_from', choices=('latest', 'earliest'), default='latest',
         help='Without committed offsets for the consumer group: score the transactions that arrive from now on '
         '(latest) or every one in the topic (earliest). Either way, the histories are built from the start of the '
-        'topics, or from the newest snapshot (--state_snapshot).')
+        'topics, or from the newest snapshot (--state-snapshot).')
     parser.add_argument(
         '--min_batch_size', type=int,
         help='Dataflow, Flink and backtests: RunInference batches at least this many rows (a bundle\'s last batch '
-        'may have fewer); default: --max_batch_size. Below it, Beam adapts the size to the timings of earlier '
+        'may have fewer); default: --max-batch-size. Below it, Beam adapts the size to the timings of earlier '
         'batches, at a cost per batch.')
     parser.add_argument('--max_batch_size', type=int, default=1024,
                         help='... and at most this many. The local runner scores each bundle\'s rows in batches of '
@@ -112,7 +112,7 @@ class ScoringOptions(PipelineOptions):
     if self.backtest_from is None and self.backtest_to is None:
       return None
     if not (self.backtest_from and self.backtest_to):
-      raise ValueError('A backtest needs both --backtest_from and --backtest_to.')
+      raise ValueError('A backtest needs both --backtest-from and --backtest-to.')
     return parse_utc_timestamp(self.backtest_from), parse_utc_timestamp(self.backtest_to)
 
 

@@ -12,7 +12,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 
 from pipelines import mirror
 from pipelines.events import feature_form
-from pipelines.options import pipeline_options
+from pipelines.options import KafkaOptions, ModelOptions, dashes_to_underscores, pipeline_options
 from pipelines.scoring import RELOAD_POLL, RELOAD_WATCH, model_reload
 from tests.pipeline_process import PROJECT_ROOT
 from transforms.features import GROUPED, KEYED_STATE, ORDERED_BUNDLES
@@ -94,9 +94,26 @@ def test_a_dataflow_dry_run_needs_no_broker_and_no_credentials(module):
 
 @pytest.mark.parametrize('module, args, refused', [
     ('pipelines.ingest', ['--bootstrap_servers=broker:9092'], '--warehouse bigquery://'),
-    ('pipelines.scoring', ['--bootstrap_servers=broker:9092', '--model_dir=/tmp/models'], '--model_dir gs://'),
-    ('pipelines.mirror', REMOTE_SETTINGS['pipelines.mirror'], '--bootstrap_servers HOST:PORT'),
+    ('pipelines.scoring', ['--bootstrap_servers=broker:9092', '--model_dir=/tmp/models'], '--model-dir gs://'),
+    ('pipelines.mirror', REMOTE_SETTINGS['pipelines.mirror'], '--bootstrap-servers HOST:PORT'),
 ])
 def test_a_dataflow_job_refuses_what_only_this_machine_can_serve(module, args, refused):
   done = _dry_run(module, *args)
   assert done.returncode != 0 and refused in done.stderr, done.stderr[-3000:]
+
+
+def test_the_pipelines_take_the_command_lines_dashed_flags_and_beams_underscored_ones():
+  dashed = pipeline_options(['--model-dir', '/m', '--bootstrap-servers', 'b:1', '--stop-at-end', '--kafka-config=a=1',
+                             '--temp-location', '/t'], [ModelOptions])
+  underscored = pipeline_options(['--model_dir', '/m', '--bootstrap_servers', 'b:1', '--stop_at_end',
+                                  '--kafka_config=a=1', '--temp_location', '/t'], [ModelOptions])
+  for options in (dashed, underscored):
+    assert options.view_as(ModelOptions).model_dir == '/m'
+    assert options.get_all_options()['bootstrap_servers'] == 'b:1'
+    kafka = options.view_as(KafkaOptions)
+    assert kafka.stop_at_end and kafka.kafka_config == ['a=1']
+    assert options.get_all_options()['temp_location'] == '/t'
+  assert dashes_to_underscores('-x') == '-x' and dashes_to_underscores('a-b') == 'a-b'
+  help_text = subprocess.run([sys.executable, '-m', 'pipelines.scoring', '--help'], capture_output=True, text=True,
+                             timeout=120, cwd=PROJECT_ROOT).stdout
+  assert '--model-dir' in help_text and '--state-snapshot' in help_text and '--model_dir' not in help_text

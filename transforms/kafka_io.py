@@ -257,7 +257,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider):
           + f', before offset {position} that this pipeline has read: the topic was deleted and created again, or '
           'the broker lost its data (an in-memory broker restarted). Stopping rather than wait for offsets that '
           'will not come: check the broker, then start the pipeline again (its group\'s committed offsets, or '
-          '--score_from / the read options, say where it goes on).')
+          '--score-from / the read options, say where it goes on).')
 
   def _advance_idle_watermark(self, key: Tuple[str, int], watermark_estimator):
     """Moves a caught-up, quiet partition's watermark up to the stream's time (see _IDLE_WATERMARK_AFTER_S)."""
@@ -703,9 +703,9 @@ def read_from_kafka(kafka_io: str, consumer_config: Mapping[str, str], topics: S
     bounds.pop('batched', None)  # and reads record by record
     if bounds.get('from_beginning') or bounds.get('commit_delay_bundles') or bounds.get('start_offsets'):
       raise ValueError('Beam\'s Java KafkaIO cannot rebuild state from the beginning of the topics or delay its '
-                       'commits: use --kafka_io=python.')
+                       'commits: use --kafka-io=python.')
     if bounds.get('stop_at_end'):
-      raise ValueError('Beam\'s Java KafkaIO cannot stop at the end offsets: use --kafka_io=python.')
+      raise ValueError('Beam\'s Java KafkaIO cannot stop at the end offsets: use --kafka-io=python.')
     return _JavaReadFromKafka(consumer_config, topics, expansion_service,
                               bounds.get('max_records_per_partition'), bounds.get('idle_timeout_s'),
                               bounds.get('start_read_time_ms'))
