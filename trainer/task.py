@@ -484,7 +484,7 @@ def summary(result: Result, model_dir: str) -> str:
     lines.append(f"tuned on validation tests {', '.join(meta['tuning']['validation_tests'])} (mean average "
                  'precision):')
     for found in meta['tuning']['families']:
-      settings = ', '.join(f'{name} {value}' for name, value in found['best'].items())
+      settings = tune.settings_text(found['best'])
       lines.append(f"  {found['family']}: {found['trials']} trials in {found['seconds']:.0f} s, "
                    f"{found['given_average_precision']:.4f} as given -> {found['best_average_precision']:.4f} with "
                    f"{settings}")

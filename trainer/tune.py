@@ -70,7 +70,8 @@ class Search:
             for name, value in dataclasses.asdict(self).items()}
 
 
-def _settings_text(settings: Mapping[str, object]) -> str:
+def settings_text(settings: Mapping[str, object]) -> str:
+  """Settings as 'name value, ...', floats to 4 significant digits."""
   return ', '.join(f'{name} {value:.4g}' if isinstance(value, float) else f'{name} {value}'
                    for name, value in settings.items())
 
@@ -101,7 +102,7 @@ def search(family: str, validation_average_precision: Callable[[Dict[str, object
     figure = validation_average_precision(dict(trial.params))
     study.tell(trial, figure)
     print(f'tuning {family}, trial {len(study.trials)}{f" of {trials}" if trials else ""}: '
-          f'{_settings_text(trial.params)} -> validation average precision {figure:.4f} '
+          f'{settings_text(trial.params)} -> validation average precision {figure:.4f} '
           f'(best {study.best_value:.4f})', flush=True)
   first = study.trials[0]
   return Search(family, dict(first.params), first.value, dict(study.best_params), study.best_value,
