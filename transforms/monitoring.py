@@ -22,8 +22,9 @@ training statistics) and the dead-letter rate when a window's transactions
 are all in, precision and recall floors when its labels are, and the
 scorer's consumer lag. Alerts go to the ``alerts`` topic, one per window,
 model version and kind, each once: the alerts raised are recorded in the
-warehouse too. A drift alert lists the statistics that drifted and is not
-raised again while the next windows drift the same way.
+warehouse too. A drift alert lists the statistics that drifted and stays
+open while the next windows drift too (a week of windows at most): no other
+is raised for that version meanwhile.
 """
 
 import collections
@@ -85,6 +86,9 @@ PIPELINE_ROLE = 'pipeline'
 ALERTS_TABLE = 'monitoring_alerts'
 # A drift alert names this many of the statistics that drifted, the most drifted first, and counts the others.
 _LISTED_STATISTICS = 5
+# A drift alert stays open while the windows after it drift too, for this many windows at most: a drift that
+# lasts longer is alerted again (a reminder, and another chance for a retrain that was refused).
+_OPEN_ALERT_WINDOWS = 7
 ALERTS_SCHEMA = TableSchema(
     columns=(('kind', 'STRING'), ('window_start', 'TIMESTAMP'), ('model_version', 'STRING'), ('subject', 'STRING'),
              ('raised_at', 'TIMESTAMP'), ('message', 'STRING')),
@@ -505,29 +509,49 @@ class WindowMetricsFn(beam.DoFn):
                   f'than {settings.max_dead_letter_rate:.1%}): look at their reasons (header kbml.error.reason) and '
                   f'fix the producer.', rate=rate, threshold=settings.max_dead_letter_rate)
 
+  def _drifted(self, rows, metadata) -> Dict[str, float]:
+    """The statistics of one window and version past the PSI threshold (none for a window with too few
+    predictions to tell)."""
+    settings = self._settings
+    if window_summary(rows)['predictions'] < settings.min_window_predictions:
+      return {}
+    return {statistic: psi for statistic, psi in drift_by_statistic(rows, metadata).items()
+            if psi > settings.psi_threshold and statistic not in settings.drift_exclude}
+
+  def _drift_alert_open(self, window, version: str, metadata) -> bool:
+    """Whether the version has a drift alert still open at ``window``: one raised within the
+    _OPEN_ALERT_WINDOWS windows before it, with every window since drifting too."""
+    warehouse, length = self._warehouse, window[1] - window[0]
+    raised = warehouse.query(
+        f'SELECT MAX(window_start) AS since FROM {warehouse.table_ref(ALERTS_TABLE)} WHERE kind = '
+        f'{warehouse.string(DRIFT)} AND model_version = {warehouse.string(version)} AND window_start < '
+        f'{warehouse.timestamp(_utc(window[0]))} AND window_start >= '
+        f'{warehouse.timestamp(_utc(window[0] - _OPEN_ALERT_WINDOWS * length))}')['since'].iloc[0]
+    if raised is None or raised != raised:  # no alert (NULL, or NaT)
+      return False
+    since = _seconds(raised)
+    between = read_sums(warehouse, f"window_start > {warehouse.timestamp(_utc(since))} AND window_start < "
+                        f"{warehouse.timestamp(_utc(window[0]))} AND role = '{CHAMPION}' AND model_version = "
+                        f'{warehouse.string(version)}', self._settings.metrics_table)
+    by_start = {_seconds(start): rows for start, rows in between.groupby('window_start')}
+    return all(start in by_start and self._drifted(by_start[start], metadata)
+               for start in (since + k * length for k in range(1, round((window[0] - since) / length))))
+
   def _check_drift(self, window, version: str, rows):
     """One drift alert for the window and version, listing every statistic past the threshold, most drifted first;
-    none while the version's alert of the window before is still open (no statistic drifted that it did not
-    list)."""
-    summary = window_summary(rows)
-    predictions = summary['predictions']
-    settings = self._settings
-    if predictions < settings.min_window_predictions:
-      return
+    none while the version's alert of an earlier window is still open (every window since drifted too)."""
     try:
       metadata = self._store.metadata(version)
     except ModelStoreError:
       return
-    drifted = {statistic: psi for statistic, psi in drift_by_statistic(rows, metadata).items()
-               if psi > settings.psi_threshold and statistic not in settings.drift_exclude}
-    if not drifted:
+    drifted = self._drifted(rows, metadata)
+    if not drifted or self._drift_alert_open(window, version, metadata):
       return
-    previous = self._raised_subject(DRIFT, version, window[0] - (window[1] - window[0]))
-    if previous is not None and set(drifted) <= set(previous.split(',')):
-      return
+    settings = self._settings
     ranked = sorted(drifted.items(), key=lambda item: (-item[1], item[0]))
     listed = ', '.join(f'{statistic} {psi:.2f}' for statistic, psi in ranked[:_LISTED_STATISTICS])
     more = f' and {len(ranked) - _LISTED_STATISTICS} more' if len(ranked) > _LISTED_STATISTICS else ''
+    predictions = window_summary(rows)['predictions']
     self._raise(DRIFT, window, version, ','.join(sorted(drifted)),
                 f'{len(ranked)} statistic(s) drifted in the window {_describe(window)} against the training data of '
                 f'model {version} (PSI > {settings.psi_threshold}, {int(predictions):,} predictions): {listed}{more}. '
