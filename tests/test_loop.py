@@ -7,9 +7,12 @@ ingest and a first model, then the scorer, the monitor, a streaming ingest and
 wave flows.
 """
 
+import collections
+
 import pandas as pd
 import pytest
 
+from kbml import status
 from kbml.alerts import DRIFT
 from kbml.local_stack import LocalStack
 from kbml.loop import PHASES, build_parser, run_loop
@@ -29,12 +32,12 @@ def own_broker(tmp_path):
 
 @pytest.mark.timeout(600)  # 4 to 5 minutes on 2 cores; the loop gives up itself after 540 s
 def test_a_cash_out_wave_is_alerted_in_its_first_window_and_a_retrained_model_recovers(own_broker, tmp_path):
-  model_dir = str(tmp_path / 'models')
+  model_dir, warehouse = str(tmp_path / 'models'), f'duckdb://{tmp_path}/warehouse.duckdb'
   args = build_parser().parse_args([
       '--customers', '300', '--drift-cards-per-day', '24', '--retrained-days', '3',
       '--live-from-day', str(LIVE_FROM_DAY), '--drift-from-day', str(DRIFT_FROM_DAY), '--epochs', '6',
       '--rate', '500', '--timeout-s', '540', '--bootstrap-servers', own_broker, '--model-dir', model_dir,
-      '--warehouse', f'duckdb://{tmp_path}/warehouse.duckdb', '--log-dir', str(tmp_path / 'logs')])
+      '--warehouse', warehouse, '--log-dir', str(tmp_path / 'logs')])
   result = run_loop(args)
 
   drift = [alert for alert in result.alerts if alert['kind'] == DRIFT]
@@ -64,3 +67,16 @@ def test_a_cash_out_wave_is_alerted_in_its_first_window_and_a_retrained_model_re
   assert retrained['average_precision'] > in_drift['average_precision'] + 0.1
   assert retrained['average_precision'] >= before['average_precision']
   assert retrained['precision'] >= before['precision'] - 0.1
+
+  # Alerts people read: one per window, version and kind; a drift alert stays open while the next windows drift,
+  # so no version has drift alerts in two adjacent windows; `kbml status` lists each alert once.
+  raised = [(alert['kind'], alert['window_start'], alert['model_version']) for alert in result.alerts]
+  assert len(raised) == len(set(raised))
+  day = pd.Timedelta(days=1)
+  for version in {alert['model_version'] for alert in drift}:
+    starts = sorted(pd.Timestamp(alert['window_start']) for alert in drift if alert['model_version'] == version)
+    assert all(later - earlier > day for earlier, later in zip(starts, starts[1:], strict=False)), starts
+  listed = status.collect(status.build_parser().parse_args([
+      '--bootstrap-servers', own_broker, '--model-dir', model_dir, '--warehouse', warehouse, '--sample-s', '0']))
+  assert listed['alerts']['complete'] and listed['alerts']['total'] == len(result.alerts)
+  assert listed['alerts']['by_kind'] == dict(collections.Counter(alert['kind'] for alert in result.alerts))
