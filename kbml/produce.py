@@ -53,7 +53,7 @@ def read_table(path: str) -> pd.DataFrame:
 
 
 def _event_seconds(frame: pd.DataFrame, column: str, what: str) -> np.ndarray:
-  """A time column as seconds since the epoch (UTC); strings must name their zone, as the topics require."""
+  """A time column as seconds since the epoch; a time without a zone is taken as UTC, as the topics are."""
   try:
     times = pd.to_datetime(frame[column], utc=True, format='ISO8601')
   except (ValueError, TypeError) as e:
