@@ -575,18 +575,17 @@ class WindowMetricsFn(beam.DoFn):
                     **{name: value, 'floor': floor, 'labelled': summary['labelled'], 'frauds': summary['frauds'],
                        'average_precision': summary['average_precision']})
 
-  def _raised_subject(self, kind: str, version: str, window_start: float) -> Optional[str]:
-    """The subject of the alert of ``kind`` raised for the version's window starting then, or None."""
+  def _raised(self, kind: str, version: str, window_start: float) -> bool:
+    """Whether an alert of ``kind`` was raised for the version's window starting then."""
     warehouse = self._warehouse
-    raised = warehouse.query(
-        f'SELECT subject FROM {warehouse.table_ref(ALERTS_TABLE)} WHERE kind = {warehouse.string(kind)} AND '
-        f'model_version = {warehouse.string(version)} AND window_start = {warehouse.timestamp(_utc(window_start))}')
-    return str(raised['subject'].iloc[0]) if len(raised) else None
+    return bool(len(warehouse.query(
+        f'SELECT kind FROM {warehouse.table_ref(ALERTS_TABLE)} WHERE kind = {warehouse.string(kind)} AND '
+        f'model_version = {warehouse.string(version)} AND window_start = {warehouse.timestamp(_utc(window_start))}')))
 
   def _raise(self, kind: str, window: Tuple[float, float], version: str, subject: str, message: str, **details):
     """Sends an alert unless one of its kind was raised for the window and version before (one per window,
     version and kind)."""
-    if self._raised_subject(kind, version, window[0]) is not None:
+    if self._raised(kind, version, window[0]):
       return
     start = utc_iso(window[0])
     self._alerts.send(kind, message, window_start=start, window_end=utc_iso(window[1]), model_version=version,

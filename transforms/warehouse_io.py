@@ -16,7 +16,7 @@ from kbml.warehouse import BigQueryWarehouse, TableSchema, open_warehouse
 
 # Rows buffered before a write inside a bundle: bounds memory on large bundles.
 _MAX_BUFFERED_ROWS = 20_000
-# Beam counters of the rows written, one per table: 'rows_written:TABLE' (see rows_written).
+# Beam counters of the rows written, one per table: 'rows_written:TABLE' (rows_written_counter).
 WAREHOUSE_METRICS = 'kbml.warehouse'
 PROGRESS_EVERY_S = 30.0
 
