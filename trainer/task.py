@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -274,7 +274,8 @@ def train(args) -> Result:
                                    data.labels(split.test))
   store = ModelStore(args.model_dir)
   champion = store.current()
-  champion_scores = _champion_scores(store, champion, split.test)
+  score_champion = _champion_scorer(store, champion)
+  champion_scores = score_champion(split.test) if score_champion else None
 
   version = new_version()
   metadata = {
@@ -311,8 +312,8 @@ def train(args) -> Result:
     network.save(model_file)
     store.publish(version, model_file, metadata, plots)
 
-  decision = _gate(args, store, champion, champion_scores, list(zip(protocols, [split, *earlier_splits], folds,
-                                                                     strict=True)))
+  decision = _gate(args, store, champion, score_champion, champion_scores,
+                   list(zip(protocols, [split, *earlier_splits], folds, strict=True)))
   promoted = decision['blessed'] and not args.no_promote
   store.update_metadata(version, blessing={**decision, 'promoted': promoted})
   # Gated against the champion read before training: promoted only if that one is still in service.
@@ -393,21 +394,28 @@ def feature_names_of(feature_set: str) -> List[str]:
   return list(HANDBOOK_FEATURES if feature_set == 'handbook' else FEATURE_NAMES)
 
 
-def _champion_scores(store: ModelStore, champion: Optional[str], test) -> Optional[np.ndarray]:
-  """The champion's scores of the test rows, for the gate (None without a champion)."""
+def _champion_scorer(store: ModelStore, champion: Optional[str]) -> Optional[Callable[..., np.ndarray]]:
+  """Scores test rows with the champion, loaded once, for the gate (None without a champion)."""
   if champion is None:
     return None
   champion_features = store.metadata(champion)['features']
-  missing = sorted(set(champion_features) - set(test.columns))
-  if missing:
-    raise ValueError(f'The champion {champion} needs features this run did not read: {", ".join(missing)}. '
-                     'Train with the same --feature-set, or promote by hand.')
-  return model.predict(store.load_model(champion), data.feature_matrix(test, champion_features))
+  served = store.load_model(champion)
+
+  def score(test) -> np.ndarray:
+    missing = sorted(set(champion_features) - set(test.columns))
+    if missing:
+      raise ValueError(f'The champion {champion} needs features this run did not read: {", ".join(missing)}. '
+                       'Train with the same --feature-set, or promote by hand.')
+    return model.predict(served, data.feature_matrix(test, champion_features))
+
+  return score
 
 
-def _gate(args, store: ModelStore, champion: Optional[str], champion_scores: Optional[np.ndarray],
+def _gate(args, store: ModelStore, champion: Optional[str], score_champion: Optional[Callable[..., np.ndarray]],
+          champion_scores: Optional[np.ndarray],
           folds: List[Tuple[evaluate.Protocol, evaluate.Split, Evaluation]]) -> Dict[str, object]:
-  """The blessing gate's decision on the test range (``--gate test``) or on the folds fair to the champion."""
+  """The blessing gate's decision on the test range (``--gate test``) or on the folds fair to the champion;
+  ``champion_scores``: the champion's scores of the first fold's test rows, already computed."""
   if champion is None:
     return bless(folds[0][2].metrics['average_precision'], None, None, args.tolerance)
   compared = folds[:1]
@@ -418,10 +426,10 @@ def _gate(args, store: ModelStore, champion: Optional[str], champion_scores: Opt
       trained_until = datetime.date.fromisoformat(champion_range.split('..')[1])
       compared = [fold for fold in folds if fold[0].test_start > trained_until] or compared
   from sklearn.metrics import average_precision_score
-  champion_aps = [average_precision_score(data.labels(fold_split.test), champion_scores) if number == 0 else
-                  average_precision_score(data.labels(fold_split.test),
-                                          _champion_scores(store, champion, fold_split.test))
-                  for number, (_, fold_split, _) in enumerate(compared)]
+  first_split = folds[0][1]
+  champion_aps = [average_precision_score(data.labels(fold_split.test), champion_scores if fold_split is first_split
+                                          else score_champion(fold_split.test))
+                  for _, fold_split, _ in compared]
   rows = ('the same test rows' if len(compared) == 1 else
           f'the same test rows of {len(compared)} prequential folds (mean)')
   return {**bless(float(np.mean([fold.metrics['average_precision'] for _, _, fold in compared])), champion,
