@@ -74,18 +74,23 @@ def _boosted_trees(booster) -> List[_Tree]:
   return trees
 
 
+def _fraud_column(forest) -> int:
+  """The column of the fraud class in the forest's probabilities."""
+  return list(forest.classes_).index(1)
+
+
 def _forest_trees(forest) -> List[_Tree]:
   """A forest's trees, each leaf's value its fraud fraction over the number of trees (their sum: the forest's
   probability). scikit-learn sends a row left when its float32 feature is at most the float64 threshold, that is
   right when at or above the smallest float32 over the threshold."""
   trees = []
+  fraud_column = _fraud_column(forest)
   for estimator in forest.estimators_:
     tree = estimator.tree_
     threshold = tree.threshold.astype(np.float32)
     not_above = threshold.astype(np.float64) <= tree.threshold
     split = np.where(not_above, np.nextafter(threshold, np.float32(np.inf)), threshold)
     fractions = tree.value[:, 0, :] / tree.value[:, 0, :].sum(axis=1, keepdims=True)
-    fraud_column = list(forest.classes_).index(1)
     trees.append(_Tree(tree.feature.clip(min=0), split.astype(np.float32), tree.children_left,
                        tree.children_right, (fractions[:, fraud_column] / len(forest.estimators_)).astype(np.float32)))
   return trees
@@ -162,7 +167,7 @@ def forest_to_keras(forest, check_rows: np.ndarray, name: str = 'fraud_forest'):
   """
   rows = check_rows.astype(np.float32)
   served, layer, _ = _walked(_forest_trees(forest), rows.shape[1], name, 'linear')
-  _check(np.asarray(layer(rows)).reshape(-1), forest.predict_proba(rows)[:, list(forest.classes_).index(1)],
+  _check(np.asarray(layer(rows)).reshape(-1), forest.predict_proba(rows)[:, _fraud_column(forest)],
          'scikit-learn in probability')
   return served
 

@@ -28,30 +28,29 @@ def validation_protocols(protocol: Protocol, weeks: int = DEFAULT_TUNE_WEEKS) ->
 
 
 HIDDEN_UNITS_CHOICES = ('64,32', '128,64', '256,128', '128,64,32')
-# What a search may change for each family: `kbml train` settings (argparse destinations).
-SEARCHED_SETTINGS = {'keras': ('hidden_units', 'learning_rate', 'fraud_weight'),
-                     'trees': ('tree_depth', 'tree_learning_rate'), 'forest': ('forest_depth', 'forest_trees')}
+# What a search may change for each family (`kbml train` settings, argparse destinations) and where: a choice
+# among strings, a range of integers, or a range of floats searched on a log scale.
+SEARCH_RANGES = {
+    'keras': {'hidden_units': HIDDEN_UNITS_CHOICES, 'learning_rate': (1e-4, 1e-2), 'fraud_weight': (1.0, 10.0)},
+    'trees': {'tree_depth': (2, 8), 'tree_learning_rate': (0.01, 0.3)},
+    'forest': {'forest_depth': (6, 16), 'forest_trees': (25, 200)},
+}
+SEARCHED_SETTINGS = {family: tuple(ranges) for family, ranges in SEARCH_RANGES.items()}
 
 
 def search_space(family: str, given: Mapping[str, object]) -> Dict[str, object]:
-  """The Optuna distributions of ``family``'s SEARCHED_SETTINGS; ``given`` values are always in them."""
+  """The Optuna distributions of ``family``'s SEARCH_RANGES, each widened to hold its ``given`` value."""
   from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-  spaces = {
-      'keras': lambda: {
-          'hidden_units': CategoricalDistribution(sorted({*HIDDEN_UNITS_CHOICES, given['hidden_units']})),
-          'learning_rate': FloatDistribution(min(1e-4, given['learning_rate']), max(1e-2, given['learning_rate']),
-                                             log=True),
-          'fraud_weight': FloatDistribution(min(1.0, given['fraud_weight']), max(10.0, given['fraud_weight']),
-                                            log=True)},
-      'trees': lambda: {
-          'tree_depth': IntDistribution(min(2, given['tree_depth']), max(8, given['tree_depth'])),
-          'tree_learning_rate': FloatDistribution(min(0.01, given['tree_learning_rate']),
-                                                  max(0.3, given['tree_learning_rate']), log=True)},
-      'forest': lambda: {
-          'forest_depth': IntDistribution(min(6, given['forest_depth']), max(16, given['forest_depth'])),
-          'forest_trees': IntDistribution(min(25, given['forest_trees']), max(200, given['forest_trees']))},
-  }
-  return spaces[family]()
+  space = {}
+  for name, values in SEARCH_RANGES[family].items():
+    value = given[name]
+    if isinstance(values[0], str):
+      space[name] = CategoricalDistribution(sorted({*values, value}))
+    elif isinstance(values[0], int):
+      space[name] = IntDistribution(min(values[0], value), max(values[1], value))
+    else:
+      space[name] = FloatDistribution(min(values[0], value), max(values[1], value), log=True)
+  return space
 
 
 @dataclasses.dataclass
@@ -81,7 +80,7 @@ def search(family: str, validation_average_precision: Callable[[Dict[str, object
   """Searches ``family``'s settings for the best mean validation average precision (Optuna's TPE sampler).
 
   Args:
-    family: a key of SEARCHED_SETTINGS.
+    family: a key of SEARCH_RANGES.
     validation_average_precision: fits the family with the settings it is given laid over the command line's
       and returns its mean average precision on the validation splits.
     given: the command line's values of the family's SEARCHED_SETTINGS, tried first.
