@@ -33,7 +33,6 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
@@ -46,7 +45,14 @@ from pipelines.events import (
   snapshot_start_offsets,
   write_repeats_to_dead_letters,
 )
-from pipelines.options import KafkaOptions, WarehouseOptions, kafka_config, pipeline_options, will_run
+from pipelines.options import (
+  KafkaOptions,
+  WarehouseOptions,
+  finished_counters,
+  kafka_config,
+  pipeline_options,
+  will_run,
+)
 from pipelines.stopping import stop_on_signals
 from transforms.batches import items_of
 from transforms.features import DAY_SECONDS, FEATURES_TABLE, ComputeFeatures, history_span_days
@@ -201,13 +207,10 @@ def run(argv: Optional[List[str]] = None):
 
 def run_summary(result, seconds: float) -> str:
   """What a finished run wrote, from its Beam counters: rows per table, dead letters, the rate."""
-  counters = result.metrics().query(MetricsFilter())['counters']
-  counts = {(counter.key.metric.namespace, counter.key.metric.name): counter.committed or counter.attempted or 0
-            for counter in counters}
-  tables = {name.split(':', 1)[1]: count for (namespace, name), count in counts.items()
-            if namespace == WAREHOUSE_METRICS and name.startswith('rows_written:')}
+  tables = {name.split(':', 1)[1]: count for name, count in finished_counters(result, WAREHOUSE_METRICS).items()
+            if name.startswith('rows_written:')}
   written = ', '.join(f'{count:,} rows to {table}' for table, count in sorted(tables.items())) or 'no rows'
-  dead_letters = counts.get((RECORDS_METRICS, 'dead_letters'), 0)
+  dead_letters = finished_counters(result, RECORDS_METRICS).get('dead_letters', 0)
   return (f'ingest finished in {seconds:.1f} s: wrote {written} ({sum(tables.values()) / max(seconds, 1e-9):,.0f} '
           f'rows/s); {dead_letters:,} dead letter(s)')
 

@@ -30,6 +30,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Type
 
 from apache_beam.metrics import monitoring_infos
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
@@ -180,6 +181,12 @@ def kafka_config(options: PipelineOptions) -> Dict[str, str]:
   kafka = options.view_as(KafkaOptions)
   bootstrap = options.get_all_options(drop_default=True).get('bootstrap_servers') or local_bootstrap_servers()
   return kafka_client_config(bootstrap, kafka.kafka_config, kafka.kafka_config_file)
+
+
+def finished_counters(result, namespace: str) -> Dict[str, int]:
+  """The Beam counters of a finished run in ``namespace``, by name (committed values where the runner has them)."""
+  return {counter.key.metric.name: counter.committed or counter.attempted or 0
+          for counter in result.metrics().query(MetricsFilter().with_namespace(namespace))['counters']}
 
 
 _FLAG = re.compile(r'--[a-z0-9]+(?:_[a-z0-9]+)+')

@@ -48,7 +48,6 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -64,7 +63,15 @@ from pipelines.events import (
   write_dead_letters,
   write_repeats_to_dead_letters,
 )
-from pipelines.options import KafkaOptions, ModelOptions, kafka_config, pipeline_options, updates_side_inputs, will_run
+from pipelines.options import (
+  KafkaOptions,
+  ModelOptions,
+  finished_counters,
+  kafka_config,
+  pipeline_options,
+  updates_side_inputs,
+  will_run,
+)
 from pipelines.stopping import stop_on_signals
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
@@ -282,9 +289,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 def backtest_summary(result) -> Dict[str, Dict[str, int]]:
   """{version: {'scored': n, 'flagged': m}} from a finished backtest's metrics."""
   summary: Dict[str, Dict[str, int]] = {}
-  for counter in result.metrics().query(MetricsFilter().with_namespace(BACKTEST_NAMESPACE))['counters']:
-    kind, version = counter.key.metric.name.split(':', 1)
-    summary.setdefault(version, {'scored': 0, 'flagged': 0})[kind] += counter.committed or counter.attempted
+  for name, count in finished_counters(result, BACKTEST_NAMESPACE).items():
+    kind, version = name.split(':', 1)
+    summary.setdefault(version, {'scored': 0, 'flagged': 0})[kind] += count
   return summary
 
 
