@@ -1,4 +1,5 @@
-"""Beam pipelines: one module per pipeline, each with build_pipeline() and run()."""
+"""Beam pipelines: one module per pipeline, each a composite PTransform (IngestEvents, ScoreEvents,
+MonitorPredictions, MirrorTopic) with a thin build_pipeline() and run()."""
 
 import sys
 

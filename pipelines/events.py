@@ -81,14 +81,15 @@ def feature_form(options: PipelineOptions, bounded: bool) -> str:
   return ORDERED_BUNDLES if runs_in_process(options) else KEYED_STATE
 
 
-def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[str, str], group: Optional[str],
-                form: str, first_new: Optional[Dict[str, PartitionOffsets]] = None,
-                **read_bounds) -> beam.PCollection:
+class ReadEvents(beam.PTransform):
   """Reads the transactions and labels topics; invalid records go to the dead-letter topic with the reason.
 
+  Applied to a pipeline's beginning, it returns the valid
+  :class:`~transforms.records.Transaction` and :class:`~transforms.records.Label` events, with their records'
+  Kafka timestamps (in :class:`~transforms.batches.Batch` elements for ``ORDERED_BUNDLES``).
+
   Args:
-    pipeline: the pipeline to add the steps to.
-    options: its options (EventOptions, KafkaOptions).
+    options: the pipeline's options (EventOptions, KafkaOptions).
     config: the Kafka client settings (:func:`pipelines.options.kafka_config`).
     group: the consumer group whose offsets the read starts from and commits; None: no group.
     form: the form of ComputeFeatures the events feed (:func:`feature_form`). ``ORDERED_BUNDLES`` reads the
@@ -98,36 +99,58 @@ def read_events(pipeline: beam.Pipeline, options: PipelineOptions, config: Dict[
       beginning of the topics to rebuild state: the invalid records before it were sent to the dead-letter
       topic when they were first read, and are not sent again.
     **read_bounds: :class:`~transforms.kafka_io.ReadFromKafka` stop and alignment settings.
-
-  Returns:
-    The valid :class:`~transforms.records.Transaction` and :class:`~transforms.records.Label` events, with
-    their records' Kafka timestamps (in :class:`~transforms.batches.Batch` elements for ``ORDERED_BUNDLES``).
   """
-  kafka = options.view_as(KafkaOptions)
-  events = options.view_as(EventOptions)
-  if form == ORDERED_BUNDLES:
-    read_bounds.update(align_partitions=True, batched=True)
-  records = pipeline | 'ReadTransactionsAndLabels' >> read_from_kafka(
-      kafka.kafka_io, {**config, 'group.id': group} if group else config,
-      [events.transactions_topic, events.labels_topic], expansion_service=kafka.kafka_expansion_service,
-      idle_timeout_s=kafka.idle_timeout_s, **read_bounds)
-  parsed = records | 'ParseRecords' >> ParseRecords(
-      {events.transactions_topic: TRANSACTION_SCHEMA, events.labels_topic: LABEL_SCHEMA}, events.time_limits())
-  first_new = first_new or {}
-  new_dead_letters = parsed[DEAD_LETTER_TAG] | 'NewDeadLetters' >> beam.Filter(
-      lambda dead: dead.record.offset >= first_new.get(dead.record.topic, {}).get(dead.record.partition, 0))
-  write_dead_letters(new_dead_letters, options, config)
-  return parsed['records']
+
+  def __init__(self, options: PipelineOptions, config: Dict[str, str], group: Optional[str], form: str,
+               first_new: Optional[Dict[str, PartitionOffsets]] = None, **read_bounds):
+    super().__init__()
+    self._options = options
+    self._config = config
+    self._group = group
+    self._form = form
+    self._first_new = first_new or {}
+    self._read_bounds = read_bounds
+
+  def expand(self, pbegin):
+    kafka = self._options.view_as(KafkaOptions)
+    events = self._options.view_as(EventOptions)
+    read_bounds = dict(self._read_bounds)
+    if self._form == ORDERED_BUNDLES:
+      read_bounds.update(align_partitions=True, batched=True)
+    records = pbegin | 'ReadTransactionsAndLabels' >> read_from_kafka(
+        kafka.kafka_io, {**self._config, 'group.id': self._group} if self._group else self._config,
+        [events.transactions_topic, events.labels_topic], expansion_service=kafka.kafka_expansion_service,
+        idle_timeout_s=kafka.idle_timeout_s, **read_bounds)
+    parsed = records | 'ParseRecords' >> ParseRecords(
+        {events.transactions_topic: TRANSACTION_SCHEMA, events.labels_topic: LABEL_SCHEMA}, events.time_limits())
+    first_new = self._first_new
+    _ = (parsed[DEAD_LETTER_TAG]
+         | 'NewDeadLetters' >> beam.Filter(
+             lambda dead: dead.record.offset >= first_new.get(dead.record.topic, {}).get(dead.record.partition, 0))
+         | 'WriteDeadLetters' >> WriteDeadLetters(self._options, self._config))
+    return parsed['records']
 
 
-def write_dead_letters(letters: beam.PCollection, options: PipelineOptions, config: Dict[str, str], name: str = ''):
-  """Writes :class:`~transforms.records.DeadLetter` elements to the dead-letter topic (steps named after ``name``)."""
-  kafka = options.view_as(KafkaOptions)
-  _ = (letters
-       | f'{name}ToDeadLetterMessages' >> beam.Map(dead_letter_message)
-       | f'Write{name}DeadLetters' >> write_to_kafka(kafka.kafka_io, config,
-                                                     options.view_as(EventOptions).dead_letter_topic,
-                                                     expansion_service=kafka.kafka_expansion_service))
+class WriteDeadLetters(beam.PTransform):
+  """Writes :class:`~transforms.records.DeadLetter` elements to the dead-letter topic.
+
+  Args:
+    options: the pipeline's options (EventOptions, KafkaOptions).
+    config: the Kafka client settings.
+  """
+
+  def __init__(self, options: PipelineOptions, config: Dict[str, str]):
+    super().__init__()
+    self._options = options
+    self._config = config
+
+  def expand(self, letters):
+    kafka = self._options.view_as(KafkaOptions)
+    return (letters
+            | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
+            | 'WriteToKafka' >> write_to_kafka(kafka.kafka_io, self._config,
+                                               self._options.view_as(EventOptions).dead_letter_topic,
+                                               expansion_service=kafka.kafka_expansion_service))
 
 
 def repeat_dead_letter(transaction: Transaction, transactions_topic: str) -> DeadLetter:
@@ -137,23 +160,30 @@ def repeat_dead_letter(transaction: Transaction, transactions_topic: str) -> Dea
                     'first one wins (this one got no features, no prediction and no warehouse row)')
 
 
-def write_repeats_to_dead_letters(repeated: beam.PCollection, options: PipelineOptions, config: Dict[str, str],
-                                  first_new: Optional[PartitionOffsets] = None):
+class WriteRepeatsToDeadLetters(beam.PTransform):
   """Sends ComputeFeatures' repeated transactions to the dead-letter topic, those at or after ``first_new``.
 
+  Applied to :class:`~transforms.features.FeatureOutputs` ``repeated``.
+
   Args:
-    repeated: :class:`~transforms.features.FeatureOutputs` ``repeated``.
     options: the pipeline's options (EventOptions, KafkaOptions).
     config: the Kafka client settings.
-    first_new: per transactions partition, the first offset not read before (see :func:`read_events`).
+    first_new: per transactions partition, the first offset not read before (see :class:`ReadEvents`).
   """
-  first_new = first_new or {}
-  topic = options.view_as(EventOptions).transactions_topic
-  letters = (repeated
-             | 'NewRepeats' >> beam.Filter(
-                 lambda transaction: transaction.kafka_offset >= first_new.get(transaction.kafka_partition, 0))
-             | 'RepeatsToDeadLetters' >> beam.Map(repeat_dead_letter, topic))
-  write_dead_letters(letters, options, config, 'Repeated')
+
+  def __init__(self, options: PipelineOptions, config: Dict[str, str], first_new: Optional[PartitionOffsets] = None):
+    super().__init__()
+    self._options = options
+    self._config = config
+    self._first_new = first_new or {}
+
+  def expand(self, repeated):
+    first_new = self._first_new
+    return (repeated
+            | 'NewRepeats' >> beam.Filter(
+                lambda transaction: transaction.kafka_offset >= first_new.get(transaction.kafka_partition, 0))
+            | 'ToDeadLetters' >> beam.Map(repeat_dead_letter, self._options.view_as(EventOptions).transactions_topic)
+            | 'WriteDeadLetters' >> WriteDeadLetters(self._options, self._config))
 
 
 def feature_snapshots(options: PipelineOptions, group: Optional[str], form: str) -> Optional[StateSnapshots]:

@@ -39,11 +39,11 @@ from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
 from pipelines.events import (
   EventOptions,
+  ReadEvents,
+  WriteRepeatsToDeadLetters,
   feature_form,
   feature_snapshots,
-  read_events,
   snapshot_start_offsets,
-  write_repeats_to_dead_letters,
 )
 from pipelines.options import (
   KafkaOptions,
@@ -125,14 +125,14 @@ def replay_read_start_ms(ingest: IngestOptions, events: EventOptions) -> Optiona
   return int(start_s * 1000)
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
-                   first_unwritten: Optional[Dict[str, PartitionOffsets]] = None,
-                   snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> beam.PCollection:
-  """Adds the ingest steps to ``pipeline``; returns the feature rows written.
+class IngestEvents(beam.PTransform):
+  """Kafka transactions and labels -> validation -> features -> the warehouse's features and labels tables.
+
+  Applied to a pipeline's beginning; returns the feature rows written (those
+  of the replayed range in a replay).
 
   Args:
-    pipeline: the pipeline to add to.
-    options: its options (IngestOptions, WarehouseOptions, EventOptions, KafkaOptions).
+    options: the pipeline's options (IngestOptions, WarehouseOptions, EventOptions, KafkaOptions).
     first_unwritten: per topic (transactions, labels) and partition, the first
       offset to write (:func:`~kbml.kafka_client.group_start_offsets`): the
       read starts at the beginning of the topics, and the earlier records
@@ -145,41 +145,59 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
       the histories start from it, the read from its offsets, and new
       snapshots are saved. None: no snapshots.
   """
-  kafka = options.view_as(KafkaOptions)
-  ingest = options.view_as(IngestOptions)
-  events_options = options.view_as(EventOptions)
-  in_replay_range = replay_range(ingest)
-  replay = in_replay_range is not None
-  warehouse = options.view_as(WarehouseOptions).warehouse_url()
 
-  bounded = kafka.stop_at_end or replay
-  form = feature_form(options, bounded)
-  config = kafka_config(options)
-  group = None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP
-  snapshots = feature_snapshots(options, group, form) if snapshot_offsets is not None else None
-  events = read_events(pipeline, options, config, group, form, first_new=None if replay else first_unwritten,
-                       stop_at_end=bounded, from_beginning=True, start_offsets=snapshot_offsets,
-                       start_read_time_ms=replay_read_start_ms(ingest, events_options))
-  rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form,
-                                                                 snapshots=snapshots)
-  if replay:
-    rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
-  else:
-    first_transaction = (first_unwritten or {}).get(events_options.transactions_topic, {})
-    first_label = (first_unwritten or {}).get(events_options.labels_topic, {})
-    rows = rows | 'NotYetWritten' >> beam.Filter(
-        lambda row: row['kafka_offset'] >= first_transaction.get(row['kafka_partition'], 0))
-    _ = (events
-         | 'NewLabels' >> beam.FlatMap(  # events come in Batches on the local runner
-             lambda events: [event for event in items_of(events) if isinstance(event, Label)
-                             and event.kafka_offset >= first_label.get(event.kafka_partition, 0)])
-         | 'ToLabelRows' >> beam.Map(label_row)
-         | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
-                                             temp_location=ingest.bigquery_temp_location))
-    write_repeats_to_dead_letters(repeated, options, config, first_transaction)
-  _ = rows | 'WriteFeatures' >> WriteToWarehouse(warehouse, ingest.features_table, FEATURES_TABLE,
-                                                 temp_location=ingest.bigquery_temp_location)
-  return rows
+  def __init__(self, options: PipelineOptions, first_unwritten: Optional[Dict[str, PartitionOffsets]] = None,
+               snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None):
+    super().__init__()
+    self._options = options
+    self._first_unwritten = first_unwritten or {}
+    self._snapshot_offsets = snapshot_offsets
+
+  def expand(self, pbegin):
+    options = self._options
+    kafka = options.view_as(KafkaOptions)
+    ingest = options.view_as(IngestOptions)
+    events_options = options.view_as(EventOptions)
+    in_replay_range = replay_range(ingest)
+    replay = in_replay_range is not None
+    warehouse = options.view_as(WarehouseOptions).warehouse_url()
+
+    bounded = kafka.stop_at_end or replay
+    form = feature_form(options, bounded)
+    config = kafka_config(options)
+    group = None if replay else kafka.consumer_group or DEFAULT_CONSUMER_GROUP
+    snapshots = feature_snapshots(options, group, form) if self._snapshot_offsets is not None else None
+    events = pbegin | 'ReadEvents' >> ReadEvents(
+        options, config, group, form, first_new=None if replay else self._first_unwritten, stop_at_end=bounded,
+        from_beginning=True, start_offsets=self._snapshot_offsets,
+        start_read_time_ms=replay_read_start_ms(ingest, events_options))
+    rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form,
+                                                                   snapshots=snapshots)
+    if replay:
+      rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
+    else:
+      first_transaction = self._first_unwritten.get(events_options.transactions_topic, {})
+      first_label = self._first_unwritten.get(events_options.labels_topic, {})
+      rows = rows | 'NotYetWritten' >> beam.Filter(
+          lambda row: row['kafka_offset'] >= first_transaction.get(row['kafka_partition'], 0))
+      _ = (events
+           | 'NewLabels' >> beam.FlatMap(  # events come in Batches on the local runner
+               lambda events: [event for event in items_of(events) if isinstance(event, Label)
+                               and event.kafka_offset >= first_label.get(event.kafka_partition, 0)])
+           | 'ToLabelRows' >> beam.Map(label_row)
+           | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
+                                               temp_location=ingest.bigquery_temp_location))
+      _ = repeated | 'RepeatsToDeadLetters' >> WriteRepeatsToDeadLetters(options, config, first_transaction)
+    _ = rows | 'WriteFeatures' >> WriteToWarehouse(warehouse, ingest.features_table, FEATURES_TABLE,
+                                                   temp_location=ingest.bigquery_temp_location)
+    return rows
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   first_unwritten: Optional[Dict[str, PartitionOffsets]] = None,
+                   snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> beam.PCollection:
+  """Applies :class:`IngestEvents` to ``pipeline`` (its arguments); returns the feature rows written."""
+  return pipeline | 'IngestEvents' >> IngestEvents(options, first_unwritten, snapshot_offsets)
 
 
 def run(argv: Optional[List[str]] = None):

@@ -34,22 +34,41 @@ def to_message(record: KafkaRecord):
   return record.key, record.value, record.headers
 
 
+class MirrorTopic(beam.PTransform):
+  """Copies ``--input-topic`` to ``--output-topic``; applied to a pipeline's beginning, returns the copied records.
+
+  Args:
+    options: the pipeline's options (MirrorOptions, KafkaOptions).
+
+  Raises:
+    ValueError: a topic is not given.
+  """
+
+  def __init__(self, options: PipelineOptions):
+    super().__init__()
+    mirror = options.view_as(MirrorOptions)
+    if not (mirror.input_topic and mirror.output_topic):
+      raise ValueError('The mirror needs --input-topic and --output-topic.')
+    self._options = options
+
+  def expand(self, pbegin):
+    kafka = self._options.view_as(KafkaOptions)
+    mirror = self._options.view_as(MirrorOptions)
+    config = kafka_config(self._options)
+    consumer_config = {**config, 'group.id': kafka.consumer_group} if kafka.consumer_group else config
+    records = pbegin | 'ReadInput' >> read_from_kafka(
+        kafka.kafka_io, consumer_config, [mirror.input_topic], expansion_service=kafka.kafka_expansion_service,
+        stop_at_end=kafka.stop_at_end, idle_timeout_s=kafka.idle_timeout_s)
+    _ = (records
+         | 'ToMessages' >> beam.Map(to_message)
+         | 'WriteOutput' >> write_to_kafka(kafka.kafka_io, config, mirror.output_topic,
+                                           expansion_service=kafka.kafka_expansion_service))
+    return records
+
+
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> beam.PCollection:
-  """Adds the mirror's steps to ``pipeline``; returns the copied records."""
-  kafka = options.view_as(KafkaOptions)
-  mirror = options.view_as(MirrorOptions)
-  if not (mirror.input_topic and mirror.output_topic):
-    raise ValueError('The mirror needs --input-topic and --output-topic.')
-  config = kafka_config(options)
-  consumer_config = {**config, 'group.id': kafka.consumer_group} if kafka.consumer_group else config
-  records = pipeline | 'ReadInput' >> read_from_kafka(
-      kafka.kafka_io, consumer_config, [mirror.input_topic], expansion_service=kafka.kafka_expansion_service,
-      stop_at_end=kafka.stop_at_end, idle_timeout_s=kafka.idle_timeout_s)
-  _ = (records
-       | 'ToMessages' >> beam.Map(to_message)
-       | 'WriteOutput' >> write_to_kafka(kafka.kafka_io, config, mirror.output_topic,
-                                         expansion_service=kafka.kafka_expansion_service))
-  return records
+  """Applies :class:`MirrorTopic` to ``pipeline``; returns the copied records."""
+  return pipeline | 'MirrorTopic' >> MirrorTopic(options)
 
 
 def run(argv: Optional[List[str]] = None):

@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from kbml.warehouse import open_warehouse
-from pipelines.events import EventOptions
+from pipelines.events import EventOptions, WriteDeadLetters
 from pipelines.options import (
   KafkaOptions,
   ModelOptions,
@@ -50,7 +50,7 @@ from pipelines.options import (
   will_run,
 )
 from pipelines.stopping import stop_on_signals
-from transforms.kafka_io import KafkaRecord, read_from_kafka, write_to_kafka
+from transforms.kafka_io import KafkaRecord, read_from_kafka
 from transforms.metrics import read_sums, summaries
 from transforms.monitoring import (
   DEAD_LETTER,
@@ -64,7 +64,7 @@ from transforms.monitoring import (
   dead_letter_source,
   parse_prediction,
 )
-from transforms.records import DEAD_LETTER_TAG, LABEL_SCHEMA, DeadLetter, InvalidRecord, dead_letter_message
+from transforms.records import DEAD_LETTER_TAG, LABEL_SCHEMA, DeadLetter, InvalidRecord
 
 DEFAULT_CONSUMER_GROUP = 'kbml-monitoring'
 # The join emits as records arrive, but its stage may run a bundle behind the read on the local runner (a bounded
@@ -152,48 +152,64 @@ class _ObserveFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
-                   first_new: Optional[Dict[str, PartitionOffsets]] = None):
-  """Adds the monitoring steps to ``pipeline``.
+class MonitorPredictions(beam.PTransform):
+  """Kafka predictions, labels and dead letters -> windowed model metrics in the warehouse -> alerts.
+
+  Applied to a pipeline's beginning. Records that are not predictions,
+  labels or dead letters go to the dead-letter topic with the reason.
 
   Args:
-    pipeline: the pipeline to add to.
-    options: its options (MonitoringOptions, EventOptions, KafkaOptions).
+    options: the pipeline's options (MonitoringOptions, ModelOptions, WarehouseOptions, EventOptions,
+      KafkaOptions).
     first_new: per topic and partition, the first offset to count
       (:func:`~kbml.kafka_client.group_start_offsets`); the earlier records
       only let late labels meet their predictions. None: count everything.
+
+  Raises:
+    ValueError: ``--label-join-days`` is not longer than the label delay.
   """
-  kafka = options.view_as(KafkaOptions)
-  predictions_topic = options.view_as(ModelOptions).predictions_topic
-  events = options.view_as(EventOptions)
-  local = runs_in_process(options)
-  config = kafka_config(options)
-  group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
-  topics = [predictions_topic, events.labels_topic, events.dead_letter_topic]
-  read_partitions = tuple((kind, partition) for kind, topic in ((PREDICTION, predictions_topic),
-                                                              (LABEL, events.labels_topic))
-                          for partition in sorted((first_new or {}).get(topic, {})))
-  observed = (pipeline
-              | 'ReadPredictionsAndLabels' >> read_from_kafka(
-                  kafka.kafka_io, {**config, 'group.id': group}, topics,
-                  expansion_service=kafka.kafka_expansion_service, stop_at_end=kafka.stop_at_end,
-                  idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
-                  commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local and not kafka.stop_at_end else 0)
-              | 'Observe' >> beam.ParDo(_ObserveFn(predictions_topic, events.labels_topic,
-                                                   first_new or {})).with_outputs(DEAD_LETTER_TAG, main='observed'))
-  _ = (observed[DEAD_LETTER_TAG]
-       | 'ToDeadLetterMessages' >> beam.Map(dead_letter_message)
-       | 'WriteDeadLetters' >> write_to_kafka(kafka.kafka_io, config, events.dead_letter_topic,
-                                              expansion_service=kafka.kafka_expansion_service))
-  monitoring = options.view_as(MonitoringOptions)
-  if monitoring.label_join_days <= events.label_delay_days:
-    raise ValueError(f'--label-join-days ({monitoring.label_join_days:g}) must be longer than the label delay '
-                     f'({events.label_delay_days:g} days), or no label would meet its prediction.')
-  retention_s = monitoring.label_join_days * 86_400
-  join = JoinLabelsInProcessFn(retention_s) if local else JoinLabelsFn(retention_s)
-  _ = (observed['observed']
-       | 'JoinLabels' >> beam.ParDo(join).with_input_types(Tuple[str, Observation])
-       | 'WindowMetrics' >> beam.ParDo(WindowMetricsFn(settings_of(options, read_partitions))))
+
+  def __init__(self, options: PipelineOptions, first_new: Optional[Dict[str, PartitionOffsets]] = None):
+    super().__init__()
+    self._options = options
+    self._first_new = first_new or {}
+    monitoring, events = options.view_as(MonitoringOptions), options.view_as(EventOptions)
+    if monitoring.label_join_days <= events.label_delay_days:
+      raise ValueError(f'--label-join-days ({monitoring.label_join_days:g}) must be longer than the label delay '
+                       f'({events.label_delay_days:g} days), or no label would meet its prediction.')
+
+  def expand(self, pbegin):
+    options = self._options
+    kafka = options.view_as(KafkaOptions)
+    predictions_topic = options.view_as(ModelOptions).predictions_topic
+    events = options.view_as(EventOptions)
+    local = runs_in_process(options)
+    config = kafka_config(options)
+    group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
+    topics = [predictions_topic, events.labels_topic, events.dead_letter_topic]
+    read_partitions = tuple((kind, partition) for kind, topic in ((PREDICTION, predictions_topic),
+                                                                (LABEL, events.labels_topic))
+                            for partition in sorted(self._first_new.get(topic, {})))
+    observed = (pbegin
+                | 'ReadPredictionsAndLabels' >> read_from_kafka(
+                    kafka.kafka_io, {**config, 'group.id': group}, topics,
+                    expansion_service=kafka.kafka_expansion_service, stop_at_end=kafka.stop_at_end,
+                    idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
+                    commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local and not kafka.stop_at_end else 0)
+                | 'Observe' >> beam.ParDo(_ObserveFn(predictions_topic, events.labels_topic,
+                                                     self._first_new)).with_outputs(DEAD_LETTER_TAG, main='observed'))
+    _ = observed[DEAD_LETTER_TAG] | 'WriteDeadLetters' >> WriteDeadLetters(options, config)
+    retention_s = options.view_as(MonitoringOptions).label_join_days * 86_400
+    join = JoinLabelsInProcessFn(retention_s) if local else JoinLabelsFn(retention_s)
+    return (observed['observed']
+            | 'JoinLabels' >> beam.ParDo(join).with_input_types(Tuple[str, Observation])
+            | 'WindowMetrics' >> beam.ParDo(WindowMetricsFn(settings_of(options, read_partitions))))
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   first_new: Optional[Dict[str, PartitionOffsets]] = None) -> beam.PCollection:
+  """Applies :class:`MonitorPredictions` to ``pipeline`` (its arguments)."""
+  return pipeline | 'MonitorPredictions' >> MonitorPredictions(options, first_new)
 
 
 def run(argv: Optional[List[str]] = None):

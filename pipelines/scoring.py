@@ -56,12 +56,12 @@ from kbml.alerts import AlertSink
 from kbml.kafka_client import PartitionOffsets, group_start_offsets
 from pipelines.events import (
   EventOptions,
+  ReadEvents,
+  WriteDeadLetters,
+  WriteRepeatsToDeadLetters,
   feature_form,
   feature_snapshots,
-  read_events,
   snapshot_start_offsets,
-  write_dead_letters,
-  write_repeats_to_dead_letters,
 )
 from pipelines.options import (
   KafkaOptions,
@@ -207,14 +207,14 @@ class _CountByVersionFn(beam.DoFn):
     yield result
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
-                   first_unscored: Optional[PartitionOffsets] = None,
-                   snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> beam.PCollection:
-  """Adds the scoring steps to ``pipeline``; returns the PredictionResults.
+class ScoreEvents(beam.PTransform):
+  """Kafka transactions and labels -> validation -> features -> RunInference -> the predictions topic.
+
+  Applied to a pipeline's beginning; returns the PredictionResults. Rows
+  that cannot be scored go to the dead-letter topic with the reason.
 
   Args:
-    pipeline: the pipeline to add to.
-    options: its options (ScoringOptions, KafkaOptions).
+    options: the pipeline's options (ScoringOptions, ModelOptions, EventOptions, KafkaOptions).
     first_unscored: streaming: per transactions partition, the first offset
       to score (:func:`~kbml.kafka_client.group_start_offsets`); the earlier records only
       warm up the histories. Ignored in a backtest.
@@ -225,65 +225,84 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
       snapshots are saved. None: no snapshots, the histories are built from
       the beginning of the topics.
   """
-  kafka = options.view_as(KafkaOptions)
-  scoring = options.view_as(ScoringOptions)
-  events_options = options.view_as(EventOptions)
-  backtest = scoring.backtest_range()
-  form = feature_form(options, bounded=bool(backtest))
-  config = kafka_config(options)
-  store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
 
-  # The local runner's rows come in batches that RunInference takes as they are (transforms/batches.py).
-  batched = form == ORDERED_BUNDLES
-  group = None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP
-  snapshots = feature_snapshots(options, group, form) if snapshot_offsets is not None else None
-  events = read_events(pipeline, options, config, group, form,
-                       first_new=None if backtest else {events_options.transactions_topic: first_unscored or {}},
-                       stop_at_end=bool(backtest), from_beginning=True, start_offsets=snapshot_offsets)
-  rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(
-      events_options.label_delay_days, form, rows_per_batch=scoring.max_batch_size if batched else None,
-      snapshots=snapshots)
+  def __init__(self, options: PipelineOptions, first_unscored: Optional[PartitionOffsets] = None,
+               snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None):
+    super().__init__()
+    self._options = options
+    self._first_unscored = first_unscored or {}
+    self._snapshot_offsets = snapshot_offsets
 
-  reload = None if backtest else model_reload(options)
-  handler = ModelStoreHandler(
-      store.root, alerts=AlertSink(config, options.view_as(ModelOptions).alerts_topic),
-      poll_s=scoring.model_poll_s if reload == RELOAD_POLL else None,
-      shadow_poll_s=None if backtest else scoring.model_poll_s,
-      min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size)
-  if backtest:
-    start, end = backtest
-    side_input, promoted_at = promotion_history(pipeline, store)
-    first_promotion = min(promoted_at, default=float('inf'))
-    rows = (rows
-            | 'InBacktestRange' >> beam.Filter(
-                lambda row: max(start, first_promotion) <= parse_utc_timestamp(row['tx_datetime']) < end)
-            | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(promoted_at)))
-  else:
-    side_input = None
-    if reload == RELOAD_WATCH:
-      side_input = pipeline | 'WatchPromotions' >> WatchFilePattern(
-          file_pattern=store.promotion_pattern(), interval=max(1, round(scoring.model_poll_s)))
-  rows, non_finite = rows | 'RowsToScore' >> beam.ParDo(
-      _RowsToScoreFn({} if backtest else first_unscored or {})).with_outputs(NON_FINITE, main='rows')
-  predictions, failed = rows | 'Score' >> RunInference(
-      handler.with_no_batching() if batched else handler, model_metadata_pcoll=side_input).with_exception_handling()
-  if backtest:
-    predictions = predictions | 'CountByVersion' >> beam.ParDo(_CountByVersionFn())
-  _ = (predictions
-       | 'ToPredictionMessages' >> beam.Map(prediction_message)
-       | 'WritePredictions' >> write_to_kafka(kafka.kafka_io, config, options.view_as(ModelOptions).predictions_topic,
-                                              expansion_service=kafka.kafka_expansion_service))
-  unscored = {
-      'FailedInference': failed.failed_inferences | 'BatchAndError' >> beam.MapTuple(lambda batch, e: (batch, e[1])),
-      'NonFinite': non_finite,
-  }
-  for name, pcoll in unscored.items():
-    write_dead_letters(pcoll | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters,
-                                                                       events_options.transactions_topic),
-                       options, config, name)
-  if not backtest:
-    write_repeats_to_dead_letters(repeated, options, config, first_unscored)
-  return predictions
+  def expand(self, pbegin):
+    options = self._options
+    kafka = options.view_as(KafkaOptions)
+    scoring = options.view_as(ScoringOptions)
+    events_options = options.view_as(EventOptions)
+    backtest = scoring.backtest_range()
+    form = feature_form(options, bounded=bool(backtest))
+    config = kafka_config(options)
+    store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
+
+    # The local runner's rows come in batches that RunInference takes as they are (transforms/batches.py).
+    batched = form == ORDERED_BUNDLES
+    group = None if backtest else kafka.consumer_group or DEFAULT_CONSUMER_GROUP
+    snapshots = feature_snapshots(options, group, form) if self._snapshot_offsets is not None else None
+    events = pbegin | 'ReadEvents' >> ReadEvents(
+        options, config, group, form,
+        first_new=None if backtest else {events_options.transactions_topic: self._first_unscored},
+        stop_at_end=bool(backtest), from_beginning=True, start_offsets=self._snapshot_offsets)
+    rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(
+        events_options.label_delay_days, form, rows_per_batch=scoring.max_batch_size if batched else None,
+        snapshots=snapshots)
+
+    reload = None if backtest else model_reload(options)
+    handler = ModelStoreHandler(
+        store.root, alerts=AlertSink(config, options.view_as(ModelOptions).alerts_topic),
+        poll_s=scoring.model_poll_s if reload == RELOAD_POLL else None,
+        shadow_poll_s=None if backtest else scoring.model_poll_s,
+        min_batch_size=scoring.min_batch_size, max_batch_size=scoring.max_batch_size)
+    if backtest:
+      start, end = backtest
+      side_input, promoted_at = promotion_history(pbegin, store)
+      first_promotion = min(promoted_at, default=float('inf'))
+      rows = (rows
+              | 'InBacktestRange' >> beam.Filter(
+                  lambda row: max(start, first_promotion) <= parse_utc_timestamp(row['tx_datetime']) < end)
+              | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(promoted_at)))
+    else:
+      side_input = None
+      if reload == RELOAD_WATCH:
+        side_input = pbegin | 'WatchPromotions' >> WatchFilePattern(
+            file_pattern=store.promotion_pattern(), interval=max(1, round(scoring.model_poll_s)))
+    rows, non_finite = rows | 'RowsToScore' >> beam.ParDo(
+        _RowsToScoreFn({} if backtest else self._first_unscored)).with_outputs(NON_FINITE, main='rows')
+    predictions, failed = rows | 'Score' >> RunInference(
+        handler.with_no_batching() if batched else handler, model_metadata_pcoll=side_input).with_exception_handling()
+    if backtest:
+      predictions = predictions | 'CountByVersion' >> beam.ParDo(_CountByVersionFn())
+    _ = (predictions
+         | 'ToPredictionMessages' >> beam.Map(prediction_message)
+         | 'WritePredictions' >> write_to_kafka(kafka.kafka_io, config,
+                                                options.view_as(ModelOptions).predictions_topic,
+                                                expansion_service=kafka.kafka_expansion_service))
+    unscored = {
+        'FailedInference': failed.failed_inferences | 'BatchAndError' >> beam.MapTuple(lambda batch, e: (batch, e[1])),
+        'NonFinite': non_finite,
+    }
+    for name, pcoll in unscored.items():
+      _ = (pcoll
+           | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, events_options.transactions_topic)
+           | f'Write{name}DeadLetters' >> WriteDeadLetters(options, config))
+    if not backtest:
+      _ = repeated | 'RepeatsToDeadLetters' >> WriteRepeatsToDeadLetters(options, config, self._first_unscored)
+    return predictions
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   first_unscored: Optional[PartitionOffsets] = None,
+                   snapshot_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> beam.PCollection:
+  """Applies :class:`ScoreEvents` to ``pipeline`` (its arguments); returns the PredictionResults."""
+  return pipeline | 'ScoreEvents' >> ScoreEvents(options, first_unscored, snapshot_offsets)
 
 
 def backtest_summary(result) -> Dict[str, Dict[str, int]]:

@@ -38,14 +38,14 @@ def _dry_run_graph(extra_args):
 def test_dataflow_job_contains_the_kafka_source_and_sink(extra_args, boundedness):
   components, transforms = _dry_run_graph(extra_args)
 
-  source = transforms['ReadInput/ReadPartitions']
+  source = transforms['MirrorTopic/ReadInput/ReadPartitions']
   payload = beam_runner_api_pb2.ParDoPayload.FromString(source.spec.payload)
   assert payload.restriction_coder_id, 'the source is a splittable DoFn'
   assert payload.requests_finalization, 'offsets are committed in bundle finalization'
   (records,) = source.outputs.values()
   assert components.pcollections[records].is_bounded == boundedness
-  assert 'ReadInput/ListPartitions' in transforms
-  assert transforms['WriteOutput/Produce'].spec.urn == 'beam:transform:pardo:v1'
+  assert 'MirrorTopic/ReadInput/ListPartitions' in transforms
+  assert transforms['MirrorTopic/WriteOutput/Produce'].spec.urn == 'beam:transform:pardo:v1'
 
 
 @pytest.mark.parametrize('args, runs_on, form, reload', [

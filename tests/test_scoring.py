@@ -323,13 +323,13 @@ def test_dataflow_job_feeds_run_inference_from_a_watch_file_pattern_side_input()
   transforms = {t.unique_name: t for t in components.transforms.values()}
   producers = {output: name for name, t in transforms.items() if not t.subtransforms for output in t.outputs.values()}
 
-  inference = transforms['Score/BeamML_RunInference/ParDo(_RunInferenceDoFn)/ParDo(_RunInferenceDoFn)']
+  inference = transforms['ScoreEvents/Score/BeamML_RunInference/ParDo(_RunInferenceDoFn)/ParDo(_RunInferenceDoFn)']
   payload = beam_runner_api_pb2.ParDoPayload.FromString(inference.spec.payload)
   (side_input,) = payload.side_inputs
   side_pcollection = inference.inputs[side_input]
-  assert producers[side_pcollection].startswith('WatchPromotions/'), producers[side_pcollection]
-  assert 'WatchPromotions/MatchContinuously/Watch/ParDo(_WatchGrowthDoFn)' in transforms
-  source = transforms['ReadTransactionsAndLabels/ReadPartitions']
+  assert producers[side_pcollection].startswith('ScoreEvents/WatchPromotions/'), producers[side_pcollection]
+  assert 'ScoreEvents/WatchPromotions/MatchContinuously/Watch/ParDo(_WatchGrowthDoFn)' in transforms
+  source = transforms['ScoreEvents/ReadEvents/ReadTransactionsAndLabels/ReadPartitions']
   assert beam_runner_api_pb2.ParDoPayload.FromString(source.spec.payload).requests_finalization
 
 

@@ -41,7 +41,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 import numpy as np
@@ -400,7 +400,8 @@ class ServicePeriods(NonMergingWindowFn):
     return IntervalWindowCoder()
 
 
-def promotion_history(pipeline: beam.Pipeline, store: ModelStore) -> Tuple[beam.PCollection, List[float]]:
+def promotion_history(pipeline: Union[beam.Pipeline, beam.pvalue.PBegin],
+                      store: ModelStore) -> Tuple[beam.PCollection, List[float]]:
   """The store's promotions as ModelMetadata side-input elements, windowed into their service periods.
 
   Returns:
