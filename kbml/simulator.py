@@ -238,7 +238,7 @@ def simulate(config: SimulationConfig = SimulationConfig()) -> Simulation:
 
 
 class Event(NamedTuple):
-  """One record to produce: to the transactions or the labels topic."""
+  """One record to produce: to the events (transactions) or the labels topic."""
   is_label: bool
   timestamp_ms: int
   key: bytes
@@ -282,9 +282,27 @@ def events(simulation: Simulation, from_day: Optional[float] = None,
   start_ms = int(simulation.config.start.timestamp() * 1000)
   tx_ms = start_ms + tx['tx_time_seconds'].to_numpy() * 1000
   label_ms = tx_ms + int(simulation.config.label_delay_days * SECONDS_PER_DAY * 1000)
-  times = np.concatenate([label_ms, tx_ms])
-  is_label = np.concatenate([np.ones(len(tx), bool), np.zeros(len(tx), bool)])
-  rows = np.concatenate([np.arange(len(tx)), np.arange(len(tx))])
+  keys = [b'%d' % c for c in tx['customer_id']]
+  yield from merged_in_event_time(tx_ms, label_ms, keys, *records(simulation), start_ms, from_day, until_day)
+
+
+def merged_in_event_time(event_ms: np.ndarray, label_ms: np.ndarray, keys: List[bytes], event_values: List[bytes],
+                         label_values: List[bytes], start_ms: int, from_day: Optional[float] = None,
+                         until_day: Optional[float] = None) -> Iterator[Event]:
+  """Events and their labels (the i-th label is the i-th event's) as one stream in time order, labels first at an
+  instant; ``from_day`` and ``until_day`` (days after ``start_ms``, the end excluded) select a time range.
+
+  Args:
+    event_ms: each event's time, in epoch milliseconds.
+    label_ms: when each event's label becomes known.
+    keys: each event's record key, its label's too.
+    event_values: the events' records.
+    label_values: the labels' records.
+    start_ms: the simulation's start.
+  """
+  times = np.concatenate([label_ms, event_ms])
+  is_label = np.concatenate([np.ones(len(event_ms), bool), np.zeros(len(event_ms), bool)])
+  rows = np.concatenate([np.arange(len(event_ms)), np.arange(len(event_ms))])
   order = np.lexsort((rows, ~is_label, times))  # by time; at one instant, labels first
   day_ms = SECONDS_PER_DAY * 1000
   in_range = np.ones(len(order), bool)
@@ -292,10 +310,8 @@ def events(simulation: Simulation, from_day: Optional[float] = None,
     in_range &= times[order] >= start_ms + from_day * day_ms
   if until_day is not None:
     in_range &= times[order] < start_ms + until_day * day_ms
-  order = order[in_range]
-  values = records(simulation)
-  keys = [b'%d' % c for c in tx['customer_id']]
-  for i in order:
+  values = (event_values, label_values)
+  for i in order[in_range]:
     row, label = rows[i], bool(is_label[i])
     yield Event(label, int(times[i]), keys[row], values[label][row])
 
