@@ -17,7 +17,7 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.11,<3.12',
     packages=setuptools.find_packages(include=['kbml', 'kbml.*', 'pipelines', 'pipelines.*', 'transforms',
-                                               'transforms.*', 'trainer', 'trainer.*']),
+                                               'transforms.*', 'trainer', 'trainer.*', 'use_cases', 'use_cases.*']),
     install_requires=[
         'apache-beam[gcp]==2.77.0',  # the pipelines, and Dataflow
         'confluent-kafka==2.16.1',  # the Kafka source and sink (the faster client: BENCHMARKS.md)

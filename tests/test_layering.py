@@ -6,8 +6,8 @@ import os
 from typing import Dict, List, Set, Tuple
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ('kbml', 'pipelines', 'transforms', 'trainer')
-BELOW_THE_COMMAND_LINE = ('pipelines', 'transforms', 'trainer')
+PACKAGES = ('kbml', 'pipelines', 'transforms', 'trainer', 'use_cases')
+BELOW_THE_COMMAND_LINE = ('pipelines', 'transforms', 'trainer', 'use_cases')
 COMMAND_LINE_AND_DEMO = ('kbml.cli', 'kbml.loop')
 
 
