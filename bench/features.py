@@ -17,7 +17,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from bench.common import Timer
 from kbml.simulator import SimulationConfig, simulate
 from pipelines.options import LOCAL_RUNNER
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, FORMS, ComputeFeatures, Histories
+from transforms.feature_forms import FORMS
+from transforms.features import DEFAULT_LABEL_DELAY_DAYS, ComputeFeatures, Histories
 from transforms.records import Label, Transaction
 
 

@@ -1,24 +1,25 @@
-"""Ingest: Kafka transactions and labels -> validation -> features -> warehouse.
+"""Ingest: Kafka events and labels -> validation -> features -> warehouse.
 
-Every record of the ``transactions`` and ``labels`` topics is parsed against
-its schema; a bad one goes to the ``dead-letter`` topic with its original
-bytes, its source and the reason. Valid transactions get their features
-(computed in event time with the labels that have arrived) and are written to
-the warehouse's ``features`` table; labels go to its ``labels`` table. The
-trainer joins the two.
+Every record of the use case's events topic (``--use-case``; fraud:
+``transactions``) and ``labels`` topic is parsed against its schema; a bad
+one goes to the ``dead-letter`` topic with its original bytes, its source and
+the reason. Valid events get their features (computed in event time with the
+labels that have arrived) and are written to the warehouse's ``features``
+table; labels go to its ``labels`` table. The trainer joins the two.
 
 It runs unbounded (a streaming job), or bounded (``--stop-at-end``: what the
 topics hold now). Either way it reads from the beginning of the topics, so
-that every customer's and terminal's history is warm (a streaming run on the
-local runner reads on from its newest snapshot of the histories instead,
-``--state-snapshot``), and writes only the records its consumer group has
-not committed yet: a restart, or a bounded run after another, writes the rows
-one run would have written. A repeated transaction id is a dead letter.
+that every history the features use (fraud: every customer's and
+terminal's) is warm (a streaming run on the local runner reads on from its
+newest snapshot of the histories instead, ``--state-snapshot``), and writes
+only the records its consumer group has not committed yet: a restart, or a
+bounded run after another, writes the rows one run would have written. A
+repeated event id is a dead letter.
 ``--replay-from``/``--replay-to`` rebuild the feature rows of an event-time
 range into a new table, warmed up the same way: only the rows of the range
 are written, and the read starts at the records new enough to count in the
 range's histories (Kafka's offsets by timestamp). ``--replay-offsets``
-names the range by offsets of the transactions topic.
+names the range by offsets of the events topic.
 
 Example::
 
@@ -55,14 +56,8 @@ from pipelines.options import (
 )
 from pipelines.stopping import stop_on_signals
 from transforms.batches import items_of
-from transforms.features import DAY_SECONDS, FEATURES_TABLE, ComputeFeatures, history_span_days
-from transforms.records import (
-  LABELS_TABLE,
-  RECORDS_METRICS,
-  Label,
-  label_row,
-  parse_utc_timestamp,
-)
+from transforms.features import DAY_SECONDS
+from transforms.records import RECORDS_METRICS, parse_utc_timestamp
 from transforms.warehouse_io import WAREHOUSE_METRICS, WriteToWarehouse
 
 DEFAULT_CONSUMER_GROUP = 'kbml-ingest'
@@ -79,7 +74,7 @@ class IngestOptions(PipelineOptions):
     parser.add_argument('--replay_to', help='Replay: end of the rebuilt range, excluded (ISO-8601 UTC).')
     parser.add_argument(
         '--replay_offsets', metavar='PARTITION:FROM-TO[,...]',
-        help='Replay: the transactions topic\'s offset ranges to rebuild, FROM included, TO excluded; '
+        help='Replay: the events topic\'s offset ranges to rebuild, FROM included, TO excluded; '
         'e.g. 0:1000-2000,1:950-1900.')
     parser.add_argument('--bigquery_temp_location', help='Staging folder of BigQuery file loads.')
 
@@ -97,8 +92,9 @@ def parse_offset_ranges(text: str) -> Dict[int, Tuple[int, int]]:
   return ranges
 
 
-def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]], bool]]:
-  """The test that keeps a feature row in the replayed range, or None when this is no replay."""
+def replay_range(ingest: IngestOptions, time_column: str) -> Optional[Callable[[Dict[str, object]], bool]]:
+  """The test that keeps a feature row (whose time is its ``time_column``) in the replayed range, or None when this
+  is no replay."""
   if ingest.replay_offsets:
     ranges = parse_offset_ranges(ingest.replay_offsets)
     return lambda row: row['kafka_partition'] in ranges and (
@@ -108,7 +104,7 @@ def replay_range(ingest: IngestOptions) -> Optional[Callable[[Dict[str, object]]
   if not (ingest.replay_from and ingest.replay_to):
     raise ValueError('A replay by time needs both --replay-from and --replay-to.')
   start, end = parse_utc_timestamp(ingest.replay_from), parse_utc_timestamp(ingest.replay_to)
-  return lambda row: start <= parse_utc_timestamp(row['tx_datetime']) < end
+  return lambda row: start <= parse_utc_timestamp(row[time_column]) < end
 
 
 def replay_read_start_ms(ingest: IngestOptions, events: EventOptions) -> Optional[int]:
@@ -116,28 +112,28 @@ def replay_read_start_ms(ingest: IngestOptions, events: EventOptions) -> Optiona
 
   No older record counts: a valid event's time runs at most ``--max-event-time-ahead-s`` ahead of its Kafka
   timestamp, so the records before this one hold events older than every history a row of the range uses (its
-  windows, the label delay, repeated transaction ids: :func:`~transforms.features.history_span_days`).
+  windows, the label delay, repeated event ids: the use case's ``history_span_days``).
   """
   if ingest.replay_offsets or not ingest.replay_from:
     return None
-  span_s = history_span_days(events.label_delay_days) * DAY_SECONDS
+  span_s = events.declared_use_case().history_span_days(events.label_delay()) * DAY_SECONDS
   start_s = parse_utc_timestamp(ingest.replay_from) - span_s - events.max_event_time_ahead_s
   return int(start_s * 1000)
 
 
 class IngestEvents(beam.PTransform):
-  """Kafka transactions and labels -> validation -> features -> the warehouse's features and labels tables.
+  """Kafka events and labels -> validation -> features -> the warehouse's features and labels tables.
 
   Applied to a pipeline's beginning; returns the feature rows written (those
   of the replayed range in a replay).
 
   Args:
     options: the pipeline's options (IngestOptions, WarehouseOptions, EventOptions, KafkaOptions).
-    first_unwritten: per topic (transactions, labels) and partition, the first
+    first_unwritten: per topic (events, labels) and partition, the first
       offset to write (:func:`~kbml.kafka_client.group_start_offsets`): the
       read starts at the beginning of the topics, and the earlier records
-      only warm up the customers' and terminals' histories, so that a
-      restarted ingest computes the features one run would. None: write
+      only warm up the histories the features use, so that a restarted
+      ingest computes the features one run would. None: write
       everything. Ignored in a replay.
     snapshot_offsets: streaming on the local runner: where the newest
       snapshot of the histories was taken
@@ -158,7 +154,8 @@ class IngestEvents(beam.PTransform):
     kafka = options.view_as(KafkaOptions)
     ingest = options.view_as(IngestOptions)
     events_options = options.view_as(EventOptions)
-    in_replay_range = replay_range(ingest)
+    use_case = events_options.declared_use_case()
+    in_replay_range = replay_range(ingest, use_case.time_column)
     replay = in_replay_range is not None
     warehouse = options.view_as(WarehouseOptions).warehouse_url()
 
@@ -171,24 +168,24 @@ class IngestEvents(beam.PTransform):
         options, config, group, form, first_new=None if replay else self._first_unwritten, stop_at_end=bounded,
         from_beginning=True, start_offsets=self._snapshot_offsets,
         start_read_time_ms=replay_read_start_ms(ingest, events_options))
-    rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(events_options.label_delay_days, form,
-                                                                   snapshots=snapshots)
+    rows, repeated = events | 'ComputeFeatures' >> use_case.compute_features(events_options.label_delay(), form,
+                                                                             snapshots=snapshots)
     if replay:
       rows = rows | 'InReplayRange' >> beam.Filter(in_replay_range)
     else:
-      first_transaction = self._first_unwritten.get(events_options.transactions_topic, {})
-      first_label = self._first_unwritten.get(events_options.labels_topic, {})
+      first_event = self._first_unwritten.get(events_options.events_topic_or_default(), {})
+      first_label = self._first_unwritten.get(events_options.labels_topic_or_default(), {})
       rows = rows | 'NotYetWritten' >> beam.Filter(
-          lambda row: row['kafka_offset'] >= first_transaction.get(row['kafka_partition'], 0))
+          lambda row: row['kafka_offset'] >= first_event.get(row['kafka_partition'], 0))
       _ = (events
            | 'NewLabels' >> beam.FlatMap(  # events come in Batches on the local runner
-               lambda events: [event for event in items_of(events) if isinstance(event, Label)
+               lambda events: [event for event in items_of(events) if use_case.is_label(event)
                                and event.kafka_offset >= first_label.get(event.kafka_partition, 0)])
-           | 'ToLabelRows' >> beam.Map(label_row)
-           | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, LABELS_TABLE,
+           | 'ToLabelRows' >> beam.Map(use_case.label_row)
+           | 'WriteLabels' >> WriteToWarehouse(warehouse, ingest.labels_table, use_case.labels_table,
                                                temp_location=ingest.bigquery_temp_location))
-      _ = repeated | 'RepeatsToDeadLetters' >> WriteRepeatsToDeadLetters(options, config, first_transaction)
-    _ = rows | 'WriteFeatures' >> WriteToWarehouse(warehouse, ingest.features_table, FEATURES_TABLE,
+      _ = repeated | 'RepeatsToDeadLetters' >> WriteRepeatsToDeadLetters(options, config, first_event)
+    _ = rows | 'WriteFeatures' >> WriteToWarehouse(warehouse, ingest.features_table, use_case.features_table,
                                                    temp_location=ingest.bigquery_temp_location)
     return rows
 
@@ -206,14 +203,16 @@ def run(argv: Optional[List[str]] = None):
   first_unwritten = snapshot_offsets = None
   if will_run(options):
     open_warehouse(options.view_as(WarehouseOptions).warehouse_url()).prepare()
-  if will_run(options) and replay_range(options.view_as(IngestOptions)) is None:
-    kafka, events = options.view_as(KafkaOptions), options.view_as(EventOptions)
+  events = options.view_as(EventOptions)
+  use_case = events.declared_use_case()
+  if will_run(options) and replay_range(options.view_as(IngestOptions), use_case.time_column) is None:
+    kafka = options.view_as(KafkaOptions)
     group, config = kafka.consumer_group or DEFAULT_CONSUMER_GROUP, kafka_config(options)
     first_unwritten = {topic: group_start_offsets(config, group, topic, 'earliest')
-                       for topic in (events.transactions_topic, events.labels_topic)}
+                       for topic in (events.events_topic_or_default(), events.labels_topic_or_default())}
     logging.info('writing the records from offsets %s; the earlier ones only build the histories', first_unwritten)
     form = feature_form(options, bool(kafka.stop_at_end))
-    snapshot_offsets = snapshot_start_offsets(feature_snapshots(options, group, form), config)
+    snapshot_offsets = snapshot_start_offsets(feature_snapshots(options, group, form), config, use_case.id_column)
   pipeline = beam.Pipeline(options=options)
   build_pipeline(pipeline, options, first_unwritten, snapshot_offsets)
   started = time.monotonic()

@@ -83,9 +83,9 @@ class MonitoringOptions(PipelineOptions):
     parser.add_argument('--psi_threshold', type=float, default=0.2,
                         help='Drift alert above this population stability index (0.1: moderate, 0.25: major).')
     parser.add_argument(
-        '--drift_exclude', default='TX_DURING_WEEKEND',
-        help='Comma-separated statistics not checked for drift: those a window\'s calendar decides (a day is all '
-        'weekend or none of it) (default: %(default)s).')
+        '--drift_exclude',
+        help='Comma-separated statistics not checked for drift (default: the use case\'s, those a window\'s '
+        'calendar decides: for fraud TX_DURING_WEEKEND, as a day is all weekend or none of it); \'\': none.')
     parser.add_argument('--min_window_predictions', type=int, default=200,
                         help='No drift check on windows with fewer predictions.')
     parser.add_argument('--precision_floor', type=float, default=0.0, help='Alert below this labelled precision.')
@@ -112,17 +112,20 @@ def settings_of(options: PipelineOptions,
   models = options.view_as(ModelOptions)
   events = options.view_as(EventOptions)
   config = kafka_config(options)
+  if monitoring.drift_exclude is None:
+    drift_exclude = tuple(events.declared_use_case().drift_exclude)
+  else:
+    drift_exclude = tuple(name for name in monitoring.drift_exclude.split(',') if name)
   return MonitoringSettings(
       warehouse_url=options.view_as(WarehouseOptions).warehouse_url(), model_dir=models.model_dir_or_default(),
       alerts_config=config, alerts_topic=models.alerts_topic,
       window_s=monitoring.window_hours * 3600, grace_s=monitoring.grace_hours * 3600,
-      label_delay_s=events.label_delay_days * 86_400, psi_threshold=monitoring.psi_threshold,
+      label_delay_s=events.label_delay() * 86_400, psi_threshold=monitoring.psi_threshold,
       min_window_predictions=monitoring.min_window_predictions, precision_floor=monitoring.precision_floor,
       recall_floor=monitoring.recall_floor, min_labelled_frauds=monitoring.min_labelled_frauds,
       max_dead_letter_rate=monitoring.max_dead_letter_rate, scorer_group=monitoring.scorer_group,
-      transactions_topic=events.transactions_topic, max_scorer_lag=monitoring.max_scorer_lag, kafka_config=config,
-      drift_exclude=tuple(name for name in (monitoring.drift_exclude or '').split(',') if name),
-      read_partitions=read_partitions)
+      transactions_topic=events.events_topic_or_default(), max_scorer_lag=monitoring.max_scorer_lag,
+      kafka_config=config, drift_exclude=drift_exclude, read_partitions=read_partitions)
 
 
 class _ObserveFn(beam.DoFn):
@@ -173,10 +176,11 @@ class MonitorPredictions(beam.PTransform):
     super().__init__()
     self._options = options
     self._first_new = first_new or {}
+    options.view_as(EventOptions).refuse_other_use_cases('monitor')
     monitoring, events = options.view_as(MonitoringOptions), options.view_as(EventOptions)
-    if monitoring.label_join_days <= events.label_delay_days:
+    if monitoring.label_join_days <= events.label_delay():
       raise ValueError(f'--label-join-days ({monitoring.label_join_days:g}) must be longer than the label delay '
-                       f'({events.label_delay_days:g} days), or no label would meet its prediction.')
+                       f'({events.label_delay():g} days), or no label would meet its prediction.')
 
   def expand(self, pbegin):
     options = self._options
@@ -186,9 +190,9 @@ class MonitorPredictions(beam.PTransform):
     local = runs_in_process(options)
     config = kafka_config(options)
     group = kafka.consumer_group or DEFAULT_CONSUMER_GROUP
-    topics = [predictions_topic, events.labels_topic, events.dead_letter_topic]
+    topics = [predictions_topic, events.labels_topic_or_default(), events.dead_letter_topic]
     read_partitions = tuple((kind, partition) for kind, topic in ((PREDICTION, predictions_topic),
-                                                                (LABEL, events.labels_topic))
+                                                                (LABEL, events.labels_topic_or_default()))
                             for partition in sorted(self._first_new.get(topic, {})))
     observed = (pbegin
                 | 'ReadPredictionsAndLabels' >> read_from_kafka(
@@ -196,7 +200,7 @@ class MonitorPredictions(beam.PTransform):
                     expansion_service=kafka.kafka_expansion_service, stop_at_end=kafka.stop_at_end,
                     idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
                     commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local and not kafka.stop_at_end else 0)
-                | 'Observe' >> beam.ParDo(_ObserveFn(predictions_topic, events.labels_topic,
+                | 'Observe' >> beam.ParDo(_ObserveFn(predictions_topic, events.labels_topic_or_default(),
                                                      self._first_new)).with_outputs(DEAD_LETTER_TAG, main='observed'))
     _ = observed[DEAD_LETTER_TAG] | 'WriteDeadLetters' >> WriteDeadLetters(options, config)
     retention_s = options.view_as(MonitoringOptions).label_join_days * 86_400
@@ -224,7 +228,7 @@ def run(argv: Optional[List[str]] = None):
   first_new = None
   if will_run(options):
     first_new = {topic: group_start_offsets(config, group, topic, monitoring.monitor_from)
-                 for topic in (options.view_as(ModelOptions).predictions_topic, events.labels_topic,
+                 for topic in (options.view_as(ModelOptions).predictions_topic, events.labels_topic_or_default(),
                                events.dead_letter_topic)}
     logging.info('monitoring from offsets %s; the earlier records only join late labels', first_new)
   pipeline = beam.Pipeline(options=options)

@@ -75,7 +75,8 @@ from pipelines.options import (
 from pipelines.stopping import stop_on_signals
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
-from transforms.features import FEATURE_NAMES, ORDERED_BUNDLES, ComputeFeatures
+from transforms.feature_forms import ORDERED_BUNDLES
+from transforms.features import FEATURE_NAMES
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import write_to_kafka
 from transforms.records import DeadLetter, Transaction, parse_utc_timestamp, transaction_record, utc_iso
@@ -231,6 +232,7 @@ class ScoreEvents(beam.PTransform):
     super().__init__()
     self._options = options
     self._first_unscored = first_unscored or {}
+    options.view_as(EventOptions).refuse_other_use_cases('scorer')
     self._snapshot_offsets = snapshot_offsets
 
   def expand(self, pbegin):
@@ -249,10 +251,10 @@ class ScoreEvents(beam.PTransform):
     snapshots = feature_snapshots(options, group, form) if self._snapshot_offsets is not None else None
     events = pbegin | 'ReadEvents' >> ReadEvents(
         options, config, group, form,
-        first_new=None if backtest else {events_options.transactions_topic: self._first_unscored},
+        first_new=None if backtest else {events_options.events_topic_or_default(): self._first_unscored},
         stop_at_end=bool(backtest), from_beginning=True, start_offsets=self._snapshot_offsets)
-    rows, repeated = events | 'ComputeFeatures' >> ComputeFeatures(
-        events_options.label_delay_days, form, rows_per_batch=scoring.max_batch_size if batched else None,
+    rows, repeated = events | 'ComputeFeatures' >> events_options.declared_use_case().compute_features(
+        events_options.label_delay(), form, rows_per_batch=scoring.max_batch_size if batched else None,
         snapshots=snapshots)
 
     reload = None if backtest else model_reload(options)
@@ -291,7 +293,7 @@ class ScoreEvents(beam.PTransform):
     }
     for name, pcoll in unscored.items():
       _ = (pcoll
-           | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, events_options.transactions_topic)
+           | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, events_options.events_topic_or_default())
            | f'Write{name}DeadLetters' >> WriteDeadLetters(options, config))
     if not backtest:
       _ = repeated | 'RepeatsToDeadLetters' >> WriteRepeatsToDeadLetters(options, config, self._first_unscored)
@@ -327,10 +329,11 @@ def run(argv: Optional[List[str]] = None):
   first_unscored = snapshot_offsets = None
   if will_run(options) and not scoring.backtest_range():
     group, config = kafka.consumer_group or DEFAULT_CONSUMER_GROUP, kafka_config(options)
-    first_unscored = group_start_offsets(config, group, events_options.transactions_topic, scoring.score_from)
+    first_unscored = group_start_offsets(config, group, events_options.events_topic_or_default(), scoring.score_from)
     logging.info('scoring %s from offsets %s; the earlier records only build the histories',
-                 events_options.transactions_topic, first_unscored)
-    snapshot_offsets = snapshot_start_offsets(feature_snapshots(options, group, feature_form(options, False)), config)
+                 events_options.events_topic_or_default(), first_unscored)
+    snapshot_offsets = snapshot_start_offsets(feature_snapshots(options, group, feature_form(options, False)), config,
+                                              events_options.declared_use_case().id_column)
   pipeline = beam.Pipeline(options=options)
   build_pipeline(pipeline, options, first_unscored, snapshot_offsets)
   result = pipeline.run()

@@ -15,7 +15,7 @@ from pipelines.events import feature_form
 from pipelines.options import KafkaOptions, ModelOptions, dashes_to_underscores, pipeline_options
 from pipelines.scoring import RELOAD_POLL, RELOAD_WATCH, model_reload
 from tests.pipeline_process import PROJECT_ROOT
-from transforms.features import GROUPED, KEYED_STATE, ORDERED_BUNDLES
+from transforms.feature_forms import GROUPED, KEYED_STATE, ORDERED_BUNDLES
 
 DATAFLOW_DRY_RUN = ['--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=test-project',
                     '--region=us-central1', '--temp_location=gs://bkt/tmp', '--sdk_location=container']

@@ -16,14 +16,8 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
-from transforms.features import (
-  CUSTOMER_HISTORY_FEATURES,
-  FEATURE_NAMES,
-  FORMS,
-  KEYED_STATE,
-  ComputeFeatures,
-  Histories,
-)
+from transforms.feature_forms import FORMS, KEYED_STATE
+from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, ComputeFeatures, Histories
 from transforms.records import Label, Transaction, parse_utc_timestamp
 
 DELAY_DAYS = 7

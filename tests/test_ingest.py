@@ -24,7 +24,8 @@ from tests import test_features
 from tests.conftest import consume, local_options, produce
 from transforms import warehouse_io
 from transforms.batches import Batch
-from transforms.features import KEYED_STATE, ORDERED_BUNDLES, ComputeFeatures
+from transforms.feature_forms import KEYED_STATE, ORDERED_BUNDLES
+from transforms.features import ComputeFeatures
 from transforms.kafka_io import KafkaRecord, ReadFromKafka
 from transforms.records import (
   DEAD_LETTER_TAG,

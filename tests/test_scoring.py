@@ -329,7 +329,7 @@ def test_dataflow_job_feeds_run_inference_from_a_watch_file_pattern_side_input()
   side_pcollection = inference.inputs[side_input]
   assert producers[side_pcollection].startswith('ScoreEvents/WatchPromotions/'), producers[side_pcollection]
   assert 'ScoreEvents/WatchPromotions/MatchContinuously/Watch/ParDo(_WatchGrowthDoFn)' in transforms
-  source = transforms['ScoreEvents/ReadEvents/ReadTransactionsAndLabels/ReadPartitions']
+  source = transforms['ScoreEvents/ReadEvents/ReadEventsAndLabels/ReadPartitions']
   assert beam_runner_api_pb2.ParDoPayload.FromString(source.spec.payload).requests_finalization
 
 

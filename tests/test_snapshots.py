@@ -96,7 +96,7 @@ def test_a_snapshot_of_other_settings_or_recreated_topics_is_not_resumed(bootstr
   assert os.path.exists(path)
   # The topics are empty: a snapshot at offset 5 is of topics that were deleted since.
   assert snapshot_start_offsets(StateSnapshots(path, snapshot_identity(7, transactions, labels)),
-                                {'bootstrap.servers': bootstrap}) == {}
+                                {'bootstrap.servers': bootstrap}, 'transaction_id') == {}
   assert not os.path.exists(path) and os.path.exists(f'{path}.stale')
 
 
@@ -110,6 +110,6 @@ def test_a_snapshot_of_topics_created_again_with_as_many_records_is_not_resumed(
   config = {'bootstrap.servers': bootstrap}
 
   snapshots.save({('Transaction', 0): 5}, Histories(), {('Transaction', 0): 4})  # applied up to transaction 4
-  assert snapshot_start_offsets(snapshots, config) == {(transactions, 0): 5}
+  assert snapshot_start_offsets(snapshots, config, 'transaction_id') == {(transactions, 0): 5}
   snapshots.save({('Transaction', 0): 5}, Histories(), {('Transaction', 0): 104})  # of records not there now
-  assert snapshot_start_offsets(snapshots, config) == {} and os.path.exists(f'{path}.stale')
+  assert snapshot_start_offsets(snapshots, config, 'transaction_id') == {} and os.path.exists(f'{path}.stale')

@@ -28,7 +28,8 @@ same instant). The result does not depend on how the runner interleaves
 partitions and topics, and a replay yields the same rows as the original
 run.
 
-Three forms compute the same rows (``ComputeFeatures(form=...)``):
+Three forms compute the same rows (``ComputeFeatures(form=...)``;
+``transforms/feature_forms.py``):
 
 - ``KEYED_STATE``, for a stream on a distributed runner (Dataflow, Flink):
   the histories are keyed state, and a terminal's events wait in its state
@@ -53,14 +54,12 @@ Three forms compute the same rows (``ComputeFeatures(form=...)``):
 
 import bisect
 import datetime
+import functools
 import math
 import operator
 import pickle
-import threading
-import uuid
-import weakref
 from array import array
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import objsize
@@ -68,12 +67,28 @@ from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows, TimestampedValue
-from apache_beam.utils import windowed_value
+from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from kbml.warehouse import TableSchema
-from transforms.batches import Batch, items_of
+from transforms.batches import Batch
+from transforms.feature_forms import (
+  APPLY_ORDER,
+  EVENT_KIND,
+  GROUPED,
+  KEYED_STATE,
+  LABEL_KIND,
+  METRICS_NAMESPACE,
+  ORDERED_BUNDLES,
+  REPEATED_TAG,
+  FeatureOutputs,
+  OrderedBundleFeaturesFn,
+  PendingEvent,
+  check_form,
+  in_order,
+  note_applied,
+  repeated,
+)
 from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, event_time, utc_iso
 from transforms.snapshots import StateSnapshots
 
@@ -115,14 +130,6 @@ def history_span_days(label_delay_days: float) -> float:
   """How far before a transaction lie the events its features (and the test for a repeated id) use."""
   return max(HISTORY_DAYS, terminal_history_days(label_delay_days))
 
-
-# Within one instant, labels are applied before transactions: a label that has
-# arrived by time t is known when the transaction at t is scored.
-_LABEL, _TRANSACTION = 0, 1
-
-METRICS_NAMESPACE = 'kbml.features'
-# ComputeFeatures' output of the transactions whose id their customer already had: the first one wins.
-REPEATED_TAG = 'repeated'
 
 
 def calendar_features(transaction: Transaction) -> Dict[str, float]:
@@ -284,32 +291,24 @@ class TerminalHistory:
     return {'TERMINAL_ID_NB_KNOWN_FRAUDS_IN_A_ROW': run, 'TERMINAL_ID_DAYS_SINCE_FRAUDS_IN_A_ROW_BEGAN': began}
 
 
-class _PendingEvent(NamedTuple):
-  micros: int
-  kind: int
-  transaction_id: int
-  event: object
-
-
-# The order a terminal's events are applied in: time, label first, transaction id. A duplicate record keeps its
-# place (the sort is stable and never compares the events themselves).
-_APPLY_ORDER = operator.itemgetter(0, 1, 2)
 _MICROS = operator.itemgetter(0)
 
 
-def _in_order(events: Iterable[_PendingEvent]) -> List[_PendingEvent]:
-  return sorted(events, key=_APPLY_ORDER)
+def _at_its_place(event, carried) -> PendingEvent:
+  """``carried`` at the place of a Transaction or Label in the order events are applied: at its event time."""
+  kind = LABEL_KIND if isinstance(event, Label) else EVENT_KIND
+  # int(time * 1e6) is Timestamp.of(time).micros, 20x faster.
+  return PendingEvent(int(event_time(event) * 1_000_000), kind, event.transaction_id, carried)
 
 
-def _apply_order(event) -> Tuple[int, int, int]:
-  """Where a Transaction or Label goes in the order events are applied (_APPLY_ORDER): at its event time."""
-  kind = _LABEL if isinstance(event, Label) else _TRANSACTION
-  return int(event_time(event) * 1_000_000), kind, event.transaction_id  # Timestamp.of(time).micros, 20x faster
+def pending_event(event) -> PendingEvent:
+  """A Transaction or Label with its place in the order events are applied."""
+  return _at_its_place(event, event)
 
 
-def _pending_event(event) -> _PendingEvent:
+def _pending_terminal_event(event) -> PendingEvent:
   """A Label, or a (Transaction, customer features), with its place in the order events are applied."""
-  return _PendingEvent(*_apply_order(event if isinstance(event, Label) else event[0]), event)
+  return _at_its_place(event if isinstance(event, Label) else event[0], event)
 
 
 def count_label(outcome: str):
@@ -318,21 +317,16 @@ def count_label(outcome: str):
     Metrics.counter(METRICS_NAMESPACE, f'{outcome}_labels' if outcome == LABEL_ORPHAN else 'repeated_labels').inc()
 
 
-def _apply_in_order(history: TerminalHistory, ready: Iterable[_PendingEvent]) -> Iterator[TimestampedValue]:
+def _apply_in_order(history: TerminalHistory, ready: Iterable[PendingEvent]) -> Iterator[TimestampedValue]:
   """Applies a terminal's events, sorted, to its history; yields each transaction's row at its time."""
   for pending in ready:
-    if pending.kind == _LABEL:
+    if pending.kind == LABEL_KIND:
       count_label(history.add_label(pending.event))
     else:
       transaction, customer_features = pending.event
       terminal_features = history.add_transaction(transaction.tx_time, transaction.transaction_id)
       yield TimestampedValue(feature_row(transaction, {**customer_features, **terminal_features}),
                              Timestamp(micros=pending.micros))
-
-
-def _repeated(transaction: Transaction) -> beam.pvalue.TaggedOutput:
-  Metrics.counter(METRICS_NAMESPACE, 'repeated_transactions').inc()
-  return beam.pvalue.TaggedOutput(REPEATED_TAG, transaction)
 
 
 class _CustomerFeaturesFn(beam.DoFn):
@@ -356,7 +350,7 @@ class _CustomerFeaturesFn(beam.DoFn):
     history = history_state.read() or CustomerHistory()
     features = history.add(event)
     if features is None:
-      yield _repeated(event)
+      yield repeated(event)
       return
     yield event, features
     history_state.write(history)
@@ -375,11 +369,11 @@ class _TerminalState:
 
   def __init__(self, label_delay_days: float):
     self.history = TerminalHistory(label_delay_days)
-    self.pending: List[_PendingEvent] = []
+    self.pending: List[PendingEvent] = []
 
-  def wait(self, event: _PendingEvent):
+  def wait(self, event: PendingEvent):
     bisect.insort_right(self.pending, event._replace(event=pickle.dumps(event.event, pickle.HIGHEST_PROTOCOL)),
-                        key=_APPLY_ORDER)
+                        key=APPLY_ORDER)
 
   def release(self, up_to_micros: int) -> Iterator[TimestampedValue]:
     """Applies the events at or before ``up_to_micros``; yields their transactions' rows."""
@@ -422,7 +416,7 @@ class _TerminalFeaturesFn(beam.DoFn):
               last_due=beam.DoFn.TimerParam(LAST_DUE)):
     _, event = element
     terminal = state.read() or _TerminalState(self._label_delay_days)
-    terminal.wait(_pending_event(event))
+    terminal.wait(_pending_terminal_event(event))
     state.write(terminal)
     terminal.set_timers(first_due, last_due)
 
@@ -456,13 +450,13 @@ def _customer_features_of_group(element) -> Iterator:
       yield event
       continue
     features = history.add(event)
-    yield (event, features) if features is not None else _repeated(event)
+    yield (event, features) if features is not None else repeated(event)
 
 
 def _terminal_features_of_group(element, label_delay_days: float) -> Iterator[TimestampedValue]:
   """(terminal_id, all its events) -> the feature rows, as _TerminalFeaturesFn yields them."""
   _, events = element
-  yield from _apply_in_order(TerminalHistory(label_delay_days), _in_order(_pending_event(e) for e in events))
+  yield from _apply_in_order(TerminalHistory(label_delay_days), in_order(_pending_terminal_event(e) for e in events))
 
 
 class Histories:
@@ -487,7 +481,7 @@ class Histories:
     # Per (kind of event, partition): the offset after the newest record applied (a snapshot's restart point).
     self.next_offsets: Dict[Tuple[str, int], int] = {}
     # ... and the transaction id of that newest record: it tells the same topic from one created again.
-    self.last_transaction_ids: Dict[Tuple[str, int], int] = {}
+    self.last_event_ids: Dict[Tuple[str, int], int] = {}
 
   def __len__(self) -> int:
     """How many customers and terminals it holds."""
@@ -500,10 +494,7 @@ class Histories:
       The transaction's feature row; None for a label, or for a repeated
       transaction (an id its customer already has), which changes nothing.
     """
-    kind = type(event).__name__
-    if event.kafka_offset >= self.next_offsets.get((kind, event.kafka_partition), 0):
-      self.next_offsets[(kind, event.kafka_partition)] = event.kafka_offset + 1
-      self.last_transaction_ids[(kind, event.kafka_partition)] = event.transaction_id
+    note_applied(self.next_offsets, self.last_event_ids, event, event.transaction_id)
     terminal = self._terminals.get(event.terminal_id)
     if isinstance(event, Label):
       count_label(terminal.add_label(event) if terminal is not None else LABEL_ORPHAN)
@@ -536,69 +527,6 @@ class Histories:
       Metrics.counter(METRICS_NAMESPACE, f'forgotten_{kind}').inc(len(idle))
 
 
-_IN_THE_GLOBAL_WINDOW = (GlobalWindow(),)
-# The histories of each ORDERED_BUNDLES transform, by its id: one per process, whichever DoFn instance (thread,
-# bundle processor) runs a bundle; gone with the last instance.
-_PROCESS_HISTORIES: 'weakref.WeakValueDictionary[str, Histories]' = weakref.WeakValueDictionary()
-_PROCESS_HISTORIES_LOCK = threading.Lock()
-
-
-class _OrderedBundleFeaturesFn(beam.DoFn):
-  """Transaction and Label events -> feature rows, each bundle's events applied in event-time order at its end.
-
-  Events come one per element or in Batches (as ``ParseRecords`` gives a batched read's); rows leave one per
-  element, or with ``rows_per_batch`` in Batches of at most that many, each at its last row's time.
-
-  For bundles in event-time order (see the module docstring), in the global
-  window: the rows are emitted at the end of the bundle that brought their
-  transactions, at their times.
-  """
-
-  def __init__(self, label_delay_days: float, rows_per_batch: Optional[int], snapshots: Optional[StateSnapshots]):
-    self._label_delay_days = label_delay_days
-    self._rows_per_batch = rows_per_batch
-    self._snapshots = snapshots
-    self._histories_id = uuid.uuid4().hex
-    self._histories: Optional[Histories] = None
-    self._bundle: List[_PendingEvent] = []
-
-  def setup(self):
-    with _PROCESS_HISTORIES_LOCK:
-      self._histories = _PROCESS_HISTORIES.get(self._histories_id)
-      if self._histories is None:
-        loaded = self._snapshots.load() if self._snapshots is not None else None
-        self._histories = loaded[1] if loaded else Histories(self._label_delay_days)
-        _PROCESS_HISTORIES[self._histories_id] = self._histories
-
-  def start_bundle(self):
-    self._bundle = []
-    # Between bundles, the histories hold the events of bundles whose outputs are all written: a restart from
-    # the snapshot's offsets neither misses nor repeats a row. (Their offsets may not be committed yet; the
-    # restart reads from the snapshot's.)
-    if self._snapshots is not None and self._snapshots.due():
-      with _PROCESS_HISTORIES_LOCK:
-        self._snapshots.save(self._histories.next_offsets, self._histories, self._histories.last_transaction_ids)
-
-  def process(self, events: Union[Transaction, Label, Batch]):
-    self._bundle.extend(_PendingEvent(*_apply_order(event), event) for event in items_of(events))
-
-  def finish_bundle(self):
-    with _PROCESS_HISTORIES_LOCK:
-      applied = [(pending, self._histories.apply(pending.event)) for pending in _in_order(self._bundle)]
-    rows = [(pending.micros, row) for pending, row in applied if row is not None]
-    for pending, row in applied:
-      if row is None and pending.kind == _TRANSACTION:
-        yield _repeated(windowed_value.create(pending.event, pending.micros, _IN_THE_GLOBAL_WINDOW))
-    if self._rows_per_batch is None:
-      for micros, row in rows:
-        yield windowed_value.create(row, micros, _IN_THE_GLOBAL_WINDOW)
-    else:
-      for start in range(0, len(rows), self._rows_per_batch):
-        batch = rows[start:start + self._rows_per_batch]
-        yield windowed_value.create(Batch(row for _, row in batch), batch[-1][0], _IN_THE_GLOBAL_WINDOW)
-    self._bundle = []
-
-
 def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> Dict[str, object]:
   """A transaction's identity and its features, as a warehouse row."""
   features = {**calendar_features(transaction), **window_features}
@@ -624,22 +552,10 @@ def _by_terminal(event) -> Tuple[int, object]:
   return event.terminal_id if isinstance(event, Label) else event[0].terminal_id, event
 
 
-KEYED_STATE = 'keyed_state'
-ORDERED_BUNDLES = 'ordered_bundles'
-GROUPED = 'grouped'
-FORMS = (KEYED_STATE, ORDERED_BUNDLES, GROUPED)
-
-
 def snapshot_identity(label_delay_days: float, transactions_topic: str, labels_topic: str) -> Dict[str, object]:
   """What a snapshot of the histories depends on: a snapshot of other settings or features is not loaded."""
   return {'state': 'feature histories', 'label_delay_days': label_delay_days, 'features': FEATURE_NAMES,
           'streams': {'Transaction': transactions_topic, 'Label': labels_topic}}
-
-
-class FeatureOutputs(NamedTuple):
-  """What ComputeFeatures gives: the feature rows, and the repeated transactions (no row: the first one won)."""
-  rows: beam.PCollection
-  repeated: beam.PCollection
 
 
 class ComputeFeatures(beam.PTransform):
@@ -681,10 +597,7 @@ class ComputeFeatures(beam.PTransform):
   def __init__(self, label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS, form: str = KEYED_STATE,
                rows_per_batch: Optional[int] = None, snapshots: Optional[StateSnapshots] = None):
     super().__init__()
-    if form not in FORMS:
-      raise ValueError(f'Unknown feature form {form!r}: choose one of {", ".join(FORMS)}.')
-    if (rows_per_batch is not None or snapshots is not None) and form != ORDERED_BUNDLES:
-      raise ValueError(f'Only ComputeFeatures({ORDERED_BUNDLES!r}) hands on rows in batches and takes snapshots.')
+    check_form(form, rows_per_batch, snapshots)
     self._label_delay_days = label_delay_days
     self._form = form
     self._rows_per_batch = rows_per_batch
@@ -694,9 +607,10 @@ class ComputeFeatures(beam.PTransform):
     if self._form == ORDERED_BUNDLES:
       if not isinstance(events.windowing.windowfn, GlobalWindows):
         raise ValueError(f'ComputeFeatures({ORDERED_BUNDLES!r}) needs its input in the global window.')
-      in_order = beam.ParDo(_OrderedBundleFeaturesFn(self._label_delay_days, self._rows_per_batch, self._snapshots))
-      outputs = events | 'InOrderOfEachBundle' >> (in_order if self._rows_per_batch is None
-                                                   else in_order.with_output_types(Batch)).with_outputs(
+      ordered = beam.ParDo(OrderedBundleFeaturesFn(functools.partial(Histories, self._label_delay_days),
+                                                   pending_event, self._rows_per_batch, self._snapshots))
+      outputs = events | 'InOrderOfEachBundle' >> (ordered if self._rows_per_batch is None
+                                                   else ordered.with_output_types(Batch)).with_outputs(
                                                        REPEATED_TAG, main='rows')
       return FeatureOutputs(outputs.rows, outputs[REPEATED_TAG])
     if self._form == GROUPED:

@@ -56,7 +56,8 @@ def _not_json(constant: str):
   raise InvalidRecord(f'not valid JSON: {constant} is not a JSON number')
 
 
-def _integer_id(value: Any) -> int:
+def integer_id(value: Any) -> int:
+  """A JSON integer from 0 to 2**53 (exact as a JSON number)."""
   if isinstance(value, bool) or not isinstance(value, int):
     raise InvalidRecord(f'must be an integer id, got {type(value).__name__} {value!r}'[:200])
   if not 0 <= value < MAX_ID:
@@ -97,16 +98,38 @@ def parse_utc_timestamp(value: Any) -> float:
   return parsed.timestamp()
 
 
-def _flag(value: Any) -> int:
+def flag(value: Any) -> int:
+  """0 or 1."""
   if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
     raise InvalidRecord(f'must be 0 or 1, got {value!r}'[:200])
   return int(value)
 
 
-def _small_int(value: Any) -> int:
+def small_int(value: Any) -> int:
+  """A JSON integer from 0 to 999."""
   if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1000:
     raise InvalidRecord(f'must be an integer from 0 to 999, got {value!r}'[:200])
   return value
+
+
+def number_between(low: float, high: float) -> Callable[[Any], float]:
+  """A check of a JSON number from ``low`` to ``high``, both included, which it gives as a float."""
+  def check(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+      raise InvalidRecord(f'must be a number, got {type(value).__name__} {value!r}'[:200])
+    if (isinstance(value, Decimal) and not value.is_finite()) or not low <= value <= high:
+      raise InvalidRecord(f'must be from {low:g} to {high:g}, got {value}'[:200])
+    return float(value)
+  return check
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+  """A check of a JSON string that must be one of ``choices``."""
+  def check(value: Any) -> str:
+    if not isinstance(value, str) or value not in choices:
+      raise InvalidRecord(f'must be one of {", ".join(choices)}, got {value!r}'[:200])
+    return value
+  return check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +141,16 @@ class RecordSchema:
     fields: field name -> function that checks a JSON value and returns the
       typed value, raising :class:`InvalidRecord` with the problem.
     row_type: the NamedTuple a valid record becomes (fields in order).
+    time_field: the row's field that holds its event's time, in seconds
+      since the epoch (checked against the record's Kafka timestamp:
+      :class:`EventTimeLimits`).
     source_fields: (partition, offset, timestamp in ms) of the Kafka record
       -> the values of the row's last fields, what it keeps of its record.
   """
   name: str
   fields: Dict[str, Callable[[Any], Any]]
   row_type: type
+  time_field: str
   source_fields: Callable[[int, int, int], Tuple] = lambda partition, offset, timestamp_ms: ()
 
   def parse(self, payload: Optional[bytes], source: Optional[Tuple[int, int, int]] = None) -> NamedTuple:
@@ -200,21 +227,21 @@ def label_row(label: Label) -> Dict[str, object]:
 
 
 TRANSACTION_SCHEMA = RecordSchema('transaction', {
-    'transaction_id': _integer_id,
+    'transaction_id': integer_id,
     'tx_datetime': parse_utc_timestamp,
-    'customer_id': _integer_id,
-    'terminal_id': _integer_id,
+    'customer_id': integer_id,
+    'terminal_id': integer_id,
     'amount': _amount,
-}, Transaction, lambda partition, offset, timestamp_ms: (partition, offset))
+}, Transaction, 'tx_time', lambda partition, offset, timestamp_ms: (partition, offset))
 
 LABEL_SCHEMA = RecordSchema('label', {
-    'transaction_id': _integer_id,
+    'transaction_id': integer_id,
     'tx_datetime': parse_utc_timestamp,
-    'customer_id': _integer_id,
-    'terminal_id': _integer_id,
-    'is_fraud': _flag,
-    'fraud_scenario': _small_int,
-}, Label, lambda partition, offset, timestamp_ms: (timestamp_ms / 1000, partition, offset))
+    'customer_id': integer_id,
+    'terminal_id': integer_id,
+    'is_fraud': flag,
+    'fraud_scenario': small_int,
+}, Label, 'tx_time', lambda partition, offset, timestamp_ms: (timestamp_ms / 1000, partition, offset))
 
 
 def event_time(event) -> float:
@@ -285,7 +312,7 @@ def transaction_record(transaction: Transaction, topic: str) -> KafkaRecord:
 
 
 class EventTimeLimits(NamedTuple):
-  """How far a record's event time (its ``tx_time``) may be from its Kafka timestamp.
+  """How far a record's event time (its schema's ``time_field``) may be from its Kafka timestamp.
 
   The pipelines take a record's Kafka timestamp for its event time when
   they read the partitions in step, and apply the events to the histories
@@ -322,9 +349,10 @@ class _ParseFn(beam.DoFn):
     events = Batch()
     for record in items_of(records):
       try:
-        event = self._schemas[record.topic].parse(record.value, (record.partition, record.offset, record.timestamp_ms))
+        schema = self._schemas[record.topic]
+        event = schema.parse(record.value, (record.partition, record.offset, record.timestamp_ms))
         if record.topic in self._time_limits:
-          self._time_limits[record.topic].check(event.tx_time, record.timestamp_ms)
+          self._time_limits[record.topic].check(getattr(event, schema.time_field), record.timestamp_ms)
         events.append(event)
       except InvalidRecord as e:
         yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(record, str(e)))
@@ -344,7 +372,7 @@ class ParseRecords(beam.PTransform):
 
   Args:
     schemas: topic name -> the schema of its records.
-    time_limits: topic name -> how far its records' ``tx_time`` may be from
+    time_limits: topic name -> how far its records' event times may be from
       their Kafka timestamps (:class:`EventTimeLimits`); a topic not named
       is not checked.
   """

@@ -28,7 +28,7 @@ import time
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 _LOG = logging.getLogger(__name__)
-_FORMAT = 1
+_FORMAT = 2  # 2: histories note the last event ids (last_event_ids)
 
 
 class SnapshotHeader(NamedTuple):

@@ -1,0 +1,42 @@
+"""Credit-card fraud, the flagship use case: transactions, their fraud labels, the handbook's features.
+
+Its parts still live in the engine's modules, where the pipelines were first
+built for it (``transforms/records.py``, ``transforms/features.py``,
+``kbml/simulator.py``); this module declares them as a use case.
+"""
+
+from transforms.features import (
+  DEFAULT_LABEL_DELAY_DAYS,
+  FEATURE_NAMES,
+  FEATURES_TABLE,
+  HISTORY_DAYS,
+  ComputeFeatures,
+  history_span_days,
+  snapshot_identity,
+)
+from transforms.records import LABEL_SCHEMA, LABELS_TABLE, TRANSACTION_SCHEMA, label_row, transaction_record
+from transforms.use_case import UseCase
+
+USE_CASE = UseCase(
+    name='fraud',
+    event_schema=TRANSACTION_SCHEMA,
+    label_schema=LABEL_SCHEMA,
+    events_topic='transactions',
+    labels_topic='labels',
+    id_column='transaction_id',
+    time_column='tx_datetime',
+    label_column='is_fraud',
+    feature_names=FEATURE_NAMES,
+    features_table=FEATURES_TABLE,
+    labels_table=LABELS_TABLE,
+    label_row=label_row,
+    event_record=transaction_record,
+    compute_features=ComputeFeatures,
+    snapshot_identity=snapshot_identity,
+    history_span_days=history_span_days,
+    default_label_delay_days=DEFAULT_LABEL_DELAY_DAYS,
+    # A transaction older than its customer's longest history changes no feature.
+    max_event_lateness_days=HISTORY_DAYS,
+    # A day is all weekend or none of it: its calendar decides, not drift.
+    drift_exclude=('TX_DURING_WEEKEND',),
+)
