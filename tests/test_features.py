@@ -2,6 +2,7 @@
 
 import random
 from decimal import Decimal
+from typing import Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -127,12 +128,13 @@ def streams(simulation):
   return [next(cursor[element.value.customer_id]) for element in elements]
 
 
-def equal_features(expected: pd.DataFrame):
-  """An assert_that check: the rows' features equal ``expected`` (indexed by transaction id)."""
+def equal_features(expected: pd.DataFrame, id_column: str = 'transaction_id',
+                   feature_names: Sequence[str] = tuple(FEATURE_NAMES)):
+  """An assert_that check: the rows' features equal ``expected`` (indexed by ``id_column``), one row per event."""
   def check(rows):
-    actual = pd.DataFrame(rows).set_index('transaction_id').sort_index()
-    assert list(actual.index) == list(expected.index), 'one row per transaction'
-    for name in FEATURE_NAMES:
+    actual = pd.DataFrame(rows).set_index(id_column).sort_index()
+    assert list(actual.index) == list(expected.index), 'one row per event'
+    for name in feature_names:
       np.testing.assert_allclose(actual[name].astype(float), expected[name].astype(float), rtol=1e-9, atol=1e-9,
                                  err_msg=name)
   return check

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, 
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils import windowed_value
 
 from transforms.batches import Batch, items_of
@@ -159,6 +159,25 @@ class OrderedBundleFeaturesFn(beam.DoFn):
         batch = rows[start:start + self._rows_per_batch]
         yield windowed_value.create(Batch(row for _, row in batch), batch[-1][0], _IN_THE_GLOBAL_WINDOW)
     self._bundle = []
+
+
+class OrderedBundleFeatures(beam.PTransform):
+  """The ``ORDERED_BUNDLES`` form of a feature transform: :class:`OrderedBundleFeaturesFn` (its arguments) applied
+  to events and labels in the global window; gives a :class:`FeatureOutputs`."""
+
+  def __init__(self, new_histories: Callable[[], object], pending_event: Callable[[object], PendingEvent],
+               rows_per_batch: Optional[int], snapshots: Optional[StateSnapshots]):
+    super().__init__()
+    self._fn = OrderedBundleFeaturesFn(new_histories, pending_event, rows_per_batch, snapshots)
+    self._batched = rows_per_batch is not None
+
+  def expand(self, events) -> FeatureOutputs:
+    if not isinstance(events.windowing.windowfn, GlobalWindows):
+      raise ValueError(f'The {ORDERED_BUNDLES!r} form needs its input in the global window.')
+    ordered = beam.ParDo(self._fn)
+    outputs = events | 'InOrderOfEachBundle' >> (ordered.with_output_types(Batch) if self._batched
+                                                 else ordered).with_outputs(REPEATED_TAG, main='rows')
+    return FeatureOutputs(outputs.rows, outputs[REPEATED_TAG])
 
 
 def note_applied(next_offsets: Dict[Tuple[str, int], int], last_event_ids: Dict[Tuple[str, int], int], event,

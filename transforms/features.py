@@ -67,11 +67,10 @@ from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindows, TimestampedValue
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from kbml.warehouse import TableSchema
-from transforms.batches import Batch
 from transforms.feature_forms import (
   APPLY_ORDER,
   EVENT_KIND,
@@ -82,7 +81,7 @@ from transforms.feature_forms import (
   ORDERED_BUNDLES,
   REPEATED_TAG,
   FeatureOutputs,
-  OrderedBundleFeaturesFn,
+  OrderedBundleFeatures,
   PendingEvent,
   check_form,
   in_order,
@@ -605,14 +604,8 @@ class ComputeFeatures(beam.PTransform):
 
   def expand(self, events) -> FeatureOutputs:
     if self._form == ORDERED_BUNDLES:
-      if not isinstance(events.windowing.windowfn, GlobalWindows):
-        raise ValueError(f'ComputeFeatures({ORDERED_BUNDLES!r}) needs its input in the global window.')
-      ordered = beam.ParDo(OrderedBundleFeaturesFn(functools.partial(Histories, self._label_delay_days),
-                                                   pending_event, self._rows_per_batch, self._snapshots))
-      outputs = events | 'InOrderOfEachBundle' >> (ordered if self._rows_per_batch is None
-                                                   else ordered.with_output_types(Batch)).with_outputs(
-                                                       REPEATED_TAG, main='rows')
-      return FeatureOutputs(outputs.rows, outputs[REPEATED_TAG])
+      return events | 'OrderedBundles' >> OrderedBundleFeatures(
+          functools.partial(Histories, self._label_delay_days), pending_event, self._rows_per_batch, self._snapshots)
     if self._form == GROUPED:
       customers = (events
                    | 'KeyByCustomer' >> beam.Map(_by_customer)
