@@ -3,13 +3,13 @@
 import random
 
 import apache_beam as beam
-import numpy as np
 import pandas as pd
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.conftest import local_options
+from tests.test_features import equal_features
 from transforms.feature_forms import FORMS
 from use_cases.iot.features import FEATURE_NAMES, ComputeMachineFeatures
 from use_cases.iot.records import Reading, ReadingLabel
@@ -63,16 +63,6 @@ def stream(simulation):
   return [next(cursors[machine]) for machine in order]
 
 
-def equal_features(expected: pd.DataFrame):
-  def check(rows):
-    actual = pd.DataFrame(rows).set_index('reading_id').sort_index()
-    assert list(actual.index) == list(expected.index), 'one row per reading'
-    for name in FEATURE_NAMES:
-      np.testing.assert_allclose(actual[name].astype(float), expected[name].astype(float), rtol=1e-9, atol=1e-9,
-                                 err_msg=name)
-  return check
-
-
 def test_the_fleet_exercises_the_windows(simulation):
   expected = pandas_features(simulation.readings)
   assert expected['NB_READINGS_24H'].max() == 96 and expected['NB_READINGS_24H'].min() == 1
@@ -88,7 +78,7 @@ def test_machine_features_equal_an_independent_pandas_computation(simulation, fo
             | beam.Create([events])
             | 'InThisOrder' >> beam.FlatMap(lambda listed: listed)
             | ComputeMachineFeatures(form=form)).rows
-    assert_that(rows, equal_features(expected))
+    assert_that(rows, equal_features(expected, 'reading_id', FEATURE_NAMES))
 
 
 @pytest.mark.parametrize('form', FORMS)
@@ -129,7 +119,7 @@ def test_ingest_of_the_iot_use_case_writes_its_feature_rows_and_labels_and_dead_
 
   warehouse = open_warehouse(url)
   rows = warehouse.query('SELECT * FROM "features" ORDER BY reading_id')
-  equal_features(pandas_features(simulation.readings))(rows.to_dict('records'))
+  equal_features(pandas_features(simulation.readings), 'reading_id', FEATURE_NAMES)(rows.to_dict('records'))
   written_labels = warehouse.query('SELECT reading_id, fails_within_horizon FROM "labels" ORDER BY reading_id')
   assert written_labels['fails_within_horizon'].tolist() == simulation.readings.sort_values('reading_id')[
       'fails_within_horizon'].tolist()

@@ -1,9 +1,9 @@
 """IoT predictive maintenance: machines, their sensor readings, and whether each fails within the next hours.
 
 The second use case, declared like the first: readings keyed by machine on
-the ``readings`` topic, a label per reading on ``labels`` once the horizon
-(24 hours by default) has passed, per-machine rolling features
-(``features.py``), and a simulator (``simulator.py``).
+the ``readings`` topic (``records.py``), a label per reading on
+``failure-labels`` once the horizon (24 hours by default) has passed, per-machine
+rolling features (``features.py``), and a simulator (``simulator.py``).
 """
 
 from transforms.use_case import UseCase
@@ -22,7 +22,7 @@ USE_CASE = UseCase(
     event_schema=READING_SCHEMA,
     label_schema=LABEL_SCHEMA,
     events_topic='readings',
-    labels_topic='labels',
+    labels_topic='failure-labels',  # beside fraud's labels on one broker
     id_column='reading_id',
     time_column='reading_time',
     label_column='fails_within_horizon',

@@ -22,10 +22,10 @@ import numpy as np
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from apache_beam.transforms.window import GlobalWindows, TimestampedValue
+from apache_beam.transforms.window import TimestampedValue
 
 from kbml.warehouse import TableSchema
-from transforms.batches import Batch, items_of
+from transforms.batches import items_of
 from transforms.feature_forms import (
   EVENT_KIND,
   GROUPED,
@@ -35,7 +35,7 @@ from transforms.feature_forms import (
   ORDERED_BUNDLES,
   REPEATED_TAG,
   FeatureOutputs,
-  OrderedBundleFeaturesFn,
+  OrderedBundleFeatures,
   PendingEvent,
   check_form,
   note_applied,
@@ -223,14 +223,8 @@ class ComputeMachineFeatures(beam.PTransform):
 
   def expand(self, events) -> FeatureOutputs:
     if self._form == ORDERED_BUNDLES:
-      if not isinstance(events.windowing.windowfn, GlobalWindows):
-        raise ValueError(f'ComputeMachineFeatures({ORDERED_BUNDLES!r}) needs its input in the global window.')
-      ordered = beam.ParDo(OrderedBundleFeaturesFn(MachineHistories, pending_event, self._rows_per_batch,
-                                                   self._snapshots))
-      outputs = events | 'InOrderOfEachBundle' >> (ordered if self._rows_per_batch is None
-                                                   else ordered.with_output_types(Batch)).with_outputs(
-                                                       REPEATED_TAG, main='rows')
-      return FeatureOutputs(outputs.rows, outputs[REPEATED_TAG])
+      return events | 'OrderedBundles' >> OrderedBundleFeatures(MachineHistories, pending_event, self._rows_per_batch,
+                                                                self._snapshots)
     keyed = events | 'KeyByMachine' >> beam.FlatMap(_readings_by_machine)
     if self._form == GROUPED:
       outputs = (keyed
