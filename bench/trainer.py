@@ -24,7 +24,9 @@ from pipelines import ingest
 from trainer import data, evaluate, model, task
 from trainer.registry import ModelStore
 from transforms.features import FEATURE_NAMES, HANDBOOK_FEATURES
+from transforms.use_case import load_use_case
 
+FRAUD = load_use_case('fraud')
 PUBLISHED = [  # FRAUD.md: model, AUC ROC, average precision, card precision@100, source
     ('logistic regression', 0.871, 0.606, 0.291, 'ch.3'),
     ('random forest', 0.867, 0.658, 0.287, 'ch.3'),
@@ -98,12 +100,12 @@ def main(argv=None):
 
     split = result.metadata['training']
     rows = data.read_labelled_rows(open_warehouse(url), datetime.date(2018, 7, 25), datetime.date(2018, 7, 29),
-                                   HANDBOOK_FEATURES)
+                                   HANDBOOK_FEATURES, FRAUD)
     with Timer() as baseline:
-      model.train_baseline(data.feature_matrix(rows, HANDBOOK_FEATURES), data.labels(rows))
+      model.train_baseline(data.feature_matrix(rows, HANDBOOK_FEATURES), data.labels(rows, FRAUD))
     test_features = data.feature_matrix(
         data.read_labelled_rows(open_warehouse(url), datetime.date(2018, 8, 8), datetime.date(2018, 8, 14),
-                                FEATURE_NAMES), FEATURE_NAMES)
+                                FEATURE_NAMES, FRAUD), FEATURE_NAMES)
     scoring_us = {family: scoring_microseconds(ModelStore(model_dir).load_model(result.version), test_features)
                   for (feature_set, family), (result, _, model_dir) in results.items() if feature_set == 'all'}
 

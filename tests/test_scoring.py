@@ -39,7 +39,9 @@ from trainer.registry import ModelStore
 from transforms.batches import Batch
 from transforms.features import FEATURE_NAMES
 from transforms.records import REASON_HEADER, parse_utc_timestamp
+from transforms.use_case import load_use_case
 
+FRAUD = load_use_case('fraud')
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 LIVE_RATE = 800  # events/s
 
@@ -183,8 +185,8 @@ def test_the_scorer_gives_trees_and_an_ensemble_the_scores_of_offline_evaluation
               topics['labels'], '--dead_letter_topic', topics['dead-letter'], '--warehouse', warehouse,
               '--stop_at_end', '--consumer_group', f'offline-{uuid.uuid4().hex[:8]}'])
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 1), datetime.date(2018, 4, 20),
-                                 FEATURE_NAMES)
-  features, labels = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+                                 FEATURE_NAMES, FRAUD)
+  features, labels = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows, FRAUD)
   boosted = trees.boosted_to_keras(trees.fit(features, labels, features, labels,
                                              {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': 40}), features)
   forest = trees.forest_to_keras(trees.fit_forest(features, labels, trees=20, depth=8), features)

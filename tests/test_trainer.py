@@ -20,7 +20,9 @@ from trainer import data, evaluate, model, retrain, task, trees
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.features import FEATURE_NAMES, FEATURES_TABLE
 from transforms.records import LABELS_TABLE
+from transforms.use_case import load_use_case
 
+FRAUD = load_use_case('fraud')
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # The simulation starts on 2018-04-01: 28 days of history, then the split.
 TRAIN_START, TRAIN_END = '2018-04-29', '2018-05-05'
@@ -49,17 +51,17 @@ def test_a_published_model_scores_identically_after_reload(warehouse, tmp_path):
       assert f.read(8) == PNG_MAGIC
   # The reloaded model reproduces the published test figures from raw features (its own normalisation).
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), datetime.date(2018, 5, 19),
-                                 FEATURE_NAMES)
-  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 4, 29))).test
+                                 FEATURE_NAMES, FRAUD)
+  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 4, 29)), FRAUD).test
   scores = model.predict(store.load_model(result.version), data.feature_matrix(test, FEATURE_NAMES))
-  assert average_precision_score(data.labels(test), scores) == pytest.approx(meta['metrics']['average_precision'],
-                                                                            abs=1e-9)
+  assert average_precision_score(data.labels(test, FRAUD), scores) == pytest.approx(
+      meta['metrics']['average_precision'], abs=1e-9)
 
 
 def test_a_stored_ensemble_gives_the_very_same_scores_after_reload(warehouse, tmp_path):
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), datetime.date(2018, 5, 1),
-                                 FEATURE_NAMES)
-  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+                                 FEATURE_NAMES, FRAUD)
+  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows, FRAUD)
   members = [model.build_model(features, seed=seed) for seed in (0, 1)]
   for member in members:
     member.fit(features, targets, epochs=1, verbose=0)
@@ -73,8 +75,8 @@ def test_a_stored_ensemble_gives_the_very_same_scores_after_reload(warehouse, tm
 
 def test_the_keras_trees_give_xgboosts_own_probabilities(warehouse):
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 20), datetime.date(2018, 5, 10),
-                                 FEATURE_NAMES)
-  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+                                 FEATURE_NAMES, FRAUD)
+  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows, FRAUD)
   fit_rows = len(rows) * 3 // 4
   booster = trees.fit(features[:fit_rows], targets[:fit_rows], features[fit_rows:], targets[fit_rows:],
                       {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': 80}, seed=0)
@@ -86,8 +88,8 @@ def test_the_keras_trees_give_xgboosts_own_probabilities(warehouse):
 
 def test_the_keras_forest_gives_scikit_learns_own_probabilities(warehouse):
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 20), datetime.date(2018, 5, 10),
-                                 FEATURE_NAMES)
-  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows)
+                                 FEATURE_NAMES, FRAUD)
+  features, targets = data.feature_matrix(rows, FEATURE_NAMES), data.labels(rows, FRAUD)
   fit_rows = len(rows) * 3 // 4
   forest = trees.fit_forest(features[:fit_rows], targets[:fit_rows], trees=30, depth=8, seed=0)
   served = trees.forest_to_keras(forest, features[fit_rows:])
@@ -121,10 +123,10 @@ def test_a_tree_forest_or_ensemble_version_scores_after_reload_as_it_was_evaluat
     assert meta['forest_trees'] == 20 and 'a forest of 20 trees of depth at most 10' in task.summary(
         result, str(tmp_path))
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), datetime.date(2018, 5, 19),
-                                 FEATURE_NAMES)
-  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 4, 29))).test
+                                 FEATURE_NAMES, FRAUD)
+  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 4, 29)), FRAUD).test
   scores = model.predict(ModelStore(str(tmp_path)).load_model(result.version), data.feature_matrix(test, FEATURE_NAMES))
-  assert average_precision_score(data.labels(test), scores) == pytest.approx(
+  assert average_precision_score(data.labels(test, FRAUD), scores) == pytest.approx(
       result.metadata['metrics']['average_precision'], abs=1e-9)
 
 
@@ -176,7 +178,7 @@ def test_training_needs_labelled_rows_in_every_part_of_the_split(warehouse, tmp_
                                                '--train-start', '2018-05-01']))
   with pytest.raises(WarehouseError, match='run `kbml ingest` first'):
     data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 5, 1), datetime.date(2018, 5, 2),
-                            FEATURE_NAMES, features_table='no_such_table')
+                            FEATURE_NAMES, FRAUD, features_table='no_such_table')
 
 
 def test_prequential_folds_fit_and_test_the_same_recipe_a_test_range_earlier_each(warehouse, tmp_path):
@@ -185,7 +187,7 @@ def test_prequential_folds_fit_and_test_the_same_recipe_a_test_range_earlier_eac
   assert [fold['test'] for fold in prequential['folds']] == [
       '2018-05-13..2018-05-19', '2018-05-06..2018-05-12', '2018-04-29..2018-05-05']
   published = prequential['folds'][0]['model']
-  assert published == {name: result.metadata['metrics'][name] for name in evaluate.SUMMARIZED_METRICS}
+  assert published == {name: result.metadata['metrics'][name] for name in evaluate.summarized_metrics(FRAUD)}
   for kind in ('model', 'baseline'):
     for name, summary in prequential[kind].items():
       values = [fold[kind][name] for fold in prequential['folds']]
@@ -212,7 +214,7 @@ def test_the_protocol_leaves_out_cards_known_to_be_compromised():
       (3, 14, 0),
   ], columns=['customer_id', 'offset', 'is_fraud'])
   rows['tx_datetime'] = day + pd.to_timedelta(rows.pop('offset'), unit='D') + pd.Timedelta(hours=12)
-  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 7, 25))).test
+  test = evaluate.split(rows, evaluate.Protocol(datetime.date(2018, 7, 25)), FRAUD).test
   assert sorted(zip(test['customer_id'], test[evaluate.TEST_DAY_COLUMN], strict=True)) == [(2, 1), (3, 0)]
 
 
@@ -223,14 +225,14 @@ def test_card_precision_at_k_ranks_cards_per_day_and_drops_cards_already_detecte
   scores = np.array([0.9, 0.1, 0.8, 0.2, 0.9, 0.7, 0.8])
   # Day 0: cards by best score 1 (0.9, compromised), 2 (0.8), 3: top 2 holds 1 fraud card.
   # Day 1: card 1 was detected on day 0 and leaves; top 2 are 4 (0.8, genuine) and 2 (0.7, compromised).
-  mean, per_day = evaluate.card_precision_at_k(test, scores, k=2)
+  mean, per_day = evaluate.precision_at_k(test, scores, FRAUD, k=2)
   assert per_day == [0.5, 0.5] and mean == 0.5
 
 
 def test_bigquery_training_rows_equal_the_embedded_stores(warehouse, bigquery_emulator):
   embedded = open_warehouse(warehouse)
   first, last = datetime.date(2018, 5, 1), datetime.date(2018, 5, 1)
-  expected = data.read_labelled_rows(embedded, first, last, FEATURE_NAMES)
+  expected = data.read_labelled_rows(embedded, first, last, FEATURE_NAMES, FRAUD)
   ids = ','.join(map(str, expected['transaction_id']))
   features = embedded.query(f'SELECT * FROM features WHERE transaction_id IN ({ids})')
   labels = embedded.query(f'SELECT * FROM labels WHERE transaction_id IN ({ids})')
@@ -238,7 +240,7 @@ def test_bigquery_training_rows_equal_the_embedded_stores(warehouse, bigquery_em
   for table, schema, frame in (('features', FEATURES_TABLE, features), ('labels', LABELS_TABLE, labels)):
     bigquery.write_rows(table, schema, _json_rows(frame))
 
-  actual = data.read_labelled_rows(bigquery, first, last, FEATURE_NAMES)
+  actual = data.read_labelled_rows(bigquery, first, last, FEATURE_NAMES, FRAUD)
   assert len(expected) > 500
   pd.testing.assert_frame_equal(actual, expected, check_dtype=False)
 
@@ -297,7 +299,7 @@ def _copied_rows(transactions: int, copies: int):
 
 def _check_one_row_per_transaction(warehouse, transactions: int):
   day = datetime.date(2018, 5, 1)
-  rows = data.read_labelled_rows(warehouse, day, day, FEATURE_NAMES)
+  rows = data.read_labelled_rows(warehouse, day, day, FEATURE_NAMES, FRAUD)
   assert list(rows['transaction_id']) == list(range(transactions))
   assert list(rows['is_fraud']) == [i % 2 for i in range(transactions)]
   assert list(rows[FEATURE_NAMES[0]]) == [float(i) for i in range(transactions)]
@@ -371,12 +373,12 @@ def test_a_prequential_gate_compares_the_folds_whose_test_range_the_champion_did
   assert blessing['candidate_average_precision'] == pytest.approx(
       np.mean([fold['model']['average_precision'] for fold in folds]))
   rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 22), datetime.date(2018, 5, 19),
-                                 FEATURE_NAMES)
+                                 FEATURE_NAMES, FRAUD)
   served = ModelStore(str(tmp_path)).load_model(champion.version)
   champion_aps = []
   for train_start in (datetime.date(2018, 4, 29), datetime.date(2018, 4, 22)):
-    test = evaluate.split(rows, evaluate.Protocol(train_start)).test
-    champion_aps.append(average_precision_score(data.labels(test),
+    test = evaluate.split(rows, evaluate.Protocol(train_start), FRAUD).test
+    champion_aps.append(average_precision_score(data.labels(test, FRAUD),
                                                 model.predict(served, data.feature_matrix(test, FEATURE_NAMES))))
   assert blessing['champion_average_precision'] == pytest.approx(np.mean(champion_aps))
   assert 'test rows of 2 prequential folds (mean)' in blessing['reason']

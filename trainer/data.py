@@ -1,17 +1,18 @@
 """Training data: labelled feature rows of a time range, from the warehouse to arrays and ``tf.data``.
 
-The ingest pipeline writes one row of features per transaction and one row
-per label; a training row is their join. BigQuery results come through the
+The ingest pipeline writes one row of features per event (a transaction, a
+reading) and one row per label; a training row is their join, on the use
+case's id column. BigQuery results come through the
 Storage Read API (:meth:`kbml.warehouse.BigQueryWarehouse.query`), the
 embedded store's through Arrow.
 
 The embedded store keeps one row per key (an upsert), but BigQuery appends:
 a redelivered record, a retried bundle or a replayed range leave copies of a
 row there, and a join of copies multiplies them. The reads here keep one row
-per transaction on both, chosen in an order that does not depend on how the
-copies were stored: of the feature rows, the first Kafka record of the
-transaction (the one ComputeFeatures keeps of a repeated id; the copies of one
-record are equal); of the labels, the last known.
+per event on both, chosen in an order that does not depend on how the copies
+were stored: of the feature rows, the first Kafka record of the event (the
+one the feature transform keeps of a repeated id; the copies of one record
+are equal); of the labels, the last known.
 """
 
 import datetime
@@ -20,13 +21,11 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence
 import numpy as np
 
 from kbml.warehouse import Warehouse, WarehouseError
+from transforms.use_case import UseCase
 
 if TYPE_CHECKING:
   import pandas
   import tensorflow as tf
-
-LABEL_COLUMN = 'is_fraud'
-ID_COLUMNS = ('transaction_id', 'tx_datetime', 'customer_id', 'terminal_id')
 
 
 def utc_day(day: datetime.date) -> datetime.datetime:
@@ -35,27 +34,28 @@ def utc_day(day: datetime.date) -> datetime.datetime:
 
 
 def read_labelled_rows(warehouse: Warehouse, first_day: datetime.date, last_day: datetime.date,
-                       feature_names: Sequence[str], features_table: str = 'features',
+                       feature_names: Sequence[str], use_case: UseCase, features_table: str = 'features',
                        labels_table: str = 'labels') -> 'pandas.DataFrame':
-  """The labelled transactions of ``first_day`` to ``last_day`` (UTC, both included), in time order.
+  """The labelled events of ``first_day`` to ``last_day`` (UTC, both included), in time order.
 
-  Columns: the ids and time, the features, ``is_fraud``. Transactions whose
-  label has not arrived are left out.
+  Columns: the use case's id, time and key columns, the features, its label
+  column. Events whose label has not arrived are left out.
 
   Raises:
     WarehouseError: a table or a feature column is missing.
   """
-  feature_columns = [*ID_COLUMNS, *feature_names]
-  in_range = (f'tx_datetime >= {warehouse.timestamp(utc_day(first_day))} '
-              f'AND tx_datetime < {warehouse.timestamp(utc_day(last_day + datetime.timedelta(days=1)))}')
+  event_id, event_time, label = use_case.id_column, use_case.time_column, use_case.label_column
+  feature_columns = [event_id, event_time, *use_case.key_columns, *feature_names]
+  in_range = (f'{event_time} >= {warehouse.timestamp(utc_day(first_day))} '
+              f'AND {event_time} < {warehouse.timestamp(utc_day(last_day + datetime.timedelta(days=1)))}')
   # A subquery rather than QUALIFY: BigQuery takes QUALIFY only beside a WHERE, GROUP BY or HAVING.
-  features = _one_row_per_transaction(warehouse.table_ref(features_table), feature_columns,
-                                      'kafka_partition, kafka_offset', in_range)
-  labels = _one_row_per_transaction(warehouse.table_ref(labels_table), ['transaction_id', LABEL_COLUMN],
-                                    f'known_datetime, {LABEL_COLUMN} DESC', in_range)
-  columns = ', '.join([*(f'f.{name}' for name in feature_columns), f'l.{LABEL_COLUMN}'])
-  sql = (f'SELECT {columns} FROM ({features}) AS f JOIN ({labels}) AS l ON f.transaction_id = l.transaction_id '
-         'ORDER BY f.tx_datetime, f.transaction_id')
+  features = _one_row_per_event(warehouse.table_ref(features_table), event_id, feature_columns,
+                                'kafka_partition, kafka_offset', in_range)
+  labels = _one_row_per_event(warehouse.table_ref(labels_table), event_id, [event_id, label],
+                              f'known_datetime, {label} DESC', in_range)
+  columns = ', '.join([*(f'f.{name}' for name in feature_columns), f'l.{label}'])
+  sql = (f'SELECT {columns} FROM ({features}) AS f JOIN ({labels}) AS l ON f.{event_id} = l.{event_id} '
+         f'ORDER BY f.{event_time}, f.{event_id}')
   try:
     rows = warehouse.query(sql)
   except WarehouseError:
@@ -63,23 +63,24 @@ def read_labelled_rows(warehouse: Warehouse, first_day: datetime.date, last_day:
   except Exception as e:  # noqa: BLE001 - the client's own error: a table or column is missing
     raise WarehouseError(f'Cannot read training rows from {warehouse.url}: {e}. The trainer needs the features and '
                          'labels tables with the current feature columns: run `kbml ingest` first.') from e
-  rows['tx_datetime'] = rows['tx_datetime'].dt.tz_convert('UTC')
+  rows[event_time] = rows[event_time].dt.tz_convert('UTC')
   return rows.reset_index(drop=True)
 
 
-def _one_row_per_transaction(table: str, columns: Sequence[str], first_by: str, condition: str) -> str:
-  """A query of ``table``'s rows that meet ``condition``, one per transaction: the first in ``first_by`` order."""
+def _one_row_per_event(table: str, event_id: str, columns: Sequence[str], first_by: str, condition: str) -> str:
+  """A query of ``table``'s rows that meet ``condition``, one per ``event_id``: the first in ``first_by`` order."""
   return (f'SELECT {", ".join(columns)} FROM (SELECT {", ".join(columns)}, ROW_NUMBER() OVER '
-          f'(PARTITION BY transaction_id ORDER BY {first_by}) AS copy_number FROM {table} WHERE {condition}) '
+          f'(PARTITION BY {event_id} ORDER BY {first_by}) AS copy_number FROM {table} WHERE {condition}) '
           'WHERE copy_number = 1')
 
 
-def last_labelled_day(warehouse: Warehouse, features_table: str = 'features',
+def last_labelled_day(warehouse: Warehouse, use_case: UseCase, features_table: str = 'features',
                       labels_table: str = 'labels') -> Optional[datetime.date]:
-  """The day of the most recent labelled transaction, or None when there is none."""
+  """The day of the most recent labelled event, or None when there is none."""
+  event_id = use_case.id_column
   latest = warehouse.query(
-      f'SELECT MAX(f.tx_datetime) AS latest FROM {warehouse.table_ref(features_table)} AS f '
-      f'JOIN {warehouse.table_ref(labels_table)} AS l ON f.transaction_id = l.transaction_id')['latest'].iloc[0]
+      f'SELECT MAX(f.{use_case.time_column}) AS latest FROM {warehouse.table_ref(features_table)} AS f '
+      f'JOIN {warehouse.table_ref(labels_table)} AS l ON f.{event_id} = l.{event_id}')['latest'].iloc[0]
   return None if latest is None or latest != latest else latest.tz_convert('UTC').date()
 
 
@@ -88,8 +89,9 @@ def feature_matrix(rows: 'pandas.DataFrame', feature_names: Sequence[str]) -> np
   return rows[list(feature_names)].to_numpy(dtype=np.float32)
 
 
-def labels(rows: 'pandas.DataFrame') -> np.ndarray:
-  return rows[LABEL_COLUMN].to_numpy(dtype=np.int32)
+def labels(rows: 'pandas.DataFrame', use_case: UseCase) -> np.ndarray:
+  """The rows' labels (the use case's label column), 0 or 1."""
+  return rows[use_case.label_column].to_numpy(dtype=np.int32)
 
 
 def to_dataset(features: np.ndarray, targets: np.ndarray, batch_size: int,

@@ -1,29 +1,32 @@
-"""Honest evaluation: the Fraud Detection Handbook's time-based protocol and its metrics.
+"""Honest evaluation: the Fraud Detection Handbook's time-based protocol and its metrics, for any use case.
 
 The protocol (``../shared/FRAUD.md``, chapter 3 of the handbook): train on a
-week, skip the label delay, test on the week after. The test set leaves out
-the cards already known to be compromised: those with a fraud in the training
-week and, for each test day, those with a fraud on a day of the delay period
-up to the day before (a fraud on day D is known on day D + delay). Early
-stopping and the decision threshold use a validation split taken from the end
-of the training range, later in time than the rows the model is fitted on;
-the test week is used for the final figures only.
+week, skip the label delay, test on the week after. Where the use case says
+so (``known_positives_leave_test``: fraud), the test set leaves out the
+entities already known positive, the cards known to be compromised: those
+with a fraud in the training week and, for each test day, those with a fraud
+on a day of the delay period up to the day before (a fraud on day D is known
+on day D + delay). Early stopping and the decision threshold use a validation
+split taken from the end of the training range, later in time than the rows
+the model is fitted on; the test week is used for the final figures only.
 
-Metrics: AUC ROC and average precision (scikit-learn), card precision@k per
-test day (the handbook's definition, which no library implements: each
-card's highest score of the day ranks the card, the compromised cards among
-the top k count, and cards detected on earlier days leave the ranking), and
-precision and recall at the threshold.
+Metrics: AUC ROC and average precision (scikit-learn), the ranking metric
+per test day (fraud: the handbook's card precision@k, which no library
+implements: each card's highest score of the day ranks the card, the
+compromised cards among the top k count, and cards detected on earlier days
+leave the ranking; the same of machines for IoT), and precision and recall at
+the threshold.
 """
 
 import dataclasses
 import datetime
-from typing import TYPE_CHECKING, Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from sklearn import metrics
 
-from trainer.data import LABEL_COLUMN, utc_day
+from trainer.data import utc_day
+from transforms.use_case import UseCase
 
 if TYPE_CHECKING:
   import pandas
@@ -87,13 +90,15 @@ def prequential_protocols(protocol: Protocol, folds: int) -> List[Protocol]:
   return [dataclasses.replace(protocol, train_start=protocol.day(-fold * protocol.test_days)) for fold in range(folds)]
 
 
-SUMMARIZED_METRICS = ('auc_roc', 'average_precision', 'card_precision_at_100')
+def summarized_metrics(use_case: UseCase) -> Tuple[str, str, str]:
+  """The test metrics that summaries and prequential folds report: AUC, average precision, the ranking metric."""
+  return 'auc_roc', 'average_precision', use_case.ranking_metric
 
 
-def mean_and_spread(fold_metrics: List[Mapping[str, object]]) -> Dict[str, Dict[str, float]]:
-  """The mean and standard deviation over the folds of each of SUMMARIZED_METRICS."""
+def mean_and_spread(fold_metrics: List[Mapping[str, object]], names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+  """The mean and standard deviation over the folds of each metric of ``names``."""
   return {name: {'mean': float(np.mean([m[name] for m in fold_metrics])),
-                 'std': float(np.std([m[name] for m in fold_metrics]))} for name in SUMMARIZED_METRICS}
+                 'std': float(np.std([m[name] for m in fold_metrics]))} for name in names}
 
 
 def mean_and_spread_text(summary: Mapping[str, Mapping[str, float]]) -> str:
@@ -105,38 +110,47 @@ def mean_and_spread_text(summary: Mapping[str, Mapping[str, float]]) -> str:
 class Split:
   train: 'pandas.DataFrame'
   validation: 'pandas.DataFrame'
-  test: 'pandas.DataFrame'  # compromised cards already known removed; a test_day column (0, 1, ...)
+  test: 'pandas.DataFrame'  # entities already known positive removed (fraud); a test_day column (0, 1, ...)
 
 
-def split(rows: 'pandas.DataFrame', protocol: Protocol) -> Split:
+def split(rows: 'pandas.DataFrame', protocol: Protocol, use_case: UseCase) -> Split:
   """Splits labelled rows of ``protocol.train_start`` .. ``protocol.test_end`` (see the module docstring)."""
   import pandas
-  days = (rows['tx_datetime'].dt.tz_convert('UTC').dt.floor('D') - utc_day(protocol.train_start)).dt.days
+  days = (rows[use_case.time_column].dt.tz_convert('UTC').dt.floor('D') - utc_day(protocol.train_start)).dt.days
   fit_days = protocol.train_days - protocol.validation_days
   train = rows[(days >= 0) & (days < fit_days)]
   validation = rows[(days >= fit_days) & (days < protocol.train_days)]
-  frauds = rows[LABEL_COLUMN] == 1
-  known_compromised = set(rows.loc[frauds & (days >= 0) & (days < protocol.train_days), 'customer_id'])
+  positives = rows[use_case.label_column] == 1
+  entity = use_case.key_columns[0]
+  known_positive = set(rows.loc[positives & (days >= 0) & (days < protocol.train_days), entity])
   test_days = []
   for test_day in range(protocol.test_days):
-    # The fraud labels of the delay period's day before this test day (minus the delay) have arrived by now.
+    # The labels of the delay period's day before this test day (minus the delay) have arrived by now.
     newly_known = protocol.train_days + test_day - 1
     if newly_known >= protocol.train_days:
-      known_compromised |= set(rows.loc[frauds & (days == newly_known), 'customer_id'])
+      known_positive |= set(rows.loc[positives & (days == newly_known), entity])
     day_rows = rows[days == protocol.train_days + protocol.delay_days + test_day]
-    test_days.append(day_rows[~day_rows['customer_id'].isin(known_compromised)].assign(**{TEST_DAY_COLUMN: test_day}))
+    if use_case.known_positives_leave_test:
+      day_rows = day_rows[~day_rows[entity].isin(known_positive)]
+    test_days.append(day_rows.assign(**{TEST_DAY_COLUMN: test_day}))
   return Split(train, validation, pandas.concat(test_days))
 
 
-def card_precision_at_k(test: 'pandas.DataFrame', scores: np.ndarray, k: int = 100) -> Tuple[float, List[float]]:
-  """The mean card precision@k over the test days, and each day's value."""
-  ranked = test[['customer_id', TEST_DAY_COLUMN, LABEL_COLUMN]].assign(score=scores)
+def precision_at_k(test: 'pandas.DataFrame', scores: np.ndarray, use_case: UseCase,
+                   k: Optional[int] = None) -> Tuple[float, List[float]]:
+  """The ranking metric: the mean over the test days of the precision@k of the use case's ranked entities (fraud:
+  the handbook's card precision@k, where a card detected on a day leaves the later days' rankings; a machine
+  stays), and each day's value; ``k`` defaults to the use case's."""
+  k = k or use_case.ranking_k
+  entity, label = use_case.key_columns[0], use_case.label_column
+  ranked = test[[entity, TEST_DAY_COLUMN, label]].assign(score=scores)
   detected, per_day = set(), []
   for _, day in ranked.groupby(TEST_DAY_COLUMN, sort=True):
-    cards = day.groupby('customer_id').agg(score=('score', 'max'), compromised=(LABEL_COLUMN, 'max'))
-    top = cards[~cards.index.isin(detected)].sort_values('score', ascending=False, kind='stable').head(k)
-    per_day.append(float(top['compromised'].sum()) / k)
-    detected |= set(top.index[top['compromised'] == 1])
+    entities = day.groupby(entity).agg(score=('score', 'max'), positive=(label, 'max'))
+    top = entities[~entities.index.isin(detected)].sort_values('score', ascending=False, kind='stable').head(k)
+    per_day.append(float(top['positive'].sum()) / k)
+    if use_case.known_positives_leave_test:
+      detected |= set(top.index[top['positive'] == 1])
   return float(np.mean(per_day)), per_day
 
 
@@ -147,21 +161,22 @@ def choose_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
   return float(thresholds[int(np.argmax(f1))]) if len(thresholds) else 0.5
 
 
-def test_metrics(test: 'pandas.DataFrame', scores: np.ndarray, threshold: float, k: int = 100) -> Dict[str, object]:
-  """The figures of one model on the test set."""
-  targets = test[LABEL_COLUMN].to_numpy()
+def test_metrics(test: 'pandas.DataFrame', scores: np.ndarray, threshold: float,
+                 use_case: UseCase) -> Dict[str, object]:
+  """The figures of one model on the test set (the counts named by the use case's nouns: transactions, frauds)."""
+  targets = test[use_case.label_column].to_numpy()
   decisions = scores >= threshold
-  card_precision, per_day = card_precision_at_k(test, scores, k)
+  ranking, per_day = precision_at_k(test, scores, use_case)
   return {
       'auc_roc': float(metrics.roc_auc_score(targets, scores)),
       'average_precision': float(metrics.average_precision_score(targets, scores)),
-      f'card_precision_at_{k}': card_precision,
-      f'card_precision_at_{k}_per_day': per_day,
+      use_case.ranking_metric: ranking,
+      f'{use_case.ranking_metric}_per_day': per_day,
       'threshold': threshold,
       'precision_at_threshold': float(metrics.precision_score(targets, decisions, zero_division=0)),
       'recall_at_threshold': float(metrics.recall_score(targets, decisions, zero_division=0)),
-      'transactions': len(targets),
-      'frauds': int(targets.sum()),
+      use_case.event_noun: len(targets),
+      use_case.positive_noun: int(targets.sum()),
   }
 
 
@@ -177,14 +192,14 @@ def plot_precision_recall(targets: np.ndarray, scores_by_model: Mapping[str, np.
   save_figure(figure, path)
 
 
-def plot_score_histogram(targets: np.ndarray, scores: np.ndarray, threshold: float, path: str):
-  """Histograms of the scores of genuine and fraudulent test transactions, with the threshold, as a PNG."""
+def plot_score_histogram(targets: np.ndarray, scores: np.ndarray, threshold: float, path: str, use_case: UseCase):
+  """Histograms of the scores of the negative and positive test events, with the threshold, as a PNG."""
   figure, axes = new_figure()
   bins = np.linspace(0, 1, 51)
-  axes.hist(scores[targets == 0], bins=bins, alpha=0.6, label='genuine', log=True)
-  axes.hist(scores[targets == 1], bins=bins, alpha=0.6, label='fraud', log=True)
+  axes.hist(scores[targets == 0], bins=bins, alpha=0.6, label='negative', log=True)
+  axes.hist(scores[targets == 1], bins=bins, alpha=0.6, label=use_case.positive_noun, log=True)
   axes.axvline(threshold, color='black', linestyle='--', label=f'threshold {threshold:.3f}')
-  axes.set(xlabel='score', ylabel='transactions (log)', title='Scores, test set')
+  axes.set(xlabel='score', ylabel=f'{use_case.event_noun} (log)', title='Scores, test set')
   axes.legend()
   save_figure(figure, path)
 

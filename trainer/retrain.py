@@ -79,6 +79,7 @@ from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines.stopping import stop_on_signals
 from trainer import data, task
 from trainer.registry import ModelStore
+from transforms.use_case import load_use_case
 
 # The alerts that say the model no longer fits the data: a retrain may fix them.
 TRIGGERING_KINDS = (DRIFT, PRECISION_BELOW_FLOOR, RECALL_BELOW_FLOOR)
@@ -486,7 +487,8 @@ class RetrainScheduler:
     if pending.labelled_through is None:
       return True
     try:
-      last_day = data.last_labelled_day(self._warehouse, self._args.features_table, self._args.labels_table)
+      last_day = data.last_labelled_day(self._warehouse, load_use_case(self._args.use_case),
+                                        self._args.features_table, self._args.labels_table)
     except WarehouseError as e:
       self._say(f'waiting for labels before the drift retrain: cannot read {self._warehouse.url}: {e}')
       return False

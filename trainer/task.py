@@ -1,4 +1,4 @@
-"""Trains, evaluates and publishes a fraud model: ``kbml train`` / ``python -m trainer.task``.
+"""Trains, evaluates and publishes a use case's model (fraud by default): ``kbml train`` / ``python -m trainer.task``.
 
 Reads the labelled feature rows of a train / delay / test split from the
 warehouse (trainer.evaluate.Protocol), fits the Keras network with early
@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -33,9 +34,8 @@ from kbml.local_state import default_model_dir
 from kbml.warehouse import open_warehouse
 from trainer import data, evaluate, model, trees, tune, vertex
 from trainer.registry import ModelStore, new_version
-from transforms.features import FEATURE_NAMES, HANDBOOK_FEATURES
+from transforms.use_case import DEFAULT_USE_CASE, UseCase, load_use_case
 
-FEATURE_SETS = ('all', 'handbook')
 # What a version's model is: one family, or several joined with '+' whose scores it averages. keras: networks;
 # trees: gradient-boosted trees; forest: a random forest (the trees served as a Keras layer).
 MODEL_FAMILIES = ('keras', 'trees', 'forest')
@@ -70,21 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
       prog='kbml train', allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
       description=__doc__.split('\n\n', 1)[1])
   data_args = parser.add_argument_group('Data')
+  data_args.add_argument('--use-case', default=DEFAULT_USE_CASE,
+                         help='fraud (the default), iot, or the dotted name of a module of yours that declares a '
+                         'USE_CASE (transforms/use_case.py): its tables\' columns, features and metrics.')
   data_args.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
                          'bigquery://PROJECT/DATASET.')
   data_args.add_argument('--features-table', default='features')
   data_args.add_argument('--labels-table', default='labels')
-  data_args.add_argument('--feature-set', choices=FEATURE_SETS, default='all',
-                         help='all: the handbook\'s 15 features and the 8 streaming ones; handbook: the 15 only '
-                         '(default: %(default)s).')
+  data_args.add_argument('--feature-set', default='all',
+                         help='One of the use case\'s feature sets. Fraud: all, the handbook\'s 15 features and the '
+                         '8 streaming ones; handbook, the 15 only (default: %(default)s).')
   split = parser.add_argument_group('Split (days in UTC)')
   split.add_argument('--train-start', type=_date, help='First day of the training range.')
   split.add_argument('--train-end', type=_date, help='Last day of the training range (included).')
   split.add_argument('--last-days', type=int,
                      help='Instead: train on this many days, placed so that the test range ends on the most recent '
                      'labelled day.')
-  split.add_argument('--delay-days', type=int, default=7, help='Days skipped between training and test: the label '
-                     'delay (default: %(default)s).')
+  split.add_argument('--delay-days', type=int,
+                     help='Days skipped between training and test: the label delay (default: the use case\'s, in '
+                     'whole days: 7 for fraud).')
   split.add_argument('--test-days', type=int, default=7, help='Days of the test range (default: %(default)s).')
   split.add_argument('--validation-days', type=int, default=2,
                      help='The last days of the training range, held out for early stopping and the threshold '
@@ -153,13 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def protocol_of(args, warehouse) -> evaluate.Protocol:
   """The split the arguments name."""
-  days = dict(delay_days=args.delay_days, test_days=args.test_days, validation_days=args.validation_days)
+  use_case = load_use_case(args.use_case)
+  delay_days = math.ceil(use_case.default_label_delay_days) if args.delay_days is None else args.delay_days
+  days = dict(delay_days=delay_days, test_days=args.test_days, validation_days=args.validation_days)
   if args.last_days is not None:
     if args.train_start or args.train_end:
       raise ValueError('Give either --last-days or --train-start/--train-end, not both.')
-    last_day = data.last_labelled_day(warehouse, args.features_table, args.labels_table)
+    last_day = data.last_labelled_day(warehouse, use_case, args.features_table, args.labels_table)
     if last_day is None:
-      raise ValueError(f'The warehouse {warehouse.url} holds no labelled transactions: run `kbml ingest` first.')
+      raise ValueError(f'The warehouse {warehouse.url} holds no labelled {use_case.event_noun}: run `kbml ingest` '
+                       'first.')
     return evaluate.Protocol.ending_at(last_day, train_days=args.last_days, **days)
   if not (args.train_start and args.train_end):
     raise ValueError('Name the training range: --train-start and --train-end, or --last-days.')
@@ -168,14 +175,15 @@ def protocol_of(args, warehouse) -> evaluate.Protocol:
   return evaluate.Protocol(args.train_start, train_days=(args.train_end - args.train_start).days + 1, **days)
 
 
-def _checked_split(rows, protocol: evaluate.Protocol, warehouse_url: str) -> evaluate.Split:
-  split = evaluate.split(rows, protocol)
+def _checked_split(rows, protocol: evaluate.Protocol, warehouse_url: str, use_case: UseCase) -> evaluate.Split:
+  split = evaluate.split(rows, protocol, use_case)
   for name, part in (('training', split.train), ('validation', split.validation), ('test', split.test)):
-    if len(part) == 0 or part[data.LABEL_COLUMN].sum() == 0:
+    positives = int(data.labels(part, use_case).sum()) if len(part) else 0
+    if positives == 0:
       ranges = ', '.join(f'{range_name} {days}' for range_name, days in protocol.describe().items())
-      raise ValueError(f'The {name} range has {len(part):,} labelled transactions and '
-                       f'{int(part[data.LABEL_COLUMN].sum()) if len(part) else 0} frauds in {warehouse_url} '
-                       f'({ranges}); it needs both. Ingest more days or choose other dates.')
+      raise ValueError(f'The {name} range has {len(part):,} labelled {use_case.event_noun} and {positives} '
+                       f'{use_case.positive_noun} in {warehouse_url} ({ranges}); it needs both. Ingest more days or '
+                       'choose other dates.')
   return split
 
 
@@ -197,8 +205,10 @@ class Evaluation:
 def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> Evaluation:
   """Fits the model family (early stopping on the validation split) and the baseline on the split's training
   rows, chooses each one's threshold on the validation split, and tests both on its test range."""
-  train_x, train_y = data.feature_matrix(split.train, feature_names), data.labels(split.train)
-  validation_x, validation_y = data.feature_matrix(split.validation, feature_names), data.labels(split.validation)
+  use_case = load_use_case(args.use_case)
+  train_x, train_y = data.feature_matrix(split.train, feature_names), data.labels(split.train, use_case)
+  validation_x = data.feature_matrix(split.validation, feature_names)
+  validation_y = data.labels(split.validation, use_case)
   test_x = data.feature_matrix(split.test, feature_names)
   fit_started = time.monotonic()
   network, devices, fitted = _fit_model(args, train_x, train_y, validation_x, validation_y)
@@ -210,8 +220,8 @@ def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> E
   baseline_scores = baseline.predict_proba(test_x)[:, 1]
   baseline_threshold = evaluate.choose_threshold(validation_y, baseline.predict_proba(validation_x)[:, 1])
   return Evaluation(network, devices, fitted, fit_seconds, threshold, validation_scores, test_scores,
-                    evaluate.test_metrics(split.test, test_scores, threshold), baseline_scores,
-                    evaluate.test_metrics(split.test, baseline_scores, baseline_threshold))
+                    evaluate.test_metrics(split.test, test_scores, threshold, use_case), baseline_scores,
+                    evaluate.test_metrics(split.test, baseline_scores, baseline_threshold, use_case))
 
 
 @dataclasses.dataclass
@@ -228,22 +238,25 @@ def train(args) -> Result:
   if args.gate == 'prequential' and args.prequential_folds < 2:
     raise ValueError('--gate prequential compares prequential folds: give --prequential-folds 2 or more.')
   warehouse = open_warehouse(args.warehouse)
+  use_case = load_use_case(args.use_case)
   protocol = protocol_of(args, warehouse)
-  feature_names = feature_names_of(args.feature_set)
+  feature_names = feature_names_of(use_case, args.feature_set)
   protocols = evaluate.prequential_protocols(protocol, args.prequential_folds)
   tuned = bool(args.tune_trials or args.tune_seconds)
   validation_protocols = tune.validation_protocols(protocol, args.tune_weeks) if tuned else []
   first_day = min(earlier.train_start for earlier in [*protocols, *validation_protocols])
-  rows = data.read_labelled_rows(warehouse, first_day, protocol.test_end, feature_names, args.features_table,
-                                 args.labels_table)
-  split = _checked_split(rows, protocol, warehouse.url)
-  earlier_splits = [_checked_split(rows, earlier, warehouse.url) for earlier in protocols[1:]]
-  print(f'read {len(rows):,} labelled transactions from {warehouse.url} in {time.monotonic() - started:.1f} s; '
-        + ', '.join(f'{part} {days}' for part, days in protocol.describe().items()), flush=True)
+  rows = data.read_labelled_rows(warehouse, first_day, protocol.test_end, feature_names, use_case,
+                                 args.features_table, args.labels_table)
+  split = _checked_split(rows, protocol, warehouse.url, use_case)
+  earlier_splits = [_checked_split(rows, earlier, warehouse.url, use_case) for earlier in protocols[1:]]
+  ranges = ', '.join(f'{part} {days}' for part, days in protocol.describe().items())
+  print(f'read {len(rows):,} labelled {use_case.event_noun} from {warehouse.url} in '
+        f'{time.monotonic() - started:.1f} s; {ranges}', flush=True)
 
   searches = []
   if tuned:
-    validation_splits = [_checked_split(rows, validation, warehouse.url) for validation in validation_protocols]
+    validation_splits = [_checked_split(rows, validation, warehouse.url, use_case)
+                         for validation in validation_protocols]
     print(f'tuning on {len(validation_splits)} validation split(s), tests '
           f'{", ".join(validation.describe()["test"] for validation in validation_protocols)}', flush=True)
     for family in args.model_family.split('+'):
@@ -263,15 +276,16 @@ def train(args) -> Result:
     for number, (earlier, earlier_split) in enumerate(zip(protocols[1:], earlier_splits, strict=True), start=2):
       print(f'prequential fold {number} of {len(protocols)}: test {earlier.describe()["test"]}', flush=True)
       folds.append(fit_and_evaluate(args, earlier_split, feature_names))
+    summarized = evaluate.summarized_metrics(use_case)
     prequential = {
         'folds': [{'test': fold_protocol.describe()['test'],
-                   'model': {name: fold.metrics[name] for name in evaluate.SUMMARIZED_METRICS},
-                   'baseline': {name: fold.baseline_metrics[name] for name in evaluate.SUMMARIZED_METRICS}}
+                   'model': {name: fold.metrics[name] for name in summarized},
+                   'baseline': {name: fold.baseline_metrics[name] for name in summarized}}
                   for fold_protocol, fold in zip(protocols, folds, strict=True)],
-        'model': evaluate.mean_and_spread([fold.metrics for fold in folds]),
-        'baseline': evaluate.mean_and_spread([fold.baseline_metrics for fold in folds])}
-  train_y, validation_y, test_y = (data.labels(split.train), data.labels(split.validation),
-                                   data.labels(split.test))
+        'model': evaluate.mean_and_spread([fold.metrics for fold in folds], summarized),
+        'baseline': evaluate.mean_and_spread([fold.baseline_metrics for fold in folds], summarized)}
+  train_y, validation_y, test_y = (data.labels(split.train, use_case), data.labels(split.validation, use_case),
+                                   data.labels(split.test, use_case))
   store = ModelStore(args.model_dir)
   champion = store.current()
   score_champion = _champion_scorer(store, champion)
@@ -280,13 +294,14 @@ def train(args) -> Result:
   version = new_version()
   metadata = {
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'use_case': use_case.name,
       'model': {'kind': 'keras', 'family': args.model_family, 'name': network.name, **_family_parameters(args),
                 **evaluation.fitted, 'fit_seconds': round(evaluation.fit_seconds, 1), 'devices': evaluation.devices},
       'training': {'warehouse': warehouse.url, 'features_table': args.features_table,
                    'labels_table': args.labels_table, **protocol.describe(),
                    'rows': {'train': len(split.train), 'validation': len(split.validation), 'test': len(split.test)},
-                   'frauds': {'train': int(train_y.sum()), 'validation': int(validation_y.sum()),
-                              'test': int(test_y.sum())}},
+                   use_case.positive_noun: {'train': int(train_y.sum()), 'validation': int(validation_y.sum()),
+                                            'test': int(test_y.sum())}},
       'features': feature_names,
       'feature_statistics': data.feature_statistics(data.feature_matrix(split.train, feature_names), feature_names),
       'score_statistics': data.feature_statistics(evaluation.validation_scores[:, None], ['score'])['score'],
@@ -307,7 +322,7 @@ def train(args) -> Result:
     if champion_scores is not None:
       curves[f'champion {champion}'] = champion_scores
     evaluate.plot_precision_recall(test_y, curves, plots['pr_curve.png'])
-    evaluate.plot_score_histogram(test_y, test_scores, threshold, plots['score_histogram.png'])
+    evaluate.plot_score_histogram(test_y, test_scores, threshold, plots['score_histogram.png'], use_case)
     model_file = os.path.join(scratch, 'model.keras')
     network.save(model_file)
     store.publish(version, model_file, metadata, plots)
@@ -373,9 +388,10 @@ def _fit_model(args, train_x, train_y, validation_x, validation_y):
 def _fit_networks(args, train_x, train_y, validation_x, validation_y):
   """Fits ``args.ensemble`` networks from consecutive seeds; returns their mean, the devices, the epochs run."""
   strategy, devices = model.distribution_strategy()
+  positives = load_use_case(args.use_case).positive_noun
   print(f'training on {", ".join(devices)} ({type(strategy).__name__}): {len(train_x):,} rows, '
-        f'{int(train_y.sum()):,} frauds; validation {len(validation_x):,} rows, {int(validation_y.sum()):,} frauds',
-        flush=True)
+        f'{int(train_y.sum()):,} {positives}; validation {len(validation_x):,} rows, {int(validation_y.sum()):,} '
+        f'{positives}', flush=True)
   batch_size = args.batch_size * strategy.num_replicas_in_sync
   members, epochs_run = [], []
   for seed in range(args.seed, args.seed + args.ensemble):
@@ -390,8 +406,16 @@ def _fit_networks(args, train_x, train_y, validation_x, validation_y):
   return model.average(members), devices, epochs_run
 
 
-def feature_names_of(feature_set: str) -> List[str]:
-  return list(HANDBOOK_FEATURES if feature_set == 'handbook' else FEATURE_NAMES)
+def feature_names_of(use_case: UseCase, feature_set: str) -> List[str]:
+  """The features of the use case's set ``feature_set``.
+
+  Raises:
+    ValueError: the use case has no such set.
+  """
+  if feature_set not in use_case.feature_sets:
+    raise ValueError(f'The {use_case.name} use case has no feature set {feature_set!r}: choose '
+                     f'{", ".join(use_case.feature_sets)}.')
+  return list(use_case.feature_sets[feature_set])
 
 
 def _champion_scorer(store: ModelStore, champion: Optional[str]) -> Optional[Callable[..., np.ndarray]]:
@@ -427,7 +451,9 @@ def _gate(args, store: ModelStore, champion: Optional[str], score_champion: Opti
       compared = [fold for fold in folds if fold[0].test_start > trained_until] or compared
   from sklearn.metrics import average_precision_score
   first_split = folds[0][1]
-  champion_aps = [average_precision_score(data.labels(fold_split.test), champion_scores if fold_split is first_split
+  use_case = load_use_case(args.use_case)
+  champion_aps = [average_precision_score(data.labels(fold_split.test, use_case),
+                                          champion_scores if fold_split is first_split
                                           else score_champion(fold_split.test))
                   for _, fold_split, _ in compared]
   rows = ('the same test rows' if len(compared) == 1 else
@@ -470,22 +496,26 @@ def summary(result: Result, model_dir: str) -> str:
   meta = result.metadata
   metrics, baseline = meta['metrics'], meta['baseline']['metrics']
   training = meta['training']
+  use_case = load_use_case(meta['use_case'])
+  ranking = f'{use_case.ranked_noun[0].upper()}P@{use_case.ranking_k}'  # CP@100: card precision@100
+  left_out = (f' ({use_case.ranked_noun}s already known positive left out)' if use_case.known_positives_leave_test
+              else '')
   lines = [
       f"model {result.version}: {describe_fit(meta['model'])}; {len(meta['features'])} features",
       f"train {training['train']} ({training['rows']['train']:,} rows), validation {training['validation']}, "
-      f"delay {training['delay_days']} days, test {training['test']}: {metrics['transactions']:,} transactions, "
-      f"{metrics['frauds']:,} frauds (cards already known to be compromised left out)",
-      f"{'':24}{'AUC ROC':>9}{'avg prec':>10}{'CP@100':>8}{'threshold':>11}{'precision':>11}{'recall':>8}",
+      f"delay {training['delay_days']} days, test {training['test']}: {metrics[use_case.event_noun]:,} "
+      f"{use_case.event_noun}, {metrics[use_case.positive_noun]:,} {use_case.positive_noun}{left_out}",
+      f"{'':24}{'AUC ROC':>9}{'avg prec':>10}{ranking:>8}{'threshold':>11}{'precision':>11}{'recall':>8}",
   ]
   for name, figures in ((f"{meta['model']['family']} model", metrics), ('logistic baseline', baseline)):
     lines.append(f"{name:24}{figures['auc_roc']:>9.3f}{figures['average_precision']:>10.3f}"
-                 f"{figures['card_precision_at_100']:>8.3f}{figures['threshold']:>11.3f}"
+                 f"{figures[use_case.ranking_metric]:>8.3f}{figures['threshold']:>11.3f}"
                  f"{figures['precision_at_threshold']:>11.3f}{figures['recall_at_threshold']:>8.3f}")
   if 'prequential' in meta:
     prequential = meta['prequential']
     tests = [fold['test'] for fold in prequential['folds']]
     lines.append(f'prequential, {len(tests)} test ranges from {tests[-1]} to {tests[0]}, mean (standard deviation) '
-                 'of AUC ROC, average precision, CP@100:')
+                 f'of AUC ROC, average precision, {ranking}:')
     for name, key in ((f"{meta['model']['family']} model", 'model'), ('logistic baseline', 'baseline')):
       lines.append(f'{name:24}' + evaluate.mean_and_spread_text(prequential[key]))
   if 'tuning' in meta:

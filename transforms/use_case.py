@@ -34,8 +34,19 @@ class UseCase:
     labels_topic: the labels topic's default name.
     id_column: the column, and the event rows' field, that names an event (its label's too).
     time_column: the column of an event's time in the tables (ISO-8601 UTC).
+    key_columns: the columns of the entities an event is about, in both tables (fraud: the customer, i.e. the
+      card, and the terminal); the first is the one the evaluation ranks (see ``ranking_k``).
     label_column: the labels table's column the models learn (0 or 1).
+    event_noun: what an event is called in messages and metrics (plural: ``transactions``).
+    positive_noun: what a positive label is called (plural: ``frauds``).
+    ranked_noun: what the first key column names (``card``): the ranking metric is its precision at k.
+    ranking_k: each test day, the entities with the highest scores (each its highest of the day) that the
+      ranking metric takes: ``{ranked_noun}_precision_at_{ranking_k}``, the share of them with a positive label.
+    known_positives_leave_test: whether an entity with a positive label known by a test day leaves that day's
+      test rows, and one the ranking found positive the later days' rankings (a card known to be compromised is
+      blocked; a machine is repaired and comes back).
     feature_names: the features the models take, in order.
+    feature_sets: the feature sets ``kbml train --feature-set`` chooses from, by name (``all``: feature_names).
     features_table: the warehouse table of events and their features (keyed by ``id_column``).
     labels_table: the warehouse table of labels.
     label_row: a label row -> its row in the labels table.
@@ -57,8 +68,15 @@ class UseCase:
   labels_topic: str
   id_column: str
   time_column: str
+  key_columns: Sequence[str]
   label_column: str
+  event_noun: str
+  positive_noun: str
+  ranked_noun: str
+  ranking_k: int
+  known_positives_leave_test: bool
   feature_names: Sequence[str]
+  feature_sets: Mapping[str, Sequence[str]]
   features_table: TableSchema
   labels_table: TableSchema
   label_row: Callable[[tuple], Dict[str, object]]
@@ -73,6 +91,11 @@ class UseCase:
   def is_label(self, row) -> bool:
     """Whether a parsed row is a label (else an event)."""
     return isinstance(row, self.label_schema.row_type)
+
+  @property
+  def ranking_metric(self) -> str:
+    """The name of the ranking metric among the test metrics (``card_precision_at_100``)."""
+    return f'{self.ranked_noun}_precision_at_{self.ranking_k}'
 
 
 def load_use_case(name: str = DEFAULT_USE_CASE) -> UseCase:

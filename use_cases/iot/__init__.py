@@ -25,8 +25,16 @@ USE_CASE = UseCase(
     labels_topic='failure-labels',  # beside fraud's labels on one broker
     id_column='reading_id',
     time_column='reading_time',
+    key_columns=('machine_id',),
     label_column='fails_within_horizon',
+    event_noun='readings',
+    positive_noun='failures',
+    ranked_noun='machine',
+    ranking_k=5,
+    # A failed machine is repaired and comes back: it stays in the test days.
+    known_positives_leave_test=False,
     feature_names=FEATURE_NAMES,
+    feature_sets={'all': FEATURE_NAMES},
     features_table=FEATURES_TABLE,
     labels_table=LABELS_TABLE,
     label_row=label_row,
