@@ -204,17 +204,19 @@ def _promote_challenger_if_better(store, args) -> int:
   """Promotes the challenger if its live average precision beats the champion's on the same labelled events."""
   from kbml.warehouse import open_warehouse
   from transforms.metrics import shadow_comparison
+  from transforms.use_case import load_use_case
   champion, challenger = store.current(), store.challenger()
   if challenger is None:
     raise ValueError(f'No challenger in {store.root}: put one in the shadow first (`kbml promote VERSION '
                      '--challenger`).')
-  live = shadow_comparison(open_warehouse(args.warehouse), champion, challenger)
-  record = (f"on {live['labelled']:,} labelled transactions ({live['frauds']:,} frauds) both scored: challenger "
-            f"{challenger} average precision {live['challenger_average_precision']:.4f}, champion {champion} "
-            f"{live['champion_average_precision']:.4f}")
-  if live['labelled'] < args.min_labelled or not live['frauds']:
-    print(f'not promoted: too few labelled events yet ({live["labelled"]:,} < {args.min_labelled:,}, or no fraud); '
-          f'{record}')
+  use_case = load_use_case(store.use_case_in_service())
+  live = shadow_comparison(open_warehouse(args.warehouse), use_case, champion, challenger)
+  record = (f"on {live['labelled']:,} labelled {use_case.event_noun} ({live['positives']:,} "
+            f"{use_case.positive_noun}) both scored: challenger {challenger} average precision "
+            f"{live['challenger_average_precision']:.4f}, champion {champion} {live['champion_average_precision']:.4f}")
+  if live['labelled'] < args.min_labelled or not live['positives']:
+    print(f'not promoted: too few labelled events yet ({live["labelled"]:,} < {args.min_labelled:,}, or no '
+          f'{use_case.positive_noun}); {record}')
     return 0
   if not live['challenger_average_precision'] > live['champion_average_precision']:
     print(f'not promoted: the challenger is not better; {record}')

@@ -306,10 +306,10 @@ def run_loop(args, out=print) -> LoopResult:
         f"({len(drift)} drift alerts in all)")
   out(f'model in service: {first_version} -> {retrained or "(no retrain promoted)"}')
   labelled = windows[windows['labelled'] > 0]
-  out(labelled[['window_start', 'model_version', 'predictions', 'labelled', 'frauds', 'precision', 'recall',
+  out(labelled[['window_start', 'model_version', 'predictions', 'labelled', 'positives', 'precision', 'recall',
                 'average_precision']].to_string(index=False, float_format=lambda x: f'{x:.3f}'))
   out(f'\nlabelled metrics per phase (windows one model scored whole; the drift from {drift_start:%Y-%m-%d}):')
-  out(phases[['phase', 'windows', 'labelled', 'frauds', 'precision', 'recall', 'average_precision']].to_string(
+  out(phases[['phase', 'windows', 'labelled', 'positives', 'precision', 'recall', 'average_precision']].to_string(
       index=False, float_format=lambda x: f'{x:.3f}'))
   return LoopResult(alerts, first_version, retrained, windows, phases)
 

@@ -10,10 +10,12 @@ figure here) and the model store, and writes a single self-contained file
 - the score histogram of each model version;
 - the population stability index of each feature and of the score per window, against the training data;
 - the live precision-recall curves of the current and the previous model, and the current one's test-set curve;
-- card precision@100 per day and model version.
+- the use case's ranking precision per day and model version (fraud: card precision@100).
 
 Everything is about the champion role (the model whose decisions are
-published) unless said. A fresh system has no metrics yet: the page then
+published) unless said. The use case (its names of events, positives and
+ranked entities) is the one of the model in service, unless ``--use-case``
+says. A fresh system has no metrics yet: the page then
 says so (run ``kbml monitor``).
 
 Example::
@@ -37,6 +39,7 @@ from kbml.warehouse import Warehouse, default_warehouse_url, open_warehouse
 from trainer.evaluate import new_figure, save_figure
 from trainer.registry import ModelStore, ModelStoreError
 from transforms import metrics
+from transforms.use_case import UseCase, load_use_case
 
 if TYPE_CHECKING:
   import pandas
@@ -45,7 +48,6 @@ NO_METRICS = 'no monitoring metrics yet: run `kbml monitor`'
 DEFAULT_PSI_THRESHOLD = 0.2
 # The score histograms are kept in 1,000 bins; 50 bars read better.
 DISPLAY_SCORE_BINS = 50
-CARD_PRECISION_K = 100
 TEST_PR_CURVE_FILE = 'pr_curve.png'  # written by `kbml train` into each version's folder
 # Beyond this many windows the drift heatmap's cells are too narrow for their values.
 MAX_ANNOTATED_WINDOWS = 40
@@ -160,7 +162,7 @@ class _Metadata:
     return self._cache[version]
 
 
-def _model_rows(store: ModelStore, metadata_of: _Metadata) -> List[List[str]]:
+def _model_rows(store: ModelStore, metadata_of: _Metadata, use_case: UseCase) -> List[List[str]]:
   """The header's champion and challenger rows: their test-set figures from their metadata."""
   rows = []
   promoted_at = {promotion.version: promotion.promoted_at for promotion in store.promotions()}
@@ -176,22 +178,26 @@ def _model_rows(store: ModelStore, metadata_of: _Metadata) -> List[List[str]]:
                  if since else '—',
                  _escape((metadata.get('training') or {}).get('test', '—')),
                  _number(test.get('auc_roc')), _number(test.get('average_precision')),
-                 _number(test.get(f'card_precision_at_{CARD_PRECISION_K}')), _number(metadata.get('threshold'))])
+                 _number(test.get(use_case.ranking_metric)), _number(metadata.get('threshold'))])
   return rows
 
 
-def _header(warehouse_url: str, store: ModelStore, metadata_of: _Metadata, now: datetime.datetime,
+def _ranking_title(use_case: UseCase) -> str:
+  return f'{use_case.ranked_noun} precision@{use_case.ranking_k}'
+
+
+def _header(warehouse_url: str, store: ModelStore, metadata_of: _Metadata, use_case: UseCase, now: datetime.datetime,
             windows: Optional[Tuple[Any, Any]]) -> str:
   covered = (f'; windows from {windows[0]:%Y-%m-%d %H:%M} to {windows[1]:%Y-%m-%d %H:%M} UTC' if windows else '')
   models = _table(['role', 'version', 'promoted (UTC)', 'test days', 'test AUC ROC', 'test average precision',
-                   f'test card precision@{CARD_PRECISION_K}', 'threshold'],
-                  _model_rows(store, metadata_of), 'models', text_columns=4)
-  return (f'<h1>Fraud model monitoring</h1>'
+                   f'test {_ranking_title(use_case)}', 'threshold'],
+                  _model_rows(store, metadata_of, use_case), 'models', text_columns=4)
+  return (f'<h1>Model monitoring: {_escape(use_case.name)}</h1>'
           f'<p class="meta">Generated {now:%Y-%m-%d %H:%M:%S} UTC from the warehouse <code>{_escape(warehouse_url)}'
           f'</code> and the model store <code>{_escape(store.root)}</code>{_escape(covered)}.</p>{models}')
 
 
-def _metrics_over_time(champion: 'pandas.DataFrame', colours: Mapping[str, Any]) -> str:
+def _metrics_over_time(champion: 'pandas.DataFrame', colours: Mapping[str, Any], use_case: UseCase) -> str:
   """Section 2: one plot per metric, one line per model version."""
   images, missing = [], []
   for column, label in TIME_METRICS:
@@ -209,8 +215,8 @@ def _metrics_over_time(champion: 'pandas.DataFrame', colours: Mapping[str, Any])
     axes.legend(title='model version', fontsize='small')
     _time_axis(axes, champion['window_start'].min(), champion['window_start'].max())
     images.append(_image(_rendered(figure), f'{label} per window and model version'))
-  note = (_empty(f'No {", ".join(missing)} yet: they need the labels of the predictions, which arrive days after '
-                 'the transactions.') if missing else '')
+  note = (_empty(f'No {", ".join(missing)} yet: they need the labels of the predictions, which arrive after '
+                 f'the {use_case.event_noun}.') if missing else '')
   return _figure_html('metrics-over-time', f'<div class="grid">{"".join(images)}</div>{note}',
                       'Each point is one window of the predictions of the model version in service (labelled '
                       'figures: the predictions whose label has arrived).')
@@ -298,8 +304,8 @@ def _drift(drift: 'pandas.DataFrame', psi_threshold: float, missing_versions: Se
 
 
 def _labelled_bins(sums: 'pandas.DataFrame') -> Tuple[np.ndarray, np.ndarray]:
-  return (metrics.histogram(sums, 'fraud_score', metrics.SCORE_BINS),
-          metrics.histogram(sums, 'genuine_score', metrics.SCORE_BINS))
+  return (metrics.histogram(sums, 'positive_score', metrics.SCORE_BINS),
+          metrics.histogram(sums, 'negative_score', metrics.SCORE_BINS))
 
 
 def _pr_versions(store: ModelStore, champion_sums: 'pandas.DataFrame') -> List[str]:
@@ -318,24 +324,26 @@ def _pr_versions(store: ModelStore, champion_sums: 'pandas.DataFrame') -> List[s
   return chosen
 
 
-def _pr_curves(store: ModelStore, champion_sums: 'pandas.DataFrame', colours: Mapping[str, Any]) -> str:
+def _pr_curves(store: ModelStore, champion_sums: 'pandas.DataFrame', colours: Mapping[str, Any],
+               use_case: UseCase) -> str:
   """Section 5: the live PR curves of the current and previous model, and the current one's test-set curve."""
   current = store.current()
   versions = _pr_versions(store, champion_sums)
   if not versions:
     live = _figure_html('pr-curves', _empty('No labelled predictions yet: the curves need the labels, which arrive '
-                                            'days after the transactions.'), 'Live precision-recall curves')
+                                            f'after the {use_case.event_noun}.'), 'Live precision-recall curves')
   else:
     figure, axes = new_figure()
     for version in versions:
-      fraud_counts, genuine_counts = _labelled_bins(champion_sums[champion_sums['model_version'] == version])
-      precision, recall = metrics.precision_recall_curve(fraud_counts, genuine_counts)
-      average_precision = metrics.average_precision(fraud_counts, genuine_counts)
+      positive_counts, negative_counts = _labelled_bins(champion_sums[champion_sums['model_version'] == version])
+      precision, recall = metrics.precision_recall_curve(positive_counts, negative_counts)
+      average_precision = metrics.average_precision(positive_counts, negative_counts)
       role = 'current' if version == current else 'previous'
       # From recall 0, each bin's precision holds up to its recall: the steps average precision sums.
       axes.step(np.concatenate([[0.0], recall]), np.concatenate([precision[:1], precision]), where='pre',
                 color=colours.get(version), label=f'{role} {version} (AP {average_precision:.3f}, '
-                f'{int(fraud_counts.sum()):,} frauds of {int(fraud_counts.sum() + genuine_counts.sum()):,})')
+                f'{int(positive_counts.sum()):,} {use_case.positive_noun} of '
+                f'{int(positive_counts.sum() + negative_counts.sum()):,})')
     axes.set(xlabel='recall', ylabel='precision', xlim=(0, 1), ylim=(0, 1.02),
              title='Precision-recall, live labelled predictions')
     axes.legend(loc='lower left', fontsize='small')
@@ -356,25 +364,25 @@ def _pr_curves(store: ModelStore, champion_sums: 'pandas.DataFrame', colours: Ma
   return f'<div class="grid">{live}{test}</div>'
 
 
-def _card_precision(card_precision: 'pandas.DataFrame') -> str:
-  """Section 6: card precision@k per day and model version."""
-  if card_precision.empty:
+def _ranking_precision(precision: 'pandas.DataFrame', use_case: UseCase) -> str:
+  """Section 6: the ranking precision (fraud: card precision@100) per day and model version."""
+  if precision.empty:
     return _empty('No labelled predictions yet.')
-  rows = [[_escape(row.day), _escape(row.model_version), _count(row.cards), _number(row.card_precision_at_k, 2)]
-          for row in card_precision.itertuples()]
-  return _table(['day', 'model version', 'cards', f'card precision@{CARD_PRECISION_K}'], rows, 'card-precision',
-                text_columns=2)
+  rows = [[_escape(row.day), _escape(row.model_version), _count(row.entities), _number(row.precision_at_k, 2)]
+          for row in precision.itertuples()]
+  return _table(['day', 'model version', f'{use_case.ranked_noun}s', _ranking_title(use_case)], rows,
+                'ranking-precision', text_columns=2)
 
 
-def _versions_table(sums: 'pandas.DataFrame') -> str:
+def _versions_table(sums: 'pandas.DataFrame', use_case: UseCase) -> str:
   """Every model version and role over all windows."""
   totals = metrics.summaries(sums, group_by=('model_version', 'role'))
   windows = sums.groupby(['model_version', 'role'])['window_start'].nunique()
   rows = [[_escape(row.model_version), _escape(row.role), _count(windows[(row.model_version, row.role)]),
-           _count(row.predictions), _number(row.flagged_rate, 4), _count(row.labelled), _count(row.frauds),
+           _count(row.predictions), _number(row.flagged_rate, 4), _count(row.labelled), _count(row.positives),
            _number(row.precision), _number(row.recall), _number(row.average_precision)]
           for row in totals.itertuples()]
-  return _table(['model version', 'role', 'windows', 'predictions', 'flagged rate', 'labelled', 'frauds',
+  return _table(['model version', 'role', 'windows', 'predictions', 'flagged rate', 'labelled', use_case.positive_noun,
                  'precision', 'recall', 'average precision'], rows, 'versions', text_columns=2)
 
 
@@ -386,7 +394,7 @@ def _page(title: str, body: str) -> str:
 def render_report(warehouse: Warehouse, store: ModelStore, psi_threshold: float = DEFAULT_PSI_THRESHOLD,
                   metrics_table: str = metrics.METRICS_TABLE,
                   labelled_table: str = metrics.LABELLED_PREDICTIONS_TABLE,
-                  now: Optional[datetime.datetime] = None) -> Tuple[str, bool]:
+                  now: Optional[datetime.datetime] = None, use_case: Optional[UseCase] = None) -> Tuple[str, bool]:
   """The report page, and whether there were any metrics to report.
 
   Args:
@@ -394,8 +402,9 @@ def render_report(warehouse: Warehouse, store: ModelStore, psi_threshold: float 
     store: the model store of the versions in the metrics.
     psi_threshold: the population stability index from which drift is alerted.
     metrics_table: the partial sums' table.
-    labelled_table: the labelled predictions' table (card precision).
+    labelled_table: the labelled predictions' table (the ranking precision).
     now: the time the page says it was generated (default: now).
+    use_case: the use case of the predictions (default: that of the model in service, else fraud).
 
   Returns:
     The HTML text and whether the metrics table had rows.
@@ -403,10 +412,12 @@ def render_report(warehouse: Warehouse, store: ModelStore, psi_threshold: float 
   import pandas
   now = now or datetime.datetime.now(datetime.timezone.utc)
   metadata_of = _Metadata(store)
+  use_case = use_case or load_use_case(store.use_case_in_service())
   sums = metrics.read_sums(warehouse, table=metrics_table)
   if sums.empty:
     no_metrics = f'<p class="empty" id="no-metrics">{_escape(NO_METRICS)}</p>'
-    page = _page('kbml report: no metrics yet', _header(warehouse.url, store, metadata_of, now, None) + no_metrics)
+    page = _page('kbml report: no metrics yet',
+                 _header(warehouse.url, store, metadata_of, use_case, now, None) + no_metrics)
     return page, False
 
   for column in ('window_start', 'window_end'):
@@ -420,16 +431,17 @@ def render_report(warehouse: Warehouse, store: ModelStore, psi_threshold: float 
     drift['window_start'] = pandas.to_datetime(drift['window_start'], utc=True)
 
   sections = [
-      _header(warehouse.url, store, metadata_of, now, (sums['window_start'].min(), sums['window_end'].max())),
-      '<h2>Model versions</h2>', _versions_table(sums),
+      _header(warehouse.url, store, metadata_of, use_case, now,
+              (sums['window_start'].min(), sums['window_end'].max())),
+      '<h2>Model versions</h2>', _versions_table(sums, use_case),
       '<h2>Metrics over time</h2>',
-      _metrics_over_time(champion, colours) if not champion.empty
+      _metrics_over_time(champion, colours, use_case) if not champion.empty
       else _figure_html('metrics-over-time', _empty('No champion predictions in the metrics.'), 'Metrics over time'),
       '<h2>Score histograms</h2>', _score_histograms(champion_sums, metadata_of, colours),
       '<h2>Drift per feature</h2>', _drift(drift, psi_threshold, metadata_of.missing),
-      '<h2>Precision-recall curves</h2>', _pr_curves(store, champion_sums, colours),
-      f'<h2>Card precision@{CARD_PRECISION_K}</h2>',
-      _card_precision(metrics.card_precision_at_k(warehouse, CARD_PRECISION_K, table=labelled_table)),
+      '<h2>Precision-recall curves</h2>', _pr_curves(store, champion_sums, colours, use_case),
+      f'<h2>{_escape(_ranking_title(use_case)).capitalize()}</h2>',
+      _ranking_precision(metrics.ranked_precision_at_k(warehouse, use_case, table=labelled_table), use_case),
   ]
   return _page('kbml report', ''.join(sections)), True
 
@@ -439,7 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
       prog='kbml report',
       description='Write one HTML page (plots inside) of the live model monitoring: metrics per window and model '
       'version, score histograms, drift per feature, precision-recall curves of the current and previous model, '
-      'and card precision per day. Reads what `kbml monitor` wrote to the warehouse.')
+      'and the ranking precision per day (fraud: card precision@100). Reads what `kbml monitor` wrote to the '
+      'warehouse.')
+  parser.add_argument('--use-case', help='fraud, iot or the dotted name of a module of yours that declares a '
+                      'USE_CASE (default: the use case of the model in service).')
   parser.add_argument('--warehouse', default=default_warehouse_url(),
                       help='duckdb:///path/file.duckdb or bigquery://PROJECT/DATASET (default: %(default)s).')
   parser.add_argument('--model-dir', default=default_model_dir(),
@@ -468,7 +483,8 @@ def run(argv: Optional[List[str]] = None, out: Callable[[str], None] = print) ->
   """``kbml report ARGS``: writes the page and prints its path (after a line saying so if there are no metrics)."""
   args = build_parser().parse_args(argv)
   page, has_metrics = render_report(open_warehouse(args.warehouse), ModelStore(args.model_dir), args.psi_threshold,
-                                    args.metrics_table, args.labelled_table)
+                                    args.metrics_table, args.labelled_table,
+                                    use_case=load_use_case(args.use_case) if args.use_case else None)
   if not has_metrics:
     out(NO_METRICS)
   out(write_report(args.output, page))

@@ -320,7 +320,7 @@ def _window_summary(warehouse, window_start) -> Dict[str, Any]:
   row = summaries(sums, group_by=('window_start', 'window_end')).iloc[0]
   return {'window_start': _iso(row['window_start']), 'window_end': _iso(row['window_end']),
           'model_versions': sorted(sums['model_version'].unique()),
-          **{name: _number(row[name]) for name in ('predictions', 'flagged', 'flagged_rate', 'labelled', 'frauds',
+          **{name: _number(row[name]) for name in ('predictions', 'flagged', 'flagged_rate', 'labelled', 'positives',
                                                    'precision', 'recall', 'average_precision')}}
 
 

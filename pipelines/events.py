@@ -58,12 +58,6 @@ class EventOptions(PipelineOptions):
     """The use case ``--use-case`` names."""
     return load_use_case(self.use_case)
 
-  def refuse_other_use_cases(self, pipeline: str):
-    """Raises ValueError unless the use case is the default one, the only one ``pipeline`` serves so far."""
-    if self.declared_use_case().name != DEFAULT_USE_CASE:
-      raise ValueError(f'The {pipeline} serves the {DEFAULT_USE_CASE} use case only, so far; --use-case '
-                       f'{self.use_case} is taken by ingest.')
-
   def events_topic_or_default(self) -> str:
     return self.events_topic or self.declared_use_case().events_topic
 

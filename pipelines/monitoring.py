@@ -3,7 +3,7 @@
 For each event-time window (a day by default) and model version, the
 pipeline counts predictions, flags and the score histogram, and, once the
 labels arrive, the labelled counts that give precision, recall, average
-precision and card precision@k; a shadow challenger's scores are counted
+precision and the use case's ranking precision@k (fraud's cards); a shadow challenger's scores are counted
 under its own version and role. The counts are partial sums
 (``transforms/metrics.py``) written to the warehouse's ``monitoring_metrics``
 table, so that repeated bounded runs locally, or the panes of a streaming job,
@@ -64,7 +64,8 @@ from transforms.monitoring import (
   dead_letter_source,
   parse_prediction,
 )
-from transforms.records import DEAD_LETTER_TAG, LABEL_SCHEMA, DeadLetter, InvalidRecord
+from transforms.records import DEAD_LETTER_TAG, DeadLetter, InvalidRecord
+from transforms.use_case import UseCase
 
 DEFAULT_CONSUMER_GROUP = 'kbml-monitoring'
 # The join emits as records arrive, but its stage may run a bundle behind the read on the local runner (a bounded
@@ -90,8 +91,9 @@ class MonitoringOptions(PipelineOptions):
                         help='No drift check on windows with fewer predictions.')
     parser.add_argument('--precision_floor', type=float, default=0.0, help='Alert below this labelled precision.')
     parser.add_argument('--recall_floor', type=float, default=0.0, help='Alert below this labelled recall.')
-    parser.add_argument('--min_labelled_frauds', type=int, default=10,
-                        help='No precision or recall check on windows with fewer labelled frauds.')
+    parser.add_argument('--min_labelled_positives', '--min_labelled_frauds', dest='min_labelled_positives', type=int,
+                        default=10, help='No precision or recall check on windows with fewer labelled positives '
+                        '(frauds, failures).')
     parser.add_argument('--max_dead_letter_rate', type=float, default=0.01,
                         help='Alert when a larger share of a window\'s records are dead letters.')
     parser.add_argument('--scorer_group', default='kbml-scoring', help='The scorer\'s consumer group (its lag).')
@@ -117,21 +119,24 @@ def settings_of(options: PipelineOptions,
   else:
     drift_exclude = tuple(name for name in monitoring.drift_exclude.split(',') if name)
   return MonitoringSettings(
-      warehouse_url=options.view_as(WarehouseOptions).warehouse_url(), model_dir=models.model_dir_or_default(),
+      use_case=events.declared_use_case(), warehouse_url=options.view_as(WarehouseOptions).warehouse_url(),
+      model_dir=models.model_dir_or_default(),
       alerts_config=config, alerts_topic=models.alerts_topic,
       window_s=monitoring.window_hours * 3600, grace_s=monitoring.grace_hours * 3600,
       label_delay_s=events.label_delay() * 86_400, psi_threshold=monitoring.psi_threshold,
       min_window_predictions=monitoring.min_window_predictions, precision_floor=monitoring.precision_floor,
-      recall_floor=monitoring.recall_floor, min_labelled_frauds=monitoring.min_labelled_frauds,
+      recall_floor=monitoring.recall_floor, min_labelled_positives=monitoring.min_labelled_positives,
       max_dead_letter_rate=monitoring.max_dead_letter_rate, scorer_group=monitoring.scorer_group,
-      transactions_topic=events.events_topic_or_default(), max_scorer_lag=monitoring.max_scorer_lag,
+      events_topic=events.events_topic_or_default(), max_scorer_lag=monitoring.max_scorer_lag,
       kafka_config=config, drift_exclude=drift_exclude, read_partitions=read_partitions)
 
 
 class _ObserveFn(beam.DoFn):
-  """Kafka records -> (key, Observation): predictions and labels by transaction id, dead letters by source."""
+  """Kafka records -> (key, Observation): predictions and labels by event id, dead letters by source."""
 
-  def __init__(self, predictions_topic: str, labels_topic: str, first_new: Dict[str, PartitionOffsets]):
+  def __init__(self, use_case: UseCase, predictions_topic: str, labels_topic: str,
+               first_new: Dict[str, PartitionOffsets]):
+    self._use_case = use_case
     self._predictions_topic = predictions_topic
     self._labels_topic = labels_topic
     self._first_new = first_new
@@ -140,13 +145,13 @@ class _ObserveFn(beam.DoFn):
     is_new = record.offset >= self._first_new.get(record.topic, {}).get(record.partition, 0)
     try:
       if record.topic == self._predictions_topic:
-        fields = {**parse_prediction(record.value), 'read_from': (PREDICTION, record.partition)}
-        yield str(fields['transaction_id']), Observation(PREDICTION, fields, is_new)
+        fields = {**parse_prediction(record.value, self._use_case), 'read_from': (PREDICTION, record.partition)}
+        yield str(fields[self._use_case.id_column]), Observation(PREDICTION, fields, is_new)
       elif record.topic == self._labels_topic:
-        label = LABEL_SCHEMA.parse(record.value)
-        fields = {'is_fraud': label.is_fraud, 'known_time': record.timestamp_ms / 1000,
+        label = self._use_case.label_schema.parse(record.value)
+        fields = {'positive': getattr(label, self._use_case.label_column), 'known_time': record.timestamp_ms / 1000,
                   'read_from': (LABEL, record.partition)}
-        yield str(label.transaction_id), Observation(LABEL, fields, is_new)
+        yield str(getattr(label, self._use_case.id_column)), Observation(LABEL, fields, is_new)
       else:
         source, source_time = dead_letter_source(record)
         yield f'{DEAD_LETTER}:{source}', Observation(DEAD_LETTER, {'source_time': source_time}, is_new)
@@ -176,7 +181,6 @@ class MonitorPredictions(beam.PTransform):
     super().__init__()
     self._options = options
     self._first_new = first_new or {}
-    options.view_as(EventOptions).refuse_other_use_cases('monitor')
     monitoring, events = options.view_as(MonitoringOptions), options.view_as(EventOptions)
     if monitoring.label_join_days <= events.label_delay():
       raise ValueError(f'--label-join-days ({monitoring.label_join_days:g}) must be longer than the label delay '
@@ -200,8 +204,9 @@ class MonitorPredictions(beam.PTransform):
                     expansion_service=kafka.kafka_expansion_service, stop_at_end=kafka.stop_at_end,
                     idle_timeout_s=kafka.idle_timeout_s, from_beginning=True,
                     commit_delay_bundles=LOCAL_COMMIT_DELAY_BUNDLES if local and not kafka.stop_at_end else 0)
-                | 'Observe' >> beam.ParDo(_ObserveFn(predictions_topic, events.labels_topic_or_default(),
-                                                     self._first_new)).with_outputs(DEAD_LETTER_TAG, main='observed'))
+                | 'Observe' >> beam.ParDo(_ObserveFn(events.declared_use_case(), predictions_topic,
+                                                     events.labels_topic_or_default(), self._first_new)).with_outputs(
+                                                         DEAD_LETTER_TAG, main='observed'))
     _ = observed[DEAD_LETTER_TAG] | 'WriteDeadLetters' >> WriteDeadLetters(options, config)
     retention_s = options.view_as(MonitoringOptions).label_join_days * 86_400
     join = JoinLabelsInProcessFn(retention_s) if local else JoinLabelsFn(retention_s)

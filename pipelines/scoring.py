@@ -1,8 +1,9 @@
-"""Scoring: Kafka transactions -> validation -> features -> RunInference -> Kafka predictions.
+"""Scoring: Kafka events -> validation -> features -> RunInference -> Kafka predictions.
 
-Every transaction gets the features ingest computes (the same transform, fed
-by the transactions and the labels), is scored by the model in service and
-its prediction goes to the ``predictions`` topic, keyed by transaction id:
+Every event of the use case (``--use-case``; fraud's are transactions) gets
+the features ingest computes (the same transform, fed by the events and the
+labels), is scored by the model in service and its prediction goes to the
+``predictions`` topic, keyed by event id:
 the score, the decision at the model's threshold, the model version, the
 event time and the scoring time. Invalid records, rows that cannot be scored
 and batches whose inference failed go to the ``dead-letter`` topic with the
@@ -16,18 +17,18 @@ input, the model handler reads the store's ``current`` pointer every
 version whose file is truncated or corrupt is refused: the old one keeps
 scoring and a ``model_refused`` alert goes to the ``alerts`` topic.
 
-Delivery is at least once. On the local runner the customer and terminal
-histories are saved now and then with the offsets they reflect, and a start
+Delivery is at least once. On the local runner the feature histories
+(fraud: the customers' and terminals') are saved now and then with the offsets they reflect, and a start
 loads the newest snapshot and reads on from there (``--state-snapshot``;
 without one they are rebuilt from the beginning of the topics); only
-transactions at or after the consumer group's committed offsets are scored
+events at or after the consumer group's committed offsets are scored
 (without committed offsets: those that arrive from now on, or all with
 ``--score-from earliest``). Offsets are committed only once the predictions
 of the records before them are flushed to Kafka. After a crash some
-transactions may be scored twice (same transaction id); none is skipped.
+events may be scored twice (same id); none is skipped.
 
 ``--backtest-from``/``--backtest-to`` score a bounded range of event time
-instead, each transaction with the version that was in service at its time
+instead, each event with the version that was in service at its time
 (the promotion history as a windowed side input), and print what each
 version flagged.
 
@@ -43,7 +44,6 @@ Example::
 
 import json
 import logging
-from decimal import Decimal
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import apache_beam as beam
@@ -76,10 +76,10 @@ from pipelines.stopping import stop_on_signals
 from trainer.registry import ModelStore, ModelStoreError
 from transforms.batches import Batch, in_kind_of, items_of
 from transforms.feature_forms import ORDERED_BUNDLES
-from transforms.features import FEATURE_NAMES
 from transforms.inference import ModelStoreHandler, ServicePeriods, check_features, promotion_history
 from transforms.kafka_io import write_to_kafka
-from transforms.records import DeadLetter, Transaction, parse_utc_timestamp, transaction_record, utc_iso
+from transforms.records import DeadLetter, parse_utc_timestamp, utc_iso
+from transforms.use_case import UseCase
 
 DEFAULT_CONSUMER_GROUP = 'kbml-scoring'
 RELOAD_POLL = 'poll'
@@ -102,7 +102,7 @@ class ScoringOptions(PipelineOptions):
                         help='How often the store is checked for a new model, in seconds.')
     parser.add_argument(
         '--score_from', choices=('latest', 'earliest'), default='latest',
-        help='Without committed offsets for the consumer group: score the transactions that arrive from now on '
+        help='Without committed offsets for the consumer group: score the events that arrive from now on '
         '(latest) or every one in the topic (earliest). Either way, the histories are built from the start of the '
         'topics, or from the newest snapshot (--state-snapshot).')
     parser.add_argument(
@@ -132,20 +132,21 @@ def model_reload(options: PipelineOptions) -> str:
   return RELOAD_WATCH if updates_side_inputs(options) else RELOAD_POLL
 
 
-def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:
-  """The ``(key, value)`` of a prediction record: key the transaction id, value JSON.
+def prediction_message(result: PredictionResult, use_case: UseCase) -> Tuple[bytes, bytes]:
+  """The ``(key, value)`` of a prediction record: key the event's id, value JSON.
 
-  The value holds the champion's score and decision, a shadow challenger's
-  score (null without one), and the features the scores were computed from
+  The value holds the event's id, keys and time (the use case's columns:
+  ``transaction_id``, ``customer_id``, ``terminal_id``, ``tx_datetime`` for
+  fraud), the champion's score and decision, a shadow challenger's score
+  (null without one), and the features the scores were computed from
   (monitoring compares their distribution with the training data's).
   """
   row, score = result.example, result.inference
   challenger = score.challenger
   prediction = {
-      'transaction_id': row['transaction_id'],
-      'customer_id': row['customer_id'],
-      'terminal_id': row['terminal_id'],
-      'tx_datetime': row['tx_datetime'],
+      use_case.id_column: row[use_case.id_column],
+      **{key: row[key] for key in use_case.key_columns},
+      use_case.time_column: row[use_case.time_column],
       'score': score.score,
       'flagged': score.flagged,
       'threshold': score.threshold,
@@ -156,21 +157,20 @@ def prediction_message(result: PredictionResult) -> Tuple[bytes, bytes]:
       'challenger_version': challenger.version if challenger else None,
       'challenger_score': challenger.score if challenger else None,
       'challenger_flagged': challenger.flagged if challenger else None,
-      'features': {name: row[name] for name in FEATURE_NAMES},
+      'features': {name: row[name] for name in use_case.feature_names},
   }
-  return str(row['transaction_id']).encode(), json.dumps(prediction).encode()
+  return str(row[use_case.id_column]).encode(), json.dumps(prediction).encode()
 
 
-def unscored_dead_letters(failure: Tuple[Iterable[Dict[str, Any]], str], transactions_topic: str) -> List[DeadLetter]:
+def unscored_dead_letters(failure: Tuple[Iterable[Dict[str, Any]], str], use_case: UseCase,
+                          events_topic: str) -> List[DeadLetter]:
   """Dead letters for ``(rows, error)``: rows that could not be scored, with the error.
 
-  The record written is the transaction as it was read (its fields, its
-  source partition and offset), so that producing it again scores it.
+  The record written is the event as it was read (its fields, its source
+  partition and offset), so that producing it again scores it.
   """
   rows, error = failure
-  return [DeadLetter(transaction_record(Transaction(
-      row['transaction_id'], parse_utc_timestamp(row['tx_datetime']), row['customer_id'], row['terminal_id'],
-      Decimal(row['amount']), row['kafka_partition'], row['kafka_offset']), transactions_topic), f'not scored: {error}')
+  return [DeadLetter(use_case.event_record(use_case.event_of_feature_row(row), events_topic), f'not scored: {error}')
           for row in rows]
 
 
@@ -183,8 +183,9 @@ class _RowsToScoreFn(beam.DoFn):
   would take its whole batch along.
   """
 
-  def __init__(self, first_unscored: PartitionOffsets):
+  def __init__(self, first_unscored: PartitionOffsets, use_case: UseCase):
     self._first_unscored = first_unscored
+    self._use_case = use_case
 
   def process(self, rows: Union[Dict[str, Any], Batch]):
     to_score = Batch()
@@ -192,7 +193,7 @@ class _RowsToScoreFn(beam.DoFn):
       if row['kafka_offset'] < self._first_unscored.get(row['kafka_partition'], 0):
         continue
       try:
-        to_score.append(check_features(row))
+        to_score.append(check_features(row, self._use_case.feature_names, self._use_case.id_column))
       except ValueError as e:
         yield beam.pvalue.TaggedOutput(NON_FINITE, ([row], str(e)))
     yield from in_kind_of(rows, to_score)
@@ -209,14 +210,14 @@ class _CountByVersionFn(beam.DoFn):
 
 
 class ScoreEvents(beam.PTransform):
-  """Kafka transactions and labels -> validation -> features -> RunInference -> the predictions topic.
+  """Kafka events and labels -> validation -> features -> RunInference -> the predictions topic.
 
   Applied to a pipeline's beginning; returns the PredictionResults. Rows
   that cannot be scored go to the dead-letter topic with the reason.
 
   Args:
     options: the pipeline's options (ScoringOptions, ModelOptions, EventOptions, KafkaOptions).
-    first_unscored: streaming: per transactions partition, the first offset
+    first_unscored: streaming: per events partition, the first offset
       to score (:func:`~kbml.kafka_client.group_start_offsets`); the earlier records only
       warm up the histories. Ignored in a backtest.
     snapshot_offsets: streaming on the local runner: where the newest
@@ -232,7 +233,6 @@ class ScoreEvents(beam.PTransform):
     super().__init__()
     self._options = options
     self._first_unscored = first_unscored or {}
-    options.view_as(EventOptions).refuse_other_use_cases('scorer')
     self._snapshot_offsets = snapshot_offsets
 
   def expand(self, pbegin):
@@ -241,6 +241,7 @@ class ScoreEvents(beam.PTransform):
     scoring = options.view_as(ScoringOptions)
     events_options = options.view_as(EventOptions)
     backtest = scoring.backtest_range()
+    use_case = events_options.declared_use_case()
     form = feature_form(options, bounded=bool(backtest))
     config = kafka_config(options)
     store = ModelStore(options.view_as(ModelOptions).model_dir_or_default())
@@ -253,7 +254,7 @@ class ScoreEvents(beam.PTransform):
         options, config, group, form,
         first_new=None if backtest else {events_options.events_topic_or_default(): self._first_unscored},
         stop_at_end=bool(backtest), from_beginning=True, start_offsets=self._snapshot_offsets)
-    rows, repeated = events | 'ComputeFeatures' >> events_options.declared_use_case().compute_features(
+    rows, repeated = events | 'ComputeFeatures' >> use_case.compute_features(
         events_options.label_delay(), form, rows_per_batch=scoring.max_batch_size if batched else None,
         snapshots=snapshots)
 
@@ -269,7 +270,7 @@ class ScoreEvents(beam.PTransform):
       first_promotion = min(promoted_at, default=float('inf'))
       rows = (rows
               | 'InBacktestRange' >> beam.Filter(
-                  lambda row: max(start, first_promotion) <= parse_utc_timestamp(row['tx_datetime']) < end)
+                  lambda row: max(start, first_promotion) <= parse_utc_timestamp(row[use_case.time_column]) < end)
               | 'IntoServicePeriods' >> beam.WindowInto(ServicePeriods(promoted_at)))
     else:
       side_input = None
@@ -277,13 +278,13 @@ class ScoreEvents(beam.PTransform):
         side_input = pbegin | 'WatchPromotions' >> WatchFilePattern(
             file_pattern=store.promotion_pattern(), interval=max(1, round(scoring.model_poll_s)))
     rows, non_finite = rows | 'RowsToScore' >> beam.ParDo(
-        _RowsToScoreFn({} if backtest else self._first_unscored)).with_outputs(NON_FINITE, main='rows')
+        _RowsToScoreFn({} if backtest else self._first_unscored, use_case)).with_outputs(NON_FINITE, main='rows')
     predictions, failed = rows | 'Score' >> RunInference(
         handler.with_no_batching() if batched else handler, model_metadata_pcoll=side_input).with_exception_handling()
     if backtest:
       predictions = predictions | 'CountByVersion' >> beam.ParDo(_CountByVersionFn())
     _ = (predictions
-         | 'ToPredictionMessages' >> beam.Map(prediction_message)
+         | 'ToPredictionMessages' >> beam.Map(prediction_message, use_case)
          | 'WritePredictions' >> write_to_kafka(kafka.kafka_io, config,
                                                 options.view_as(ModelOptions).predictions_topic,
                                                 expansion_service=kafka.kafka_expansion_service))
@@ -293,7 +294,8 @@ class ScoreEvents(beam.PTransform):
     }
     for name, pcoll in unscored.items():
       _ = (pcoll
-           | f'{name}ToDeadLetters' >> beam.FlatMap(unscored_dead_letters, events_options.events_topic_or_default())
+           | f'{name}ToDeadLetters' >> beam.FlatMap(
+               unscored_dead_letters, use_case, events_options.events_topic_or_default())
            | f'Write{name}DeadLetters' >> WriteDeadLetters(options, config))
     if not backtest:
       _ = repeated | 'RepeatsToDeadLetters' >> WriteRepeatsToDeadLetters(options, config, self._first_unscored)
@@ -340,7 +342,8 @@ def run(argv: Optional[List[str]] = None):
   result.wait_until_finish()
   if scoring.backtest_range():
     for version, counts in sorted(backtest_summary(result).items()):
-      print(f'model version {version}: {counts["scored"]:,} transactions scored, {counts["flagged"]:,} flagged')
+      print(f'model version {version}: {counts["scored"]:,} {events_options.declared_use_case().event_noun} scored, '
+            f'{counts["flagged"]:,} flagged')
 
 
 if __name__ == '__main__':

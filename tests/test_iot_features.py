@@ -126,14 +126,3 @@ def test_ingest_of_the_iot_use_case_writes_its_feature_rows_and_labels_and_dead_
   (letter,) = consume(bootstrap, dead_letters, 1)
   assert letter.value() == broken
   assert dict(letter.headers())[REASON_HEADER] == b'field temperature_c must be from -50 to 300, got 900.0'
-
-
-@pytest.mark.parametrize('pipeline', ['scoring', 'monitoring'])
-def test_the_scorer_and_the_monitor_refuse_the_iot_use_case_which_they_do_not_serve_yet(pipeline):
-  from pipelines import monitoring, scoring
-  from pipelines.options import pipeline_options
-  options = pipeline_options(['--use-case', 'iot'])
-  transform = {'scoring': scoring.ScoreEvents, 'monitoring': monitoring.MonitorPredictions}[pipeline]
-  with pytest.raises(ValueError, match='serves the fraud use case only, so far'):
-    transform(options)
-  transform(pipeline_options(['--use-case', 'use_cases.fraud']))

@@ -28,7 +28,9 @@ from transforms.kafka_io import KafkaRecord
 from transforms.metrics import SCORE_BINS, read_sums, score_bin, summaries
 from transforms.monitoring import LABEL, PREDICTION, JoinLabelsFn, LabelJoin, Observation, parse_prediction
 from transforms.records import DeadLetter, InvalidRecord, dead_letter_message
+from transforms.use_case import load_use_case
 
+FRAUD = load_use_case('fraud')
 DAY_MS = 86_400_000
 START_MS = 1_700_006_400_000  # 2023-11-15T00:00:00Z, a day boundary
 LABEL_DELAY_MS = 7 * DAY_MS
@@ -224,7 +226,7 @@ def test_windows_below_the_precision_or_the_recall_floor_raise_one_alert_of_that
   assert forgetful['recall'] == pytest.approx(6 / 20) and 'precision' not in forgetful
   for alert in alerts:
     assert alert['model_version'] == version and alert['floor'] == 0.6
-    assert alert['labelled'] == 100 and alert['frauds'] == 20
+    assert alert['labelled'] == 100 and alert['positives'] == 20
     assert 0 < alert['average_precision'] <= 1
     assert version in alert['message'] and 'below the floor 0.6' in alert['message']
 
@@ -334,15 +336,15 @@ def _join_records(hour: float):
   records = []
   for i in range(90 * 24):
     tx_time = i * hour
-    records.append((tx_time, str(i), Observation(PREDICTION, {'tx_time': tx_time, 'read_from': (PREDICTION, 0)},
+    records.append((tx_time, str(i), Observation(PREDICTION, {'event_time': tx_time, 'read_from': (PREDICTION, 0)},
                                                  True)))
     if i % 10:
       delay = (20 if i % 100 == 1 else 7) * 86_400
       records.append((tx_time + delay, str(i), Observation(
-          LABEL, {'is_fraud': i % 2, 'known_time': tx_time + delay, 'read_from': (LABEL, 0)}, True)))
+          LABEL, {'positive': i % 2, 'known_time': tx_time + delay, 'read_from': (LABEL, 0)}, True)))
     if i % 50 == 0:
       records.append((tx_time, f'unknown-{i}', Observation(
-          LABEL, {'is_fraud': 1, 'known_time': tx_time, 'read_from': (LABEL, 0)}, True)))
+          LABEL, {'positive': 1, 'known_time': tx_time, 'read_from': (LABEL, 0)}, True)))
   return sorted(records, key=lambda record: record[0])
 
 
@@ -352,7 +354,7 @@ def test_the_local_label_join_pairs_within_its_retention_and_forgets_the_rest():
   records = _join_records(hour)
   paired, most_kept = [], 0
   for _, key, observation in records:
-    paired += [c.prediction['tx_time'] for c in join.observe(key, observation) if c.kind == LABEL]
+    paired += [c.prediction['event_time'] for c in join.observe(key, observation) if c.kind == LABEL]
     join.forget_old()
     most_kept = max(most_kept, len(join))
 
@@ -377,7 +379,7 @@ def test_the_keyed_label_join_pairs_and_clears_each_transaction_with_a_timer():
                                                             for at, key, observation in listed])
             | beam.ParDo(JoinLabelsFn(14 * 86_400.0))
             | beam.Filter(lambda contribution: contribution.kind == LABEL)
-            | beam.Map(lambda contribution: contribution.prediction['tx_time']))
+            | beam.Map(lambda contribution: contribution.prediction['event_time']))
   assert_that(paired, equal_to([i * hour for i in range(90 * 24) if i % 10]))
   result = pipeline.run()
   result.wait_until_finish()
@@ -395,4 +397,5 @@ def test_the_keyed_label_join_pairs_and_clears_each_transaction_with_a_timer():
 ])
 def test_a_hostile_prediction_record_is_invalid_with_its_reason(payload, reason):
   with pytest.raises(InvalidRecord, match=reason):
-    parse_prediction(payload)
+    parse_prediction(payload, FRAUD)
+

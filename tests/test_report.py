@@ -20,6 +20,7 @@ from trainer.registry import ModelStore
 from transforms import metrics
 from transforms.features import FEATURE_NAMES
 from transforms.records import utc_iso
+from transforms.use_case import load_use_case
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 WINDOW_WIDTH, WINDOW_HEIGHT = 1400, 4000
@@ -27,6 +28,7 @@ FIGURES = ('metrics-over-time', 'score-histograms', 'drift', 'pr-curves', 'test-
 DAY = 86400.0
 FIRST_DAY = datetime.datetime(2018, 6, 1, tzinfo=datetime.timezone.utc).timestamp()
 PREDICTIONS_PER_WINDOW = 300
+FRAUD = load_use_case('fraud')
 FRAUD_RATE = 0.1
 
 
@@ -111,7 +113,7 @@ def _monitoring_data(warehouse, store: ModelStore, rng):
         transaction_id += 1
   warehouse.write_rows(metrics.METRICS_TABLE, metrics.METRICS_SCHEMA,
                        metrics.metric_rows(sums, 'test-part', utc_iso(FIRST_DAY + 3 * DAY)))
-  warehouse.write_rows(metrics.LABELLED_PREDICTIONS_TABLE, metrics.LABELLED_PREDICTIONS_SCHEMA, labelled)
+  warehouse.write_rows(metrics.LABELLED_PREDICTIONS_TABLE, metrics.labelled_predictions_schema(FRAUD), labelled)
 
 
 def _screenshot(page: str, folder) -> np.ndarray:

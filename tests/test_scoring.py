@@ -344,7 +344,8 @@ def test_rows_to_score_are_the_unscored_ones_and_a_non_finite_row_leaves_alone(b
   with TestPipeline(options=local_options()) as p:
     to_score, non_finite = (p
                             | beam.Create([Batch(rows)] if batched else rows)
-                            | beam.ParDo(scoring._RowsToScoreFn({0: 10})).with_outputs(scoring.NON_FINITE, main='rows'))
+                            | beam.ParDo(scoring._RowsToScoreFn({0: 10}, FRAUD)).with_outputs(scoring.NON_FINITE,
+                                                                                             main='rows'))
     ids = to_score | beam.Map(lambda r: [x['transaction_id'] for x in r] if batched else r['transaction_id'])
     assert_that(ids, equal_to([[2, 4]] if batched else [2, 4]), label='UnscoredFiniteRows')
     assert_that(non_finite | beam.MapTuple(lambda rows, error: ([r['transaction_id'] for r in rows],

@@ -6,6 +6,7 @@ from decimal import Decimal
 import pytest
 
 from kbml.warehouse import TableSchema, WarehouseError, open_warehouse
+from transforms.metrics import METRICS_SCHEMA, METRICS_TABLE, metric_rows, read_sums, summaries
 from transforms.records import LABELS_TABLE
 
 SCHEMA = TableSchema(columns=(('id', 'INT64'), ('at', 'TIMESTAMP'), ('amount', 'NUMERIC'), ('score', 'FLOAT64')),
@@ -74,3 +75,17 @@ def test_a_transaction_keeps_its_first_label(tmp_path):
   warehouse.write_rows('labels', LABELS_TABLE, [label, flipped])  # in one write
   warehouse.write_rows('labels', LABELS_TABLE, [flipped])  # and in another
   assert warehouse.query('SELECT is_fraud FROM labels')['is_fraud'].tolist() == [0]
+
+
+def test_metrics_written_under_the_former_fraud_names_add_up_with_the_positives(any_warehouse):
+  start = 1_700_006_400.0
+  sums = {(start, start + 86_400, 'v1', 'champion'): {
+      ('labelled', 0): 4.0, ('positives', 0): 1.0, ('true_positives', 0): 1.0, ('positive_score', 900): 1.0,
+      ('negative_score', 100): 3.0}}
+  rows = metric_rows(sums, 'now', '2023-11-16T00:00:00Z')
+  former_names = {'positives': 'frauds', 'positive_score': 'fraud_score', 'negative_score': 'genuine_score'}
+  written_before = [{**row, 'metric': former_names.get(row['metric'], row['metric']), 'part': 'before'} for row in rows]
+  any_warehouse.write_rows(METRICS_TABLE, METRICS_SCHEMA, written_before + rows)
+
+  summary = summaries(read_sums(any_warehouse)).iloc[0]
+  assert (summary['labelled'], summary['positives'], summary['recall'], summary['average_precision']) == (8, 2, 1, 1)

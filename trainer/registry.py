@@ -53,6 +53,8 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
+from transforms.use_case import DEFAULT_USE_CASE
+
 MODEL_FILE = 'model.keras'
 METADATA_FILE = 'metadata.json'
 CURRENT_FILE = 'current'
@@ -154,6 +156,12 @@ class ModelStore:
                             f'version (a publication that did not finish, or a wrong path).') from e
     except json.JSONDecodeError as e:
       raise ModelStoreError(f'{path} is not valid JSON: {e}') from e
+
+  def use_case_in_service(self) -> str:
+    """The name of the use case the version in service was trained for (``fraud`` without one, or for a version
+    published before the use-case API)."""
+    current = self.current()
+    return self.metadata(current).get('use_case', DEFAULT_USE_CASE) if current else DEFAULT_USE_CASE
 
   def update_metadata(self, version: str, **changes):
     """Records more about a published version (the blessing decision)."""

@@ -59,6 +59,7 @@ import math
 import operator
 import pickle
 from array import array
+from decimal import Decimal
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
@@ -88,7 +89,15 @@ from transforms.feature_forms import (
   note_applied,
   repeated,
 )
-from transforms.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, event_time, utc_iso
+from transforms.records import (
+  TRANSACTION_COLUMNS,
+  Label,
+  Transaction,
+  at_event_time,
+  event_time,
+  parse_utc_timestamp,
+  utc_iso,
+)
 from transforms.snapshots import StateSnapshots
 
 # Beam's SDK harness weighs every value it puts in its state cache with objsize, which by default first collects
@@ -539,6 +548,12 @@ def feature_row(transaction: Transaction, window_features: Dict[str, float]) -> 
       'kafka_offset': transaction.kafka_offset,
       **{name: features[name] for name in FEATURE_NAMES},
   }
+
+
+def transaction_of_feature_row(row: Dict[str, object]) -> Transaction:
+  """The transaction a :func:`feature_row` was computed from."""
+  return Transaction(row['transaction_id'], parse_utc_timestamp(row['tx_datetime']), row['customer_id'],
+                     row['terminal_id'], Decimal(row['amount']), row['kafka_partition'], row['kafka_offset'])
 
 
 def _by_customer(event) -> Tuple[int, object]:

@@ -52,7 +52,6 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 
 from kbml.alerts import MODEL_REFUSED, AlertSink
 from trainer.registry import ModelStore, ModelStoreError
-from transforms.features import FEATURE_NAMES
 
 _LOG = logging.getLogger(__name__)
 
@@ -214,16 +213,21 @@ def _versions_of(store: ModelStore) -> _StoreVersions:
     return _VERSIONS_OF_STORES[store.root]
 
 
-def check_features(row: Dict[str, Any]) -> Dict[str, Any]:
+def check_features(row: Dict[str, Any], feature_names: Sequence[str], id_column: str) -> Dict[str, Any]:
   """Passes a feature row whose features are all finite numbers; raises ValueError otherwise.
 
   Checked before RunInference (``pipelines/scoring.py``): a row that fails
   goes to the dead letters alone, where a failed batch would take its
   neighbours along.
+
+  Args:
+    row: a row of the use case's features table.
+    feature_names: the features checked.
+    id_column: the row's field that names its event (in the error).
   """
-  bad = [name for name in FEATURE_NAMES if not math.isfinite(row[name])]
+  bad = [name for name in feature_names if not math.isfinite(row[name])]
   if bad:
-    raise ValueError(f'transaction {row["transaction_id"]} has non-finite features: '
+    raise ValueError(f'{id_column} {row[id_column]} has non-finite features: '
                      + ', '.join(f'{name}={row[name]}' for name in bad))
   return row
 
@@ -354,7 +358,8 @@ class ModelStoreHandler(ModelHandler[Dict[str, Any], PredictionResult, _ModelInS
             for row, score, shadow in zip(batch, scores, shadow_scores, strict=True)]
 
   def get_num_bytes(self, batch: Sequence[Dict[str, Any]]) -> int:
-    return len(batch) * len(FEATURE_NAMES) * np.dtype(np.float32).itemsize
+    features = len(self._in_service.feature_names) if self._in_service else 0
+    return len(batch) * features * np.dtype(np.float32).itemsize
 
   def get_metrics_namespace(self) -> str:
     return 'kbml.scoring'

@@ -13,10 +13,11 @@ Metrics (``metric`` column; ``bin`` 0 unless said):
   model's threshold;
 - ``score``: all predictions by score bin (bin ``i`` holds scores in
   ``[i / SCORE_BINS, (i + 1) / SCORE_BINS)``);
-- ``labelled``, ``frauds``, ``true_positives``, ``false_positives``: the
-  predictions whose label has arrived;
-- ``fraud_score``, ``genuine_score``: the labelled predictions by score bin,
-  from which precision-recall curves and average precision are computed;
+- ``labelled``, ``positives``, ``true_positives``, ``false_positives``: the
+  predictions whose label has arrived (positives: frauds, failures, ... as the
+  use case says);
+- ``positive_score``, ``negative_score``: the labelled predictions by score
+  bin, from which precision-recall curves and average precision are computed;
 - ``drift:NAME``: the champion's predictions by the bins of feature NAME (or
   ``score``) in the version's training statistics (``feature_statistics`` and
   ``score_statistics`` in its metadata), for the population stability index.
@@ -25,9 +26,14 @@ Average precision from score bins equals scikit-learn's
 ``average_precision_score`` of the scores rounded down to their bins: the
 curve's steps are the bins.
 
-The labelled predictions are also written one row per transaction and role
-(``labelled_predictions``), keyed, so that a duplicate replaces itself: card
-precision@k needs each card's best score of a day, which no sum gives.
+The labelled predictions are also written one row per event and role
+(``labelled_predictions``, with the use case's id, time, ranked key and label
+columns: :func:`labelled_predictions_schema`), keyed, so that a duplicate
+replaces itself: precision@k of the ranked entities (fraud's cards) needs each
+one's best score of a day, which no sum gives.
+
+Tables written before the use-case API named the positives ``frauds``,
+``fraud_score`` and ``genuine_score``; they are read under the new names.
 """
 
 import math
@@ -36,6 +42,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from kbml.warehouse import TableSchema, Warehouse
+from transforms.use_case import UseCase
 
 if TYPE_CHECKING:
   import pandas
@@ -56,13 +63,9 @@ METRICS_SCHEMA = TableSchema(
              ('written_at', 'TIMESTAMP')),
     key=('part', 'window_start', 'model_version', 'role', 'metric', 'bin'))
 
-LABELLED_PREDICTIONS_SCHEMA = TableSchema(
-    columns=(('transaction_id', 'INT64'), ('tx_datetime', 'TIMESTAMP'), ('customer_id', 'INT64'),
-             ('model_version', 'STRING'), ('role', 'STRING'), ('score', 'FLOAT64'), ('flagged', 'INT64'),
-             ('is_fraud', 'INT64')),
-    key=('transaction_id', 'role'))
-
-SCALAR_METRICS = ('predictions', 'flagged', 'labelled', 'frauds', 'true_positives', 'false_positives')
+SCALAR_METRICS = ('predictions', 'flagged', 'labelled', 'positives', 'true_positives', 'false_positives')
+# The metrics' names in tables written before the use-case API, when fraud was the only case.
+_FORMER_METRIC_NAMES = {'frauds': 'positives', 'fraud_score': 'positive_score', 'genuine_score': 'negative_score'}
 
 WindowKey = Tuple[float, float, str, str]  # window start, window end (epoch seconds), model version, role
 Sums = Dict[Tuple[str, int], float]  # (metric, bin) -> value
@@ -85,11 +88,22 @@ def prediction_sums(score: float, flagged: bool, drift_bins: Mapping[str, int] =
   return sums
 
 
-def labelled_sums(score: float, flagged: bool, is_fraud: bool) -> Sums:
+def labelled_predictions_schema(use_case: UseCase) -> TableSchema:
+  """The labelled predictions' table of a use case: its event's id, time and ranked key, the score, the label."""
+  types = dict(use_case.features_table.columns)
+  ranked = use_case.key_columns[0]
+  return TableSchema(
+      columns=((use_case.id_column, types[use_case.id_column]), (use_case.time_column, 'TIMESTAMP'),
+               (ranked, types[ranked]), ('model_version', 'STRING'), ('role', 'STRING'), ('score', 'FLOAT64'),
+               ('flagged', 'INT64'), (use_case.label_column, 'INT64')),
+      key=(use_case.id_column, 'role'))
+
+
+def labelled_sums(score: float, flagged: bool, positive: bool) -> Sums:
   """The counts one prediction adds once its label is known."""
-  return {('labelled', 0): 1.0, ('frauds', 0): float(is_fraud),
-          ('true_positives', 0): float(flagged and is_fraud), ('false_positives', 0): float(flagged and not is_fraud),
-          ('fraud_score' if is_fraud else 'genuine_score', score_bin(score)): 1.0}
+  return {('labelled', 0): 1.0, ('positives', 0): float(positive),
+          ('true_positives', 0): float(flagged and positive), ('false_positives', 0): float(flagged and not positive),
+          ('positive_score' if positive else 'negative_score', score_bin(score)): 1.0}
 
 
 def add_sums(total: Sums, more: Mapping[Tuple[str, int], float]):
@@ -111,9 +125,12 @@ def read_sums(warehouse: Warehouse, where: str = 'TRUE', table: str = METRICS_TA
   if table not in warehouse.tables():
     import pandas
     return pandas.DataFrame(columns=['window_start', 'window_end', 'model_version', 'role', 'metric', 'bin', 'value'])
+  metric = ('CASE metric ' + ' '.join(f"WHEN '{former}' THEN '{name}'" for former, name in _FORMER_METRIC_NAMES.items())
+            + ' ELSE metric END')
   return warehouse.query(
-      f'SELECT window_start, window_end, model_version, role, metric, bin, SUM(value) AS value '
-      f'FROM {warehouse.table_ref(table)} WHERE {where} '
+      f'SELECT window_start, window_end, model_version, role, metric, bin, SUM(value) AS value FROM ('
+      f'SELECT window_start, window_end, model_version, role, {metric} AS metric, bin, value '
+      f'FROM {warehouse.table_ref(table)} WHERE {where}) '
       f'GROUP BY window_start, window_end, model_version, role, metric, bin '
       f'ORDER BY window_start, model_version, role, metric, bin')
 
@@ -126,26 +143,26 @@ def histogram(sums: 'pandas.DataFrame', metric: str, bins: int) -> np.ndarray:
   return counts
 
 
-def average_precision(fraud_counts: np.ndarray, genuine_counts: np.ndarray) -> float:
+def average_precision(positive_counts: np.ndarray, negative_counts: np.ndarray) -> float:
   """Average precision of binned scores, as scikit-learn computes it (each bin one threshold)."""
-  frauds = fraud_counts[::-1].cumsum()
-  flagged = frauds + genuine_counts[::-1].cumsum()
-  total = frauds[-1] if len(frauds) else 0
+  positives = positive_counts[::-1].cumsum()
+  flagged = positives + negative_counts[::-1].cumsum()
+  total = positives[-1] if len(positives) else 0
   if total == 0:
     return float('nan')
-  nonempty = (fraud_counts + genuine_counts)[::-1] > 0
-  recall_steps = np.diff(np.concatenate([[0.0], frauds[nonempty]])) / total
-  precision = frauds[nonempty] / flagged[nonempty]
+  nonempty = (positive_counts + negative_counts)[::-1] > 0
+  recall_steps = np.diff(np.concatenate([[0.0], positives[nonempty]])) / total
+  precision = positives[nonempty] / flagged[nonempty]
   return float(np.sum(recall_steps * precision))
 
 
-def precision_recall_curve(fraud_counts: np.ndarray, genuine_counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def precision_recall_curve(positive_counts: np.ndarray, negative_counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   """(precision, recall) at each score bin taken as the threshold, from the highest bin down."""
-  frauds = fraud_counts[::-1].cumsum()
-  flagged = frauds + genuine_counts[::-1].cumsum()
+  positives = positive_counts[::-1].cumsum()
+  flagged = positives + negative_counts[::-1].cumsum()
   nonempty = flagged > 0
-  total = max(frauds[-1], 1.0) if len(frauds) else 1.0
-  return frauds[nonempty] / flagged[nonempty], frauds[nonempty] / total
+  total = max(positives[-1], 1.0) if len(positives) else 1.0
+  return positives[nonempty] / flagged[nonempty], positives[nonempty] / total
 
 
 def population_stability_index(live_counts: Sequence[float], training_fractions: Sequence[float]) -> float:
@@ -188,9 +205,9 @@ def window_summary(sums: 'pandas.DataFrame') -> Dict[str, float]:
       **scalars,
       'flagged_rate': _ratio(scalars['flagged'], scalars['predictions']),
       'precision': _ratio(scalars['true_positives'], scalars['true_positives'] + scalars['false_positives']),
-      'recall': _ratio(scalars['true_positives'], scalars['frauds']),
-      'average_precision': average_precision(histogram(sums, 'fraud_score', SCORE_BINS),
-                                             histogram(sums, 'genuine_score', SCORE_BINS)),
+      'recall': _ratio(scalars['true_positives'], scalars['positives']),
+      'average_precision': average_precision(histogram(sums, 'positive_score', SCORE_BINS),
+                                             histogram(sums, 'negative_score', SCORE_BINS)),
   }
 
 
@@ -205,27 +222,32 @@ def summaries(sums: 'pandas.DataFrame', group_by: Iterable[str] = ('window_start
                                          'average_precision'])
 
 
-def card_precision_at_k(warehouse: Warehouse, k: int = 100, role: str = CHAMPION,
-                        table: str = LABELLED_PREDICTIONS_TABLE) -> 'pandas.DataFrame':
-  """Per day and model version: the share of frauds among the k cards with the highest scores that day.
+def ranked_precision_at_k(warehouse: Warehouse, use_case: UseCase, k: Optional[int] = None, role: str = CHAMPION,
+                          table: str = LABELLED_PREDICTIONS_TABLE) -> 'pandas.DataFrame':
+  """Per day and model version: the share of positives among the k entities with the highest scores that day.
 
-  The handbook's daily card precision, on the labelled live predictions
-  (without its removal of cards already known to be compromised, which
-  live monitoring does not know of).
+  The entities are the use case's ranked key (fraud: cards; k its
+  ``ranking_k`` unless given), each with its highest score of the day; the
+  handbook's daily card precision, on the labelled live predictions (without
+  its removal of cards already known to be compromised, which live
+  monitoring does not know of). Columns: day, model_version, entities,
+  precision_at_k.
   """
   import pandas
+  k = k or use_case.ranking_k
+  columns = ['day', 'model_version', 'entities', 'precision_at_k']
   if table not in warehouse.tables():
-    return pandas.DataFrame(columns=['day', 'model_version', 'cards', 'card_precision_at_k'])
-  cards = warehouse.query(
-      f'SELECT CAST(tx_datetime AS DATE) AS day, model_version, customer_id, MAX(score) AS score, '
-      f"MAX(is_fraud) AS compromised FROM {warehouse.table_ref(table)} WHERE role = '{role}' "
-      f'GROUP BY day, model_version, customer_id')
+    return pandas.DataFrame(columns=columns)
+  entities = warehouse.query(
+      f'SELECT CAST({use_case.time_column} AS DATE) AS day, model_version, {use_case.key_columns[0]}, '
+      f'MAX(score) AS score, MAX({use_case.label_column}) AS positive FROM {warehouse.table_ref(table)} '
+      f"WHERE role = '{role}' GROUP BY day, model_version, {use_case.key_columns[0]}")
   rows = []
-  for (day, version), group in cards.groupby(['day', 'model_version'], sort=True):
+  for (day, version), group in entities.groupby(['day', 'model_version'], sort=True):
     top = group.sort_values('score', ascending=False, kind='stable').head(k)
-    rows.append({'day': day, 'model_version': version, 'cards': len(group),
-                 'card_precision_at_k': float(top['compromised'].sum()) / k})
-  return pandas.DataFrame(rows, columns=['day', 'model_version', 'cards', 'card_precision_at_k'])
+    rows.append({'day': day, 'model_version': version, 'entities': len(group),
+                 'precision_at_k': float(top['positive'].sum()) / k})
+  return pandas.DataFrame(rows, columns=columns)
 
 
 def window_drift(warehouse: Warehouse, metadata_of, version: Optional[str] = None,
@@ -242,25 +264,27 @@ def window_drift(warehouse: Warehouse, metadata_of, version: Optional[str] = Non
   return pandas.DataFrame(rows, columns=['window_start', 'window_end', 'model_version', 'statistic', 'psi'])
 
 
-def shadow_comparison(warehouse: Warehouse, champion: str, challenger: str,
+def shadow_comparison(warehouse: Warehouse, use_case: UseCase, champion: str, challenger: str,
                       table: str = LABELLED_PREDICTIONS_TABLE) -> Dict[str, float]:
-  """The champion's and the challenger's average precision on the same labelled transactions.
+  """The champion's and the challenger's average precision on the same labelled events.
 
-  Only the transactions both scored count: those since the challenger
-  entered the shadow, whose labels have arrived.
+  Only the events both scored count: those since the challenger entered the
+  shadow, whose labels have arrived. Keys: labelled, positives,
+  champion_average_precision, challenger_average_precision.
   """
   from sklearn.metrics import average_precision_score
   if table not in warehouse.tables():
-    return {'labelled': 0, 'frauds': 0, 'champion_average_precision': float('nan'),
+    return {'labelled': 0, 'positives': 0, 'champion_average_precision': float('nan'),
             'challenger_average_precision': float('nan')}
   rows = warehouse.query(
-      f'SELECT champion.score AS champion_score, challenger.score AS challenger_score, champion.is_fraud '
+      f'SELECT champion.score AS champion_score, challenger.score AS challenger_score, '
+      f'champion.{use_case.label_column} AS positive '
       f'FROM {warehouse.table_ref(table)} AS champion JOIN {warehouse.table_ref(table)} AS challenger '
-      f'ON champion.transaction_id = challenger.transaction_id '
+      f'ON champion.{use_case.id_column} = challenger.{use_case.id_column} '
       f"WHERE champion.role = '{CHAMPION}' AND champion.model_version = '{champion}' "
       f"AND challenger.role = '{CHALLENGER}' AND challenger.model_version = '{challenger}'")
-  frauds = int(rows['is_fraud'].sum())
-  both_classes = 0 < frauds < len(rows)
-  return {'labelled': len(rows), 'frauds': frauds,
-          **{f'{role}_average_precision': float(average_precision_score(rows['is_fraud'], rows[f'{role}_score']))
+  positives = int(rows['positive'].sum())
+  both_classes = 0 < positives < len(rows)
+  return {'labelled': len(rows), 'positives': positives,
+          **{f'{role}_average_precision': float(average_precision_score(rows['positive'], rows[f'{role}_score']))
              if both_classes else float('nan') for role in (CHAMPION, CHALLENGER)}}

@@ -1,12 +1,13 @@
 """Monitoring transforms: predictions joined with their late labels, windowed partial sums, and alerts.
 
-:class:`JoinLabelsFn` is a stateful DoFn keyed by transaction id. It keeps
-the first prediction of each transaction (the scorer delivers at least once:
+:class:`JoinLabelsFn` is a stateful DoFn keyed by event id (the use case's
+events: fraud's transactions, IoT's readings). It keeps the first prediction
+of each event (the scorer delivers at least once:
 a duplicate changes nothing) until its label arrives, days later, and emits
 what each record adds to the metrics: a prediction's counts when it
 arrives, its labelled counts when the pair is complete. On the local runner
 :class:`JoinLabelsInProcessFn` applies the same rule in the process's memory
-and forgets a transaction after a retention of event time.
+and forgets an event after a retention of event time.
 
 Each record is read with whether it is new: at or after the consumer group's
 committed offsets. The pipeline reads the topics from the beginning, so that
@@ -18,8 +19,8 @@ thus add up to the metrics of one run over the same records.
 model version and role (:mod:`transforms.metrics`), writes them to the
 warehouse at the end of the bundle and then checks the windows that have
 closed: drift of the features and of the score (PSI against the version's
-training statistics) and the dead-letter rate when a window's transactions
-are all in, precision and recall floors when its labels are, and the
+training statistics) and the dead-letter rate when a window's events are
+all in, precision and recall floors when its labels are, and the
 scorer's consumer lag. Alerts go to the ``alerts`` topic, one per window,
 model version and kind, each once: the alerts raised are recorded in the
 warehouse too. A drift alert lists the statistics that drifted and stays
@@ -60,7 +61,6 @@ from transforms.kafka_io import KafkaRecord
 from transforms.metrics import (
   CHALLENGER,
   CHAMPION,
-  LABELLED_PREDICTIONS_SCHEMA,
   LABELLED_PREDICTIONS_TABLE,
   METRICS_SCHEMA,
   METRICS_TABLE,
@@ -68,6 +68,7 @@ from transforms.metrics import (
   WindowKey,
   add_sums,
   drift_by_statistic,
+  labelled_predictions_schema,
   labelled_sums,
   metric_rows,
   prediction_sums,
@@ -77,6 +78,7 @@ from transforms.metrics import (
   window_summary,
 )
 from transforms.records import SOURCE_HEADERS, InvalidRecord, parse_utc_timestamp, utc_iso
+from transforms.use_case import UseCase
 
 _LOG = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ ALERTS_SCHEMA = TableSchema(
     columns=(('kind', 'STRING'), ('window_start', 'TIMESTAMP'), ('model_version', 'STRING'), ('subject', 'STRING'),
              ('raised_at', 'TIMESTAMP'), ('message', 'STRING')),
     key=('kind', 'window_start', 'model_version', 'subject'))
-_PREDICTION_FIELDS = ('transaction_id', 'tx_datetime', 'customer_id', 'score', 'flagged', 'model_version')
+_SCORE_FIELDS = ('score', 'flagged', 'model_version')
 
 
 class Observation(NamedTuple):
@@ -111,13 +113,14 @@ class Contribution(NamedTuple):
   """
   kind: str
   prediction: Dict[str, Any]
-  is_fraud: Optional[int] = None
+  positive: Optional[int] = None
   known_time: Optional[float] = None
   read_from: Optional[Tuple[str, int]] = None
 
 
-def parse_prediction(payload: Optional[bytes]) -> Dict[str, Any]:
-  """A prediction record's fields; raises InvalidRecord if it is not one the scorer writes."""
+def parse_prediction(payload: Optional[bytes], use_case: UseCase) -> Dict[str, Any]:
+  """A prediction record's fields, with its event's time as ``event_time`` (epoch seconds); raises InvalidRecord
+  if it is not one the scorer writes for ``use_case``."""
   try:
     fields = json.loads(payload)
   except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -126,7 +129,8 @@ def parse_prediction(payload: Optional[bytes]) -> Dict[str, Any]:
     raise InvalidRecord('not valid JSON here: nested deeper than Python\'s parser goes') from None
   if not isinstance(fields, dict):
     raise InvalidRecord('a prediction record must be a JSON object')
-  missing = [name for name in _PREDICTION_FIELDS if name not in fields]
+  required = (use_case.id_column, use_case.time_column, use_case.key_columns[0], *_SCORE_FIELDS)
+  missing = [name for name in required if name not in fields]
   if missing:
     raise InvalidRecord(f'prediction record without {", ".join(missing)}')
   if not isinstance(fields['model_version'], str):
@@ -134,7 +138,7 @@ def parse_prediction(payload: Optional[bytes]) -> Dict[str, Any]:
   score = fields['score']
   if not isinstance(score, (int, float)) or not 0 <= score <= 1:
     raise InvalidRecord(f'field score must be a number from 0 to 1, got {score!r}'[:200])
-  fields['tx_time'] = parse_utc_timestamp(fields['tx_datetime'])
+  fields['event_time'] = parse_utc_timestamp(fields[use_case.time_column])
   return fields
 
 
@@ -151,7 +155,7 @@ def dead_letter_source(record: KafkaRecord) -> Tuple[str, float]:
 
 def _join(observation: Observation, prediction: Optional[Observation],
           label: Optional[Observation]) -> Tuple[Optional[Observation], Optional[Observation], List[Contribution]]:
-  """The join's rule for one record: a transaction's prediction and label kept so far -> kept now, and what the
+  """The join's rule for one record: an event's prediction and label kept so far -> kept now, and what the
   record adds to the metrics. A dead letter is kept as a prediction, so that one written twice counts once."""
   if observation.kind == DEAD_LETTER:
     if prediction is not None:
@@ -170,16 +174,16 @@ def _join(observation: Observation, prediction: Optional[Observation],
       return prediction, label, []
     label = observation
   if prediction is not None and label is not None and (prediction.is_new or label.is_new):
-    contributions.append(Contribution(LABEL, prediction.fields, label.fields['is_fraud'], label.fields['known_time'],
+    contributions.append(Contribution(LABEL, prediction.fields, label.fields['positive'], label.fields['known_time'],
                                       observation.fields['read_from']))
   return prediction, label, contributions
 
 
 def _event_time(observation: Observation) -> float:
-  """When a record happened: a prediction's transaction, a label's arrival, a dead letter's source record."""
+  """When a record happened: a prediction's event, a label's arrival, a dead letter's source record."""
   fields = observation.fields
   if observation.kind == PREDICTION:
-    return fields['tx_time']
+    return fields['event_time']
   return fields['known_time'] if observation.kind == LABEL else fields['source_time']
 
 
@@ -188,15 +192,15 @@ FORGOTTEN_LABELS = beam.metrics.Metrics.counter('kbml.monitoring', 'labels_forgo
 
 
 def _count_forgotten(prediction: Optional[Observation], label: Optional[Observation]) -> Tuple[int, int]:
-  """A forgotten transaction's unpaired prediction and label, as (predictions, labels) counts."""
+  """A forgotten event's unpaired prediction and label, as (predictions, labels) counts."""
   return (int(label is None and prediction is not None and prediction.kind == PREDICTION),
           int(prediction is None and label is not None))
 
 
 class JoinLabelsFn(beam.DoFn):
-  """Keyed by transaction id: the first prediction meets the first label (see the module docstring).
+  """Keyed by event id: the first prediction meets the first label (see the module docstring).
 
-  A transaction's state is cleared ``retention_s`` of event time after its
+  An event's state is cleared ``retention_s`` of event time after its
   first record (a watermark timer), as :class:`LabelJoin` forgets it; what
   it held unpaired is counted (``predictions_forgotten_without_label``,
   ``labels_forgotten_without_prediction``), and a label that comes later
@@ -237,7 +241,7 @@ class JoinLabelsFn(beam.DoFn):
 class LabelJoin:
   """The join of :class:`JoinLabelsFn` in one process's memory, forgetting what waits too long.
 
-  A transaction is forgotten once the newest event time seen is
+  An event is forgotten once the newest event time seen is
   ``retention_s`` past its first record: a label that comes later starts a
   new wait and never meets its prediction. What is forgotten unpaired is
   counted in :attr:`forgotten_predictions` and :attr:`forgotten_labels`.
@@ -247,7 +251,7 @@ class LabelJoin:
   def __init__(self, retention_s: float):
     self._retention_s = retention_s
     self._lock = threading.Lock()
-    self._kept: Dict[str, List[Optional[Observation]]] = {}  # transaction id -> [prediction, label]
+    self._kept: Dict[str, List[Optional[Observation]]] = {}  # event id -> [prediction, label]
     self._first_seen: Deque[Tuple[float, str]] = collections.deque()  # (event time, key), as the keys came
     self._newest = -math.inf
     self.forgotten_predictions = 0
@@ -268,7 +272,7 @@ class LabelJoin:
     return contributions
 
   def forget_old(self) -> Tuple[int, int]:
-    """Forgets the transactions first seen more than the retention before the newest event time; returns how
+    """Forgets the events first seen more than the retention before the newest event time; returns how
     many predictions without a label and labels without a prediction it forgot."""
     horizon = self._newest - self._retention_s
     predictions = labels = 0
@@ -313,6 +317,7 @@ class MonitoringSettings:
   """Where metrics and alerts go, the windows, and the alert thresholds.
 
   Attributes:
+    use_case: the use case whose predictions and labels are monitored.
     warehouse_url: the warehouse of the metrics tables.
     model_dir: the model store (the versions' training statistics).
     alerts_config: Kafka producer settings for the alerts.
@@ -320,15 +325,15 @@ class MonitoringSettings:
     window_s: length of the event-time windows.
     grace_s: a window is complete once a prediction this much later than
       its end has arrived (predictions come roughly in event-time order).
-    label_delay_s: how long after a transaction its label arrives.
+    label_delay_s: how long after an event its label arrives.
     psi_threshold: PSI above which a statistic has drifted.
     min_window_predictions: fewer predictions in a window: no drift check.
     precision_floor: alert when a window's labelled precision is lower.
     recall_floor: alert when its labelled recall is lower.
-    min_labelled_frauds: fewer frauds in a window: no precision or recall check.
+    min_labelled_positives: fewer positives (frauds, failures) in a window: no precision or recall check.
     max_dead_letter_rate: alert when a window's share of dead letters is higher.
     scorer_group: the scorer's consumer group, for its lag.
-    transactions_topic: the topic the scorer reads.
+    events_topic: the topic the scorer reads.
     max_scorer_lag: alert when the scorer is more records behind.
     lag_check_s: how often the lag is checked.
     kafka_config: Kafka client settings, for the lag.
@@ -340,6 +345,7 @@ class MonitoringSettings:
       so that a partition read ahead of the others does not close windows
       the others still add to. Empty: the partitions seen so far.
   """
+  use_case: UseCase
   warehouse_url: str
   model_dir: str
   alerts_config: Dict[str, str]
@@ -351,10 +357,10 @@ class MonitoringSettings:
   min_window_predictions: int = 200
   precision_floor: float = 0.0
   recall_floor: float = 0.0
-  min_labelled_frauds: int = 10
+  min_labelled_positives: int = 10
   max_dead_letter_rate: float = 0.01
   scorer_group: str = 'kbml-scoring'
-  transactions_topic: str = 'transactions'
+  events_topic: str = ''
   max_scorer_lag: int = 10_000
   lag_check_s: float = 30.0
   kafka_config: Dict[str, str] = dataclasses.field(default_factory=dict)
@@ -374,17 +380,17 @@ class WindowMetricsFn(beam.DoFn):
     settings = self._settings
     self._warehouse = open_warehouse(settings.warehouse_url)
     self._warehouse.prepare()
-    for table, schema in ((settings.metrics_table, METRICS_SCHEMA), (settings.labelled_table,
-                                                                     LABELLED_PREDICTIONS_SCHEMA),
+    self._labelled_schema = labelled_predictions_schema(settings.use_case)
+    for table, schema in ((settings.metrics_table, METRICS_SCHEMA), (settings.labelled_table, self._labelled_schema),
                           (ALERTS_TABLE, ALERTS_SCHEMA)):
       self._warehouse.ensure_table(table, schema)
     self._store = ModelStore(settings.model_dir)
     self._alerts = AlertSink(settings.alerts_config, settings.alerts_topic)
     self._distributions: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
-    # Per topic partition read: the newest transaction time of a new prediction, the newest label time.
-    self._newest_tx_time = {read: -math.inf for read in settings.read_partitions if read[0] == PREDICTION}
+    # Per topic partition read: the newest event time of a new prediction, the newest label time.
+    self._newest_event_time = {read: -math.inf for read in settings.read_partitions if read[0] == PREDICTION}
     self._newest_label_time = {read: -math.inf for read in settings.read_partitions if read[0] == LABEL}
-    self._checked_tx_horizon = self._checked_label_horizon = -math.inf
+    self._checked_event_horizon = self._checked_label_horizon = -math.inf
     self._next_lag_check = 0.0
     self._lagging = False
 
@@ -396,12 +402,12 @@ class WindowMetricsFn(beam.DoFn):
     self._predicted_windows: Set[Tuple[float, float]] = set()
     self._labelled_windows: Set[Tuple[float, float]] = set()
 
-  def _window(self, tx_time: float) -> Tuple[float, float]:
-    start = math.floor(tx_time / self._settings.window_s) * self._settings.window_s
+  def _window(self, event_time: float) -> Tuple[float, float]:
+    start = math.floor(event_time / self._settings.window_s) * self._settings.window_s
     return start, start + self._settings.window_s
 
-  def _add(self, tx_time: float, version: str, role: str, sums: Sums):
-    add_sums(self._sums.setdefault((*self._window(tx_time), version, role), {}), sums)
+  def _add(self, event_time: float, version: str, role: str, sums: Sums):
+    add_sums(self._sums.setdefault((*self._window(event_time), version, role), {}), sums)
 
   def _drift_bins(self, version: str, features: Dict[str, float], score: float) -> Dict[str, int]:
     if version not in self._distributions:
@@ -420,29 +426,30 @@ class WindowMetricsFn(beam.DoFn):
       self._add(fields['source_time'], '', PIPELINE_ROLE, {('dead_letters', 0): 1.0})
       self._predicted_windows.add(self._window(fields['source_time']))
       return
-    tx_time, version = fields['tx_time'], fields['model_version']
+    event_time, version = fields['event_time'], fields['model_version']
     challenger = fields.get('challenger_version')
     if contribution.kind == PREDICTION:
-      _advance(self._newest_tx_time, contribution.read_from, tx_time)
-      self._predicted_windows.add(self._window(tx_time))
-      self._add(tx_time, version, CHAMPION, prediction_sums(
+      _advance(self._newest_event_time, contribution.read_from, event_time)
+      self._predicted_windows.add(self._window(event_time))
+      self._add(event_time, version, CHAMPION, prediction_sums(
           fields['score'], fields['flagged'], self._drift_bins(version, fields.get('features'), fields['score'])))
       if challenger:
-        self._add(tx_time, challenger, CHALLENGER,
+        self._add(event_time, challenger, CHALLENGER,
                   prediction_sums(fields['challenger_score'], fields['challenger_flagged']))
       return
     if contribution.read_from[0] != PREDICTION:  # completed by its label: the label's partition moved on
       _advance(self._newest_label_time, contribution.read_from, contribution.known_time)
-    self._labelled_windows.add(self._window(tx_time))
+    self._labelled_windows.add(self._window(event_time))
     scored = [(version, CHAMPION, fields['score'], fields['flagged'])]
     if challenger:
       scored.append((challenger, CHALLENGER, fields['challenger_score'], fields['challenger_flagged']))
+    use_case = self._settings.use_case
     for model_version, role, score, flagged in scored:
-      self._add(tx_time, model_version, role, labelled_sums(score, flagged, bool(contribution.is_fraud)))
+      self._add(event_time, model_version, role, labelled_sums(score, flagged, bool(contribution.positive)))
       self._labelled_rows.append({
-          'transaction_id': fields['transaction_id'], 'tx_datetime': fields['tx_datetime'],
-          'customer_id': fields['customer_id'], 'model_version': model_version, 'role': role, 'score': score,
-          'flagged': int(flagged), 'is_fraud': int(contribution.is_fraud)})
+          use_case.id_column: fields[use_case.id_column], use_case.time_column: fields[use_case.time_column],
+          use_case.key_columns[0]: fields[use_case.key_columns[0]], 'model_version': model_version, 'role': role,
+          'score': score, 'flagged': int(flagged), use_case.label_column: int(contribution.positive)})
 
   def finish_bundle(self):
     settings = self._settings
@@ -450,7 +457,7 @@ class WindowMetricsFn(beam.DoFn):
       self._warehouse.write_rows(settings.metrics_table, METRICS_SCHEMA, metric_rows(
           self._sums, uuid.uuid4().hex, utc_iso(time.time())))
     if self._labelled_rows:
-      self._warehouse.write_rows(settings.labelled_table, LABELLED_PREDICTIONS_SCHEMA, self._labelled_rows)
+      self._warehouse.write_rows(settings.labelled_table, self._labelled_schema, self._labelled_rows)
     self._check_closed_windows()
     self._check_scorer_lag()
 
@@ -463,13 +470,13 @@ class WindowMetricsFn(beam.DoFn):
     window, which is then checked again. An alert is raised once anyway.
     """
     settings = self._settings
-    tx_horizon = min(self._newest_tx_time.values(), default=-math.inf) - settings.grace_s
-    for window, by_version, dead_letters in self._closed_windows(self._checked_tx_horizon, tx_horizon,
+    event_horizon = min(self._newest_event_time.values(), default=-math.inf) - settings.grace_s
+    for window, by_version, dead_letters in self._closed_windows(self._checked_event_horizon, event_horizon,
                                                                  self._predicted_windows):
       self._check_dead_letters(window, by_version, dead_letters)
       for version, rows in by_version.items():
         self._check_drift(window, version, rows)
-    self._checked_tx_horizon = max(self._checked_tx_horizon, tx_horizon)
+    self._checked_event_horizon = max(self._checked_event_horizon, event_horizon)
     label_horizon = (min(self._newest_label_time.values(), default=-math.inf) - settings.label_delay_s
                      - settings.grace_s)
     for window, by_version, _ in self._closed_windows(self._checked_label_horizon, label_horizon,
@@ -562,17 +569,19 @@ class WindowMetricsFn(beam.DoFn):
   def _check_accuracy(self, window, version: str, rows):
     summary = window_summary(rows)
     settings = self._settings
-    if summary['frauds'] < settings.min_labelled_frauds:
+    if summary['positives'] < settings.min_labelled_positives:
       return
+    positives = settings.use_case.positive_noun
     for kind, name, value, floor in ((PRECISION_BELOW_FLOOR, 'precision', summary['precision'],
                                       settings.precision_floor),
                                      (RECALL_BELOW_FLOOR, 'recall', summary['recall'], settings.recall_floor)):
       if not math.isnan(value) and value < floor:
         self._raise(kind, window, version, name,
                     f'the {name} of model {version} in the window {_describe(window)} is {value:.3f}, below the '
-                    f'floor {floor} ({int(summary["labelled"]):,} labelled, {int(summary["frauds"]):,} frauds): '
+                    f'floor {floor} ({int(summary["labelled"]):,} labelled, {int(summary["positives"]):,} '
+                    f'{positives}): '
                     'retrain (`kbml retrain`) or roll back (`kbml promote VERSION`).',
-                    **{name: value, 'floor': floor, 'labelled': summary['labelled'], 'frauds': summary['frauds'],
+                    **{name: value, 'floor': floor, 'labelled': summary['labelled'], 'positives': summary['positives'],
                        'average_precision': summary['average_precision']})
 
   def _raised(self, kind: str, version: str, window_start: float) -> bool:
@@ -599,12 +608,12 @@ class WindowMetricsFn(beam.DoFn):
     if time.monotonic() < self._next_lag_check or not settings.kafka_config:
       return
     self._next_lag_check = time.monotonic() + settings.lag_check_s
-    lag = group_lag(settings.kafka_config, settings.scorer_group, [settings.transactions_topic])
+    lag = group_lag(settings.kafka_config, settings.scorer_group, [settings.events_topic])
     if lag is None:  # the scorer has committed nothing yet
       return
     if lag > settings.max_scorer_lag and not self._lagging:
-      message = (f'the scorer (group {settings.scorer_group}) is {lag:,} transactions behind (more than '
-                 f'{settings.max_scorer_lag:,}): predictions are late; is it running, and keeping up?')
+      message = (f'the scorer (group {settings.scorer_group}) is {lag:,} {settings.use_case.event_noun} behind '
+                 f'(more than {settings.max_scorer_lag:,}): predictions are late; is it running, and keeping up?')
       self._alerts.send(SCORER_LAG, message, lag=lag, threshold=settings.max_scorer_lag, group=settings.scorer_group)
     self._lagging = lag > settings.max_scorer_lag
 

@@ -51,6 +51,8 @@ class UseCase:
     labels_table: the warehouse table of labels.
     label_row: a label row -> its row in the labels table.
     event_record: (an event row, its topic) -> the Kafka record it was read from, for a dead letter about it.
+    event_of_feature_row: a features table row -> the event row it was computed from, Kafka partition and offset
+      included (a row that could not be scored goes to the dead letters as its event's record).
     compute_features: (label delay in days, form, rows per batch or None, snapshots or None) -> the PTransform
       from event and label rows to a :class:`~transforms.feature_forms.FeatureOutputs` (feature rows as dicts of the
       features table's columns, and the repeated events), in each form of :data:`~transforms.feature_forms.FORMS`.
@@ -81,6 +83,7 @@ class UseCase:
   labels_table: TableSchema
   label_row: Callable[[tuple], Dict[str, object]]
   event_record: Callable[[tuple, str], KafkaRecord]
+  event_of_feature_row: Callable[[Dict[str, object]], tuple]
   compute_features: Callable[..., beam.PTransform]
   snapshot_identity: Callable[[float, str, str], Mapping[str, object]]
   history_span_days: Callable[[float], float]

@@ -14,6 +14,7 @@ from transforms.features import (
   ComputeFeatures,
   history_span_days,
   snapshot_identity,
+  transaction_of_feature_row,
 )
 from transforms.records import LABEL_SCHEMA, LABELS_TABLE, TRANSACTION_SCHEMA, label_row, transaction_record
 from transforms.use_case import UseCase
@@ -40,6 +41,7 @@ USE_CASE = UseCase(
     labels_table=LABELS_TABLE,
     label_row=label_row,
     event_record=transaction_record,
+    event_of_feature_row=transaction_of_feature_row,
     compute_features=ComputeFeatures,
     snapshot_identity=snapshot_identity,
     history_span_days=history_span_days,

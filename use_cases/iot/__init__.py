@@ -13,6 +13,7 @@ from use_cases.iot.features import (
   HISTORY_HOURS,
   ComputeMachineFeatures,
   history_span_days,
+  reading_of_feature_row,
   snapshot_identity,
 )
 from use_cases.iot.records import LABEL_SCHEMA, LABELS_TABLE, READING_SCHEMA, label_row, reading_record
@@ -39,6 +40,7 @@ USE_CASE = UseCase(
     labels_table=LABELS_TABLE,
     label_row=label_row,
     event_record=reading_record,
+    event_of_feature_row=reading_of_feature_row,
     compute_features=ComputeMachineFeatures,
     snapshot_identity=snapshot_identity,
     history_span_days=history_span_days,

@@ -41,7 +41,7 @@ from transforms.feature_forms import (
   note_applied,
   repeated,
 )
-from transforms.records import utc_iso
+from transforms.records import parse_utc_timestamp, utc_iso
 from transforms.snapshots import StateSnapshots
 from use_cases.iot.records import READING_COLUMNS, Reading, ReadingLabel
 from use_cases.iot.simulator import MACHINE_TYPES, SENSORS
@@ -120,6 +120,12 @@ def feature_row(reading: Reading, sensor_features: Mapping[str, float]) -> Dict[
           'machine_id': reading.machine_id, 'machine_type': reading.machine_type,
           'kafka_partition': reading.kafka_partition, 'kafka_offset': reading.kafka_offset,
           **{name: features[name] for name in FEATURE_NAMES}}
+
+
+def reading_of_feature_row(row: Mapping[str, object]) -> Reading:
+  """The reading a :func:`feature_row` was computed from (its sensors' values are features)."""
+  return Reading(row['reading_id'], parse_utc_timestamp(row['reading_time']), row['machine_id'], row['machine_type'],
+                 *(row[sensor.upper()] for sensor in SENSORS), row['kafka_partition'], row['kafka_offset'])
 
 
 class MachineHistories:
