@@ -30,14 +30,15 @@ def publish_model(model_dir: str, seed: int = 0, threshold: float = 0.5, promote
   return publish_keras(model_dir, average(members), threshold, promote)
 
 
-def publish_keras(model_dir: str, served, threshold: float = 0.5, promote: bool = True) -> str:
-  """Publishes (and promotes) the Keras model ``served`` over all features; returns its version."""
+def publish_keras(model_dir: str, served, threshold: float = 0.5, promote: bool = True,
+                  feature_names=FEATURE_NAMES) -> str:
+  """Publishes (and promotes) the Keras model ``served`` over ``feature_names`` (fraud's); returns its version."""
   store = ModelStore(model_dir)
   version = new_version()
   with tempfile.TemporaryDirectory() as folder:
     path = os.path.join(folder, 'model.keras')
     served.save(path)
-    store.publish(version, path, {'threshold': threshold, 'features': FEATURE_NAMES}, {})
+    store.publish(version, path, {'threshold': threshold, 'features': list(feature_names)}, {})
   if promote:
     store.promote(version)
   return version
