@@ -10,7 +10,7 @@ import pytest
 from kbml import simulator as engine_simulator
 from kbml.warehouse import open_warehouse
 from pipelines import ingest
-from trainer import data, evaluate, task
+from trainer import data, evaluate, retrain, task
 from trainer.registry import ModelStore
 from transforms.use_case import load_use_case
 from use_cases.iot.simulator import SimulationConfig, events, simulate
@@ -73,3 +73,19 @@ def test_a_model_of_the_iot_use_case_is_trained_evaluated_and_published_with_its
   assert 0.75 * best <= metrics['machine_precision_at_5'] <= best
   summary = task.summary(result, str(tmp_path))
   assert 'readings' in summary and 'failures' in summary and 'MP@5' in summary and 'known positive' not in summary
+
+
+def test_a_retrain_of_the_iot_use_case_trains_on_its_newest_labelled_days_and_promotes(iot_warehouse, tmp_path,
+                                                                                      capsys):
+  # Days long enough to hold failures of a fleet of 30 machines: a few a week.
+  assert retrain.run(['--use-case', 'iot', '--warehouse', iot_warehouse, '--model-dir', str(tmp_path),
+                      '--model-family', 'trees', '--validation-days', '6', '--test-days', '6']) == 0
+
+  store = ModelStore(str(tmp_path))
+  (version,) = store.versions()
+  metadata = store.metadata(version)
+  assert store.current() == version and store.use_case_in_service() == 'iot'
+  assert metadata['retrain']['trigger'] == 'manual' and metadata['blessing']['reason'] == 'no champion yet'
+  newest_labelled = data.last_labelled_day(open_warehouse(iot_warehouse), IOT)
+  assert metadata['training']['test'].endswith(newest_labelled.isoformat())
+  assert 'MP@5' in capsys.readouterr().out
