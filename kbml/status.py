@@ -260,11 +260,16 @@ def _event_rates(config: Mapping[str, str], topics: Mapping[str, str], partition
 
 
 def _version_summary(store, version: str) -> Dict[str, Any]:
+  """A version's test figures; its ranking metric is its use case's (fraud: ``card_precision_at_100``)."""
+  from transforms.use_case import DEFAULT_USE_CASE, load_use_case
   metadata = store.metadata(version)
   metrics = metadata.get('metrics') or {}
-  return {'version': version, 'created': metadata.get('created'), 'threshold': metadata.get('threshold'),
-          'average_precision': metrics.get('average_precision'), 'auc_roc': metrics.get('auc_roc'),
-          'card_precision_at_100': metrics.get('card_precision_at_100')}
+  use_case = load_use_case(metadata.get('use_case', DEFAULT_USE_CASE))
+  return {'version': version, 'use_case': use_case.name, 'created': metadata.get('created'),
+          'threshold': metadata.get('threshold'), 'average_precision': metrics.get('average_precision'),
+          'auc_roc': metrics.get('auc_roc'), use_case.ranking_metric: metrics.get(use_case.ranking_metric),
+          'ranking': {'metric': use_case.ranking_metric, 'abbreviation': use_case.ranking_abbreviation,
+                      'value': metrics.get(use_case.ranking_metric)}}
 
 
 def _last_retrain(store, versions: Sequence[str]) -> Optional[Dict[str, Any]]:
@@ -448,7 +453,8 @@ def _render_model(model: Mapping[str, Any], retrain: Optional[Mapping[str, Any]]
     since = f"promoted {_when(summary['promoted_at'])}" if 'promoted_at' in summary else ''
     lines.append(f"  {label:<12}{summary['version']}  {since}".rstrip())
     lines.append(f"  {'':<12}threshold {_figure(summary['threshold'])}  test AP {_figure(summary['average_precision'])}"
-                 f"  AUC {_figure(summary['auc_roc'])}  CP@100 {_figure(summary['card_precision_at_100'])}")
+                 f"  AUC {_figure(summary['auc_roc'])}  {summary['ranking']['abbreviation']} "
+                 f"{_figure(summary['ranking']['value'])}")
   if retrain:
     if retrain['by'] == 'kbml retrain':
       trigger = f"{retrain['trigger']}" + (f" ({retrain['alert_kind']} alert)" if retrain.get('alert_kind') else '')

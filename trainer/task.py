@@ -497,7 +497,7 @@ def summary(result: Result, model_dir: str) -> str:
   metrics, baseline = meta['metrics'], meta['baseline']['metrics']
   training = meta['training']
   use_case = load_use_case(meta['use_case'])
-  ranking = f'{use_case.ranked_noun[0].upper()}P@{use_case.ranking_k}'  # CP@100: card precision@100
+  ranking = use_case.ranking_abbreviation
   left_out = (f' ({use_case.ranked_noun}s already known positive left out)' if use_case.known_positives_leave_test
               else '')
   lines = [

@@ -100,6 +100,11 @@ class UseCase:
     """The name of the ranking metric among the test metrics (``card_precision_at_100``)."""
     return f'{self.ranked_noun}_precision_at_{self.ranking_k}'
 
+  @property
+  def ranking_abbreviation(self) -> str:
+    """The ranking metric in a summary line (``CP@100``)."""
+    return f'{self.ranked_noun[0].upper()}P@{self.ranking_k}'
+
 
 def load_use_case(name: str = DEFAULT_USE_CASE) -> UseCase:
   """The use case ``name``: a built-in one (``fraud``, ``iot``) or the dotted name of a module with a ``USE_CASE``.
