@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from kbml import simulator as engine_simulator
+from kbml import status
 from kbml.warehouse import open_warehouse
 from pipelines import ingest
 from trainer import data, evaluate, retrain, task
@@ -89,3 +90,6 @@ def test_a_retrain_of_the_iot_use_case_trains_on_its_newest_labelled_days_and_pr
   newest_labelled = data.last_labelled_day(open_warehouse(iot_warehouse), IOT)
   assert metadata['training']['test'].endswith(newest_labelled.isoformat())
   assert 'MP@5' in capsys.readouterr().out
+  in_service = status.model_status(str(tmp_path))['current']
+  assert in_service['use_case'] == 'iot' and in_service['ranking']['abbreviation'] == 'MP@5'
+  assert in_service['machine_precision_at_5'] == metadata['metrics']['machine_precision_at_5'] is not None
