@@ -59,59 +59,73 @@ def _simulate(args) -> int:
   config = kafka_config_from_args(args)
   started = time.monotonic()
   counts = simulator.produce(simulator.events(simulation, args.from_day, args.until_day), config,
-                             args.transactions_topic, args.labels_topic, args.rate, _progress(len(tx), len(tx)))
-  _print_produced(counts, args, config, time.monotonic() - started)
+                             args.transactions_topic, args.labels_topic, args.rate,
+                             _progress(len(tx), len(tx), 'transactions'))
+  _print_produced(counts, 'transactions', args.transactions_topic, args.labels_topic, config,
+                  time.monotonic() - started)
   return 0
 
 
-def _progress(transactions_total: int, labels_total: int):
-  """A progress line for producing, rewritten in place on stderr."""
-  def progress(transactions, labels):
-    print(f'\rproduced {transactions:,}/{transactions_total:,} transactions and {labels:,}/{labels_total:,} labels',
+def _progress(events_total: int, labels_total: int, noun: str):
+  """A progress line for producing events (``noun``: what they are called) and labels, rewritten in place on
+  stderr."""
+  def progress(events, labels):
+    print(f'\rproduced {events:,}/{events_total:,} {noun} and {labels:,}/{labels_total:,} labels',
           end='', file=sys.stderr, flush=True)
   return progress
 
 
-def _print_produced(counts, args, config, seconds: float):
-  transactions, labels = counts
-  print(f'\nproduced {transactions:,} transactions to {args.transactions_topic!r} and {labels:,} labels '
-        f'to {args.labels_topic!r} at {config["bootstrap.servers"]} in {seconds:.1f} s '
-        f'({(transactions + labels) / max(seconds, 1e-9):,.0f} records/s)')
+def _print_produced(counts, noun: str, events_topic: str, labels_topic: str, config, seconds: float):
+  events, labels = counts
+  print(f'\nproduced {events:,} {noun} to {events_topic!r} and {labels:,} labels '
+        f'to {labels_topic!r} at {config["bootstrap.servers"]} in {seconds:.1f} s '
+        f'({(events + labels) / max(seconds, 1e-9):,.0f} records/s)')
 
 
 def _produce(args) -> int:
   from kbml import produce
-  transactions = produce.read_table(args.transactions)
+  from transforms.use_case import load_use_case
+  use_case = load_use_case(args.use_case)
+  events = produce.read_table(args.events)
   labels = produce.read_table(args.labels) if args.labels else None
-  print(f'read {len(transactions):,} transactions from {args.transactions}'
+  print(f'read {len(events):,} {use_case.event_noun} from {args.events}'
         + (f' and {len(labels):,} labels from {args.labels}' if labels is not None else ''))
   config = kafka_config_from_args(args)
+  events_topic, labels_topic = args.events_topic or use_case.events_topic, args.labels_topic or use_case.labels_topic
   started = time.monotonic()
-  counts = produce.produce_frames(transactions, labels, config, args.transactions_topic, args.labels_topic,
-                                  args.label_delay_days, args.key_column, args.rate,
-                                  _progress(len(transactions), 0 if labels is None else len(labels)))
-  _print_produced(counts, args, config, time.monotonic() - started)
+  counts = produce.produce_frames(events, labels, config, events_topic, labels_topic, args.label_delay_days,
+                                  args.key_column, args.rate,
+                                  _progress(len(events), 0 if labels is None else len(labels), use_case.event_noun),
+                                  use_case)
+  _print_produced(counts, use_case.event_noun, events_topic, labels_topic, config, time.monotonic() - started)
   return 0
 
 
 def _add_produce_parser(commands):
   from kbml import produce
   command = commands.add_parser(
-      'produce', help='Produce transactions and labels from files (JSON Lines, CSV, Parquet) to Kafka.',
+      'produce', help='Produce a use case\'s events and labels from files (JSON Lines, CSV, Parquet) to Kafka.',
       description=produce.__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-  command.add_argument('--transactions', required=True, metavar='FILE',
-                       help=f'Transactions: columns {", ".join(produce.TRANSACTION_FIELDS)} (tx_datetime in UTC, '
-                       'ISO 8601), and any others, passed through.')
-  command.add_argument('--labels', metavar='FILE', help=f'Labels: columns {", ".join(produce.LABEL_FIELDS)}, '
+  command.add_argument('--use-case',
+                       help='fraud (the default), iot, or the dotted name of a module of yours that declares a '
+                       'USE_CASE: the fields of its records, its time column, keys, topics and label delay.')
+  command.add_argument('--events', '--transactions', dest='events', required=True, metavar='FILE',
+                       help='The events: a column per field of the use case\'s event records (fraud: '
+                       'transaction_id, tx_datetime, customer_id, terminal_id, amount; the time in UTC, ISO 8601), '
+                       'and any others, passed through.')
+  command.add_argument('--labels', metavar='FILE', help='Labels: a column per field of the use case\'s label records '
+                       '(fraud: transaction_id, tx_datetime, customer_id, terminal_id, is_fraud, fraud_scenario), '
                        f'optionally {produce.KNOWN_TIME_COLUMN} (when the label became known).')
-  command.add_argument('--label-delay-days', type=float, default=7.0,
-                       help=f'Without {produce.KNOWN_TIME_COLUMN}, a label is known this long after its '
-                       'transaction (default: %(default)s).')
-  command.add_argument('--key-column', default='customer_id',
-                       help='The Kafka key of each record, which keeps its events in order (default: %(default)s).')
+  command.add_argument('--label-delay-days', type=float,
+                       help=f'Without {produce.KNOWN_TIME_COLUMN}, a label is known this long after its event '
+                       '(default: the use case\'s label delay, 7 days for fraud).')
+  command.add_argument('--key-column',
+                       help='The Kafka key of each record, which keeps its events in order (default: the use '
+                       'case\'s first key column: customer_id for fraud, machine_id for iot).')
   command.add_argument('--rate', type=float, help='Events per second (default: as fast as possible).')
-  command.add_argument('--transactions-topic', default='transactions')
-  command.add_argument('--labels-topic', default='labels')
+  command.add_argument('--events-topic', '--transactions-topic', dest='events_topic',
+                       help='Default: the use case\'s (transactions for fraud).')
+  command.add_argument('--labels-topic', help='Default: the use case\'s (labels for fraud).')
   add_kafka_arguments(command)
   command.set_defaults(handler=_produce)
 

@@ -1,18 +1,21 @@
 """One's own events into the topics: ``kbml produce`` and :func:`produce_frames`.
 
-Reads transactions, and optionally their labels, from JSON Lines, CSV or
-Parquet files (or pandas DataFrames, from Python), and produces them as the
-pipelines read them: one JSON record each, keyed by customer, with its event
-time as the Kafka timestamp, all in event-time order. A transaction's time is
-its ``tx_datetime``; a label's is its ``known_datetime`` when the labels have
-that column, else the transaction's time plus the label delay. At one instant
-labels go first, as the simulator produces them, so the same events give the
-same records and the same warehouse rows.
+Reads a use case's events (fraud's transactions by default, ``--use-case``),
+and optionally their labels, from JSON Lines, CSV or Parquet files (or pandas
+DataFrames, from Python), and produces them as the pipelines read them: one
+JSON record each with the fields of the use case's records, keyed by its
+first entity (fraud: the customer; IoT: the machine), with its event time as
+the Kafka timestamp, all in event-time order. An event's time is its time
+column (fraud: ``tx_datetime``); a label's is its ``known_datetime`` when the
+labels have that column, else the event's time plus the label delay. At one
+instant labels go first, as the simulators produce them, so the same events
+give the same records and the same warehouse rows.
 
 Examples::
 
-    kbml produce --transactions history/transactions.csv --labels history/labels.csv
-    kbml produce --transactions tx.parquet --label-delay-days 3 --rate 500
+    kbml produce --events history/transactions.csv --labels history/labels.csv
+    kbml produce --events tx.parquet --label-delay-days 3 --rate 500
+    kbml produce --use-case iot --events readings.parquet --labels failure-labels.parquet
 """
 
 import datetime
@@ -25,9 +28,8 @@ import numpy as np
 import pandas as pd
 
 from kbml.simulator import Event, produce
+from transforms.use_case import UseCase, load_use_case
 
-TRANSACTION_FIELDS = ('transaction_id', 'tx_datetime', 'customer_id', 'terminal_id', 'amount')
-LABEL_FIELDS = ('transaction_id', 'tx_datetime', 'customer_id', 'terminal_id', 'is_fraud', 'fraud_scenario')
 KNOWN_TIME_COLUMN = 'known_datetime'
 READERS = {'.jsonl': 'json', '.json': 'json', '.ndjson': 'json', '.csv': 'csv', '.parquet': 'parquet'}
 
@@ -78,11 +80,11 @@ def _json_value(value):
   return value
 
 
-def _records(frame: pd.DataFrame, fields: Tuple[str, ...], seconds: np.ndarray) -> List[bytes]:
+def _records(frame: pd.DataFrame, fields: Tuple[str, ...], time_column: str, seconds: np.ndarray) -> List[bytes]:
   """Each row as the topic's JSON record: its fields in the topic's order, then any other columns."""
   names = [*fields, *(column for column in frame.columns if column not in fields and column != KNOWN_TIME_COLUMN)]
-  columns = {name: frame[name].tolist() for name in names if name != 'tx_datetime'}
-  return [json.dumps({name: _iso(second) if name == 'tx_datetime' else _json_value(columns[name][row])
+  columns = {name: frame[name].tolist() for name in names if name != time_column}
+  return [json.dumps({name: _iso(second) if name == time_column else _json_value(columns[name][row])
                       for name in names}, default=str).encode()
           for row, second in enumerate(seconds)]
 
@@ -94,31 +96,50 @@ def _check_columns(frame: pd.DataFrame, fields: Tuple[str, ...], what: str):
                        f'{", ".join(fields)}.')
 
 
-def events_of(transactions: pd.DataFrame, labels: Optional[pd.DataFrame] = None,
-              label_delay_days: float = 7.0, key_column: str = 'customer_id') -> Iterator[Event]:
-  """The records of the transactions and labels, merged in event-time order (labels first at one instant).
+def record_fields(use_case: UseCase) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+  """The fields of the use case's event and label records, in their order."""
+  return tuple(use_case.event_schema.fields), tuple(use_case.label_schema.fields)
+
+
+def events_of(events: pd.DataFrame, labels: Optional[pd.DataFrame] = None,
+              label_delay_days: Optional[float] = None, key_column: Optional[str] = None,
+              use_case: Optional[UseCase] = None) -> Iterator[Event]:
+  """The records of the events and labels, merged in event-time order (labels first at one instant).
 
   Checks and formats every record before it returns.
+
+  Args:
+    events: the use case's events, a column per field of its records (and any others, passed through).
+    labels: their labels, likewise; None: none.
+    label_delay_days: without a ``known_datetime`` column, a label is known this long after its event (default:
+      the use case's label delay).
+    key_column: the records' Kafka key (default: the use case's first key column).
+    use_case: default: fraud.
 
   Raises:
     ProduceError: a required column is missing or a time is not one.
   """
-  _check_columns(transactions, TRANSACTION_FIELDS, 'transactions')
-  transaction_seconds = _event_seconds(transactions, 'tx_datetime', 'transactions')
-  # Per frame: its records' fields, their tx_datetime, their Kafka timestamps in seconds, whether they are labels.
-  frames = [(transactions, TRANSACTION_FIELDS, transaction_seconds, transaction_seconds, False)]
+  use_case = use_case or load_use_case()
+  event_fields, label_fields = record_fields(use_case)
+  time_column, noun = use_case.time_column, use_case.event_noun
+  label_delay_days = use_case.default_label_delay_days if label_delay_days is None else label_delay_days
+  key_column = key_column or use_case.key_columns[0]
+  _check_columns(events, event_fields, noun)
+  event_seconds = _event_seconds(events, time_column, noun)
+  # Per frame: its records' fields, their event times, their Kafka timestamps in seconds, whether they are labels.
+  frames = [(events, event_fields, event_seconds, event_seconds, False)]
   if labels is not None:
-    _check_columns(labels, LABEL_FIELDS, 'labels')
-    labelled_seconds = _event_seconds(labels, 'tx_datetime', 'labels')
+    _check_columns(labels, label_fields, 'labels')
+    labelled_seconds = _event_seconds(labels, time_column, 'labels')
     known = (_event_seconds(labels, KNOWN_TIME_COLUMN, 'labels') if KNOWN_TIME_COLUMN in labels.columns else
              labelled_seconds + label_delay_days * 86_400)
-    frames.insert(0, (labels, LABEL_FIELDS, labelled_seconds, known, True))
+    frames.insert(0, (labels, label_fields, labelled_seconds, known, True))
   values, keys, times, is_label = [], [], [], []
-  for frame, fields, event_seconds, timestamp_seconds, labelled in frames:
+  for frame, fields, record_seconds, timestamp_seconds, labelled in frames:
     if key_column not in frame.columns:
-      raise ProduceError(f'No key column {key_column!r} in the {"labels" if labelled else "transactions"}: name '
+      raise ProduceError(f'No key column {key_column!r} in the {"labels" if labelled else noun}: name '
                          'one with --key-column.')
-    values.extend(_records(frame, fields, event_seconds))
+    values.extend(_records(frame, fields, time_column, record_seconds))
     keys.extend(str(_json_value(key)).encode() for key in frame[key_column].tolist())
     times.append(np.round(timestamp_seconds * 1000).astype(np.int64))
     is_label.append(np.full(len(frame), labelled))
@@ -127,16 +148,19 @@ def events_of(transactions: pd.DataFrame, labels: Optional[pd.DataFrame] = None,
   return (Event(bool(labelled_rows[row]), int(times_ms[row]), keys[row], values[row]) for row in order)
 
 
-def produce_frames(transactions: pd.DataFrame, labels: Optional[pd.DataFrame],
-                   producer_config: Dict[str, str], transactions_topic: str = 'transactions',
-                   labels_topic: str = 'labels', label_delay_days: float = 7.0, key_column: str = 'customer_id',
-                   rate: Optional[float] = None,
-                   progress: Optional[Callable[[int, int], None]] = None) -> Tuple[int, int]:
-  """Produces DataFrames of transactions and labels to the topics; returns how many of each were acknowledged.
+def produce_frames(events: pd.DataFrame, labels: Optional[pd.DataFrame],
+                   producer_config: Dict[str, str], events_topic: Optional[str] = None,
+                   labels_topic: Optional[str] = None, label_delay_days: Optional[float] = None,
+                   key_column: Optional[str] = None, rate: Optional[float] = None,
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   use_case: Optional[UseCase] = None) -> Tuple[int, int]:
+  """Produces DataFrames of a use case's events and labels to its topics (default: the use case's); returns how
+  many of each were acknowledged. ``use_case`` (default: fraud) and the rest as in :func:`events_of`.
 
   Raises:
     ProduceError: a required column is missing or a time is not one.
     RuntimeError: some records were not delivered.
   """
-  return produce(events_of(transactions, labels, label_delay_days, key_column), producer_config,
-                 transactions_topic, labels_topic, rate, progress)
+  use_case = use_case or load_use_case()
+  return produce(events_of(events, labels, label_delay_days, key_column, use_case), producer_config,
+                 events_topic or use_case.events_topic, labels_topic or use_case.labels_topic, rate, progress)

@@ -9,7 +9,7 @@ know nothing else of it.
 
 import dataclasses
 import importlib
-from typing import Callable, Dict, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
@@ -106,12 +106,14 @@ class UseCase:
     return f'{self.ranked_noun[0].upper()}P@{self.ranking_k}'
 
 
-def load_use_case(name: str = DEFAULT_USE_CASE) -> UseCase:
-  """The use case ``name``: a built-in one (``fraud``, ``iot``) or the dotted name of a module with a ``USE_CASE``.
+def load_use_case(name: Optional[str] = None) -> UseCase:
+  """The use case ``name``: a built-in one (``fraud``, ``iot``) or the dotted name of a module with a ``USE_CASE``;
+  None: the default, fraud.
 
   Raises:
     ValueError: no such module, or it declares no :class:`UseCase`.
   """
+  name = name or DEFAULT_USE_CASE
   module_name = name if '.' in name else f'{BUILT_IN_PACKAGE}.{name}'
   try:
     module = importlib.import_module(module_name)
