@@ -1,17 +1,10 @@
 """`kbml produce --use-case iot`: a fleet's readings from files, the records and warehouse rows the simulator gives."""
 
-import subprocess
-import sys
-import uuid
-
 import pandas as pd
 import pytest
 
 from kbml import produce
-from kbml import simulator as engine_simulator
-from kbml.warehouse import open_warehouse
-from pipelines import ingest
-from tests.pipeline_process import PROJECT_ROOT
+from tests.test_produce import assert_produce_round_trips
 from transforms.use_case import load_use_case
 from use_cases.iot.simulator import SENSORS, SimulationConfig, events, simulate
 
@@ -39,32 +32,8 @@ def test_files_of_a_fleet_give_the_simulators_own_records_in_its_order(fleet):
   assert list(produce.events_of(readings, labels, use_case=IOT)) == list(events(simulation))
 
 
-def _ingested(bootstrap: str, topics, folder):
-  url = f"duckdb://{folder / f'{uuid.uuid4().hex[:8]}.duckdb'}"
-  ingest.run(['--use-case', 'iot', '--bootstrap-servers', bootstrap, '--events-topic', topics['readings'],
-              '--labels-topic', topics['labels'], '--dead-letter-topic', topics['dead-letter'], '--warehouse', url,
-              '--stop-at-end', '--consumer-group', f'produce-{uuid.uuid4().hex[:8]}'])
-  warehouse = open_warehouse(url)
-  return {table: warehouse.query(f'SELECT * FROM {table}').drop(columns=['kafka_partition', 'kafka_offset'],
-                                                                 errors='ignore')
-          .sort_values('reading_id').reset_index(drop=True) for table in ('features', 'labels')}
-
-
 def test_kbml_produce_round_trips_a_fleets_files_through_ingest(fleet, bootstrap, new_topic, tmp_path):
   simulation, paths = fleet
-  by_simulator = {name: new_topic(suffix=f'-{name}') for name in ('readings', 'labels', 'dead-letter')}
-  by_file = {name: new_topic(suffix=f'-{name}') for name in ('readings', 'labels', 'dead-letter')}
-  engine_simulator.produce(events(simulation), {'bootstrap.servers': bootstrap}, by_simulator['readings'],
-                           by_simulator['labels'])
-  produced = subprocess.run(
-      [sys.executable, '-m', 'kbml.cli', 'produce', '--use-case', 'iot', '--events', paths[0], '--labels', paths[1],
-       '--bootstrap-servers', bootstrap, '--events-topic', by_file['readings'], '--labels-topic', by_file['labels']],
-      capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
-  assert produced.returncode == 0, produced.stderr
-  count = len(simulation.readings)
-  assert f'produced {count:,} readings to {by_file["readings"]!r} and {count:,} labels' in produced.stdout
-
-  expected, got = _ingested(bootstrap, by_simulator, tmp_path), _ingested(bootstrap, by_file, tmp_path)
-  assert len(got['features']) == count and got['labels']['fails_within_horizon'].sum() > 0
-  for table in ('features', 'labels'):
-    pd.testing.assert_frame_equal(got[table], expected[table])
+  rows = assert_produce_round_trips(bootstrap, new_topic, tmp_path, events(simulation),
+                                    ['--events', paths[0], '--labels', paths[1]], len(simulation.readings), IOT)
+  assert rows['labels']['fails_within_horizon'].sum() > 0
