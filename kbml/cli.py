@@ -31,57 +31,6 @@ def _local(args) -> int:
   return 0
 
 
-def simulation_config(args):
-  """The :class:`kbml.simulator.SimulationConfig` of parsed ``kbml simulate`` arguments."""
-  from kbml.simulator import SimulationConfig
-  return SimulationConfig(
-      customers=args.customers, terminals=args.terminals, radius=args.radius, start_date=args.start_date,
-      days=args.days, seed=args.seed, label_delay_days=args.label_delay_days, drift_from_day=args.drift_from_day,
-      drift_cards_per_day=args.drift_cards_per_day, drift_burst=args.drift_burst,
-      first_transaction_id=args.first_transaction_id)
-
-
-def _simulate(args) -> int:
-  if args.no_kafka and not args.output_dir:
-    raise ValueError('--no-kafka writes the simulation only to files: give --output-dir too.')
-  from kbml import simulator
-  config = simulation_config(args)
-  started = time.monotonic()
-  simulation = simulator.simulate(config)
-  tx = simulation.transactions
-  scenarios = tx['fraud_scenario'].value_counts().sort_index().to_dict()
-  print(f'simulated {len(tx):,} transactions over {config.days} days from {config.start_date} '
-        f'in {time.monotonic() - started:.1f} s: {tx["is_fraud"].mean():.3%} fraudulent, by scenario {scenarios}')
-  if args.output_dir:
-    print('wrote ' + ' and '.join(simulator.write_files(simulation, args.output_dir)))
-  if args.no_kafka:
-    return 0
-  config = kafka_config_from_args(args)
-  started = time.monotonic()
-  counts = simulator.produce(simulator.events(simulation, args.from_day, args.until_day), config,
-                             args.transactions_topic, args.labels_topic, args.rate,
-                             _progress(len(tx), len(tx), 'transactions'))
-  _print_produced(counts, 'transactions', args.transactions_topic, args.labels_topic, config,
-                  time.monotonic() - started)
-  return 0
-
-
-def _progress(events_total: int, labels_total: int, noun: str):
-  """A progress line for producing events (``noun``: what they are called) and labels, rewritten in place on
-  stderr."""
-  def progress(events, labels):
-    print(f'\rproduced {events:,}/{events_total:,} {noun} and {labels:,}/{labels_total:,} labels',
-          end='', file=sys.stderr, flush=True)
-  return progress
-
-
-def _print_produced(counts, noun: str, events_topic: str, labels_topic: str, config, seconds: float):
-  events, labels = counts
-  print(f'\nproduced {events:,} {noun} to {events_topic!r} and {labels:,} labels '
-        f'to {labels_topic!r} at {config["bootstrap.servers"]} in {seconds:.1f} s '
-        f'({(events + labels) / max(seconds, 1e-9):,.0f} records/s)')
-
-
 def _produce(args) -> int:
   from kbml import produce
   from transforms.use_case import load_use_case
@@ -93,11 +42,11 @@ def _produce(args) -> int:
   config = kafka_config_from_args(args)
   events_topic, labels_topic = args.events_topic or use_case.events_topic, args.labels_topic or use_case.labels_topic
   started = time.monotonic()
-  counts = produce.produce_frames(events, labels, config, events_topic, labels_topic, args.label_delay_days,
-                                  args.key_column, args.rate,
-                                  _progress(len(events), 0 if labels is None else len(labels), use_case.event_noun),
-                                  use_case)
-  _print_produced(counts, use_case.event_noun, events_topic, labels_topic, config, time.monotonic() - started)
+  counts = produce.produce_frames(
+      events, labels, config, events_topic, labels_topic, args.label_delay_days, args.key_column, args.rate,
+      produce.progress_line(len(events), 0 if labels is None else len(labels), use_case.event_noun), use_case)
+  produce.print_produced(counts, use_case.event_noun, events_topic, labels_topic, config,
+                         time.monotonic() - started)
   return 0
 
 
@@ -128,43 +77,6 @@ def _add_produce_parser(commands):
   command.add_argument('--labels-topic', help='Default: the use case\'s (labels for fraud).')
   add_kafka_arguments(command)
   command.set_defaults(handler=_produce)
-
-
-def _add_simulate_parser(commands):
-  from kbml.simulator import SimulationConfig
-  defaults = SimulationConfig()
-  simulate = commands.add_parser(
-      'simulate', help='Simulate card transactions with frauds and late labels, and produce them to Kafka.',
-      description='Simulates customers, terminals and transactions after the Fraud Detection Handbook (three '
-      'fraud scenarios, optional drift), and produces the transactions and their delayed labels to Kafka in '
-      'event-time order (each record\'s Kafka timestamp is its event time). The defaults are the handbook\'s '
-      'standard run: about 1.8 million transactions, 0.8%% fraudulent.')
-  simulate.add_argument('--customers', type=int, default=defaults.customers)
-  simulate.add_argument('--terminals', type=int, default=defaults.terminals)
-  simulate.add_argument('--radius', type=float, default=defaults.radius, help='Customers use terminals this close.')
-  simulate.add_argument('--start-date', default=defaults.start_date, help='First day (UTC), YYYY-MM-DD.')
-  simulate.add_argument('--days', type=int, default=defaults.days)
-  simulate.add_argument('--seed', type=int, default=defaults.seed, help='Same seed, same output.')
-  simulate.add_argument('--label-delay-days', type=float, default=defaults.label_delay_days,
-                        help='How long after a transaction its label is produced.')
-  simulate.add_argument('--drift-from-day', type=int,
-                        help='Start the drift fraud scenario (4, a cash-out wave) on this day.')
-  simulate.add_argument('--drift-cards-per-day', type=int, default=defaults.drift_cards_per_day,
-                        help='Cards the wave drains each day (default: %(default)s).')
-  simulate.add_argument('--drift-burst', type=int, default=defaults.drift_burst,
-                        help='Transactions the wave adds on each drained card, at night (default: %(default)s).')
-  simulate.add_argument('--first-transaction-id', type=int, default=0,
-                        help='Id of the first transaction: to continue a stream already produced.')
-  simulate.add_argument('--from-day', type=float, help='Produce only the events from this day on (days since the '
-                        'start): the live part of a simulation whose history was produced with --until-day.')
-  simulate.add_argument('--until-day', type=float, help='Produce only the events before this day.')
-  simulate.add_argument('--rate', type=float, help='Events per second (default: as fast as possible).')
-  simulate.add_argument('--output-dir', help='Also write transactions.jsonl and labels.jsonl here.')
-  simulate.add_argument('--no-kafka', action='store_true', help='Only write files (with --output-dir).')
-  simulate.add_argument('--transactions-topic', default='transactions')
-  simulate.add_argument('--labels-topic', default='labels')
-  add_kafka_arguments(simulate)
-  simulate.set_defaults(handler=_simulate)
 
 
 def _warehouse_summary(args) -> int:
@@ -288,6 +200,8 @@ def _add_watch_parser(commands):
 
 # Commands that run a module's run(argv): every argument after the name is the module's own.
 MODULE_COMMANDS = {
+    'simulate': ('kbml.simulate', 'Simulate a use case\'s events and their late labels (fraud: card transactions '
+                 'after the Fraud Detection Handbook), and produce them to Kafka in event-time order'),
     'ingest': ('pipelines.ingest', 'Validate transactions and labels from Kafka, compute features, write training '
                'rows (a Beam pipeline)'),
     'mirror': ('pipelines.mirror', 'Copy one Kafka topic to another (a Beam pipeline)'),
@@ -336,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help='Folder for the broker\'s pid, port and log (default: $KBML_STATE_DIR or .kbml).')
     action.set_defaults(handler=_local)
 
-  _add_simulate_parser(commands)
   _add_produce_parser(commands)
   _add_warehouse_parser(commands)
   _add_promote_parser(commands)

@@ -204,6 +204,7 @@ def _utc(time_ms: float) -> str:
 def run_loop(args, out=print) -> LoopResult:
   """Runs the loop (see the module docstring) and returns what it saw."""
   from kbml import cli
+  from kbml import simulate as simulate_command
   from kbml.kafka_config import kafka_client_config
   from kbml.local_stack import local_bootstrap_servers
   from kbml.warehouse import default_warehouse_url, open_warehouse
@@ -227,7 +228,7 @@ def run_loop(args, out=print) -> LoopResult:
     if cli.main(argv) != 0:
       raise RuntimeError(f'{title} failed')
 
-  simulate_args = cli.build_parser().parse_args(['simulate', *simulation])
+  simulate_args = simulate_command.parse_args(simulation)
   step('history', ['simulate', *simulation, '--until-day', str(args.live_from_day)])
   step('ingest the history', ['ingest', '--stop-at-end', '--warehouse', warehouse, *kafka])
   step('train the first model', ['train', *FIRST_MODEL_SPLIT, '--epochs', str(args.epochs), '--warehouse', warehouse,
@@ -238,8 +239,8 @@ def run_loop(args, out=print) -> LoopResult:
   history_transactions = _end_offsets(config, ['transactions'])['transactions']
 
   processes = _Processes(log_dir)
-  traffic = _LiveTraffic(simulator.simulate(cli.simulation_config(simulate_args)), args.live_from_day, config,
-                         simulate_args.transactions_topic, simulate_args.labels_topic, args.rate)
+  traffic = _LiveTraffic(simulator.simulate(simulate_command.simulation_config(simulate_args)), args.live_from_day,
+                         config, simulate_args.events_topic, simulate_args.labels_topic, args.rate)
   retrained, served = None, None
   try:
     out(f'\n== live: scorer, monitor, streaming ingest and retrain --on-drift (logs in {log_dir})')

@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import sys
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -164,3 +165,21 @@ def produce_frames(events: pd.DataFrame, labels: Optional[pd.DataFrame],
   use_case = use_case or load_use_case()
   return produce(events_of(events, labels, label_delay_days, key_column, use_case), producer_config,
                  events_topic or use_case.events_topic, labels_topic or use_case.labels_topic, rate, progress)
+
+
+def progress_line(events_total: int, labels_total: int, noun: str) -> Callable[[int, int], None]:
+  """A progress line for producing events (``noun``: what they are called) and labels, rewritten in place on
+  stderr."""
+  def progress(events, labels):
+    print(f'\rproduced {events:,}/{events_total:,} {noun} and {labels:,}/{labels_total:,} labels',
+          end='', file=sys.stderr, flush=True)
+  return progress
+
+
+def print_produced(counts: Tuple[int, int], noun: str, events_topic: str, labels_topic: str,
+                   config: Dict[str, str], seconds: float):
+  """The summary line of the records produced."""
+  events, labels = counts
+  print(f'\nproduced {events:,} {noun} to {events_topic!r} and {labels:,} labels '
+        f'to {labels_topic!r} at {config["bootstrap.servers"]} in {seconds:.1f} s '
+        f'({(events + labels) / max(seconds, 1e-9):,.0f} records/s)')

@@ -237,6 +237,19 @@ def simulate(config: SimulationConfig = SimulationConfig()) -> Simulation:
   return simulation
 
 
+def describe(simulation: Simulation) -> str:
+  """What a simulation holds, in one line (``kbml simulate``)."""
+  tx, config = simulation.transactions, simulation.config
+  scenarios = tx['fraud_scenario'].value_counts().sort_index().to_dict()
+  return (f'simulated {len(tx):,} transactions over {config.days} days from {config.start_date}: '
+          f'{tx["is_fraud"].mean():.3%} fraudulent, by scenario {scenarios}')
+
+
+def size(simulation: Simulation) -> int:
+  """How many transactions a simulation holds (each with its label)."""
+  return len(simulation.transactions)
+
+
 class Event(NamedTuple):
   """One record to produce: to the events (transactions) or the labels topic."""
   is_label: bool

@@ -62,6 +62,8 @@ class UseCase:
     default_label_delay_days: how long after an event its label comes, by default.
     max_event_lateness_days: an event produced more than this many days after its time is a dead letter.
     drift_exclude: the statistics that monitoring does not check for drift by default.
+    simulator: the dotted name of its simulator module, for ``kbml simulate`` (what it provides:
+      ``kbml/simulate.py``); None: it has none.
   """
   name: str
   event_schema: RecordSchema
@@ -90,6 +92,7 @@ class UseCase:
   default_label_delay_days: float
   max_event_lateness_days: float
   drift_exclude: Sequence[str] = ()
+  simulator: Optional[str] = None
 
   def is_label(self, row) -> bool:
     """Whether a parsed row is a label (else an event)."""

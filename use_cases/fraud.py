@@ -50,4 +50,5 @@ USE_CASE = UseCase(
     max_event_lateness_days=HISTORY_DAYS,
     # A day is all weekend or none of it: its calendar decides, not drift.
     drift_exclude=('TX_DURING_WEEKEND',),
+    simulator='kbml.simulator',
 )
