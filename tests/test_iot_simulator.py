@@ -1,11 +1,16 @@
 """The IoT machine simulator: deterministic, labels true to the failures, a precursor before each failure mode."""
 
+import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from tests.conftest import consume
+from tests.pipeline_process import PROJECT_ROOT
 from use_cases.iot.simulator import (
   LEAK,
   OVERHEAT,
@@ -16,6 +21,7 @@ from use_cases.iot.simulator import (
   STUCK,
   WEAR,
   SimulationConfig,
+  describe,
   events,
   simulate,
 )
@@ -100,3 +106,24 @@ def test_the_events_are_in_time_order_keyed_by_machine_and_a_label_comes_a_horiz
   assert not readings
   history, live = list(events(simulation, until_day=25)), list(events(simulation, from_day=25))
   assert history + live == stream
+
+
+def test_kbml_simulate_produces_a_fleet_with_the_simulators_flags(bootstrap, new_topic):
+  readings, labels = new_topic(suffix='-readings'), new_topic(suffix='-labels')
+  produced = subprocess.run(
+      [sys.executable, '-m', 'kbml.cli', 'simulate', '--use-case', 'iot', '--machines', '3', '--days', '4', '--seed',
+       '1', '--leaks-from-day', '1', '--leaks-per-year', '365', '--bootstrap-servers', bootstrap, '--events-topic',
+       readings, '--labels-topic', labels], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+  assert produced.returncode == 0, produced.stderr
+
+  config = SimulationConfig(machines=3, days=4, seed=1, leaks_from_day=1, leaks_per_year=365)
+  simulation = simulate(config)
+  expected = list(events(simulation))
+  without_leaks = list(events(simulate(dataclasses.replace(config, leaks_from_day=None))))
+  assert [e.value for e in expected] != [e.value for e in without_leaks], 'the leak flags must change the fleet'
+  count = sum(not event.is_label for event in expected)
+  assert describe(simulation) in produced.stdout
+  assert f'produced {count:,} readings to {readings!r} and {count:,} labels' in produced.stdout
+  by_topic = {topic: sorted(m.value() for m in consume(bootstrap, topic, count)) for topic in (readings, labels)}
+  assert by_topic == {readings: sorted(e.value for e in expected if not e.is_label),
+                      labels: sorted(e.value for e in expected if e.is_label)}

@@ -47,4 +47,5 @@ USE_CASE = UseCase(
     default_label_delay_days=1.0,  # the simulator's horizon: 24 hours
     # A reading older than a day changes no feature of a later one.
     max_event_lateness_days=HISTORY_HOURS / 24,
+    simulator='use_cases.iot.simulator',
 )

@@ -217,6 +217,21 @@ def simulate(config: SimulationConfig = SimulationConfig()) -> Simulation:
   return Simulation(config, machine_frame, readings, failure_frame)
 
 
+def describe(simulation: Simulation) -> str:
+  """What a simulation holds, in one line (``kbml simulate --use-case iot``)."""
+  readings, config = simulation.readings, simulation.config
+  failures = {FAILURE_MODES[mode]: count
+              for mode, count in simulation.failures['failure_mode'].value_counts().sort_index().items()}
+  return (f'simulated {len(readings):,} readings of {config.machines:,} machines over {config.days} days from '
+          f'{config.start_date}: {readings["fails_within_horizon"].mean():.2%} within {config.horizon_hours:g} hours '
+          f'of a failure, failures by mode {failures}')
+
+
+def size(simulation: Simulation) -> int:
+  """How many readings a simulation holds (each with its label)."""
+  return len(simulation.readings)
+
+
 def _label(readings: pd.DataFrame, failures: pd.DataFrame, horizon_s: float):
   """Adds each reading's label: its machine's next failure, if within ``horizon_s``, and that failure's mode."""
   readings['fails_within_horizon'] = 0
