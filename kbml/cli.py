@@ -81,26 +81,32 @@ def _add_produce_parser(commands):
 
 def _warehouse_summary(args) -> int:
   from kbml.warehouse import open_warehouse, training_data_summary
+  from transforms.use_case import load_use_case
+  use_case = load_use_case(args.use_case)
   warehouse = open_warehouse(args.warehouse)
-  summary = training_data_summary(warehouse, args.features_table, args.labels_table)
+  summary = training_data_summary(warehouse, use_case.id_column, use_case.time_column, use_case.label_column,
+                                  args.features_table, args.labels_table)
   print(f'warehouse {warehouse.url}: tables {", ".join(warehouse.tables())}')
-  if not summary['transactions']:
+  if not summary['events']:
     print(f'no rows in {args.features_table} yet: run `kbml ingest`')
     return 0
-  print(f"{summary['transactions']:,} transactions with features, {summary['first_transaction']} to "
-        f"{summary['last_transaction']}; {summary['labelled']:,} labelled, {int(summary['frauds'] or 0):,} "
-        f"fraudulent ({float(summary['fraud_rate'] or 0):.3%} of the labelled)")
+  print(f"{summary['events']:,} {use_case.event_noun} with features, {summary['first_event']} to "
+        f"{summary['last_event']}; {summary['labelled']:,} labelled, {int(summary['positives'] or 0):,} "
+        f"{use_case.positive_noun} ({float(summary['positive_rate'] or 0):.3%} of the labelled)")
   return 0
 
 
 def _add_warehouse_parser(commands):
   warehouse = commands.add_parser('warehouse', help='Inspect the warehouse that holds the training data.')
   actions = warehouse.add_subparsers(dest='action', required=True, metavar='ACTION')
-  summary = actions.add_parser('summary', help='Row counts, time range and fraud rate of the training data.')
+  summary = actions.add_parser('summary', help='Row counts, time range and share of positives (frauds, failures) '
+                               'of the training data.')
+  summary.add_argument('--use-case', help='fraud (the default), iot, or the dotted name of a module of yours that '
+                       'declares a USE_CASE: the columns of its tables.')
   summary.add_argument('--warehouse', help='duckdb:///path/file.duckdb (default: .kbml/warehouse.duckdb) or '
                        'bigquery://PROJECT/DATASET.')
-  summary.add_argument('--features_table', default='features')
-  summary.add_argument('--labels_table', default='labels')
+  summary.add_argument('--features-table', '--features_table', dest='features_table', default='features')
+  summary.add_argument('--labels-table', '--labels_table', dest='labels_table', default='labels')
   summary.set_defaults(handler=_warehouse_summary)
 
 

@@ -239,13 +239,15 @@ def open_warehouse(url: Optional[str] = None) -> Warehouse:
 
 
 
-def training_data_summary(warehouse: Warehouse, features_table: str = 'features',
-                          labels_table: str = 'labels') -> Dict[str, object]:
-  """Counts of the training data: transactions with features, how many labelled, the fraud rate."""
+def training_data_summary(warehouse: Warehouse, id_column: str, time_column: str, label_column: str,
+                          features_table: str = 'features', labels_table: str = 'labels') -> Dict[str, object]:
+  """Counts of the training data: events with features (the first and last time), how many labelled, how many
+  positive and their share of the labelled. The columns are the use case's (fraud: ``transaction_id``,
+  ``tx_datetime``, ``is_fraud``)."""
   summary = warehouse.query(
-      'SELECT COUNT(*) AS transactions, MIN(f.tx_datetime) AS first_transaction, '
-      'MAX(f.tx_datetime) AS last_transaction, COUNT(l.transaction_id) AS labelled, '
-      'SUM(l.is_fraud) AS frauds, AVG(l.is_fraud) AS fraud_rate '
+      f'SELECT COUNT(*) AS events, MIN(f.{time_column}) AS first_event, MAX(f.{time_column}) AS last_event, '
+      f'COUNT(l.{id_column}) AS labelled, SUM(l.{label_column}) AS positives, '
+      f'AVG(l.{label_column}) AS positive_rate '
       f'FROM {warehouse.table_ref(features_table)} AS f '
-      f'LEFT JOIN {warehouse.table_ref(labels_table)} AS l USING (transaction_id)')
+      f'LEFT JOIN {warehouse.table_ref(labels_table)} AS l USING ({id_column})')
   return summary.iloc[0].to_dict()

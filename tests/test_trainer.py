@@ -14,6 +14,7 @@ import pytest
 import xgboost
 from sklearn.metrics import average_precision_score
 
+from kbml import cli
 from kbml.warehouse import WarehouseError, open_warehouse
 from tests.scoring_models import publish_model
 from trainer import data, evaluate, model, retrain, task, trees
@@ -412,3 +413,11 @@ def test_tuning_searches_on_validation_weeks_and_never_on_the_test_range(warehou
   assert kept['model']['tree_depth'] == found['best']['tree_depth']
   assert 'tuned on validation tests 2018-04-29..2018-05-05, 2018-04-22..2018-04-28' in task.summary(
       results[0], str(tmp_path / 'kept'))
+
+
+def test_the_warehouse_summary_counts_the_transactions_and_the_frauds(warehouse, capsys):
+  assert cli.main(['warehouse', 'summary', '--warehouse', warehouse]) == 0
+  counts = open_warehouse(warehouse).query('SELECT (SELECT COUNT(*) FROM features) AS events, '
+                                           '(SELECT SUM(is_fraud) FROM labels) AS positives').iloc[0]
+  out = capsys.readouterr().out
+  assert f"{counts['events']:,} transactions with features" in out and f"{int(counts['positives']):,} frauds (" in out
