@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kbml import cli, status
 from kbml import simulator as engine_simulator
-from kbml import status
 from kbml.warehouse import open_warehouse
 from pipelines import ingest
 from trainer import data, evaluate, retrain, task
@@ -93,3 +93,11 @@ def test_a_retrain_of_the_iot_use_case_trains_on_its_newest_labelled_days_and_pr
   in_service = status.model_status(str(tmp_path))['current']
   assert in_service['use_case'] == 'iot' and in_service['ranking']['abbreviation'] == 'MP@5'
   assert in_service['machine_precision_at_5'] == metadata['metrics']['machine_precision_at_5'] is not None
+
+
+def test_the_warehouse_summary_counts_the_readings_and_the_failures(iot_warehouse, capsys):
+  assert cli.main(['warehouse', 'summary', '--use-case', 'iot', '--warehouse', iot_warehouse]) == 0
+  counts = open_warehouse(iot_warehouse).query('SELECT (SELECT COUNT(*) FROM features) AS events, '
+                                               '(SELECT SUM(fails_within_horizon) FROM labels) AS positives').iloc[0]
+  out = capsys.readouterr().out
+  assert f"{counts['events']:,} readings with features" in out and f"{int(counts['positives']):,} failures (" in out
