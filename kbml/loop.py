@@ -5,15 +5,18 @@
 2. Live: the scorer, the monitor, a streaming ingest and ``kbml retrain
    --on-drift`` start as processes of their own, as a user runs them, and the
    rest of the simulation is produced at ``--rate`` events/s. From
-   ``--drift-from-day`` a new fraud pattern starts (simulator scenario 4: a
-   cash-out wave, stolen cards drained in bursts at night far from home,
-   about a quarter of the transactions with the defaults: the size at which
-   the features' PSI crosses 0.2 in the wave's first day).
+   ``--drift-from-day`` the use case's drift starts: for fraud a new fraud
+   pattern (simulator scenario 4: a cash-out wave, stolen cards drained in
+   bursts at night far from home, about a quarter of the transactions with
+   the defaults: the size at which the features' PSI crosses 0.2 in the
+   wave's first day). ``--use-case`` chooses the use case, whose simulator
+   declares the scenario (``LOOP_SCENARIO``: the simulated traffic, the
+   days, the first model's split).
 3. The monitor reports drift, the retrain waits for the labels of the
    drifted days, trains on them and promotes a better model, and the scorer
    takes it live. The live traffic goes on until the new model has scored
    ``--retrained-days`` whole days and their labels are in, however long
-   the retrain took (``--days`` caps it). Then the loop stops the processes
+   the retrain took (the simulation's ``--days`` caps it). Then the loop stops the processes
    and prints what happened: the first drift alert, the retrain, and the
    labelled precision, recall and average precision of each model version
    per window, and per phase (the first model before and in the drift, the
@@ -32,21 +35,18 @@ import subprocess
 import sys
 import threading
 import time
+from types import ModuleType
 from typing import Callable, Dict, List, Optional
 
 import pandas
 
 from kbml import simulator
 from kbml.local_state import default_model_dir, local_state_dir
-from kbml.simulator import SECONDS_PER_DAY, SimulationConfig
-from transforms.features import HISTORY_DAYS
+from kbml.simulator import SECONDS_PER_DAY
 from transforms.metrics import CHAMPION, read_sums, summaries
 
 DAY_MS = SECONDS_PER_DAY * 1000
 PHASES = ('first model, before the drift', 'first model, in the drift', 'retrained model, in the drift')
-# The first model trains on the 10 days before the 3 last labelled days of the history, and is tested on those:
-# the split of `kbml retrain` (no delay), on fewer days so that the history needed before them is shorter.
-FIRST_MODEL_SPLIT = ('--last-days', '10', '--delay-days', '0', '--test-days', '3')
 
 
 @dataclasses.dataclass
@@ -60,25 +60,21 @@ class LoopResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='kbml loop', description=__doc__.split('\n\n', 1)[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--customers', type=int, default=500)
-  parser.add_argument('--days', type=int, default=140,
-                      help='Days simulated at most: the live traffic stops earlier, once the retrained model has '
-                      'scored --retrained-days whole days and their labels are in (default: %(default)s).')
+  parser = argparse.ArgumentParser(
+      prog='kbml loop', description=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog='Any other flag is a flag of `kbml simulate --use-case NAME` (its --help lists them), over the use '
+      'case\'s loop scenario (LOOP_SCENARIO in its simulator module): fraud\'s is --customers 500 --terminals 1000 '
+      '--days 140 --seed 7 --drift-cards-per-day 40 --drift-burst 8.')
+  parser.add_argument('--use-case', help='fraud (the default), iot, or the dotted name of a module of yours that '
+                      'declares a USE_CASE whose simulator declares a LOOP_SCENARIO.')
   parser.add_argument('--retrained-days', type=int, default=3,
                       help='Whole days the retrained model scores before the traffic stops (default: %(default)s).')
-  parser.add_argument('--live-from-day', type=int, default=82,
+  parser.add_argument('--live-from-day', type=int,
                       help='Days before this one are history, produced at once; the first model trains on its last '
-                      f'labelled days, which need {HISTORY_DAYS} days before them for warm features '
-                      '(default: %(default)s).')
-  parser.add_argument('--drift-from-day', type=int, default=85, help='Default: %(default)s.')
-  parser.add_argument('--drift-cards-per-day', type=int, default=40,
-                      help='Cards the cash-out wave drains each day (default: %(default)s).')
-  parser.add_argument('--drift-burst', type=int, default=8,
-                      help='Transactions the wave adds on each drained card (default: %(default)s).')
-  parser.add_argument('--rate', type=float, default=400, help='Live events per second (default: %(default)s).')
-  parser.add_argument('--seed', type=int, default=7)
+                      'labelled days, which need the features\' history before them (default: the scenario\'s, 82 '
+                      'for fraud).')
+  parser.add_argument('--drift-from-day', type=int, help='Default: the scenario\'s, 85 for fraud.')
+  parser.add_argument('--rate', type=float, help='Live events per second (default: the scenario\'s, 400 for fraud).')
   parser.add_argument('--epochs', type=int, default=10, help='Training epochs, at most (default: %(default)s).')
   parser.add_argument('--bootstrap-servers', help='Kafka; default: the local broker (`kbml local up`).')
   parser.add_argument('--model-dir', help='Default: .kbml/models.')
@@ -86,6 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--log-dir', help='Default: .kbml/loop.')
   parser.add_argument('--timeout-s', type=float, default=900, help='Give up after this long (default: %(default)s).')
   return parser
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+  """The loop's flags, with ``simulation`` (the ``kbml simulate`` arguments of its traffic: the use case's
+  scenario, then the flags given) and ``scenario`` (the use case's LoopScenario) filled in."""
+  from kbml import simulate
+  from transforms.use_case import load_use_case
+  args, simulation_flags = build_parser().parse_known_args(argv)
+  use_case = load_use_case(args.use_case)
+  scenario = getattr(simulate.simulator_of(use_case), 'LOOP_SCENARIO', None)
+  if scenario is None:
+    raise ValueError(f'The {use_case.name} simulator declares no LOOP_SCENARIO: `kbml loop` does not know what to '
+                     'run for it.')
+  args.use_case, args.scenario = use_case.name, scenario
+  args.live_from_day = scenario.live_from_day if args.live_from_day is None else args.live_from_day
+  args.drift_from_day = scenario.drift_from_day if args.drift_from_day is None else args.drift_from_day
+  args.rate = scenario.rate if args.rate is None else args.rate
+  drift_flag = f'--{scenario.drift_field.replace("_", "-")}'
+  args.simulation = ['--use-case', use_case.name, *scenario.simulation, *simulation_flags, drift_flag,
+                     str(args.drift_from_day)]
+  simulate.parse_args(args.simulation)  # an unknown flag fails here, with the simulator's usage
+  return args
 
 
 class _Processes:
@@ -121,14 +139,15 @@ class _Processes:
 class _LiveTraffic(threading.Thread):
   """Produces the live part of a simulation at a steady rate, up to the event time set in ``stop_at_ms``."""
 
-  def __init__(self, simulation: simulator.Simulation, from_day: float, producer_config: Dict[str, str],
-               transactions_topic: str, labels_topic: str, rate: float):
+  def __init__(self, simulator: ModuleType, simulation, from_day: float, label_delay_days: float,
+               producer_config: Dict[str, str], events_topic: str, labels_topic: str, rate: float):
     super().__init__(name='live-traffic', daemon=True)
+    self._simulator = simulator
     self._simulation = simulation
     self._from_day = from_day
-    self._produce = (producer_config, transactions_topic, labels_topic, rate)
+    self._produce = (producer_config, events_topic, labels_topic, rate)
     self._start_ms = int(simulation.config.start.timestamp() * 1000)
-    self.label_delay_ms = int(simulation.config.label_delay_days * DAY_MS)
+    self.label_delay_ms = int(label_delay_days * DAY_MS)
     self.stop_at_ms = math.inf
     self.event_time_ms = self._start_ms + int(from_day * DAY_MS)
     self.reached_stop = False
@@ -139,7 +158,7 @@ class _LiveTraffic(threading.Thread):
     return self._start_ms + (time_ms - self._start_ms) // DAY_MS * DAY_MS
 
   def _events(self):
-    for event in simulator.events(self._simulation, self._from_day):
+    for event in self._simulator.events(self._simulation, self._from_day):
       if event.timestamp_ms >= self.stop_at_ms:
         self.reached_stop = True
         return
@@ -161,10 +180,11 @@ class _ServedTimes:
   first model's last day and the new version's first can overlap.
   """
 
-  def __init__(self, config: Dict[str, str], report: Callable[[str], None]):
+  def __init__(self, config: Dict[str, str], time_column: str, report: Callable[[str], None]):
     from confluent_kafka import TopicPartition
 
     from kbml.kafka_client import fetched_end_offset, list_partitions, new_consumer
+    self._time_column = time_column
     self._report = report
     self.first_ms: Dict[str, int] = {}
     self.last_ms: Dict[str, int] = {}
@@ -179,7 +199,8 @@ class _ServedTimes:
     while time.monotonic() < deadline and (
         messages := records_only(self._consumer.consume(1000, 0.2), self._report)):
       for prediction in (json.loads(m.value()) for m in messages):
-        version, time_ms = prediction['model_version'], pandas.Timestamp(prediction['tx_datetime']).value // 1_000_000
+        version = prediction['model_version']
+        time_ms = pandas.Timestamp(prediction[self._time_column]).value // 1_000_000
         self.first_ms[version] = min(time_ms, self.first_ms.get(version, time_ms))
         self.last_ms[version] = max(time_ms, self.last_ms.get(version, time_ms))
 
@@ -209,6 +230,7 @@ def run_loop(args, out=print) -> LoopResult:
   from kbml.local_stack import local_bootstrap_servers
   from kbml.warehouse import default_warehouse_url, open_warehouse
   from trainer.registry import ModelStore
+  from transforms.use_case import load_use_case
 
   bootstrap = args.bootstrap_servers or local_bootstrap_servers()
   if not bootstrap:
@@ -219,9 +241,10 @@ def run_loop(args, out=print) -> LoopResult:
   os.makedirs(log_dir, exist_ok=True)
   started = time.monotonic()
   kafka = ['--bootstrap-servers', bootstrap]
-  simulation = ['--customers', str(args.customers), '--terminals', str(2 * args.customers), '--days', str(args.days),
-                '--seed', str(args.seed), '--drift-from-day', str(args.drift_from_day),
-                '--drift-cards-per-day', str(args.drift_cards_per_day), '--drift-burst', str(args.drift_burst), *kafka]
+  use_case = load_use_case(args.use_case)
+  for_use_case = ['--use-case', use_case.name]
+  events_topic = use_case.events_topic
+  simulation = [*args.simulation, *kafka]
 
   def step(title: str, argv: List[str]):
     out(f'\n== {title}: kbml {_without_kafka(argv)}')
@@ -229,32 +252,36 @@ def run_loop(args, out=print) -> LoopResult:
       raise RuntimeError(f'{title} failed')
 
   simulate_args = simulate_command.parse_args(simulation)
+  simulation_config = simulate_command.simulation_config(simulate_args)
   step('history', ['simulate', *simulation, '--until-day', str(args.live_from_day)])
-  step('ingest the history', ['ingest', '--stop-at-end', '--warehouse', warehouse, *kafka])
-  step('train the first model', ['train', *FIRST_MODEL_SPLIT, '--epochs', str(args.epochs), '--warehouse', warehouse,
-                                 '--model-dir', model_dir])
+  step('ingest the history', ['ingest', *for_use_case, '--stop-at-end', '--warehouse', warehouse, *kafka])
+  step('train the first model', ['train', *for_use_case, *args.scenario.first_model, '--epochs', str(args.epochs),
+                                 '--warehouse', warehouse, '--model-dir', model_dir])
   store = ModelStore(model_dir)
   first_version = store.current()
   config = kafka_client_config(bootstrap)
-  history_transactions = _end_offsets(config, ['transactions'])['transactions']
+  history_events = _end_offsets(config, [events_topic])[events_topic]
 
   processes = _Processes(log_dir)
-  traffic = _LiveTraffic(simulator.simulate(simulate_command.simulation_config(simulate_args)), args.live_from_day,
-                         config, simulate_args.events_topic, simulate_args.labels_topic, args.rate)
+  simulator = simulate_command.simulator_of(use_case)
+  traffic = _LiveTraffic(simulator, simulator.simulate(simulation_config), args.live_from_day,
+                         use_case.default_label_delay_days, config, simulate_args.events_topic,
+                         simulate_args.labels_topic, args.rate)
   retrained, served = None, None
   try:
     out(f'\n== live: scorer, monitor, streaming ingest and retrain --on-drift (logs in {log_dir})')
-    processes.start('scorer', 'score', '--model-dir', model_dir, *kafka)
-    processes.start('monitor', 'monitor', '--model-dir', model_dir, '--warehouse', warehouse, *kafka)
-    processes.start('ingest', 'ingest', '--warehouse', warehouse, *kafka)
-    processes.start('retrain', 'retrain', '--on-drift', '--max-retrains', '1', '--epochs', str(args.epochs),
-                    '--check-interval-s', '2', '--model-dir', model_dir, '--warehouse', warehouse, *kafka)
-    _wait_until(lambda: _scorer_rebuilding(config), 300, out, 'the live traffic starts anyway')
+    processes.start('scorer', 'score', *for_use_case, '--model-dir', model_dir, *kafka)
+    processes.start('monitor', 'monitor', *for_use_case, '--model-dir', model_dir, '--warehouse', warehouse, *kafka)
+    processes.start('ingest', 'ingest', *for_use_case, '--warehouse', warehouse, *kafka)
+    processes.start('retrain', 'retrain', *for_use_case, '--on-drift', '--max-retrains', '1', *args.scenario.retrain,
+                    '--epochs', str(args.epochs), '--check-interval-s', '2', '--model-dir', model_dir, '--warehouse',
+                    warehouse, *kafka)
+    _wait_until(lambda: _scorer_rebuilding(config, use_case), 300, out, 'the live traffic starts anyway')
     out(f'live traffic from day {args.live_from_day} at {args.rate:.0f} events/s (kbml simulate '
         f'{_without_kafka(simulation)} --from-day {args.live_from_day} '
         f'--rate {args.rate:.0f})')
     traffic.start()
-    served = _ServedTimes(config, out)
+    served = _ServedTimes(config, use_case.time_column, out)
     reported = time.monotonic()
     while traffic.is_alive():
       traffic.join(1)
@@ -276,17 +303,17 @@ def run_loop(args, out=print) -> LoopResult:
               f'labels of {args.retrained_days} whole days the new version scored are in')
       if time.monotonic() - reported >= 10:
         reported = time.monotonic()
-        out(f'{time.monotonic() - started:5.0f} s  {_utc(traffic.event_time_ms)}  {_progress(config)}  '
-            f'model {current}')
+        out(f'{time.monotonic() - started:5.0f} s  {_utc(traffic.event_time_ms)}  {_progress(config, events_topic)}'
+            f'  model {current}')
     if traffic.error:
       raise RuntimeError(f'the live traffic failed: {traffic.error}') from traffic.error
     if retrained not in served.first_ms:
-      out(f'the simulation ended (--days {args.days}) before the scorer served a retrained model')
+      out(f'the simulation ended (--days {simulation_config.days}) before the scorer served a retrained model')
     elif not traffic.reached_stop:
-      out(f'the simulation ended (--days {args.days}) before the labels of {args.retrained_days} whole days that '
-          'the retrained model scored were in: give more --days')
-    live_transactions = _end_offsets(config, ['transactions'])['transactions'] - history_transactions
-    _wait_until(lambda: _monitor_counting(config, live_transactions), 300, out,
+      out(f'the simulation ended (--days {simulation_config.days}) before the labels of {args.retrained_days} whole '
+          'days that the retrained model scored were in: give more --days')
+    live_events = _end_offsets(config, [events_topic])[events_topic] - history_events
+    _wait_until(lambda: _monitor_counting(config, use_case, live_events), 300, out,
                 'the last windows are counted in part')
   finally:
     traffic.stop_at_ms = -math.inf
@@ -297,7 +324,7 @@ def run_loop(args, out=print) -> LoopResult:
   alerts = _alerts(config)
   sums = read_sums(open_warehouse(warehouse))
   windows = summaries(sums[sums['role'] == CHAMPION])
-  drift_start = pandas.Timestamp(SimulationConfig().start) + pandas.Timedelta(days=args.drift_from_day)
+  drift_start = pandas.Timestamp(simulation_config.start) + pandas.Timedelta(days=args.drift_from_day)
   phases = phase_metrics(sums, first_version, retrained, drift_start)
   out(f'\n== done in {time.monotonic() - started:.0f} s')
   drift = [a for a in alerts if a['kind'] == 'drift']
@@ -355,36 +382,38 @@ def _wait_until(pending: Callable[[], Optional[str]], timeout_s: float, out, lat
   out(f'still not done after {timeout_s:.0f} s: {late}')
 
 
-def _scorer_rebuilding(config: Dict[str, str]) -> Optional[str]:
+def _scorer_rebuilding(config: Dict[str, str], use_case) -> Optional[str]:
   from kbml.kafka_client import group_lag
   from pipelines.scoring import DEFAULT_CONSUMER_GROUP
-  unread = group_lag(config, DEFAULT_CONSUMER_GROUP, ['transactions', 'labels'])
+  unread = group_lag(config, DEFAULT_CONSUMER_GROUP, [use_case.events_topic, use_case.labels_topic])
   if unread == 0:
     return None
   return ('the scorer to rebuild the histories from the topics: '
-          + ('it has not committed a read yet' if unread is None else f'{unread:,} transactions and labels to read'))
+          + ('it has not committed a read yet' if unread is None
+             else f'{unread:,} {use_case.event_noun} and labels to read'))
 
 
-def _monitor_counting(config: Dict[str, str], live_transactions: int) -> Optional[str]:
+def _monitor_counting(config: Dict[str, str], use_case, live_events: int) -> Optional[str]:
   from kbml.kafka_client import group_lag
   from pipelines.monitoring import DEFAULT_CONSUMER_GROUP
   predictions = _end_offsets(config, ['predictions'])['predictions']
-  uncounted = group_lag(config, DEFAULT_CONSUMER_GROUP, ['predictions', 'labels'])
-  if predictions >= live_transactions and uncounted == 0:
+  uncounted = group_lag(config, DEFAULT_CONSUMER_GROUP, ['predictions', use_case.labels_topic])
+  if predictions >= live_events and uncounted == 0:
     return None
-  return (f'the pipelines to catch up: {predictions:,} of {live_transactions:,} transactions scored, '
+  return (f'the pipelines to catch up: {predictions:,} of {live_events:,} {use_case.event_noun} scored, '
           f'{"all" if uncounted is None else f"{uncounted:,}"} predictions and labels not counted yet')
 
 
-def _progress(config: Dict[str, str]) -> str:
+def _progress(config: Dict[str, str], events_topic: str) -> str:
   """The records in the topics the loop follows; or that the broker does not answer (it may be restarting: the
   pipelines and the loop wait for it)."""
   from kbml.kafka_client import KafkaUnreachableError
   try:
-    ends = _end_offsets(config, ['transactions', 'predictions', 'alerts'])
+    ends = _end_offsets(config, [events_topic, 'predictions', 'alerts'])
   except KafkaUnreachableError as e:
     return f'the broker does not answer, waiting for it ({e})'
-  return f'transactions {ends["transactions"]:,}  predictions {ends["predictions"]:,}  alerts {ends["alerts"]:,}'
+  return (f'{events_topic} {ends[events_topic]:,}  predictions {ends["predictions"]:,}  '
+          f'alerts {ends["alerts"]:,}')
 
 
 def _end_offsets(config: Dict[str, str], topics: List[str]) -> Dict[str, int]:
@@ -417,5 +446,5 @@ def _alerts(config: Dict[str, str]) -> List[Dict[str, object]]:
 
 
 def run(argv: Optional[List[str]] = None) -> int:
-  run_loop(build_parser().parse_args(argv))
+  run_loop(parse_args(sys.argv[1:] if argv is None else argv))
   return 0

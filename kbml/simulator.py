@@ -250,6 +250,37 @@ def size(simulation: Simulation) -> int:
   return len(simulation.transactions)
 
 
+class LoopScenario(NamedTuple):
+  """What ``kbml loop`` runs for a use case by default: its simulator module declares one as ``LOOP_SCENARIO``.
+
+  Attributes:
+    simulation: ``kbml simulate`` flags of the simulated traffic (the loop's own flags override them).
+    drift_field: the simulation's field of the day its drift starts (``--drift-from-day`` sets it).
+    live_from_day: days before this one are history; the first model trains on them.
+    drift_from_day: the day the drift starts.
+    rate: live events per second.
+    first_model: ``kbml train`` flags of the first model's split, on the history's last labelled days.
+    retrain: more ``kbml retrain --on-drift`` flags (its split, how many drifted days it waits for).
+  """
+  simulation: Tuple[str, ...]
+  drift_field: str
+  live_from_day: int
+  drift_from_day: int
+  rate: float
+  first_model: Tuple[str, ...]
+  retrain: Tuple[str, ...] = ()
+
+
+# The demo: 500 cards; a cash-out wave from day 85, the size at which the features' PSI crosses 0.2 in its first
+# day. The first model trains on the 10 days before the 3 last labelled days of the history, and is tested on
+# those: the split of `kbml retrain` (no delay), on fewer days so that the history needed before them is shorter.
+LOOP_SCENARIO = LoopScenario(
+    simulation=('--customers', '500', '--terminals', '1000', '--days', '140', '--seed', '7',
+                '--drift-cards-per-day', '40', '--drift-burst', '8'),
+    drift_field='drift_from_day', live_from_day=82, drift_from_day=85, rate=400,
+    first_model=('--last-days', '10', '--delay-days', '0', '--test-days', '3'))
+
+
 class Event(NamedTuple):
   """One record to produce: to the events (transactions) or the labels topic."""
   is_label: bool

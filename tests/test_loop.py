@@ -15,7 +15,7 @@ import pytest
 from kbml import status
 from kbml.alerts import DRIFT
 from kbml.local_stack import LocalStack
-from kbml.loop import PHASES, build_parser, run_loop
+from kbml.loop import PHASES, parse_args, run_loop
 from kbml.simulator import SimulationConfig
 from trainer.registry import ModelStore
 
@@ -33,8 +33,8 @@ def own_broker(tmp_path):
 @pytest.mark.timeout(600)  # 4 to 5 minutes on 2 cores; the loop gives up itself after 540 s
 def test_a_cash_out_wave_is_alerted_in_its_first_window_and_a_retrained_model_recovers(own_broker, tmp_path):
   model_dir, warehouse = str(tmp_path / 'models'), f'duckdb://{tmp_path}/warehouse.duckdb'
-  args = build_parser().parse_args([
-      '--customers', '300', '--drift-cards-per-day', '24', '--retrained-days', '3',
+  args = parse_args([
+      '--customers', '300', '--terminals', '600', '--drift-cards-per-day', '24', '--retrained-days', '3',
       '--live-from-day', str(LIVE_FROM_DAY), '--drift-from-day', str(DRIFT_FROM_DAY), '--epochs', '6',
       '--rate', '500', '--timeout-s', '540', '--bootstrap-servers', own_broker, '--model-dir', model_dir,
       '--warehouse', warehouse, '--log-dir', str(tmp_path / 'logs')])
