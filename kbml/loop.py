@@ -226,8 +226,9 @@ def run_loop(args, out=print) -> LoopResult:
   """Runs the loop (see the module docstring) and returns what it saw."""
   from kbml import cli
   from kbml import simulate as simulate_command
+  from kbml.kafka_client import create_topics
   from kbml.kafka_config import kafka_client_config
-  from kbml.local_stack import local_bootstrap_servers
+  from kbml.local_stack import DEFAULT_PARTITIONS, local_bootstrap_servers
   from kbml.warehouse import default_warehouse_url, open_warehouse
   from trainer.registry import ModelStore
   from transforms.use_case import load_use_case
@@ -253,13 +254,15 @@ def run_loop(args, out=print) -> LoopResult:
 
   simulate_args = simulate_command.parse_args(simulation)
   simulation_config = simulate_command.simulation_config(simulate_args)
+  config = kafka_client_config(bootstrap)
+  # `kbml local up` creates fraud's topics; another use case's are made here, as many partitions.
+  create_topics(config, [use_case.events_topic, use_case.labels_topic], DEFAULT_PARTITIONS)
   step('history', ['simulate', *simulation, '--until-day', str(args.live_from_day)])
   step('ingest the history', ['ingest', *for_use_case, '--stop-at-end', '--warehouse', warehouse, *kafka])
   step('train the first model', ['train', *for_use_case, *args.scenario.first_model, '--epochs', str(args.epochs),
                                  '--warehouse', warehouse, '--model-dir', model_dir])
   store = ModelStore(model_dir)
   first_version = store.current()
-  config = kafka_client_config(bootstrap)
   history_events = _end_offsets(config, [events_topic])[events_topic]
 
   processes = _Processes(log_dir)
