@@ -35,7 +35,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from kbml.simulator import Event, merged_in_event_time
+from kbml.simulator import Event, LoopScenario, merged_in_event_time
 
 SECONDS_PER_HOUR = 3_600
 NO_FAILURE, WEAR, OVERHEAT, LEAK = range(4)
@@ -284,3 +284,16 @@ def events(simulation: Simulation, from_day: Optional[float] = None,
   label_ms = reading_ms + int(simulation.config.horizon_hours * SECONDS_PER_HOUR * 1000)
   keys = [b'%d' % m for m in readings['machine_id']]
   yield from merged_in_event_time(reading_ms, label_ms, keys, *records(simulation), start_ms, from_day, until_day)
+
+
+# `kbml loop --use-case iot`: 60 machines; from day 33 seals start to leak, half a leak a year per machine on
+# average, so that many machines leak within days (at 12 a year, no feature's daily PSI passes 0.2; at 180 the
+# pressure features pass it on the first whole day). The first model trains on the history's last 20 labelled
+# days before 3 of validation and 3 of test (failures are few without leaks); the drift retrain waits for 6 days of
+# labels from the alert's window, so that it trains on leaks and is tested on the 2 newest days.
+LOOP_SCENARIO = LoopScenario(
+    simulation=('--machines', '60', '--days', '60', '--seed', '7', '--leaks-per-year', '180'),
+    drift_field='leaks_from_day', live_from_day=30, drift_from_day=33, rate=800,
+    first_model=('--last-days', '20', '--delay-days', '0', '--validation-days', '3', '--test-days', '3'),
+    retrain=('--last-days', '10', '--delay-days', '0', '--validation-days', '2', '--test-days', '2',
+             '--drift-labelled-days', '6'))
