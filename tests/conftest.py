@@ -52,6 +52,15 @@ def bootstrap(local_stack) -> str:
 
 
 @pytest.fixture
+def own_broker(tmp_path):
+  """A broker of the test's own, with the project topics: for the loops, which use the standard names."""
+  stack = LocalStack(str(tmp_path / 'stack'))
+  stack.up(port=0)
+  yield stack.bootstrap_servers()
+  stack.down(grace_s=0)
+
+
+@pytest.fixture
 def new_topic(bootstrap, request):
   """Creates topics named after the test, unique across runs."""
 

@@ -14,20 +14,11 @@ import pytest
 
 from kbml import status
 from kbml.alerts import DRIFT
-from kbml.local_stack import LocalStack
 from kbml.loop import PHASES, parse_args, run_loop
 from kbml.simulator import SimulationConfig
 from trainer.registry import ModelStore
 
 LIVE_FROM_DAY, DRIFT_FROM_DAY = 82, 84
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-  stack = LocalStack(str(tmp_path / 'stack'))
-  stack.up(port=0)
-  yield stack.bootstrap_servers()
-  stack.down(grace_s=0)
 
 
 @pytest.mark.timeout(600)  # 4 to 5 minutes on 2 cores; the loop gives up itself after 540 s
