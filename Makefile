@@ -44,11 +44,13 @@ $(BIGQUERY_EMULATOR): tests/install_bigquery_emulator.sh
 # The monitor reports the drift, the retrain waits for the wave's labelled days, trains and promotes a new
 # model, and the scorer takes it live; the traffic goes on until the labels of 3 whole days the new model scored
 # are in. Then `kbml status` and `kbml report` (the path of the HTML page).
+# USE_CASE=iot runs the IoT loop instead: 60 machines whose seals start to leak on day 33 (about 7 minutes).
+USE_CASE ?= fraud
 demo: $(STAMP) $(KAFKA_LIBS)/.complete
 	$(BIN)/kbml local down
 	rm -rf .kbml/kafka-logs .kbml/snapshots .kbml/warehouse.duckdb .kbml/models .kbml/loop
 	$(BIN)/kbml local up
-	$(BIN)/kbml loop
+	$(BIN)/kbml loop --use-case $(USE_CASE)
 	$(BIN)/kbml status --sample-s 0
 	$(BIN)/kbml report
 
