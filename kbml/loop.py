@@ -252,8 +252,9 @@ def run_loop(args, out=print) -> LoopResult:
     if cli.main(argv) != 0:
       raise RuntimeError(f'{title} failed')
 
+  simulator = simulate_command.simulator_of(use_case)
   simulate_args = simulate_command.parse_args(simulation)
-  simulation_config = simulate_command.simulation_config(simulate_args)
+  simulation_config = simulate_command.simulation_config(simulate_args, simulator)
   config = kafka_client_config(bootstrap)
   # `kbml local up` creates fraud's topics; another use case's are made here, as many partitions.
   create_topics(config, [use_case.events_topic, use_case.labels_topic], DEFAULT_PARTITIONS)
@@ -266,7 +267,6 @@ def run_loop(args, out=print) -> LoopResult:
   history_events = _end_offsets(config, [events_topic])[events_topic]
 
   processes = _Processes(log_dir)
-  simulator = simulate_command.simulator_of(use_case)
   traffic = _LiveTraffic(simulator, simulator.simulate(simulation_config), args.live_from_day,
                          use_case.default_label_delay_days, config, simulate_args.events_topic,
                          simulate_args.labels_topic, args.rate)

@@ -107,9 +107,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
   return build_parser(load_use_case(chosen.use_case)).parse_args(argv)
 
 
-def simulation_config(args: argparse.Namespace):
-  """The simulator's ``SimulationConfig`` of parsed arguments."""
-  config_type = simulator_of(load_use_case(args.use_case)).SimulationConfig
+def simulation_config(args: argparse.Namespace, simulator: ModuleType):
+  """The ``SimulationConfig`` of ``simulator`` (the use case's module) from parsed arguments."""
+  config_type = simulator.SimulationConfig
   return config_type(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_type)})
 
 
@@ -120,7 +120,7 @@ def run(argv: Optional[List[str]] = None) -> int:
   use_case = load_use_case(args.use_case)
   simulator = simulator_of(use_case)
   started = time.monotonic()
-  simulation = simulator.simulate(simulation_config(args))
+  simulation = simulator.simulate(simulation_config(args, simulator))
   print(f'{simulator.describe(simulation)}, in {time.monotonic() - started:.1f} s')
   if args.output_dir:
     if not hasattr(simulator, 'write_files'):
