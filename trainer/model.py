@@ -1,9 +1,9 @@
-"""The fraud model: a Keras 3 feed-forward network, and a scikit-learn baseline.
+"""The model of a use case's label: a Keras 3 feed-forward network, and a scikit-learn baseline.
 
 The network takes the feature vector (``metadata.json`` lists the order) and
 normalises it itself: the ``Normalization`` layer holds the training means
 and variances, so a scorer feeds raw features and needs no scaler.
-Frauds are rare (under 1 %), so the loss weighs them more (class weights),
+Positives are rare (frauds: under 1 %), so the loss weighs them more (class weights),
 and training stops when average precision on the validation split, later
 in time than the training rows, stops improving.
 """
@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 DEFAULT_HIDDEN_UNITS = (128, 64)
-DEFAULT_FRAUD_WEIGHT = 5.0
+DEFAULT_POSITIVE_WEIGHT = 5.0
 DEFAULT_ENSEMBLE = 3
 
 
@@ -40,8 +40,8 @@ def build_model(training_features: np.ndarray, hidden_units: Sequence[int] = DEF
   layers = [keras.Input(shape=(training_features.shape[1],), name='features'), normalization]
   for units in hidden_units:
     layers += [keras.layers.Dense(units, activation='relu'), keras.layers.Dropout(dropout)]
-  layers.append(keras.layers.Dense(1, activation='sigmoid', name='fraud_probability'))
-  model = keras.Sequential(layers, name=f'fraud_mlp_{seed}')
+  layers.append(keras.layers.Dense(1, activation='sigmoid', name='positive_probability'))
+  model = keras.Sequential(layers, name=f'mlp_{seed}')
   # Several steps per call: the same updates, less per-step overhead (30 % less time on 2 cores, measured).
   model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss='binary_crossentropy', steps_per_execution=32,
                 metrics=[keras.metrics.AUC(curve='PR', name='average_precision'), keras.metrics.AUC(name='auc')])
@@ -52,33 +52,33 @@ def average(models: Sequence):
   """One model whose score is the mean of the models' scores (one model: itself).
 
   Networks fitted from different random starts err differently on a few
-  hundred frauds; their mean ranks more steadily than any one of them.
+  hundred positives; their mean ranks more steadily than any one of them.
   Networks and trees err differently again.
   """
   if len(models) == 1:
     return models[0]
   import keras
   features = keras.Input(shape=models[0].input_shape[1:], name='features')
-  score = keras.layers.Average(name='fraud_probability')([member(features) for member in models])
+  score = keras.layers.Average(name='positive_probability')([member(features) for member in models])
   return keras.Model(features, score, name='_and_'.join(member.name for member in models))
 
 
-def class_weights(fraud_weight: float) -> Dict[int, float]:
-  return {0: 1.0, 1: fraud_weight}
+def class_weights(positive_weight: float) -> Dict[int, float]:
+  return {0: 1.0, 1: positive_weight}
 
 
-def fit(model, train_dataset, validation_dataset, epochs: int, patience: int, fraud_weight: float,
+def fit(model, train_dataset, validation_dataset, epochs: int, patience: int, positive_weight: float,
         verbose: int = 2):
   """Trains with early stopping on the validation split's average precision (best weights kept)."""
   import keras
   stop = keras.callbacks.EarlyStopping(monitor='val_average_precision', mode='max', patience=patience,
                                        restore_best_weights=True)
   return model.fit(train_dataset, validation_data=validation_dataset, epochs=epochs, callbacks=[stop],
-                   class_weight=class_weights(fraud_weight), shuffle=False, verbose=verbose)
+                   class_weight=class_weights(positive_weight), shuffle=False, verbose=verbose)
 
 
 def predict(model, features: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-  """Fraud probabilities, one per row."""
+  """Probabilities of the positive label, one per row."""
   return np.asarray(model.predict(features, batch_size=batch_size, verbose=0)).reshape(-1)
 
 

@@ -1,4 +1,4 @@
-"""Retrains the fraud model on the freshest labelled data: ``kbml retrain``.
+"""Retrains a use case's model on the freshest labelled data: ``kbml retrain``.
 
 A retrain is ``kbml train`` on the most recent labelled days, its evaluation,
 the blessing gate (the new version is promoted only if its average precision

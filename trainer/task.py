@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
   fitting.add_argument('--hidden-units', default=','.join(map(str, model.DEFAULT_HIDDEN_UNITS)),
                        help='Sizes of the hidden layers (default: %(default)s).')
   fitting.add_argument('--learning-rate', type=float, default=1e-3)
-  fitting.add_argument('--fraud-weight', type=float, default=model.DEFAULT_FRAUD_WEIGHT,
-                       help='Weight of a fraud in the loss, against 1 for a genuine one (default: %(default)s).')
+  fitting.add_argument('--positive-weight', '--fraud-weight', dest='positive_weight', type=float,
+                       default=model.DEFAULT_POSITIVE_WEIGHT, help='Weight of a positive (a fraud, a failure) in the '
+                       'loss, against 1 for a negative (default: %(default)s).')
   fitting.add_argument('--ensemble', type=int, default=model.DEFAULT_ENSEMBLE,
                        help='Networks fitted from different random starts; the model scores their mean (default: '
                        '%(default)s).')
@@ -350,7 +351,7 @@ def _validation_average_precision(args, family: str, validation_splits: List[eva
 def _family_parameters(args) -> Dict[str, object]:
   """The settings of the chosen model families, for the metadata."""
   settings = {'keras': {'hidden_units': args.hidden_units, 'ensemble': args.ensemble,
-                        'fraud_weight': args.fraud_weight, 'learning_rate': args.learning_rate},
+                        'positive_weight': args.positive_weight, 'learning_rate': args.learning_rate},
               'trees': {'max_trees': args.max_trees, 'tree_depth': args.tree_depth,
                         'tree_learning_rate': args.tree_learning_rate},
               'forest': {'forest_trees': args.forest_trees, 'forest_depth': args.forest_depth}}
@@ -400,7 +401,7 @@ def _fit_networks(args, train_x, train_y, validation_x, validation_y):
                                  learning_rate=args.learning_rate, seed=seed)
     history = model.fit(member, data.to_dataset(train_x, train_y, batch_size, shuffle_seed=seed),
                         data.to_dataset(validation_x, validation_y, batch_size), args.epochs, args.patience,
-                        args.fraud_weight)
+                        args.positive_weight)
     members.append(member)
     epochs_run.append(len(history.history['loss']))
   return model.average(members), devices, epochs_run

@@ -74,25 +74,26 @@ def _boosted_trees(booster) -> List[_Tree]:
   return trees
 
 
-def _fraud_column(forest) -> int:
-  """The column of the fraud class in the forest's probabilities."""
+def _positive_column(forest) -> int:
+  """The column of the positive class in the forest's probabilities."""
   return list(forest.classes_).index(1)
 
 
 def _forest_trees(forest) -> List[_Tree]:
-  """A forest's trees, each leaf's value its fraud fraction over the number of trees (their sum: the forest's
+  """A forest's trees, each leaf's value its positive fraction over the number of trees (their sum: the forest's
   probability). scikit-learn sends a row left when its float32 feature is at most the float64 threshold, that is
   right when at or above the smallest float32 over the threshold."""
   trees = []
-  fraud_column = _fraud_column(forest)
+  positive_column = _positive_column(forest)
   for estimator in forest.estimators_:
     tree = estimator.tree_
     threshold = tree.threshold.astype(np.float32)
     not_above = threshold.astype(np.float64) <= tree.threshold
     split = np.where(not_above, np.nextafter(threshold, np.float32(np.inf)), threshold)
     fractions = tree.value[:, 0, :] / tree.value[:, 0, :].sum(axis=1, keepdims=True)
+    leaf_values = (fractions[:, positive_column] / len(forest.estimators_)).astype(np.float32)
     trees.append(_Tree(tree.feature.clip(min=0), split.astype(np.float32), tree.children_left,
-                       tree.children_right, (fractions[:, fraud_column] / len(forest.estimators_)).astype(np.float32)))
+                       tree.children_right, leaf_values))
   return trees
 
 
@@ -131,7 +132,7 @@ def _walked(trees: List[_Tree], width: int, name: str, activation: str):
   features, splits, leaves, levels = _complete_trees(trees)
   inputs = keras.Input(shape=(width,), name='features')
   layer = TreeEnsemble(features.shape[0], levels, name='trees')
-  score = keras.layers.Activation(activation, name='fraud_probability')(layer(inputs))
+  score = keras.layers.Activation(activation, name='positive_probability')(layer(inputs))
   layer.set_weights([features, splits, leaves, np.float32([0.0])])
   return keras.Model(inputs, score, name=name), layer, (features, splits, leaves)
 
@@ -142,8 +143,8 @@ def _check(walked: np.ndarray, expected: np.ndarray, what: str):
     raise ValueError(f'the Keras trees differ from {what} by up to {worst:.2e}')
 
 
-def boosted_to_keras(booster, check_rows: np.ndarray, name: str = 'fraud_trees'):
-  """A Keras model whose output is the booster's fraud probability.
+def boosted_to_keras(booster, check_rows: np.ndarray, name: str = 'boosted_trees'):
+  """A Keras model whose output is the booster's probability of the positive label.
 
   Raises:
     ValueError: the layer's margins differ from XGBoost's on ``check_rows`` (beyond float32 rounding).
@@ -159,15 +160,15 @@ def boosted_to_keras(booster, check_rows: np.ndarray, name: str = 'fraud_trees')
   return served
 
 
-def forest_to_keras(forest, check_rows: np.ndarray, name: str = 'fraud_forest'):
-  """A Keras model whose output is the forest's fraud probability (the mean of its trees').
+def forest_to_keras(forest, check_rows: np.ndarray, name: str = 'forest'):
+  """A Keras model whose output is the forest's probability of the positive label (the mean of its trees').
 
   Raises:
     ValueError: the layer's probabilities differ from scikit-learn's on ``check_rows`` (beyond float32 rounding).
   """
   rows = check_rows.astype(np.float32)
   served, layer, _ = _walked(_forest_trees(forest), rows.shape[1], name, 'linear')
-  _check(np.asarray(layer(rows)).reshape(-1), forest.predict_proba(rows)[:, _fraud_column(forest)],
+  _check(np.asarray(layer(rows)).reshape(-1), forest.predict_proba(rows)[:, _positive_column(forest)],
          'scikit-learn in probability')
   return served
 

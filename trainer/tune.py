@@ -31,7 +31,7 @@ HIDDEN_UNITS_CHOICES = ('64,32', '128,64', '256,128', '128,64,32')
 # What a search may change for each family (`kbml train` settings, argparse destinations) and where: a choice
 # among strings, a range of integers, or a range of floats searched on a log scale.
 SEARCH_RANGES = {
-    'keras': {'hidden_units': HIDDEN_UNITS_CHOICES, 'learning_rate': (1e-4, 1e-2), 'fraud_weight': (1.0, 10.0)},
+    'keras': {'hidden_units': HIDDEN_UNITS_CHOICES, 'learning_rate': (1e-4, 1e-2), 'positive_weight': (1.0, 10.0)},
     'trees': {'tree_depth': (2, 8), 'tree_learning_rate': (0.01, 0.3)},
     'forest': {'forest_depth': (6, 16), 'forest_trees': (25, 200)},
 }
