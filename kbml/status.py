@@ -4,7 +4,9 @@ One look at everything a person running the demo or the service asks first:
 
 - the broker: its address, and whether it answers;
 - the topics: their end offsets, and the events per second on the
-  transactions and the predictions (two samples ``--sample-s`` apart);
+  events and the predictions (two samples ``--sample-s`` apart); the events
+  and labels topics are the use case's (``--use-case``; default: the use
+  case of the model in service, else fraud: ``transactions``, ``labels``);
 - each pipeline's consumer lag: end offset minus the group's committed
   offset, summed over the partitions it has committed;
 - the model in service, its test metrics, the challenger, the last retrain;
@@ -20,6 +22,7 @@ too. The exit status is 1 when the broker cannot be reached, else 0.
 Example::
 
     kbml status
+    kbml status --use-case iot
     kbml status --bootstrap-servers broker:9092 --model-dir gs://bucket/models --json
 """
 
@@ -48,16 +51,19 @@ from kbml.kafka_config import KafkaConfigError
 from kbml.local_stack import PartitionOffsets, StackStatus, local_bootstrap_servers
 from kbml.local_state import default_model_dir
 from kbml.warehouse import default_warehouse_url
+from transforms.use_case import DEFAULT_USE_CASE, load_use_case
 
-TOPIC_ROLES = ('transactions', 'labels', 'predictions', 'alerts', 'dead-letter')
+# The events and labels topics are named by the use case; the others are the same for every one.
+USE_CASE_TOPIC_ROLES = ('events', 'labels')
+TOPIC_ROLES = (*USE_CASE_TOPIC_ROLES, 'predictions', 'alerts', 'dead-letter')
 # Pipeline -> (its default consumer group, the topic roles it reads); pipelines/ingest.py and scoring.py
 # declare the same group names.
 PIPELINES = {
-    'ingest': ('kbml-ingest', ('transactions', 'labels')),
-    'scoring': ('kbml-scoring', ('transactions',)),
+    'ingest': ('kbml-ingest', ('events', 'labels')),
+    'scoring': ('kbml-scoring', ('events',)),
     'monitoring': ('kbml-monitoring', ('predictions', 'labels')),
 }
-RATE_TOPIC_ROLES = ('transactions', 'predictions')
+RATE_TOPIC_ROLES = ('events', 'predictions')
 NEWEST_ALERTS = 5
 MESSAGE_WIDTH = 80
 _CLIENT_LOGGER = 'kbml.kafka.client'
@@ -78,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                       '(default: %(default)s).')
   parser.add_argument('--alerts-hours', type=float, default=24.0,
                       help='An alert raised within this many hours counts as open (default: %(default)s).')
-  for role in TOPIC_ROLES:
+  parser.add_argument('--use-case', help='Whose events and labels topics to show: fraud, iot or the dotted name of a '
+                      'module of yours that declares a USE_CASE (default: the use case of the model in service, '
+                      'else fraud).')
+  parser.add_argument('--events-topic', '--transactions-topic', dest='events_topic',
+                      help='Default: the use case\'s (transactions for fraud).')
+  parser.add_argument('--labels-topic', help='Default: the use case\'s (labels for fraud).')
+  for role in TOPIC_ROLES[len(USE_CASE_TOPIC_ROLES):]:
     parser.add_argument(f'--{role}-topic', default=role, dest=_topic_option(role))
   for pipeline, (group, _) in PIPELINES.items():
     parser.add_argument(f'--{pipeline}-group', default=group, help=f'The {pipeline} pipeline\'s consumer group.')
@@ -243,7 +255,7 @@ def kafka_status(config: Optional[Mapping[str, str]], topics: Mapping[str, str],
 def _event_rates(config: Mapping[str, str], topics: Mapping[str, str], partitions_of: Mapping[str, Sequence[int]],
                  first_offsets: Mapping[Partition, PartitionOffsets], first_sampled_at: float,
                  sample_s: float) -> Dict[str, float]:
-  """Events per second on the transactions and predictions topics, from a second sample ``sample_s`` later."""
+  """Events per second on the events and predictions topics, from a second sample ``sample_s`` later."""
   sampled = [topics[role] for role in RATE_TOPIC_ROLES if topics[role] in partitions_of]
   if sample_s <= 0 or not sampled:
     return {}
@@ -261,7 +273,6 @@ def _event_rates(config: Mapping[str, str], topics: Mapping[str, str], partition
 
 def _version_summary(store, version: str) -> Dict[str, Any]:
   """A version's test figures; its ranking metric is its use case's (fraud: ``card_precision_at_100``)."""
-  from transforms.use_case import DEFAULT_USE_CASE, load_use_case
   metadata = store.metadata(version)
   metrics = metadata.get('metrics') or {}
   use_case = load_use_case(metadata.get('use_case', DEFAULT_USE_CASE))
@@ -506,7 +517,7 @@ def _render_alerts(alerts: Optional[Mapping[str, Any]]) -> List[str]:
 
 def render(status: Mapping[str, Any]) -> str:
   """Formats the status for a terminal, about 30 lines."""
-  lines = [f"kbml status at {status['at'][:19].replace('T', ' ')} UTC", '']
+  lines = [f"kbml status at {status['at'][:19].replace('T', ' ')} UTC, use case {status['use_case']}", '']
   lines += _render_kafka(status) + ['']
   lines += _render_model(status['model'], status['last_retrain'])
   lines += _render_live_metrics(status['live_metrics']) + ['']
@@ -517,6 +528,16 @@ def render(status: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _use_case_in_service(model_dir: str) -> Optional[str]:
+  """The use case of the model in service; None (the default) when the store has none or cannot be read (the model
+  part of the status says why)."""
+  from trainer.registry import ModelStore, ModelStoreError
+  try:
+    return ModelStore(model_dir).use_case_in_service()
+  except ModelStoreError:
+    return None
+
+
 def collect(args: argparse.Namespace) -> Dict[str, Any]:
   """Reads every part of the status, as a JSON-ready dict."""
   try:
@@ -525,13 +546,17 @@ def collect(args: argparse.Namespace) -> Dict[str, Any]:
     if args.kafka_config or args.kafka_config_file:
       raise  # a broken setting is an error to show, not a stopped broker
     config = None  # no --bootstrap-servers and no local broker running
+  model_dir = args.model_dir or default_model_dir()
+  use_case = load_use_case(args.use_case or _use_case_in_service(model_dir))
   topics = {role: getattr(args, _topic_option(role)) for role in TOPIC_ROLES}
+  topics['events'] = topics['events'] or use_case.events_topic
+  topics['labels'] = topics['labels'] or use_case.labels_topic
   groups = {pipeline: getattr(args, f'{pipeline}_group') for pipeline in PIPELINES}
   at = _iso(time.time())
   kafka = kafka_status(config, topics, groups, args.sample_s, args.alerts_hours, args.timeout_s)
-  model = model_status(args.model_dir or default_model_dir())
-  return {'at': at, 'broker': kafka['broker'], 'topics': kafka.get('topics'), 'lag': kafka.get('lag'),
-          'model': model, 'last_retrain': model.pop('last_retrain', None),
+  model = model_status(model_dir)
+  return {'at': at, 'use_case': use_case.name, 'broker': kafka['broker'], 'topics': kafka.get('topics'),
+          'lag': kafka.get('lag'), 'model': model, 'last_retrain': model.pop('last_retrain', None),
           'live_metrics': live_metrics_status(args.warehouse or default_warehouse_url()),
           'alerts': kafka.get('alerts')}
 

@@ -47,10 +47,10 @@ def _commit(bootstrap: str, group: str, offsets):
 @pytest.fixture
 def topics(new_topic, bootstrap):
   """The five topics with known contents: end offsets 10, 4, 6, 3 (alerts), 1."""
-  names = {'transactions': new_topic(1, '-tx'), 'labels': new_topic(1, '-labels'),
+  names = {'events': new_topic(1, '-tx'), 'labels': new_topic(1, '-labels'),
            'predictions': new_topic(2, '-predictions'), 'alerts': new_topic(1, '-alerts'),
            'dead-letter': new_topic(1, '-dead')}
-  for role, count in (('transactions', 10), ('labels', 4), ('predictions', 6), ('dead-letter', 1)):
+  for role, count in (('events', 10), ('labels', 4), ('predictions', 6), ('dead-letter', 1)):
     produce(bootstrap, names[role], _records(count))
   sink = AlertSink({'bootstrap.servers': bootstrap}, names['alerts'])
   sink.send('drift', 'old drift, three days ago', raised_at=time.time() - 3 * 86400)
@@ -63,8 +63,8 @@ def topics(new_topic, bootstrap):
 def groups(bootstrap, topics, group_id):
   """Ingest has read everything, scoring 4 of the 10 transactions, monitoring nothing."""
   names = {'ingest': f'{group_id}-ingest', 'scoring': f'{group_id}-scoring', 'monitoring': f'{group_id}-monitoring'}
-  _commit(bootstrap, names['ingest'], {(topics['transactions'], 0): 10, (topics['labels'], 0): 4})
-  _commit(bootstrap, names['scoring'], {(topics['transactions'], 0): 4})
+  _commit(bootstrap, names['ingest'], {(topics['events'], 0): 10, (topics['labels'], 0): 4})
+  _commit(bootstrap, names['scoring'], {(topics['events'], 0): 4})
   return names
 
 
@@ -131,7 +131,7 @@ def test_screen_shows_lag_model_retrain_metrics_and_alerts(bootstrap, topics, gr
     return next(text for text in lines if text.lstrip().startswith(start))
 
   assert line('broker').endswith(f'{bootstrap}: reachable')
-  assert line('transactions').split()[1] == '10'
+  assert line('events').split()[1] == '10'
   assert line('predictions').split()[1] == '6'
   assert line('dead-letter').split()[1] == '1'
   assert line('alerts').split()[1] == '3'
@@ -183,8 +183,8 @@ def test_json_has_the_same_and_the_event_rates(bootstrap, topics, groups, model_
   produced_per_s = sum(started <= moment <= finished for moment in sent) / (finished - started)
   assert 0.3 * produced_per_s < report['topics']['predictions']['events_per_s'] < 3 * produced_per_s
   assert report['broker'] == {'bootstrap_servers': bootstrap, 'reachable': True, 'local': False}
-  assert report['topics']['transactions']['end_offset'] == 10
-  assert report['topics']['transactions']['events_per_s'] == 0
+  assert report['topics']['events']['end_offset'] == 10
+  assert report['topics']['events']['events_per_s'] == 0
   assert report['topics']['alerts']['end_offset'] == 3
   assert {name: lag['lag'] for name, lag in report['lag'].items()} == {'ingest': 0, 'scoring': 6, 'monitoring': None}
   assert report['model']['current']['version'] == model_dir[1]
@@ -199,6 +199,22 @@ def test_json_has_the_same_and_the_event_rates(bootstrap, topics, groups, model_
   assert live['latest_labelled']['predictions'] == 10
   assert report['alerts']['by_kind'] == {'drift': 2, 'model_refused': 1}
   assert report['alerts']['open'] == 2
+
+
+def test_the_events_and_labels_topics_are_those_of_the_use_case_in_service_or_named(bootstrap, tmp_path, capsys):
+  folder = str(tmp_path / 'models')
+  ModelStore(folder).update_metadata(publish_model(folder), use_case='iot')
+  common = ['--bootstrap-servers', bootstrap, '--model-dir', folder, '--warehouse', f'duckdb://{tmp_path}/w.duckdb',
+            '--sample-s', '0', '--json']
+  shown = {}
+  for named in ([], ['--use-case', 'fraud'], ['--use-case', 'fraud', '--transactions-topic', 'mine']):
+    assert status.run(common + named) == 0
+    report = json.loads(capsys.readouterr().out)
+    shown[' '.join(named)] = (report['use_case'], report['topics']['events']['topic'],
+                              report['topics']['labels']['topic'])
+  assert shown == {'': ('iot', 'readings', 'failure-labels'),
+                   '--use-case fraud': ('fraud', 'transactions', 'labels'),
+                   '--use-case fraud --transactions-topic mine': ('fraud', 'mine', 'labels')}
 
 
 def test_no_broker_says_so_quickly_and_still_shows_the_model(model_dir, tmp_path, capsys):
