@@ -49,7 +49,7 @@ USE_CASE ?= fraud
 demo: $(STAMP) $(KAFKA_LIBS)/.complete
 	$(BIN)/kbml local down
 	rm -rf .kbml/kafka-logs .kbml/snapshots .kbml/warehouse.duckdb .kbml/models .kbml/loop
-	$(BIN)/kbml local up
+	$(BIN)/kbml local up --use-case $(USE_CASE)
 	$(BIN)/kbml loop --use-case $(USE_CASE)
 	$(BIN)/kbml status --sample-s 0
 	$(BIN)/kbml report

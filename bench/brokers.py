@@ -15,7 +15,7 @@ import tempfile
 
 from bench.common import Timer, new_topic, parse_bench_args, resident_mb
 from bench.kafka_clients import confluent_consume, confluent_produce
-from kbml.local_stack import APACHE_KAFKA, PROJECT_TOPICS, TANSU, LocalStack
+from kbml.local_stack import APACHE_KAFKA, SHARED_TOPICS, TANSU, LocalStack
 
 FIGURES = ('up_s', 'memory_up_mb', 'memory_after_mb', 'produce_rps', 'consume_rps')
 
@@ -23,7 +23,7 @@ FIGURES = ('up_s', 'memory_up_mb', 'memory_after_mb', 'produce_rps', 'consume_rp
 def measure(broker: str, records: int) -> dict:
   """One round on a fresh broker in a fresh state dir."""
   with tempfile.TemporaryDirectory() as state_dir:
-    stack = LocalStack(state_dir, topics=PROJECT_TOPICS, broker=broker)
+    stack = LocalStack(state_dir, topics=('transactions', 'labels', *SHARED_TOPICS), broker=broker)
     try:
       with Timer() as up:
         bootstrap = stack.up(port=0, timeout_s=60)

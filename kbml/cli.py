@@ -9,13 +9,18 @@ from typing import List, Optional
 
 from kbml import __version__
 from kbml.kafka_args import add_kafka_arguments, kafka_config_from_args
-from kbml.local_stack import BROKERS, DEFAULT_PARTITIONS, DEFAULT_PORT, LocalStack, LocalStackError
+from kbml.local_stack import BROKERS, DEFAULT_PARTITIONS, DEFAULT_PORT, SHARED_TOPICS, LocalStack, LocalStackError
 from kbml.local_state import default_model_dir, local_state_dir
 from kbml.warehouse import WarehouseError
 
 
 def _local(args) -> int:
-  stack = LocalStack(args.state_dir, partitions=getattr(args, 'partitions', DEFAULT_PARTITIONS),
+  topics = SHARED_TOPICS
+  if args.action == 'up':
+    from transforms.use_case import load_use_case
+    use_case = load_use_case(args.use_case)
+    topics = (use_case.events_topic, use_case.labels_topic, *SHARED_TOPICS)
+  stack = LocalStack(args.state_dir, topics=topics, partitions=getattr(args, 'partitions', DEFAULT_PARTITIONS),
                      broker=getattr(args, 'broker', None))
   if args.action == 'up':
     running = stack.bootstrap_servers()
@@ -121,8 +126,8 @@ def _promote(args) -> int:
   store.verified_model_bytes(args.version)
   if args.challenger:
     store.set_challenger(args.version)
-    print(f'version {args.version} is the challenger in {store.root}: running scorers score every transaction with '
-          f'it too, in the shadow of {store.current()}; `kbml monitor` records both, and `kbml promote --if-better` '
+    print(f'version {args.version} is the challenger in {store.root}: running scorers score every event with it '
+          f'too, in the shadow of {store.current()}; `kbml monitor` records both, and `kbml promote --if-better` '
           'promotes it once it has proved better')
     return 0
   previous = store.current()
@@ -169,7 +174,7 @@ def _add_promote_parser(commands):
       description='Puts a published model version in service: running scorers switch to it without a restart. '
       'The version\'s model file is checked against its metadata first. With --challenger the version is scored '
       'in the shadow of the one in service instead; --if-better promotes that challenger once its live average '
-      'precision beats the champion\'s on the same labelled transactions.')
+      'precision beats the champion\'s on the same labelled events.')
   promote.add_argument('version', nargs='?',
                        help='The version, as `kbml train` printed it (a folder of MODEL_DIR/versions).')
   promote.add_argument('--model-dir', help='The model store (default: .kbml/models).')
@@ -179,7 +184,7 @@ def _add_promote_parser(commands):
                        help='Promote the challenger if it beats the champion on live labels (`kbml monitor` '
                        'records them).')
   promote.add_argument('--min-labelled', type=int, default=1000,
-                       help='--if-better decides on at least this many labelled transactions (default: %(default)s).')
+                       help='--if-better decides on at least this many labelled events (default: %(default)s).')
   promote.add_argument('--warehouse', help='Where `kbml monitor` writes (default: .kbml/warehouse.duckdb).')
   promote.set_defaults(handler=_promote)
 
@@ -208,12 +213,13 @@ def _add_watch_parser(commands):
 MODULE_COMMANDS = {
     'simulate': ('kbml.simulate', 'Simulate a use case\'s events and their late labels (fraud: card transactions '
                  'after the Fraud Detection Handbook), and produce them to Kafka in event-time order'),
-    'ingest': ('pipelines.ingest', 'Validate transactions and labels from Kafka, compute features, write training '
-               'rows (a Beam pipeline)'),
+    'ingest': ('pipelines.ingest', 'Validate a use case\'s events and labels from Kafka, compute features, write '
+               'training rows (a Beam pipeline)'),
     'mirror': ('pipelines.mirror', 'Copy one Kafka topic to another (a Beam pipeline)'),
-    'train': ('trainer.task', 'Train, evaluate and publish a fraud model; promote it if it beats the current one'),
-    'score': ('pipelines.scoring', 'Score transactions from Kafka with the model in service, taking new models '
-              'live; predictions to Kafka (a Beam pipeline)'),
+    'train': ('trainer.task', 'Train, evaluate and publish a use case\'s model; promote it if it beats the one in '
+              'service'),
+    'score': ('pipelines.scoring', 'Score a use case\'s events from Kafka with the model in service, taking new '
+              'models live; predictions to Kafka (a Beam pipeline)'),
     'monitor': ('pipelines.monitoring', 'Windowed metrics of the predictions per model version, accuracy as labels '
                 'arrive, drift against the training data; alerts to Kafka (a Beam pipeline)'),
     'retrain': ('trainer.retrain', 'Retrain on the most recent days and promote if better: now, on a schedule '
@@ -246,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
   up = local_actions.add_parser('up', help='Start the broker (harmless if it runs) and create the topics.')
   up.add_argument('--port', type=int, default=DEFAULT_PORT, help='Loopback port; 0 picks a free one.')
   up.add_argument('--partitions', type=int, default=DEFAULT_PARTITIONS, help='Partitions of each created topic.')
+  up.add_argument('--use-case', help='Whose events and labels topics to create besides predictions, alerts and '
+                  'dead-letter: fraud (the default), iot, or the dotted name of a module of yours that declares a '
+                  'USE_CASE.')
   up.add_argument('--broker', choices=BROKERS, help='kafka: Apache Kafka, from the jars `make kafka` fetches, with '
                   'Java 17+; its topics, records and group offsets survive down and up. tansu: in memory, starts in '
                   'a tenth of a second, for a quick look. Default: $KBML_BROKER, else kafka.')

@@ -41,7 +41,8 @@ from kbml.kafka_client import (
 )
 from kbml.local_state import DEFAULT_STATE_DIR, local_state_dir
 
-PROJECT_TOPICS = ('transactions', 'labels', 'predictions', 'alerts', 'dead-letter')
+# The topics the pipelines write whatever the use case; `kbml local up` adds the use case's events and labels.
+SHARED_TOPICS = ('predictions', 'alerts', 'dead-letter')
 DEFAULT_PORT = 19092
 DEFAULT_PARTITIONS = 4
 HOST = '127.0.0.1'
@@ -202,7 +203,7 @@ class LocalStack:
       :func:`default_broker`).
   """
 
-  def __init__(self, state_dir: str = DEFAULT_STATE_DIR, topics: Sequence[str] = PROJECT_TOPICS,
+  def __init__(self, state_dir: str = DEFAULT_STATE_DIR, topics: Sequence[str] = SHARED_TOPICS,
                partitions: int = DEFAULT_PARTITIONS, broker: Optional[str] = None):
     self.state_dir = os.path.abspath(state_dir)
     self.topics = tuple(topics)

@@ -98,10 +98,10 @@ class MonitoringOptions(PipelineOptions):
                         help='Alert when a larger share of a window\'s records are dead letters.')
     parser.add_argument('--scorer_group', default='kbml-scoring', help='The scorer\'s consumer group (its lag).')
     parser.add_argument('--max_scorer_lag', type=int, default=10_000,
-                        help='Alert when the scorer is more transactions behind.')
+                        help='Alert when the scorer is more events behind.')
     parser.add_argument(
         '--label_join_days', type=float, default=14.0,
-        help='On the local runner, how long (in event time, from its first record) a transaction waits for its '
+        help='On the local runner, how long (in event time, from its first record) an event waits for its '
         'label or its prediction before the join forgets it; longer than the label delay (default: %(default)s).')
     parser.add_argument('--monitor_from', choices=('earliest', 'latest'), default='earliest',
                         help='Without committed offsets for the consumer group: count every record in the topics '

@@ -12,9 +12,9 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from kbml.kafka_client import committed_offsets, new_consumer
-from kbml.local_stack import APACHE_KAFKA, BROKERS, PROJECT_TOPICS, LocalStack, LocalStackError
-from kbml.simulator import SimulationConfig
+from kbml.local_stack import APACHE_KAFKA, BROKERS, SHARED_TOPICS, LocalStack, LocalStackError
 from tests.conftest import produce
+from use_cases.fraud.simulator import SimulationConfig
 
 SIMULATED_TIME_MS = int(SimulationConfig().start.timestamp() * 1000)  # the simulation's default start, 2018
 
@@ -26,7 +26,8 @@ def _kbml(*args, env=None):
 
 @pytest.mark.parametrize('broker', BROKERS)
 def test_up_twice_is_harmless_and_status_shows_offsets(tmp_path, broker):
-  stack = LocalStack(str(tmp_path), broker=broker)
+  topics = ('transactions', 'labels', *SHARED_TOPICS)
+  stack = LocalStack(str(tmp_path), topics=topics, broker=broker)
   try:
     bootstrap = stack.up(port=0)
     pid = stack.status().pid
@@ -34,9 +35,9 @@ def test_up_twice_is_harmless_and_status_shows_offsets(tmp_path, broker):
     produce(bootstrap, 'transactions', [(b'k', b'%d' % i, []) for i in range(1_000)])
 
     status = stack.status()
-    assert status.broker == broker and status.reachable and set(PROJECT_TOPICS) <= set(status.topics)
+    assert status.broker == broker and status.reachable and set(topics) <= set(status.topics)
     assert sum(p.high - p.low for p in status.topics['transactions']) == 1_000
-    assert [len(status.topics[t]) for t in PROJECT_TOPICS] == [4] * 5
+    assert [len(status.topics[t]) for t in topics] == [4] * 5
   finally:
     assert stack.down(grace_s=0)
   assert not stack.status().running and not stack.down()
@@ -109,9 +110,13 @@ def test_cli_up_status_down(tmp_path):
   up = _kbml('local', 'up', '--port', '0', *state, env=without_a_choice)
   try:
     assert up.returncode == 0 and 'local broker (kafka) started at 127.0.0.1:' in up.stdout, up.stderr
-    assert 'already running' in _kbml('local', 'up', '--port', '0', *state).stdout
+    assert up.stdout.rstrip().endswith('topics: transactions, labels, predictions, alerts, dead-letter')
+    again = _kbml('local', 'up', '--port', '0', '--use-case', 'iot', *state).stdout
+    assert 'already running' in again and again.rstrip().endswith('topics: readings, failure-labels, predictions, '
+                                                                  'alerts, dead-letter')
     status = _kbml('local', 'status', *state)
-    assert status.returncode == 0 and 'reachable' in status.stdout and 'dead-letter' in status.stdout
+    assert status.returncode == 0 and 'reachable' in status.stdout
+    assert all(topic in status.stdout for topic in ('transactions', 'readings', 'failure-labels', 'dead-letter'))
   finally:
     assert _kbml('local', 'down', *state).stdout.strip() == 'local broker stopped'
   assert 'not running' in _kbml('local', 'status', *state).stdout
