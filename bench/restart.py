@@ -34,12 +34,13 @@ from confluent_kafka import TopicPartition
 from bench.common import local_broker
 from kbml import simulator
 from kbml.kafka_client import create_topics, fetched_end_offset, list_partitions, new_consumer
-from kbml.simulator import SimulationConfig, simulate
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_scoring import TopicReader
-from transforms.features import DEFAULT_LABEL_DELAY_DAYS, snapshot_identity
 from transforms.snapshots import StateSnapshots
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.features import DEFAULT_LABEL_DELAY_DAYS, snapshot_identity
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 SCORERS = ('snapshots', 'rebuild')
 LIVE_EVENTS = 40
@@ -97,7 +98,7 @@ def measure(bootstrap: str, days: int, args: argparse.Namespace, folder: str) ->
   create_topics({'bootstrap.servers': bootstrap}, topics.values(), 4)
   simulation = simulate(SimulationConfig(customers=args.customers, terminals=2 * args.customers,
                                          days=days + args.restarts * len(SCORERS) + 1, seed=days))
-  events = list(simulator.events(simulation))
+  events = list(fraud_simulator.events(simulation))
   split_ms = int(simulation.config.start.timestamp() * 1000) + days * 86_400_000
   history, live = [e for e in events if e.timestamp_ms < split_ms], [e for e in events if e.timestamp_ms >= split_ms]
   started = time.monotonic()

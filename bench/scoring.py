@@ -14,7 +14,7 @@ and write the same JSON prediction per transaction (``pipelines.scoring.predicti
   produced once it has scored a probe: a Beam pipeline is ready only once
   it runs, and its first bundle would otherwise read most of the backlog
   before its first prediction. The loop applies the feature classes of
-  ``transforms/features.py`` in event-time order per fetched batch and
+  ``use_cases/fraud/features.py`` in event-time order per fetched batch and
   predicts batches of up to 1,024 rows.
 - latency: the scorer runs live while transactions are produced at a steady
   rate; each transaction's latency runs from its send to the arrival of its
@@ -44,14 +44,15 @@ from bench.common import cpu_seconds, local_broker
 from bench.features import plain_loop
 from kbml import simulator
 from kbml.kafka_client import AcknowledgedProducer, create_topics, list_partitions, new_consumer
-from kbml.simulator import SimulationConfig, simulate
 from pipelines.scoring import prediction_message
 from tests.scoring_models import publish_model
 from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS
 from trainer.registry import ModelStore
-from transforms.features import FEATURE_NAMES, Histories
 from transforms.inference import Score
-from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.features import FEATURE_NAMES, Histories
+from use_cases.fraud.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 
@@ -148,7 +149,7 @@ def main(argv=None):
   parser.add_argument('--live-seconds', type=float, default=30)
   args = parser.parse_args(argv)
   simulation = simulate(SimulationConfig(customers=args.customers, terminals=2 * args.customers, days=args.days))
-  events = list(simulator.events(simulation))
+  events = list(fraud_simulator.events(simulation))
   transactions = len(simulation.transactions)
   with local_broker() as bootstrap, tempfile.TemporaryDirectory() as model_dir:
     config = {'bootstrap.servers': bootstrap}
@@ -184,7 +185,7 @@ def main(argv=None):
 
 def wait_until_scoring(bootstrap, topics, clock: PredictionClock, simulation):
   """Sends the simulation's first transaction every second until a running scorer has scored it."""
-  probe = next(e for e in simulator.events(simulation) if not e.is_label)
+  probe = next(e for e in fraud_simulator.events(simulation) if not e.is_label)
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   deadline = time.monotonic() + 180
   while not clock.arrived:
@@ -200,7 +201,7 @@ def live_latency(bootstrap, model_dir, args, simulation):
   topics = fresh_topics(bootstrap)
   clock = PredictionClock(bootstrap, topics['predictions'])
   scorer = start_scorer(bootstrap, topics, model_dir)
-  live = [e for e in simulator.events(simulation) if not e.is_label]
+  live = [e for e in fraud_simulator.events(simulation) if not e.is_label]
   producer = AcknowledgedProducer({'bootstrap.servers': bootstrap})
   sent_at = {}
   # Trained and published beforehand (as the trainer does, elsewhere), so that its CPU is not the scorer's.

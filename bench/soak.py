@@ -37,11 +37,12 @@ import numpy as np
 
 from bench.common import cpu_seconds, local_broker, resident_mb
 from kbml import cli, simulator
+from kbml import simulate as simulate_command
 from kbml.kafka_client import create_topics, group_lag
 from kbml.kafka_config import kafka_client_config
-from kbml.local_stack import DEFAULT_PARTITIONS, PROJECT_TOPICS
-from kbml.loop import FIRST_MODEL_SPLIT
+from kbml.local_stack import DEFAULT_PARTITIONS, SHARED_TOPICS
 from pipelines import ingest, scoring
+from use_cases.fraud import simulator as fraud_simulator
 
 PIPELINES = ('mirror', 'scorer', 'monitor', 'ingest', 'retrain')
 PHASES = ('warm-up', 'idle', 'load warm-up', 'load')
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Traffic(threading.Thread):
   """Produces the simulation from a day on at a steady rate until stopped."""
 
-  def __init__(self, simulation: simulator.Simulation, from_day: float, config: Dict[str, str], rate: float):
+  def __init__(self, simulation: fraud_simulator.Simulation, from_day: float, config: Dict[str, str], rate: float):
     super().__init__(name='soak-traffic', daemon=True)
     self._simulation, self._from_day, self._config, self._rate = simulation, from_day, config, rate
     self.stopped = threading.Event()
@@ -75,7 +76,7 @@ class Traffic(threading.Thread):
     self.error: Optional[Exception] = None
 
   def _events(self):
-    for event in simulator.events(self._simulation, self._from_day):
+    for event in fraud_simulator.events(self._simulation, self._from_day):
       if self.stopped.is_set():
         return
       self.sent += 1
@@ -169,15 +170,15 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   with local_broker() as bootstrap, tempfile.TemporaryDirectory() as folder:
     config = kafka_client_config(bootstrap)
-    create_topics(config, [*PROJECT_TOPICS, 'soak-mirror'], DEFAULT_PARTITIONS)
+    create_topics(config, ['transactions', 'labels', *SHARED_TOPICS, 'soak-mirror'], DEFAULT_PARTITIONS)
     kafka, pipeline_kafka = ['--bootstrap-servers', bootstrap], ['--bootstrap_servers', bootstrap]
     warehouse, model_dir = f'duckdb://{folder}/warehouse.duckdb', os.path.join(folder, 'models')
     simulation_args = ['--customers', str(args.customers), '--terminals', str(2 * args.customers),
                        '--days', str(args.days), '--seed', '5']
     setup = [['simulate', *simulation_args, '--until-day', str(args.history_days), *kafka],
              ['ingest', '--stop_at_end', '--warehouse', warehouse, *pipeline_kafka],
-             ['train', *FIRST_MODEL_SPLIT, '--epochs', str(args.epochs), '--warehouse', warehouse,
-              '--model-dir', model_dir]]
+             ['train', *fraud_simulator.LOOP_SCENARIO.first_model, '--epochs', str(args.epochs),
+              '--warehouse', warehouse, '--model-dir', model_dir]]
     for step in setup:
       print(f'== kbml {" ".join(step[:1])}', flush=True)
       if cli.main(step) != 0:
@@ -197,8 +198,8 @@ def main(argv=None) -> int:
       processes[name] = subprocess.Popen([sys.executable, '-m', 'kbml.cli', *commands[name]], stdout=log,
                                          stderr=subprocess.STDOUT)
     print(f'== {", ".join(PIPELINES)} started (logs in {log_dir})', flush=True)
-    simulation = simulator.simulate(cli.simulation_config(cli.build_parser().parse_args(
-        ['simulate', *simulation_args])))
+    simulation = fraud_simulator.simulate(simulate_command.simulation_config(
+        simulate_command.parse_args(simulation_args), fraud_simulator))
     traffic = Traffic(simulation, args.history_days, config, args.rate)
     sampler = Sampler(processes)
     readers = {'soak-mirror': ['transactions'], scoring.DEFAULT_CONSUMER_GROUP: ['transactions', 'labels'],

@@ -23,8 +23,9 @@ from kbml.warehouse import open_warehouse
 from pipelines import ingest
 from trainer import data, evaluate, model, task
 from trainer.registry import ModelStore
-from transforms.features import FEATURE_NAMES, HANDBOOK_FEATURES
 from transforms.use_case import load_use_case
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.features import FEATURE_NAMES, HANDBOOK_FEATURES
 
 FRAUD = load_use_case('fraud')
 PUBLISHED = [  # FRAUD.md: model, AUC ROC, average precision, card precision@100, source
@@ -43,12 +44,12 @@ TARGET_SECONDS = 60
 
 
 def build_warehouse(url: str, days: int):
-  config = simulator.SimulationConfig(days=days)
+  config = fraud_simulator.SimulationConfig(days=days)
   with Timer() as simulated:
-    simulation = simulator.simulate(config)
+    simulation = fraud_simulator.simulate(config)
   with local_broker() as bootstrap:
     with Timer() as produced:
-      simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, 'transactions', 'labels')
+      simulator.produce(fraud_simulator.events(simulation), {'bootstrap.servers': bootstrap}, 'transactions', 'labels')
     with Timer() as ingested:
       ingest.run(['--bootstrap_servers', bootstrap, '--warehouse', url, '--stop_at_end'])
   count = len(simulation.transactions)
@@ -72,7 +73,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--warehouse', help='Where to keep the ingested run (default: a temporary file); when it '
                       'already holds one, the simulation and the ingest are skipped.')
-  parser.add_argument('--days', type=int, default=simulator.SimulationConfig().days,
+  parser.add_argument('--days', type=int, default=fraud_simulator.SimulationConfig().days,
                       help='Simulated days (default: the standard run\'s %(default)s; 136 reach the test week\'s end).')
   parser.add_argument('--families', default='keras',
                       help='Model families trained on the 23 features, comma-separated (each a --model-family of '

@@ -42,10 +42,11 @@ import pandas
 
 from kbml import simulator
 from kbml.local_state import default_model_dir, local_state_dir
-from kbml.simulator import SECONDS_PER_DAY
 from transforms.metrics import CHAMPION, read_sums, summaries
+from transforms.records import DAY_SECONDS
+from transforms.use_case import UseCase, load_use_case
 
-DAY_MS = SECONDS_PER_DAY * 1000
+DAY_MS = DAY_SECONDS * 1000
 PHASES = ('first model, before the drift', 'first model, in the drift', 'retrained model, in the drift')
 
 
@@ -86,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
   """The loop's flags, with ``simulation`` (the ``kbml simulate`` arguments of its traffic: the use case's
-  scenario, then the flags given) and ``scenario`` (the use case's LoopScenario) filled in."""
+  scenario, then the flags given), ``simulate_args`` (those parsed) and ``scenario`` (the use case's LoopScenario)
+  filled in."""
   from kbml import simulate
-  from transforms.use_case import load_use_case
   args, simulation_flags = build_parser().parse_known_args(argv)
   use_case = load_use_case(args.use_case)
   scenario = getattr(simulate.simulator_of(use_case), 'LOOP_SCENARIO', None)
@@ -102,7 +103,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
   drift_flag = f'--{scenario.drift_field.replace("_", "-")}'
   args.simulation = ['--use-case', use_case.name, *scenario.simulation, *simulation_flags, drift_flag,
                      str(args.drift_from_day)]
-  simulate.parse_args(args.simulation)  # an unknown flag fails here, with the simulator's usage
+  args.simulate_args = simulate.parse_args(args.simulation)  # an unknown flag fails here, with the usage
   return args
 
 
@@ -231,7 +232,6 @@ def run_loop(args, out=print) -> LoopResult:
   from kbml.local_stack import DEFAULT_PARTITIONS, local_bootstrap_servers
   from kbml.warehouse import default_warehouse_url, open_warehouse
   from trainer.registry import ModelStore
-  from transforms.use_case import load_use_case
 
   bootstrap = args.bootstrap_servers or local_bootstrap_servers()
   if not bootstrap:
@@ -253,10 +253,10 @@ def run_loop(args, out=print) -> LoopResult:
       raise RuntimeError(f'{title} failed')
 
   simulator = simulate_command.simulator_of(use_case)
-  simulate_args = simulate_command.parse_args(simulation)
+  simulate_args = args.simulate_args
   simulation_config = simulate_command.simulation_config(simulate_args, simulator)
   config = kafka_client_config(bootstrap)
-  # `kbml local up` creates fraud's topics; another use case's are made here, as many partitions.
+  # On a broker that `kbml local up --use-case` did not prepare, the use case's topics are made here.
   create_topics(config, [use_case.events_topic, use_case.labels_topic], DEFAULT_PARTITIONS)
   step('history', ['simulate', *simulation, '--until-day', str(args.live_from_day)])
   step('ingest the history', ['ingest', *for_use_case, '--stop-at-end', '--warehouse', warehouse, *kafka])
@@ -385,7 +385,7 @@ def _wait_until(pending: Callable[[], Optional[str]], timeout_s: float, out, lat
   out(f'still not done after {timeout_s:.0f} s: {late}')
 
 
-def _scorer_rebuilding(config: Dict[str, str], use_case) -> Optional[str]:
+def _scorer_rebuilding(config: Dict[str, str], use_case: UseCase) -> Optional[str]:
   from kbml.kafka_client import group_lag
   from pipelines.scoring import DEFAULT_CONSUMER_GROUP
   unread = group_lag(config, DEFAULT_CONSUMER_GROUP, [use_case.events_topic, use_case.labels_topic])
@@ -396,7 +396,7 @@ def _scorer_rebuilding(config: Dict[str, str], use_case) -> Optional[str]:
              else f'{unread:,} {use_case.event_noun} and labels to read'))
 
 
-def _monitor_counting(config: Dict[str, str], use_case, live_events: int) -> Optional[str]:
+def _monitor_counting(config: Dict[str, str], use_case: UseCase, live_events: int) -> Optional[str]:
   from kbml.kafka_client import group_lag
   from pipelines.monitoring import DEFAULT_CONSUMER_GROUP
   predictions = _end_offsets(config, ['predictions'])['predictions']

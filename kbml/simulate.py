@@ -1,7 +1,7 @@
 """``kbml simulate``: a use case's simulated events and their labels, produced to Kafka in event-time order.
 
 The use case names its simulator module (``UseCase.simulator``; fraud's is
-``kbml/simulator.py``, IoT's ``use_cases/iot/simulator.py``), which provides:
+``use_cases/fraud/simulator.py``, IoT's ``use_cases/iot/simulator.py``), which provides:
 
 - ``SimulationConfig``, a dataclass whose fields are this command's flags
   (``machines`` -> ``--machines``, with its default, its help from the

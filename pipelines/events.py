@@ -14,9 +14,15 @@ from kbml.kafka_client import PartitionOffsets, fetched_end_offset, listed_offse
 from kbml.local_state import local_state_dir
 from pipelines.options import KafkaOptions, runs_in_process
 from transforms.feature_forms import GROUPED, KEYED_STATE, ORDERED_BUNDLES
-from transforms.features import DAY_SECONDS
 from transforms.kafka_io import read_from_kafka, write_to_kafka
-from transforms.records import DEAD_LETTER_TAG, DeadLetter, EventTimeLimits, ParseRecords, dead_letter_message
+from transforms.records import (
+  DAY_SECONDS,
+  DEAD_LETTER_TAG,
+  DeadLetter,
+  EventTimeLimits,
+  ParseRecords,
+  dead_letter_message,
+)
 from transforms.snapshots import StateSnapshots
 from transforms.use_case import DEFAULT_USE_CASE, UseCase, load_use_case
 
@@ -79,8 +85,8 @@ class EventOptions(PipelineOptions):
 
 
 def feature_form(options: PipelineOptions, bounded: bool) -> str:
-  """How ComputeFeatures runs (transforms/features.py): grouped for bounded input; for a stream, in bundles read
-  in event-time step on the local runner (``align_partitions``), in keyed state elsewhere."""
+  """How the use case's feature transform runs (transforms/feature_forms.py): grouped for bounded input; for a
+  stream, in bundles read in event-time step on the local runner (``align_partitions``), in keyed state elsewhere."""
   if bounded:
     return GROUPED
   return ORDERED_BUNDLES if runs_in_process(options) else KEYED_STATE
@@ -90,8 +96,8 @@ class ReadEvents(beam.PTransform):
   """Reads the use case's events and labels topics; invalid records go to the dead-letter topic with the reason.
 
   Applied to a pipeline's beginning, it returns the valid events and labels as
-  the rows of the use case's schemas (:class:`~transforms.records.Transaction`
-  and :class:`~transforms.records.Label` for fraud), with their records' Kafka
+  the rows of the use case's schemas (:class:`~use_cases.fraud.records.Transaction`
+  and :class:`~use_cases.fraud.records.Label` for fraud), with their records' Kafka
   timestamps (in :class:`~transforms.batches.Batch` elements for ``ORDERED_BUNDLES``).
 
   Args:

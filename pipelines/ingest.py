@@ -56,8 +56,7 @@ from pipelines.options import (
 )
 from pipelines.stopping import stop_on_signals
 from transforms.batches import items_of
-from transforms.features import DAY_SECONDS
-from transforms.records import RECORDS_METRICS, parse_utc_timestamp
+from transforms.records import DAY_SECONDS, RECORDS_METRICS, parse_utc_timestamp
 from transforms.warehouse_io import WAREHOUSE_METRICS, WriteToWarehouse
 
 DEFAULT_CONSUMER_GROUP = 'kbml-ingest'

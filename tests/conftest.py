@@ -118,9 +118,11 @@ def warehouse(bootstrap, tmp_path_factory) -> str:
   """
   from kbml import simulator
   from pipelines import ingest
+  from use_cases.fraud import simulator as fraud_simulator
   topics = {name: f'ingested-{name}-{uuid.uuid4().hex[:8]}' for name in ('transactions', 'labels', 'dead-letter')}
-  simulation = simulator.simulate(simulator.SimulationConfig(customers=600, terminals=1200, days=50, seed=3))
-  simulator.produce(simulator.events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'],
+  config = fraud_simulator.SimulationConfig(customers=600, terminals=1200, days=50, seed=3)
+  simulation = fraud_simulator.simulate(config)
+  simulator.produce(fraud_simulator.events(simulation), {'bootstrap.servers': bootstrap}, topics['transactions'],
                     topics['labels'])
   url = f"duckdb://{tmp_path_factory.mktemp('ingested')}/warehouse.duckdb"
   ingest.run(['--bootstrap_servers', bootstrap, '--transactions_topic', topics['transactions'],

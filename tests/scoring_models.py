@@ -8,7 +8,7 @@ import numpy as np
 from trainer import trees
 from trainer.model import average, build_model
 from trainer.registry import ModelStore, new_version
-from transforms.features import FEATURE_NAMES
+from use_cases.fraud.features import FEATURE_NAMES
 
 
 def publish_model(model_dir: str, seed: int = 0, threshold: float = 0.5, promote: bool = True,

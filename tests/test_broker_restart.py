@@ -19,12 +19,13 @@ from kbml import simulator
 from kbml.alerts import DRIFT, AlertSink
 from kbml.kafka_client import group_lag
 from kbml.local_stack import APACHE_KAFKA, TANSU, LocalStack
-from kbml.simulator import SimulationConfig, simulate
 from kbml.warehouse import open_warehouse
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_scoring import TopicReader
 from transforms.metrics import read_sums, summaries
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 # The retrain listener's own alerts topic: only the alert the test raises, none of the monitor's.
@@ -71,7 +72,7 @@ def test_the_pipelines_ride_through_a_restart_of_apache_kafka(tmp_path):
   port = int(bootstrap.rsplit(':', 1)[1])
   config = {'bootstrap.servers': bootstrap}
   simulation = simulate(SimulationConfig(customers=150, terminals=300, days=16, seed=4))
-  events = list(simulator.events(simulation))
+  events = list(fraud_simulator.events(simulation))
   split_ms = int(simulation.config.start.timestamp() * 1000) + 10 * 86_400_000
   history, live = [e for e in events if e.timestamp_ms < split_ms], [e for e in events if e.timestamp_ms >= split_ms]
   publish_model(str(tmp_path / 'models'), seed=1)
@@ -120,7 +121,7 @@ def test_after_tansu_loses_its_data_the_scorer_stops_with_a_clear_error(tmp_path
   config = {'bootstrap.servers': bootstrap}
   simulation = simulate(SimulationConfig(customers=100, terminals=200, days=8, seed=4))
   publish_model(str(tmp_path / 'models'), seed=1)
-  simulator.produce(simulator.events(simulation), config, 'transactions', 'labels')
+  simulator.produce(fraud_simulator.events(simulation), config, 'transactions', 'labels')
   scorer = _pipelines(bootstrap, tmp_path)['scorer']
   try:
     scorer.start()

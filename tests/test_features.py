@@ -15,11 +15,12 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import trigger, window
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import local_options
 from transforms.feature_forms import FORMS, KEYED_STATE
-from transforms.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, ComputeFeatures, Histories
-from transforms.records import Label, Transaction, parse_utc_timestamp
+from transforms.records import parse_utc_timestamp
+from use_cases.fraud.features import CUSTOMER_HISTORY_FEATURES, FEATURE_NAMES, ComputeFeatures, Histories
+from use_cases.fraud.records import Label, Transaction
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 DELAY_DAYS = 7
 
@@ -147,7 +148,7 @@ def simulation():
 
 
 def independent_features(tx: pd.DataFrame) -> pd.DataFrame:
-  """Every feature of every transaction, computed without transforms.features."""
+  """Every feature of every transaction, computed without use_cases.fraud.features."""
   return pandas_features(tx).join(history_features(tx)).join(terminal_history_features(tx))
 
 

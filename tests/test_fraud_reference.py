@@ -11,7 +11,7 @@ import hashlib
 
 from kbml.warehouse import open_warehouse
 from trainer import task
-from transforms.features import FEATURE_NAMES, FEATURES_TABLE
+from use_cases.fraud.features import FEATURE_NAMES, FEATURES_TABLE
 
 FEATURE_ROWS = 'e862154b16666ad8fc7647cafd386a38317b7a5fe0bb1cb0f44d458c8387ec2c'
 # The test week 2018-05-13..2018-05-19 of a 5-day training range (tests/test_trainer.py's).

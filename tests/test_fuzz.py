@@ -18,12 +18,13 @@ from confluent_kafka import TopicPartition
 
 from kbml import simulator
 from kbml.kafka_client import AcknowledgedProducer, group_lag, list_partitions, new_consumer
-from kbml.simulator import SimulationConfig, simulate
 from kbml.warehouse import open_warehouse
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_scoring import TopicReader
 from transforms.records import REASON_HEADER, SOURCE_HEADERS
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 HOSTILE_RECORDS = 10_500
@@ -149,7 +150,7 @@ def test_hostile_records_stop_nothing_and_each_is_a_dead_letter_with_its_reason(
                                                                                 tmp_path):
   topics = {name: new_topic(suffix=f'-{name}') for name in TOPICS}
   simulation = simulate(SimulationConfig(customers=150, terminals=300, days=12, seed=21))
-  valid_events = list(simulator.events(simulation))
+  valid_events = list(fraud_simulator.events(simulation))
   hostile_count = HOSTILE_RECORDS
   assert hostile_count >= 10_000 and len(KINDS) >= 30
   model_dir, warehouse = str(tmp_path / 'models'), f'duckdb://{tmp_path}/warehouse.duckdb'

@@ -12,11 +12,12 @@ import pytest
 
 from kbml import simulator
 from kbml.kafka_client import group_lag
-from kbml.simulator import SimulationConfig, simulate
 from tests.conftest import consume
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_scoring import TOPICS, Scorer, TopicReader
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 SETTLE_S = 20  # after the first outputs, before the first measure
 IDLE_S = 90
@@ -30,7 +31,7 @@ def test_an_idle_mirror_and_an_idle_scorer_keep_their_memory_flat(bootstrap, new
   config = {'bootstrap.servers': bootstrap}
   simulation = simulate(SimulationConfig(customers=200, terminals=400, days=15, seed=5))
   split_ms = int(simulation.config.start.timestamp() * 1000) + 14 * 86_400_000
-  events = list(simulator.events(simulation))
+  events = list(fraud_simulator.events(simulation))
   history = [event for event in events if event.timestamp_ms < split_ms]
   live = [event for event in events if event.timestamp_ms >= split_ms][:300]
   simulator.produce(history, config, topics['transactions'], topics['labels'])

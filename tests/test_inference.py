@@ -17,8 +17,8 @@ from kbml.alerts import MODEL_REFUSED, AlertSink
 from tests.conftest import consume
 from tests.scoring_models import publish_model
 from trainer.registry import ModelStore
-from transforms.features import FEATURE_NAMES
 from transforms.inference import ModelStoreHandler
+from use_cases.fraud.features import FEATURE_NAMES
 
 THREADS = 6
 ROWS = [{name: float(i + j) / 10 for j, name in enumerate(FEATURE_NAMES)} for i in range(8)]

@@ -17,7 +17,6 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from kbml import simulator
-from kbml.simulator import SimulationConfig, events, simulate
 from kbml.warehouse import WarehouseError, open_warehouse
 from pipelines import ingest
 from tests import test_features
@@ -25,23 +24,23 @@ from tests.conftest import consume, local_options, produce
 from transforms import warehouse_io
 from transforms.batches import Batch
 from transforms.feature_forms import KEYED_STATE, ORDERED_BUNDLES
-from transforms.features import ComputeFeatures
 from transforms.kafka_io import KafkaRecord, ReadFromKafka
 from transforms.records import (
   DEAD_LETTER_TAG,
-  LABEL_SCHEMA,
   MAX_DEAD_LETTER_BYTES,
   ORIGINAL_BYTES_HEADER,
   ORIGINAL_SHA256_HEADER,
   REASON_HEADER,
   SOURCE_HEADERS,
-  TRANSACTION_SCHEMA,
   DeadLetter,
   InvalidRecord,
   ParseRecords,
   dead_letter_message,
   parse_utc_timestamp,
 )
+from use_cases.fraud.features import ComputeFeatures
+from use_cases.fraud.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
+from use_cases.fraud.simulator import SimulationConfig, events, simulate
 
 VALID = (b'{"transaction_id": %d, "tx_datetime": "2018-04-01T10:%02d:%02dZ", "customer_id": %d, '
          b'"terminal_id": %d, "amount": %d.%02d}')

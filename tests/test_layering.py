@@ -9,6 +9,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('kbml', 'pipelines', 'transforms', 'trainer', 'use_cases')
 BELOW_THE_COMMAND_LINE = ('pipelines', 'transforms', 'trainer', 'use_cases')
 COMMAND_LINE_AND_DEMO = ('kbml.cli', 'kbml.loop')
+ENGINE = ('kbml', 'pipelines', 'transforms', 'trainer')
 
 
 def _modules() -> Dict[str, str]:
@@ -85,6 +86,15 @@ def test_nothing_below_the_command_line_imports_it_or_the_demo():
   assert not upward
 
 
+def test_the_engine_imports_no_use_case():
+  """The engine takes a use case by name (``--use-case``): it imports none, fraud included."""
+  graph, _ = _imports(_modules())
+  imports_a_use_case = [f'{module} imports {imported}' for module, imports in sorted(graph.items())
+                        if module.startswith(ENGINE) for imported in sorted(imports)
+                        if imported.startswith('use_cases')]
+  assert not imports_a_use_case
+
+
 def test_no_private_name_is_imported_from_another_module():
   _, private = _imports(_modules())
   assert not private
@@ -103,8 +113,8 @@ def test_the_walk_sees_imports_inside_functions_and_a_cycle():
 
 def test_a_worker_that_parses_scores_and_writes_loads_no_broker_manager_or_command_line():
   graph, _ = _imports(_modules())
-  loaded, waiting = set(), ['transforms.records', 'transforms.features', 'transforms.inference',
-                            'transforms.warehouse_io', 'transforms.monitoring']
+  loaded, waiting = set(), ['transforms.records', 'use_cases.fraud.features', 'use_cases.iot.features',
+                            'transforms.inference', 'transforms.warehouse_io', 'transforms.monitoring']
   while waiting:
     module = waiting.pop()
     if module not in loaded:

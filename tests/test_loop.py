@@ -15,8 +15,8 @@ import pytest
 from kbml import status
 from kbml.alerts import DRIFT
 from kbml.loop import PHASES, parse_args, run_loop
-from kbml.simulator import SimulationConfig
 from trainer.registry import ModelStore
+from use_cases.fraud.simulator import SimulationConfig
 
 LIVE_FROM_DAY, DRIFT_FROM_DAY = 82, 84
 

@@ -23,12 +23,12 @@ from tests.conftest import consume, local_options, produce
 from tests.scoring_models import publish_model
 from trainer.data import feature_statistics
 from trainer.registry import ModelStore
-from transforms.features import FEATURE_NAMES
 from transforms.kafka_io import KafkaRecord
 from transforms.metrics import SCORE_BINS, read_sums, score_bin, summaries
 from transforms.monitoring import LABEL, PREDICTION, JoinLabelsFn, LabelJoin, Observation, parse_prediction
 from transforms.records import DeadLetter, InvalidRecord, dead_letter_message
 from transforms.use_case import load_use_case
+from use_cases.fraud.features import FEATURE_NAMES
 
 FRAUD = load_use_case('fraud')
 DAY_MS = 86_400_000

@@ -13,16 +13,17 @@ from kbml.warehouse import open_warehouse
 from pipelines import ingest
 from tests.pipeline_process import PROJECT_ROOT
 from transforms.use_case import UseCase, load_use_case
+from use_cases.fraud import simulator as fraud_simulator
 
-SIMULATION = simulator.SimulationConfig(customers=100, terminals=200, days=15, seed=4)
+SIMULATION = fraud_simulator.SimulationConfig(customers=100, terminals=200, days=15, seed=4)
 
 
 @pytest.fixture(scope='module')
 def simulated(tmp_path_factory):
   """A small simulation and its files: JSON Lines as `kbml simulate --output-dir` writes them, CSV and Parquet."""
-  simulation = simulator.simulate(SIMULATION)
+  simulation = fraud_simulator.simulate(SIMULATION)
   folder = tmp_path_factory.mktemp('files')
-  transactions_file, labels_file = simulator.write_files(simulation, str(folder))
+  transactions_file, labels_file = fraud_simulator.write_files(simulation, str(folder))
   files = {'jsonl': (transactions_file, labels_file)}
   for extension in ('csv', 'parquet'):
     paths = (str(folder / f'transactions.{extension}'), str(folder / f'labels.{extension}'))
@@ -38,7 +39,7 @@ def test_a_file_in_each_format_gives_the_simulators_own_records_in_its_order(sim
   simulation, files = simulated
   transactions, labels = (produce.read_table(path) for path in files[extension])
   assert list(produce.events_of(transactions, labels, SIMULATION.label_delay_days)) == list(
-      simulator.events(simulation))
+      fraud_simulator.events(simulation))
 
 
 def _ingested(bootstrap: str, topics, folder, use_case: UseCase):
@@ -77,7 +78,7 @@ def assert_produce_round_trips(bootstrap: str, new_topic, folder, simulated_even
 def test_kbml_produce_round_trips_a_csv_file_through_ingest(simulated, bootstrap, new_topic, tmp_path):
   simulation, files = simulated
   # The flag of before the use-case API, --transactions, is kept as an alias of --events.
-  assert_produce_round_trips(bootstrap, new_topic, tmp_path, simulator.events(simulation),
+  assert_produce_round_trips(bootstrap, new_topic, tmp_path, fraud_simulator.events(simulation),
                              ['--transactions', files['csv'][0], '--labels', files['csv'][1]],
                              len(simulation.transactions), load_use_case('fraud'))
 

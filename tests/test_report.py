@@ -18,9 +18,9 @@ from trainer import evaluate
 from trainer.data import feature_statistics
 from trainer.registry import ModelStore
 from transforms import metrics
-from transforms.features import FEATURE_NAMES
 from transforms.records import utc_iso
 from transforms.use_case import load_use_case
+from use_cases.fraud.features import FEATURE_NAMES
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 WINDOW_WIDTH, WINDOW_HEIGHT = 1400, 4000

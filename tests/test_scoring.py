@@ -25,7 +25,6 @@ from confluent_kafka import TopicPartition
 
 from kbml import simulator
 from kbml.kafka_client import Partition, committed_offsets, fetched_end_offset, list_partitions, new_consumer
-from kbml.simulator import SimulationConfig, simulate
 from kbml.warehouse import open_warehouse
 from pipelines import ingest, scoring
 from pipelines.options import pipeline_options
@@ -37,9 +36,11 @@ from trainer import data, model, trees
 from trainer.model import DEFAULT_ENSEMBLE, DEFAULT_HIDDEN_UNITS, average, build_model
 from trainer.registry import ModelStore
 from transforms.batches import Batch
-from transforms.features import FEATURE_NAMES
 from transforms.records import REASON_HEADER, parse_utc_timestamp
 from transforms.use_case import load_use_case
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.features import FEATURE_NAMES
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 FRAUD = load_use_case('fraud')
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
@@ -78,7 +79,7 @@ def stream(bootstrap, new_topic, group_id, tmp_path):
   """Topics, a model store with a promoted model, a simulation split into history (produced) and live events."""
   topics = {name: new_topic(suffix=f'-{name}') for name in TOPICS}
   simulation = simulate(SimulationConfig(customers=300, terminals=600, days=20, seed=11))
-  events = list(simulator.events(simulation))
+  events = list(fraud_simulator.events(simulation))
   split_ms = int(simulation.config.start.timestamp() * 1000) + 12 * 86_400_000
   history = [e for e in events if e.timestamp_ms < split_ms]
   simulator.produce(history, {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
@@ -387,7 +388,7 @@ import os
 import sys
 import numpy as np
 from bench.common import resident_mb
-from transforms.features import FEATURE_NAMES
+from use_cases.fraud.features import FEATURE_NAMES
 from transforms.inference import ModelStoreHandler
 handler = ModelStoreHandler(sys.argv[1])
 model = handler.load_model()

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from kbml.simulator import (
+from use_cases.fraud.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
+from use_cases.fraud.simulator import (
   GENUINE,
   SCENARIO_AMOUNT,
   SCENARIO_CUSTOMER,
@@ -14,7 +15,6 @@ from kbml.simulator import (
   simulate,
   write_files,
 )
-from transforms.records import LABEL_SCHEMA, TRANSACTION_SCHEMA
 
 
 @pytest.fixture(scope='module')

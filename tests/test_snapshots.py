@@ -9,15 +9,16 @@ import numpy as np
 import pandas as pd
 
 from kbml import simulator
-from kbml.simulator import SimulationConfig, simulate
 from pipelines.events import snapshot_start_offsets
 from tests.conftest import produce
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_features import independent_features
 from tests.test_scoring import TopicReader
-from transforms.features import FEATURE_NAMES, Histories, snapshot_identity
 from transforms.snapshots import StateSnapshots
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.features import FEATURE_NAMES, Histories, snapshot_identity
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 TOPICS = ('transactions', 'labels', 'predictions', 'dead-letter', 'alerts')
 
@@ -37,7 +38,7 @@ def test_a_killed_scorer_resumes_from_its_snapshot_and_computes_the_same_feature
                                                                                    tmp_path):
   topics = {name: new_topic(suffix=f'-{name}') for name in TOPICS}
   simulation = simulate(SimulationConfig(customers=200, terminals=400, days=20, seed=12))
-  events = list(simulator.events(simulation))
+  events = list(fraud_simulator.events(simulation))
   split_ms = int(simulation.config.start.timestamp() * 1000) + 12 * 86_400_000
   before, after = [e for e in events if e.timestamp_ms < split_ms], [e for e in events if e.timestamp_ms >= split_ms]
   config = {'bootstrap.servers': bootstrap}

@@ -26,10 +26,11 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 
 from kbml import simulator
-from kbml.simulator import SimulationConfig, simulate
 from tests.pipeline_process import PipelineProcess
 from tests.scoring_models import publish_model
 from tests.test_scoring import TOPICS, Scorer, TopicReader
+from use_cases.fraud import simulator as fraud_simulator
+from use_cases.fraud.simulator import SimulationConfig, simulate
 
 STOP_LIMIT_S = 10
 START_LIMIT_S = 90  # a scorer on a busy 2-core machine: TensorFlow, the model, Beam
@@ -81,7 +82,7 @@ def stream(bootstrap, new_topic, tmp_path) -> Dict:
   topics = {name: new_topic(partitions=2, suffix=f'-{name}') for name in TOPICS}
   simulation = simulate(SimulationConfig(customers=150, terminals=300, days=20, seed=15))
   split_ms = int(simulation.config.start.timestamp() * 1000) + 4 * 86_400_000
-  events = list(simulator.events(simulation))
+  events = list(fraud_simulator.events(simulation))
   history = [event for event in events if event.timestamp_ms < split_ms]
   simulator.produce(history, {'bootstrap.servers': bootstrap}, topics['transactions'], topics['labels'])
   live = [event for event in events if event.timestamp_ms >= split_ms]

@@ -19,9 +19,9 @@ from kbml.warehouse import WarehouseError, open_warehouse
 from tests.scoring_models import publish_model
 from trainer import data, evaluate, model, retrain, task, trees
 from trainer.registry import ModelStore, ModelStoreError
-from transforms.features import FEATURE_NAMES, FEATURES_TABLE
-from transforms.records import LABELS_TABLE
 from transforms.use_case import load_use_case
+from use_cases.fraud.features import FEATURE_NAMES, FEATURES_TABLE
+from use_cases.fraud.records import LABELS_TABLE
 
 FRAUD = load_use_case('fraud')
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'

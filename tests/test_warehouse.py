@@ -7,7 +7,7 @@ import pytest
 
 from kbml.warehouse import TableSchema, WarehouseError, open_warehouse
 from transforms.metrics import METRICS_SCHEMA, METRICS_TABLE, metric_rows, read_sums, summaries
-from transforms.records import LABELS_TABLE
+from use_cases.fraud.records import LABELS_TABLE
 
 SCHEMA = TableSchema(columns=(('id', 'INT64'), ('at', 'TIMESTAMP'), ('amount', 'NUMERIC'), ('score', 'FLOAT64')),
                      key=('id',))

@@ -26,12 +26,19 @@ import weakref
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
+import objsize
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils import windowed_value
 
 from transforms.batches import Batch, items_of
 from transforms.snapshots import StateSnapshots
+
+# Beam's SDK harness weighs every value it puts in its state cache with objsize, which by default first collects
+# the ids of every loaded module's globals, on every call: 1.5 ms per state write, 5 ms once TensorFlow is loaded
+# (BENCHMARKS.md). The histories a feature transform keeps in state reach no module globals, so their weights do
+# not change.
+objsize.default_settings.exclude_modules_globals = False
 
 KEYED_STATE = 'keyed_state'
 ORDERED_BUNDLES = 'ordered_bundles'

@@ -530,7 +530,7 @@ class ReadFromKafka(beam.PTransform):
     align_partitions: read the partitions in step in event time, so that the
       stages fused behind the read get their events in event-time order from
       one bundle to the next (what the local runner's form of the features
-      relies on, ``transforms/features.py``). For the local runner, which
+      relies on, ``ORDERED_BUNDLES`` in ``transforms/feature_forms.py``). For the local runner, which
       gives those stages no usable watermark (see the module docstring); it
       needs every partition read in one process.
     idle_poll_s: in an unbounded read, the longest that one fetch waits for

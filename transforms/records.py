@@ -7,8 +7,8 @@ offset and a readable reason, to the dead-letter output, which the pipelines
 write to the ``dead-letter`` topic. Nothing is dropped and bad data never
 fails a pipeline.
 
-A use case defines its schemas here (the fraud use case: transactions and
-labels); a new use case adds its own.
+A use case defines its schemas in its own module, with the checks of the
+fields defined here (``integer_id``, ``parse_utc_timestamp``, ...).
 """
 
 import dataclasses
@@ -20,12 +20,12 @@ from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional,
 
 import apache_beam as beam
 
-from kbml.warehouse import TableSchema
 from transforms.batches import Batch, in_kind_of, items_of
 from transforms.kafka_io import KafkaRecord
 
 DEAD_LETTER_TAG = 'dead_letter'
 MAX_RECORD_BYTES = 64 * 1024
+DAY_SECONDS = 86_400
 MAX_ID = 2 ** 53  # ids stay exact as JSON numbers
 MAX_AMOUNT = Decimal(2 ** 53) / 100
 # An amount with more decimals than cents, this close to a cent, is that cent: what a binary float of a cent
@@ -65,7 +65,8 @@ def integer_id(value: Any) -> int:
   return value
 
 
-def _amount(value: Any) -> Decimal:
+def amount_in_cents(value: Any) -> Decimal:
+  """A JSON number of money: not negative, exact to the cent (a float's rounding of a cent is that cent)."""
   if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
     raise InvalidRecord(f'must be a number, got {type(value).__name__} {value!r}'[:200])
   amount = Decimal(value)
@@ -186,75 +187,6 @@ class RecordSchema:
     return self.row_type(*values, *self.source_fields(*source)) if source else self.row_type(*values)
 
 
-class Transaction(NamedTuple):
-  transaction_id: int
-  tx_time: float  # seconds since the epoch, UTC
-  customer_id: int
-  terminal_id: int
-  amount: Decimal
-  kafka_partition: int = -1  # where the record was read: lineage, and replays by offset
-  kafka_offset: int = -1
-
-
-class Label(NamedTuple):
-  transaction_id: int
-  tx_time: float
-  customer_id: int
-  terminal_id: int
-  is_fraud: int
-  fraud_scenario: int
-  known_time: float = 0.0  # when the label arrived: its Kafka timestamp
-  kafka_partition: int = -1
-  kafka_offset: int = -1
-
-
-# The columns that identify a transaction, first in every table about transactions.
-TRANSACTION_COLUMNS = (('transaction_id', 'INT64'), ('tx_datetime', 'TIMESTAMP'), ('customer_id', 'INT64'),
-                       ('terminal_id', 'INT64'))
-
-# A transaction's first label wins, as in the features and the monitor's join: a later one changes nothing.
-LABELS_TABLE = TableSchema(
-    columns=(*TRANSACTION_COLUMNS, ('is_fraud', 'INT64'), ('fraud_scenario', 'INT64'),
-             ('known_datetime', 'TIMESTAMP')),
-    key=('transaction_id',), keep_first=True)
-
-
-def label_row(label: Label) -> Dict[str, object]:
-  """A label as a warehouse row."""
-  return {'transaction_id': label.transaction_id, 'tx_datetime': utc_iso(label.tx_time),
-          'customer_id': label.customer_id, 'terminal_id': label.terminal_id, 'is_fraud': label.is_fraud,
-          'fraud_scenario': label.fraud_scenario, 'known_datetime': utc_iso(label.known_time)}
-
-
-TRANSACTION_SCHEMA = RecordSchema('transaction', {
-    'transaction_id': integer_id,
-    'tx_datetime': parse_utc_timestamp,
-    'customer_id': integer_id,
-    'terminal_id': integer_id,
-    'amount': _amount,
-}, Transaction, 'tx_time', lambda partition, offset, timestamp_ms: (partition, offset))
-
-LABEL_SCHEMA = RecordSchema('label', {
-    'transaction_id': integer_id,
-    'tx_datetime': parse_utc_timestamp,
-    'customer_id': integer_id,
-    'terminal_id': integer_id,
-    'is_fraud': flag,
-    'fraud_scenario': small_int,
-}, Label, 'tx_time', lambda partition, offset, timestamp_ms: (timestamp_ms / 1000, partition, offset))
-
-
-def event_time(event) -> float:
-  """When an event happened, in seconds since the epoch: a transaction at its own time, a label when it became
-  known."""
-  return event.tx_time if isinstance(event, Transaction) else event.known_time
-
-
-def at_event_time(event):
-  """Timestamps a Transaction or Label with its :func:`event_time`."""
-  return beam.window.TimestampedValue(event, event_time(event))
-
-
 def utc_iso(seconds: float, milliseconds: bool = False) -> str:
   """Formats epoch seconds as the records' timestamp text (UTC, Z suffix), to the second or millisecond."""
   moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
@@ -297,29 +229,15 @@ def dead_letter_message(dead: DeadLetter) -> Tuple[Optional[bytes], Optional[byt
   return key, value[:MAX_DEAD_LETTER_BYTES - _message_bytes(key, None, headers + own_headers)], headers + own_headers
 
 
-def transaction_record(transaction: Transaction, topic: str) -> KafkaRecord:
-  """The Kafka record of a transaction as read: its fields as JSON, its partition and offset, at its time.
-
-  What a dead letter about a transaction holds when the step that refused
-  it had only the parsed transaction: producing the value again re-submits
-  it.
-  """
-  fields = json.dumps({'transaction_id': transaction.transaction_id, 'tx_datetime': utc_iso(transaction.tx_time),
-                       'customer_id': transaction.customer_id, 'terminal_id': transaction.terminal_id})
-  value = f'{fields[:-1]}, "amount": {transaction.amount}}}'  # the amount as the exact decimal it was read as
-  return KafkaRecord(topic, transaction.kafka_partition, transaction.kafka_offset, int(transaction.tx_time * 1000),
-                     str(transaction.transaction_id).encode(), value.encode(), ())
-
-
 class EventTimeLimits(NamedTuple):
   """How far a record's event time (its schema's ``time_field``) may be from its Kafka timestamp.
 
   The pipelines take a record's Kafka timestamp for its event time when
   they read the partitions in step, and apply the events to the histories
   in event time: a record whose own time is far from it would be applied
-  out of its place, or move the histories' clock. A transaction cannot
-  happen after it was produced (beyond clock skew), and one produced long
-  after it happened is a replay that lost its timestamps, or a fabrication.
+  out of its place, or move the histories' clock. An event cannot happen
+  after it was produced (beyond clock skew), and one produced long after it
+  happened is a replay that lost its timestamps, or a fabrication.
 
   Attributes:
     ahead_s: most seconds the event time may be after the Kafka timestamp.

@@ -1,7 +1,7 @@
 """What a use case declares, and how the engine finds one by name.
 
-A use case is one module (``use_cases/fraud.py``, ``use_cases/iot/``, or a
-package of your own) whose ``USE_CASE`` is a :class:`UseCase`: its event and
+A use case is one package (``use_cases/fraud/``, ``use_cases/iot/``, or a
+module of your own) whose ``USE_CASE`` is a :class:`UseCase`: its event and
 label records, the columns that name and time an event, its features and its
 tables. The pipelines take one (``--use-case fraud|iot|package.module``) and
 know nothing else of it.

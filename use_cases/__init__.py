@@ -1,7 +1,5 @@
-"""Use cases of the engine, one package each.
+"""Use cases of the engine, one package each, each declaring a ``USE_CASE`` (:class:`transforms.use_case.UseCase`).
 
-``iot``: predictive maintenance of a machine fleet (so far its simulator). The
-fraud case still lives in the engine (``kbml/simulator.py``,
-``transforms/records.py``, ``transforms/features.py``) until a use-case API
-lets the engine take either.
+``fraud``: credit-card fraud after the Fraud Detection Handbook, the default.
+``iot``: predictive maintenance of a machine fleet.
 """

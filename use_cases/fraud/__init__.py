@@ -1,11 +1,12 @@
 """Credit-card fraud, the flagship use case: transactions, their fraud labels, the handbook's features.
 
-Its parts still live in the engine's modules, where the pipelines were first
-built for it (``transforms/records.py``, ``transforms/features.py``,
-``kbml/simulator.py``); this module declares them as a use case.
+Its parts: ``records`` (the transactions and labels, their schemas and
+tables), ``features`` (the handbook's features and 8 more, in the three
+forms) and ``simulator`` (the handbook's generator, with a drift scenario).
 """
 
-from transforms.features import (
+from transforms.use_case import UseCase
+from use_cases.fraud.features import (
   DEFAULT_LABEL_DELAY_DAYS,
   FEATURE_NAMES,
   FEATURES_TABLE,
@@ -16,8 +17,7 @@ from transforms.features import (
   snapshot_identity,
   transaction_of_feature_row,
 )
-from transforms.records import LABEL_SCHEMA, LABELS_TABLE, TRANSACTION_SCHEMA, label_row, transaction_record
-from transforms.use_case import UseCase
+from use_cases.fraud.records import LABEL_SCHEMA, LABELS_TABLE, TRANSACTION_SCHEMA, label_row, transaction_record
 
 USE_CASE = UseCase(
     name='fraud',
@@ -50,5 +50,5 @@ USE_CASE = UseCase(
     max_event_lateness_days=HISTORY_DAYS,
     # A day is all weekend or none of it: its calendar decides, not drift.
     drift_exclude=('TX_DURING_WEEKEND',),
-    simulator='kbml.simulator',
+    simulator='use_cases.fraud.simulator',
 )

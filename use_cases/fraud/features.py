@@ -63,7 +63,6 @@ from decimal import Decimal
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
-import objsize
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
@@ -89,23 +88,10 @@ from transforms.feature_forms import (
   note_applied,
   repeated,
 )
-from transforms.records import (
-  TRANSACTION_COLUMNS,
-  Label,
-  Transaction,
-  at_event_time,
-  event_time,
-  parse_utc_timestamp,
-  utc_iso,
-)
+from transforms.records import DAY_SECONDS, parse_utc_timestamp, utc_iso
 from transforms.snapshots import StateSnapshots
+from use_cases.fraud.records import TRANSACTION_COLUMNS, Label, Transaction, at_event_time, event_time
 
-# Beam's SDK harness weighs every value it puts in its state cache with objsize, which by default first collects
-# the ids of every loaded module's globals, on every call: 1.5 ms per state write, 5 ms once TensorFlow is loaded
-# (BENCHMARKS.md). The histories kept in state reach no module globals, so their weights do not change.
-objsize.default_settings.exclude_modules_globals = False
-
-DAY_SECONDS = 86_400
 WINDOW_DAYS = (1, 7, 30)
 DEFAULT_LABEL_DELAY_DAYS = 7
 
