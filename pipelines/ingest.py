@@ -1,7 +1,7 @@
 """Ingest: Kafka events and labels -> validation -> features -> warehouse.
 
-Every record of the use case's events topic (``--use-case``; fraud:
-``transactions``) and ``labels`` topic is parsed against its schema; a bad
+Every record of the use case's events and labels topics (``--use-case``;
+fraud: ``transactions`` and ``labels``) is parsed against its schema; a bad
 one goes to the ``dead-letter`` topic with its original bytes, its source and
 the reason. Valid events get their features (computed in event time with the
 labels that have arrived) and are written to the warehouse's ``features``

@@ -1,7 +1,8 @@
 """Snapshots of a pipeline's in-process state, with the Kafka offsets it reflects.
 
-A streaming pipeline on the local runner keeps its state (the customers' and
-terminals' histories) in its process. Without a snapshot, a restart rebuilds
+A streaming pipeline on the local runner keeps its state (the histories its
+use case's features read: fraud's customers and terminals, IoT's machines) in
+its process. Without a snapshot, a restart rebuilds
 it by reading the topics from their beginning: a restart that takes longer
 the longer the pipeline has run, and topics that must keep all their
 records. With one, a restart loads the newest snapshot and reads on from the
