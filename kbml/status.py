@@ -48,14 +48,13 @@ from kbml.kafka_client import (
   new_probe_consumer,
 )
 from kbml.kafka_config import KafkaConfigError
-from kbml.local_stack import PartitionOffsets, StackStatus, local_bootstrap_servers
+from kbml.local_stack import SHARED_TOPICS, PartitionOffsets, StackStatus, local_bootstrap_servers
 from kbml.local_state import default_model_dir
 from kbml.warehouse import default_warehouse_url
 from transforms.use_case import DEFAULT_USE_CASE, load_use_case
 
 # The events and labels topics are named by the use case; the others are the same for every one.
-USE_CASE_TOPIC_ROLES = ('events', 'labels')
-TOPIC_ROLES = (*USE_CASE_TOPIC_ROLES, 'predictions', 'alerts', 'dead-letter')
+TOPIC_ROLES = ('events', 'labels', *SHARED_TOPICS)
 # Pipeline -> (its default consumer group, the topic roles it reads); pipelines/ingest.py and scoring.py
 # declare the same group names.
 PIPELINES = {
@@ -90,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--events-topic', '--transactions-topic', dest='events_topic',
                       help='Default: the use case\'s (transactions for fraud).')
   parser.add_argument('--labels-topic', help='Default: the use case\'s (labels for fraud).')
-  for role in TOPIC_ROLES[len(USE_CASE_TOPIC_ROLES):]:
+  for role in SHARED_TOPICS:
     parser.add_argument(f'--{role}-topic', default=role, dest=_topic_option(role))
   for pipeline, (group, _) in PIPELINES.items():
     parser.add_argument(f'--{pipeline}-group', default=group, help=f'The {pipeline} pipeline\'s consumer group.')
