@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from kbml.simulator import Event, produce
+from transforms.records import DAY_SECONDS
 from transforms.use_case import UseCase, load_use_case
 
 KNOWN_TIME_COLUMN = 'known_datetime'
@@ -133,7 +134,7 @@ def events_of(events: pd.DataFrame, labels: Optional[pd.DataFrame] = None,
     _check_columns(labels, label_fields, 'labels')
     labelled_seconds = _event_seconds(labels, time_column, 'labels')
     known = (_event_seconds(labels, KNOWN_TIME_COLUMN, 'labels') if KNOWN_TIME_COLUMN in labels.columns else
-             labelled_seconds + label_delay_days * 86_400)
+             labelled_seconds + label_delay_days * DAY_SECONDS)
     frames.insert(0, (labels, label_fields, labelled_seconds, known, True))
   values, keys, times, is_label = [], [], [], []
   for frame, fields, record_seconds, timestamp_seconds, labelled in frames:

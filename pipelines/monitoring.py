@@ -64,7 +64,7 @@ from transforms.monitoring import (
   dead_letter_source,
   parse_prediction,
 )
-from transforms.records import DEAD_LETTER_TAG, DeadLetter, InvalidRecord
+from transforms.records import DAY_SECONDS, DEAD_LETTER_TAG, DeadLetter, InvalidRecord
 from transforms.use_case import UseCase
 
 DEFAULT_CONSUMER_GROUP = 'kbml-monitoring'
@@ -123,7 +123,7 @@ def settings_of(options: PipelineOptions,
       model_dir=models.model_dir_or_default(),
       alerts_config=config, alerts_topic=models.alerts_topic,
       window_s=monitoring.window_hours * 3600, grace_s=monitoring.grace_hours * 3600,
-      label_delay_s=events.label_delay() * 86_400, psi_threshold=monitoring.psi_threshold,
+      label_delay_s=events.label_delay() * DAY_SECONDS, psi_threshold=monitoring.psi_threshold,
       min_window_predictions=monitoring.min_window_predictions, precision_floor=monitoring.precision_floor,
       recall_floor=monitoring.recall_floor, min_labelled_positives=monitoring.min_labelled_positives,
       max_dead_letter_rate=monitoring.max_dead_letter_rate, scorer_group=monitoring.scorer_group,
@@ -208,7 +208,7 @@ class MonitorPredictions(beam.PTransform):
                                                      events.labels_topic_or_default(), self._first_new)).with_outputs(
                                                          DEAD_LETTER_TAG, main='observed'))
     _ = observed[DEAD_LETTER_TAG] | 'WriteDeadLetters' >> WriteDeadLetters(options, config)
-    retention_s = options.view_as(MonitoringOptions).label_join_days * 86_400
+    retention_s = options.view_as(MonitoringOptions).label_join_days * DAY_SECONDS
     join = JoinLabelsInProcessFn(retention_s) if local else JoinLabelsFn(retention_s)
     return (observed['observed']
             | 'JoinLabels' >> beam.ParDo(join).with_input_types(Tuple[str, Observation])
