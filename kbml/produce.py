@@ -98,11 +98,6 @@ def _check_columns(frame: pd.DataFrame, fields: Tuple[str, ...], what: str):
                        f'{", ".join(fields)}.')
 
 
-def record_fields(use_case: UseCase) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-  """The fields of the use case's event and label records, in their order."""
-  return tuple(use_case.event_schema.fields), tuple(use_case.label_schema.fields)
-
-
 def events_of(events: pd.DataFrame, labels: Optional[pd.DataFrame] = None,
               label_delay_days: Optional[float] = None, key_column: Optional[str] = None,
               use_case: Optional[UseCase] = None) -> Iterator[Event]:
@@ -122,7 +117,7 @@ def events_of(events: pd.DataFrame, labels: Optional[pd.DataFrame] = None,
     ProduceError: a required column is missing or a time is not one.
   """
   use_case = use_case or load_use_case()
-  event_fields, label_fields = record_fields(use_case)
+  event_fields, label_fields = tuple(use_case.event_schema.fields), tuple(use_case.label_schema.fields)
   time_column, noun = use_case.time_column, use_case.event_noun
   label_delay_days = use_case.default_label_delay_days if label_delay_days is None else label_delay_days
   key_column = key_column or use_case.key_columns[0]
