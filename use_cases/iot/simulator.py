@@ -286,8 +286,8 @@ def events(simulation: Simulation, from_day: Optional[float] = None,
   yield from merged_in_event_time(reading_ms, label_ms, keys, *records(simulation), start_ms, from_day, until_day)
 
 
-# `kbml loop --use-case iot`: 60 machines; from day 33 seals start to leak, half a leak a year per machine on
-# average, so that many machines leak within days (at 12 a year, no feature's daily PSI passes 0.2; at 180 the
+# `kbml loop --use-case iot`: 60 machines; from day 33 seals start to leak, at 180 leaks a year per machine (one
+# every two days), so that many machines leak within days (at 12 a year, no feature's daily PSI passes 0.2; at 180 the
 # pressure features pass it on the first whole day). The first model trains on the history's last 20 labelled
 # days before 3 of validation and 3 of test (failures are few without leaks); the drift retrain waits for 6 days of
 # labels from the alert's window, so that it trains on leaks and is tested on the 2 newest days.
