@@ -30,6 +30,27 @@ def test_standard_run_matches_the_handbooks_fraud_rate(standard_run):
   assert tx['tx_datetime'].is_monotonic_increasing and (tx['transaction_id'] == np.arange(len(tx))).all()
 
 
+def test_handbook_draws_give_the_handbooks_own_run():
+  """Chapter 3 of the handbook prints its run's size, fraud count, first customer, first and last transactions."""
+  simulation = simulate(SimulationConfig(draws='handbook'))
+  tx = simulation.transactions
+  assert (len(tx), tx['is_fraud'].sum()) == (1_754_155, 14_681)
+  assert simulation.customers.loc[0, ['x', 'y', 'mean_amount', 'mean_tx_per_day']].round(6).tolist() == [
+      54.88135, 71.518937, 62.262521, 2.179533]
+  columns = ['tx_time_seconds', 'customer_id', 'terminal_id', 'amount']
+  assert [tuple(row) for row in tx[columns].iloc[[0, 1, 2, 3, 4, -5, -4, -3, -2, -1]].itertuples(False)] == [
+      (31, 596, 3156, 57.16), (130, 4961, 3412, 81.51), (476, 2, 1365, 146.0), (569, 4128, 8737, 64.49),
+      (634, 927, 9906, 50.99), (15810996, 161, 655, 54.24), (15811058, 4342, 6181, 1.23),
+      (15811101, 618, 1502, 6.62), (15811192, 4056, 3067, 55.4), (15811197, 3542, 9849, 23.59)]
+
+
+def test_handbook_draws_have_their_own_seeds():
+  with pytest.raises(ValueError, match='own seeds'):
+    simulate(SimulationConfig(customers=10, terminals=10, days=2, seed=1, draws='handbook'))
+  with pytest.raises(ValueError, match='vectorised, handbook'):
+    simulate(SimulationConfig(customers=10, terminals=10, days=2, draws='numpy'))
+
+
 def test_fraud_scenarios_follow_their_rules(standard_run):
   tx = standard_run.transactions
   assert tx.loc[tx['amount'] > 220, 'is_fraud'].all(), 'scenario 1: every amount over 220 is fraudulent'

@@ -4,10 +4,18 @@ It follows the generative process of Le Borgne et al., "Reproducible Machine
 Learning for Credit Card Fraud Detection - Practical Handbook", chapter 3:
 customers and terminals on a 100x100 grid, each customer using the terminals
 within a radius, Poisson daily counts, times around midday, normal amounts,
-and three fraud scenarios. The draws are vectorised with one seeded NumPy
-generator, so a run is deterministic for a seed and takes seconds (the
-handbook's per-customer loops take minutes); the numbers differ from the
-handbook's own run, the distributions do not.
+and three fraud scenarios. Two ways to draw:
+
+- ``vectorised`` (the default): one seeded NumPy generator draws each
+  quantity for all customers at once, so a run is deterministic for a seed
+  and takes seconds; its numbers differ from the handbook's run, its
+  distributions do not.
+- ``handbook``: the handbook's own seeds and order of draws (NumPy's legacy
+  generator seeded with each customer's id, Python's ``random`` for the
+  terminals and the scenario-3 picks, pandas' sampling seeded with the
+  day), one customer at a time; the standard run is then the handbook's own
+  dataset (1,754,155 transactions, 14,681 frauds), on which its published
+  figures were measured. It takes about a minute.
 
 An optional drift scenario (4) starts a new fraud pattern on a given day: a
 cash-out wave, stolen cards drained in bursts at night, at terminals far
@@ -17,6 +25,7 @@ from home, for larger amounts, so that the features' distributions move.
 import dataclasses
 import datetime
 import os
+import random
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -26,6 +35,8 @@ from kbml.simulator import Event, LoopScenario, merged_in_event_time
 from transforms.records import DAY_SECONDS
 
 GRID_SIZE = 100.0
+
+DRAWS = ('vectorised', 'handbook')
 
 GENUINE, SCENARIO_AMOUNT, SCENARIO_TERMINAL, SCENARIO_CUSTOMER, SCENARIO_DRIFT = range(5)
 
@@ -40,7 +51,10 @@ class SimulationConfig:
     radius: a customer uses the terminals within this distance.
     start_date: first day, ISO format, UTC.
     days: number of days.
-    seed: seed of every draw.
+    seed: seed of every draw (the handbook's draws have their own seeds: 0 only).
+    draws: vectorised (fast, any seed) or handbook (its own seeds and order of
+      draws: the standard run is then the handbook's dataset, transaction for
+      transaction).
     label_delay_days: how long after a transaction its label (fraud or not) arrives.
     drift_from_day: first day of the drift scenario (4); None for none.
     drift_cards_per_day: cards drained by the drift scenario each day.
@@ -54,6 +68,7 @@ class SimulationConfig:
   start_date: str = '2018-04-01'
   days: int = 183
   seed: int = 0
+  draws: str = 'vectorised'
   label_delay_days: float = 7.0
   drift_from_day: Optional[int] = None
   drift_cards_per_day: int = 10
@@ -83,21 +98,35 @@ class Simulation:
   compromised: pd.DataFrame = None
 
 
-def _customer_profiles(rng: np.random.Generator, count: int) -> pd.DataFrame:
-  mean_amount = rng.uniform(5, 100, count)
+def _customer_profiles(x: np.ndarray, y: np.ndarray, mean_amount: np.ndarray,
+                       mean_tx_per_day: np.ndarray) -> pd.DataFrame:
   return pd.DataFrame({
-      'customer_id': np.arange(count),
-      'x': rng.uniform(0, GRID_SIZE, count),
-      'y': rng.uniform(0, GRID_SIZE, count),
+      'customer_id': np.arange(len(x)),
+      'x': x,
+      'y': y,
       'mean_amount': mean_amount,
       'std_amount': mean_amount / 2,
-      'mean_tx_per_day': rng.uniform(0, 4, count),
+      'mean_tx_per_day': mean_tx_per_day,
   })
 
 
-def _terminal_profiles(rng: np.random.Generator, count: int) -> pd.DataFrame:
-  return pd.DataFrame({'terminal_id': np.arange(count), 'x': rng.uniform(0, GRID_SIZE, count),
-                       'y': rng.uniform(0, GRID_SIZE, count)})
+def _terminal_profiles(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
+  return pd.DataFrame({'terminal_id': np.arange(len(x)), 'x': x, 'y': y})
+
+
+def _vectorised_profiles(rng: np.random.Generator, config: SimulationConfig) -> Tuple[pd.DataFrame, pd.DataFrame]:
+  mean_amount = rng.uniform(5, 100, config.customers)
+  customer_x, customer_y = rng.uniform(0, GRID_SIZE, (2, config.customers))
+  customers = _customer_profiles(customer_x, customer_y, mean_amount, rng.uniform(0, 4, config.customers))
+  return customers, _terminal_profiles(*rng.uniform(0, GRID_SIZE, (2, config.terminals)))
+
+
+def _handbook_profiles(config: SimulationConfig) -> Tuple[pd.DataFrame, pd.DataFrame]:
+  """The handbook's profiles: one legacy generator seeded 0 for the customers (x, y, mean amount and
+  daily count drawn customer after customer), one seeded 1 for the terminals (x, y)."""
+  customers = np.random.RandomState(0).uniform([0, 0, 5, 0], [GRID_SIZE, GRID_SIZE, 100, 4], (config.customers, 4))
+  terminals = np.random.RandomState(1).uniform(0, GRID_SIZE, (config.terminals, 2))
+  return _customer_profiles(*customers.T), _terminal_profiles(*terminals.T)
 
 
 def _terminals_within_radius(customers: pd.DataFrame, terminals: pd.DataFrame, radius: float):
@@ -115,8 +144,8 @@ def _terminals_within_radius(customers: pd.DataFrame, terminals: pd.DataFrame, r
   return np.concatenate([[0], np.cumsum(counts)]), np.concatenate(indices), counts
 
 
-def _transactions(rng: np.random.Generator, customers: pd.DataFrame, terminals: pd.DataFrame,
-                  config: SimulationConfig) -> pd.DataFrame:
+def _vectorised_transactions(rng: np.random.Generator, customers: pd.DataFrame, terminals: pd.DataFrame,
+                             config: SimulationConfig) -> pd.DataFrame:
   indptr, usable, usable_counts = _terminals_within_radius(customers, terminals, config.radius)
   daily_counts = rng.poisson(customers['mean_tx_per_day'].to_numpy()[:, None], (len(customers), config.days))
   daily_counts[usable_counts == 0] = 0  # customers without usable terminals make no transactions
@@ -132,11 +161,44 @@ def _transactions(rng: np.random.Generator, customers: pd.DataFrame, terminals: 
   negative = amount < 0
   amount[negative] = rng.uniform(0, 2 * mean[negative])
   terminal = usable[indptr[customer] + (rng.random(len(customer)) * usable_counts[customer]).astype(np.int64)]
+  return _transaction_table(customer, day, time_of_day, terminal, amount, config)
 
+
+def _handbook_transactions(customers: pd.DataFrame, terminals: pd.DataFrame,
+                           config: SimulationConfig) -> pd.DataFrame:
+  """The handbook's loop: each customer's draws come from generators seeded with its id, in its order.
+
+  Per day a Poisson count; per transaction a time (kept when strictly
+  inside the day), then an amount (a negative one redrawn uniformly), then
+  the terminal, picked by Python's ``random`` among the usable ones.
+  """
+  indptr, usable, _ = _terminals_within_radius(customers, terminals, config.radius)
+  customer, day, time_of_day, terminal, amount = [], [], [], [], []
+  for profile in customers.itertuples():
+    usable_here = usable[indptr[profile.customer_id]:indptr[profile.customer_id + 1]].tolist()
+    if not usable_here:  # its draws would feed nothing: the handbook keeps no transaction of such a customer
+      continue
+    numbers, picks = np.random.RandomState(profile.customer_id), random.Random(profile.customer_id)
+    for today in range(config.days):
+      for _ in range(numbers.poisson(profile.mean_tx_per_day)):
+        seconds = int(numbers.normal(DAY_SECONDS / 2, 20_000))
+        if 0 < seconds < DAY_SECONDS:
+          drawn = numbers.normal(profile.mean_amount, profile.std_amount)
+          amount.append(drawn if drawn >= 0 else numbers.uniform(0, profile.mean_amount * 2))
+          terminal.append(picks.choice(usable_here))
+          customer.append(profile.customer_id)
+          day.append(today)
+          time_of_day.append(seconds)
+  return _transaction_table(*(np.asarray(values) for values in (customer, day, time_of_day, terminal, amount)),
+                            config)
+
+
+def _transaction_table(customer: np.ndarray, day: np.ndarray, time_of_day: np.ndarray, terminal: np.ndarray,
+                       amount: np.ndarray, config: SimulationConfig) -> pd.DataFrame:
   return _sorted_by_time(pd.DataFrame({
-      'tx_time_seconds': day * DAY_SECONDS + time_of_day,
-      'customer_id': customer,
-      'terminal_id': terminal,
+      'tx_time_seconds': day.astype(np.int64) * DAY_SECONDS + time_of_day,
+      'customer_id': customer.astype(np.int64),
+      'terminal_id': terminal.astype(np.int64),
       'amount': np.round(amount, 2),
       'is_fraud': np.zeros(len(customer), dtype=np.int64),
       'fraud_scenario': np.zeros(len(customer), dtype=np.int64),
@@ -168,7 +230,40 @@ def _mark(transactions: pd.DataFrame, rows: np.ndarray, scenario: int):
   transactions.loc[rows, 'fraud_scenario'] = scenario
 
 
-def _add_frauds(rng: np.random.Generator, simulation: Simulation) -> List[Tuple[int, int, int]]:
+class _GeneratorPicks:
+  """The fraud scenarios' picks, from the run's one seeded generator."""
+
+  def __init__(self, rng: np.random.Generator, simulation: Simulation):
+    self._rng, self._customers, self._terminals = rng, len(simulation.customers), len(simulation.terminals)
+
+  def terminals(self, day: int) -> np.ndarray:
+    return self._rng.choice(self._terminals, 2, replace=False)
+
+  def customers(self, day: int) -> np.ndarray:
+    return self._rng.choice(self._customers, 3, replace=False)
+
+  def third_of(self, day: int, rows: np.ndarray) -> np.ndarray:
+    return self._rng.choice(rows, len(rows) // 3, replace=False)
+
+
+class _HandbookPicks:
+  """The handbook's picks: pandas' ``sample(random_state=day)`` (a legacy generator seeded with the day) for the
+  terminals and the customers; Python's ``random`` seeded with the day for a third of the rows, in time order."""
+
+  def __init__(self, simulation: Simulation):
+    self._customers, self._terminals = len(simulation.customers), len(simulation.terminals)
+
+  def terminals(self, day: int) -> np.ndarray:
+    return np.random.RandomState(day).choice(self._terminals, 2, replace=False)
+
+  def customers(self, day: int) -> np.ndarray:
+    return np.random.RandomState(day).choice(self._customers, 3, replace=False)
+
+  def third_of(self, day: int, rows: np.ndarray) -> np.ndarray:
+    return np.array(random.Random(day).sample(sorted(rows.tolist()), len(rows) // 3), dtype=np.int64)
+
+
+def _add_frauds(picks, simulation: Simulation) -> List[Tuple[int, int, int]]:
   """Applies the handbook's three scenarios, in its order (a later one overrides an earlier one).
 
   Returns the draws: (day, scenario, terminal or customer id).
@@ -180,16 +275,15 @@ def _add_frauds(rng: np.random.Generator, simulation: Simulation) -> List[Tuple[
   by_terminal = _RowsBy(tx['terminal_id'].to_numpy(), len(simulation.terminals))
   by_customer = _RowsBy(tx['customer_id'].to_numpy(), len(simulation.customers))
   for day in range(days.max()):
-    terminals = rng.choice(len(simulation.terminals), 2, replace=False)
+    terminals = picks.terminals(day)
     draws += [(day, SCENARIO_TERMINAL, t) for t in terminals]
     rows = by_terminal.rows(terminals)
     _mark(tx, rows[(days[rows] >= day) & (days[rows] < day + 28)], SCENARIO_TERMINAL)
   for day in range(days.max()):
-    customers = rng.choice(len(simulation.customers), 3, replace=False)
+    customers = picks.customers(day)
     draws += [(day, SCENARIO_CUSTOMER, c) for c in customers]
     rows = by_customer.rows(customers)
-    rows = rows[(days[rows] >= day) & (days[rows] < day + 14)]
-    rows = rng.choice(rows, len(rows) // 3, replace=False)
+    rows = picks.third_of(day, rows[(days[rows] >= day) & (days[rows] < day + 14)])
     tx.loc[rows, 'amount'] = np.round(tx.loc[rows, 'amount'].to_numpy() * 5, 2)
     _mark(tx, rows, SCENARIO_CUSTOMER)
   return draws
@@ -226,12 +320,22 @@ def _add_drift(rng: np.random.Generator, simulation: Simulation, draws: List[Tup
 
 
 def simulate(config: SimulationConfig = SimulationConfig()) -> Simulation:
-  """Generates a population and its transactions; deterministic for ``config.seed``."""
+  """Generates a population and its transactions; deterministic for ``config.seed`` and ``config.draws``."""
+  if config.draws not in DRAWS:
+    raise ValueError(f'Unknown draws {config.draws!r}: choose one of {", ".join(DRAWS)}.')
+  if config.draws == 'handbook' and config.seed:
+    raise ValueError('The handbook\'s draws have their own seeds: leave the seed at 0, or draw vectorised.')
   rng = np.random.default_rng(config.seed)
-  customers = _customer_profiles(rng, config.customers)
-  terminals = _terminal_profiles(rng, config.terminals)
-  simulation = Simulation(config, customers, terminals, _transactions(rng, customers, terminals, config))
-  draws = _add_frauds(rng, simulation)
+  if config.draws == 'handbook':
+    customers, terminals = _handbook_profiles(config)
+    simulation = Simulation(config, customers, terminals, _handbook_transactions(customers, terminals, config))
+    picks = _HandbookPicks(simulation)
+  else:
+    customers, terminals = _vectorised_profiles(rng, config)
+    simulation = Simulation(config, customers, terminals,
+                            _vectorised_transactions(rng, customers, terminals, config))
+    picks = _GeneratorPicks(rng, simulation)
+  draws = _add_frauds(picks, simulation)
   if config.drift_from_day is not None:
     simulation.transactions = _add_drift(rng, simulation, draws)
   simulation.compromised = pd.DataFrame(draws, columns=['day', 'scenario', 'id'])
