@@ -63,7 +63,8 @@ $(CHROMIUM):
 test: $(STAMP) $(KAFKA_LIBS)/.complete $(BIGQUERY_EMULATOR) $(CHROMIUM)
 	KBML_BIGQUERY_EMULATOR_VENV=$(abspath $(BIGQUERY_EMULATOR_VENV)) $(BIN)/python -m pytest
 
-# bench.trainer simulates and ingests the standard run (3.6 million events) first: about 12 minutes on 2 cores.
+# bench.trainer simulates (the handbook's own draws) and ingests the standard run (3.5 million events) first: about
+# 10 minutes on 2 cores.
 # bench.soak runs every long-running pipeline idle for 10 minutes, then at 1,000 events/s: about 35 minutes.
 # bench.restart restarts scorers after 30 and 150 days of history: about 10 minutes; bench.long_stream scores the
 # standard run (183 days) in one streaming scorer: about 15 minutes.
