@@ -29,10 +29,11 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 TRAIN_START, TRAIN_END = '2018-04-29', '2018-05-05'
 
 
-def _train(warehouse, model_dir, *extra):
+def _train(warehouse, model_dir, *extra, refit: bool = False):
+  """Trains on the split of these tests; without the refit on the whole range unless told (its own test)."""
   args = task.build_parser().parse_args(['--warehouse', warehouse, '--model-dir', str(model_dir),
                                          '--train-start', TRAIN_START, '--train-end', TRAIN_END, '--epochs', '8',
-                                         *extra])
+                                         *([] if refit else ['--no-refit']), *extra])
   return task.train(args)
 
 
@@ -129,6 +130,23 @@ def test_a_tree_forest_or_ensemble_version_scores_after_reload_as_it_was_evaluat
   scores = model.predict(ModelStore(str(tmp_path)).load_model(result.version), data.feature_matrix(test, FEATURE_NAMES))
   assert average_precision_score(data.labels(test, FRAUD), scores) == pytest.approx(
       result.metadata['metrics']['average_precision'], abs=1e-9)
+
+
+@pytest.mark.parametrize('refit', [True, False])
+def test_the_served_model_learns_from_the_whole_training_range_unless_told_not_to(warehouse, tmp_path, refit):
+  result = _train(warehouse, tmp_path, '--model-family', 'keras+trees', '--ensemble', '1', '--epochs', '3',
+                  '--max-trees', '30', refit=refit)
+  meta = result.metadata
+  assert meta['model']['refit'] is refit and meta['training']['validation'] == '2018-05-04..2018-05-05'
+  assert 1 <= meta['model']['best_epochs'][0] <= meta['model']['epochs_run'][0] <= 3
+  # The network normalises with the means of the rows it learnt from: the whole range, or its training days.
+  last_day = datetime.date(2018, 5, 5) if refit else datetime.date(2018, 5, 3)
+  rows = data.read_labelled_rows(open_warehouse(warehouse), datetime.date(2018, 4, 29), last_day, FEATURE_NAMES,
+                                 FRAUD)
+  network = ModelStore(str(tmp_path)).load_model(result.version).get_layer('mlp_0')
+  np.testing.assert_allclose(np.asarray(network.get_layer('normalization').mean).ravel(),
+                             data.feature_matrix(rows, FEATURE_NAMES).mean(axis=0), rtol=1e-5, atol=1e-6)
+  assert ('(then both)' in task.summary(result, str(tmp_path))) is refit
 
 
 def test_the_gate_accepts_a_better_model_and_refuses_a_worse_one(warehouse, tmp_path):

@@ -69,12 +69,18 @@ def class_weights(positive_weight: float) -> Dict[int, float]:
 
 def fit(model, train_dataset, validation_dataset, epochs: int, patience: int, positive_weight: float,
         verbose: int = 2):
-  """Trains with early stopping on the validation split's average precision (best weights kept)."""
+  """Trains with early stopping on the validation split's average precision (best weights kept); without a
+  validation split (None), for exactly ``epochs`` epochs."""
   import keras
-  stop = keras.callbacks.EarlyStopping(monitor='val_average_precision', mode='max', patience=patience,
-                                       restore_best_weights=True)
-  return model.fit(train_dataset, validation_data=validation_dataset, epochs=epochs, callbacks=[stop],
+  callbacks = [] if validation_dataset is None else [keras.callbacks.EarlyStopping(
+      monitor='val_average_precision', mode='max', patience=patience, restore_best_weights=True)]
+  return model.fit(train_dataset, validation_data=validation_dataset, epochs=epochs, callbacks=callbacks,
                    class_weight=class_weights(positive_weight), shuffle=False, verbose=verbose)
+
+
+def best_epoch(history) -> int:
+  """The epoch (from 1) whose weights early stopping kept: the first with the best validation average precision."""
+  return int(np.argmax(history.history['val_average_precision'])) + 1
 
 
 def predict(model, features: np.ndarray, batch_size: int = 8192) -> np.ndarray:

@@ -1,13 +1,15 @@
 """Trains, evaluates and publishes a use case's model (fraud by default): ``kbml train`` / ``python -m trainer.task``.
 
 Reads the labelled feature rows of a train / delay / test split from the
-warehouse (trainer.evaluate.Protocol), fits the Keras network with early
+warehouse (trainer.evaluate.Protocol), fits the model families with early
 stopping on the validation split and a logistic-regression baseline on the
-same rows, chooses the decision threshold on the validation split, evaluates
-both on the test range, and publishes the network to the model store with
-its metadata and plots. The new version is promoted to ``current`` only if
-its average precision on the test range is not worse than the champion's on
-the same rows (the blessing gate).
+same rows, chooses the decision threshold on the validation split, fits
+them again with the lengths found on the whole training range (training and
+validation days; not with ``--no-refit``), evaluates both on the test range,
+and publishes the model to the model store with its metadata and plots. The
+new version is promoted to ``current`` only if its average precision on the
+test range is not worse than the champion's on the same rows (the blessing
+gate).
 
 Examples::
 
@@ -104,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                        'forest: a random forest (scikit-learn); trees and forests are served as a Keras layer. '
                        'Several joined with "+" score the mean of their scores (ensemble: keras+trees). Default: '
                        '%(default)s, the best on the weeks before the handbook\'s test week (BENCHMARKS.md).')
+  fitting.add_argument('--no-refit', action='store_true',
+                       help='Serve the families as fitted on the training days alone. By default, once early '
+                       'stopping has chosen each one\'s length on the validation days (epochs of each network, '
+                       'boosted trees), each is fitted again with that length on the training and validation days '
+                       'together, the whole training range, as the handbook\'s models are; the threshold and the '
+                       'score statistics come from the first fit, which did not see the validation days.')
   fitting.add_argument('--epochs', type=int, default=40, help='At most this many epochs (default: %(default)s).')
   fitting.add_argument('--patience', type=int, default=5, help='Stop after this many epochs without a better '
                        'validation average precision (default: %(default)s).')
@@ -207,19 +215,21 @@ def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> E
   """Fits the model family (early stopping on the validation split) and the baseline on the split's training
   rows, chooses each one's threshold on the validation split, and tests both on its test range."""
   use_case = load_use_case(args.use_case)
-  train_x, train_y = data.feature_matrix(split.train, feature_names), data.labels(split.train, use_case)
-  validation_x = data.feature_matrix(split.validation, feature_names)
-  validation_y = data.labels(split.validation, use_case)
+  train = data.feature_matrix(split.train, feature_names), data.labels(split.train, use_case)
+  validation = data.feature_matrix(split.validation, feature_names), data.labels(split.validation, use_case)
+  whole = None if args.no_refit else tuple(map(np.concatenate, zip(train, validation, strict=True)))
   test_x = data.feature_matrix(split.test, feature_names)
   fit_started = time.monotonic()
-  network, devices, fitted = _fit_model(args, train_x, train_y, validation_x, validation_y)
+  network, devices, fitted, validation_scores = _fit_model(args, train, validation, whole)
   fit_seconds = time.monotonic() - fit_started
-  baseline = model.train_baseline(train_x, train_y, args.seed)
-  validation_scores = model.predict(network, validation_x)
+  validation_x, validation_y = validation
   threshold = evaluate.choose_threshold(validation_y, validation_scores)
   test_scores = model.predict(network, test_x)
-  baseline_scores = baseline.predict_proba(test_x)[:, 1]
+  baseline = model.train_baseline(*train, args.seed)
   baseline_threshold = evaluate.choose_threshold(validation_y, baseline.predict_proba(validation_x)[:, 1])
+  if whole:
+    baseline = model.train_baseline(*whole, args.seed)
+  baseline_scores = baseline.predict_proba(test_x)[:, 1]
   return Evaluation(network, devices, fitted, fit_seconds, threshold, validation_scores, test_scores,
                     evaluate.test_metrics(split.test, test_scores, threshold, use_case), baseline_scores,
                     evaluate.test_metrics(split.test, baseline_scores, baseline_threshold, use_case))
@@ -358,53 +368,80 @@ def _family_parameters(args) -> Dict[str, object]:
   return {name: value for family in args.model_family.split('+') for name, value in settings[family].items()}
 
 
-def _fit_model(args, train_x, train_y, validation_x, validation_y):
-  """Fits the chosen model families; returns the Keras model of their mean score, the devices, and what the fit
-  found."""
-  fitted, parts = {}, []
-  devices = []
+def _fit_model(args, train: Tuple[np.ndarray, np.ndarray], validation: Tuple[np.ndarray, np.ndarray],
+               whole: Optional[Tuple[np.ndarray, np.ndarray]]):
+  """Fits the chosen model families, each stopped early on ``validation``, then, given ``whole`` (the training and
+  validation rows), each again with the length found.
+
+  Returns the Keras model of the families' mean score, the devices, what the fit found, and the validation rows'
+  scores by the first fits, which did not see them.
+  """
+  fitted: Dict[str, object] = {'refit': whole is not None}
+  parts, held_out, devices = [], [], []
   for family in args.model_family.split('+'):
-    if family == 'keras':
-      networks, network_devices, fitted['epochs_run'] = _fit_networks(args, train_x, train_y, validation_x,
-                                                                      validation_y)
-      parts.append(networks)
-      devices.extend(network_devices)
-    elif family == 'trees':
-      params = {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': args.max_trees, 'max_depth': args.tree_depth,
-                'learning_rate': args.tree_learning_rate}
-      booster = trees.fit(train_x, train_y, validation_x, validation_y, params, args.seed)
-      fitted['trees'] = booster.num_boosted_rounds()
-      print(f'boosted {fitted["trees"]} trees of depth at most {args.tree_depth} (XGBoost, CPU)', flush=True)
-      parts.append(trees.boosted_to_keras(booster, validation_x))
-      devices.append('CPU (XGBoost)')
-    else:
-      forest = trees.fit_forest(train_x, train_y, args.forest_trees, args.forest_depth, args.seed)
-      print(f'grew a forest of {args.forest_trees} trees of depth at most {args.forest_depth} (scikit-learn, CPU)',
-            flush=True)
-      parts.append(trees.forest_to_keras(forest, validation_x))
-      devices.append('CPU (scikit-learn)')
-  return model.average(parts), devices, fitted
+    first, family_devices, found = _fit_family(args, family, train, validation)
+    held_out.append(model.predict(first, validation[0]) if family == 'keras'
+                    else trees.probabilities(first, validation[0]))
+    served = _fit_family(args, family, whole, validation, found)[0] if whole else first
+    parts.append(_as_keras(family, served, validation[0]))
+    devices.extend(family_devices)
+    fitted.update(found)
+  return model.average(parts), devices, fitted, np.mean(held_out, axis=0)
 
 
-def _fit_networks(args, train_x, train_y, validation_x, validation_y):
-  """Fits ``args.ensemble`` networks from consecutive seeds; returns their mean, the devices, the epochs run."""
+def _as_keras(family: str, fitted, check_rows: np.ndarray):
+  """The Keras model that serves a fitted family (the networks' mean already is one)."""
+  if family == 'trees':
+    return trees.boosted_to_keras(fitted, check_rows)
+  if family == 'forest':
+    return trees.forest_to_keras(fitted, check_rows)
+  return fitted
+
+
+def _fit_family(args, family: str, rows: Tuple[np.ndarray, np.ndarray], validation: Tuple[np.ndarray, np.ndarray],
+                found: Optional[Dict[str, object]] = None):
+  """One family fitted on ``rows`` (networks: their Keras mean; trees: an XGBoost booster; forest: scikit-learn's):
+  stopped early on ``validation``, or, given what an earlier fit ``found``, with its length. Returns the model, the
+  devices and what the fit found."""
+  x, y = rows
+  if family == 'keras':
+    return _fit_networks(args, rows, validation, found and found['best_epochs'])
+  if family == 'trees':
+    params = {**trees.DEFAULT_TREE_PARAMS, 'n_estimators': found['trees'] if found else args.max_trees,
+              'max_depth': args.tree_depth, 'learning_rate': args.tree_learning_rate}
+    booster = trees.fit(x, y, *((None, None) if found else validation), params, args.seed)
+    count = booster.num_boosted_rounds()
+    print(f'boosted {count} trees of depth at most {args.tree_depth} on {len(x):,} rows (XGBoost, CPU)', flush=True)
+    return booster, ['CPU (XGBoost)'], {'trees': count}
+  forest = trees.fit_forest(x, y, args.forest_trees, args.forest_depth, args.seed)
+  print(f'grew a forest of {args.forest_trees} trees of depth at most {args.forest_depth} on {len(x):,} rows '
+        '(scikit-learn, CPU)', flush=True)
+  return forest, ['CPU (scikit-learn)'], {}
+
+
+def _fit_networks(args, rows: Tuple[np.ndarray, np.ndarray], validation: Tuple[np.ndarray, np.ndarray],
+                  epochs: Optional[List[int]] = None):
+  """Fits ``args.ensemble`` networks from consecutive seeds, stopped early on ``validation`` or for the given
+  ``epochs`` each; returns their mean, the devices, and the epochs run and kept."""
   strategy, devices = model.distribution_strategy()
   positives = load_use_case(args.use_case).positive_noun
-  print(f'training on {", ".join(devices)} ({type(strategy).__name__}): {len(train_x):,} rows, '
-        f'{int(train_y.sum()):,} {positives}; validation {len(validation_x):,} rows, {int(validation_y.sum()):,} '
-        f'{positives}', flush=True)
+  x, y = rows
+  print(f'training on {", ".join(devices)} ({type(strategy).__name__}): {len(x):,} rows, {int(y.sum()):,} '
+        f'{positives}; ' + (f'validation {len(validation[0]):,} rows, {int(validation[1].sum()):,} {positives}'
+                            if epochs is None else f'{"+".join(map(str, epochs))} epochs'), flush=True)
   batch_size = args.batch_size * strategy.num_replicas_in_sync
-  members, epochs_run = [], []
-  for seed in range(args.seed, args.seed + args.ensemble):
+  validation_dataset = data.to_dataset(*validation, batch_size) if epochs is None else None
+  members, epochs_run, best_epochs = [], [], []
+  for number, seed in enumerate(range(args.seed, args.seed + args.ensemble)):
     with strategy.scope():
-      member = model.build_model(train_x, [int(units) for units in args.hidden_units.split(',')],
+      member = model.build_model(x, [int(units) for units in args.hidden_units.split(',')],
                                  learning_rate=args.learning_rate, seed=seed)
-    history = model.fit(member, data.to_dataset(train_x, train_y, batch_size, shuffle_seed=seed),
-                        data.to_dataset(validation_x, validation_y, batch_size), args.epochs, args.patience,
-                        args.positive_weight)
+    history = model.fit(member, data.to_dataset(x, y, batch_size, shuffle_seed=seed), validation_dataset,
+                        args.epochs if epochs is None else epochs[number], args.patience, args.positive_weight)
     members.append(member)
     epochs_run.append(len(history.history['loss']))
-  return model.average(members), devices, epochs_run
+    best_epochs.append(model.best_epoch(history) if epochs is None else epochs[number])
+  return model.average(members), devices, {'epochs_run': epochs_run, 'best_epochs': best_epochs}
 
 
 def feature_names_of(use_case: UseCase, feature_set: str) -> List[str]:
@@ -482,13 +519,14 @@ def describe_fit(model_metadata: Dict[str, object]) -> str:
   parts = []
   if 'epochs_run' in model_metadata:
     parts.append(f"{model_metadata['ensemble']} network(s), {'+'.join(map(str, model_metadata['epochs_run']))} "
-                 'epochs')
+                 f"epochs (kept {'+'.join(map(str, model_metadata['best_epochs']))})")
   if 'trees' in model_metadata:
     parts.append(f"{model_metadata['trees']} boosted trees of depth at most {model_metadata['tree_depth']}")
   if 'forest_trees' in model_metadata:
     parts.append(f"a forest of {model_metadata['forest_trees']} trees of depth at most "
                  f"{model_metadata['forest_depth']}")
-  return (f"{' and '.join(parts)} in {model_metadata['fit_seconds']} s on "
+  refit = ', each fitted again on the training and validation days' if model_metadata.get('refit') else ''
+  return (f"{' and '.join(parts)}{refit} in {model_metadata['fit_seconds']} s on "
           f"{', '.join(model_metadata['devices'])}")
 
 
@@ -503,8 +541,9 @@ def summary(result: Result, model_dir: str) -> str:
               else '')
   lines = [
       f"model {result.version}: {describe_fit(meta['model'])}; {len(meta['features'])} features",
-      f"train {training['train']} ({training['rows']['train']:,} rows), validation {training['validation']}, "
-      f"delay {training['delay_days']} days, test {training['test']}: {metrics[use_case.event_noun]:,} "
+      f"train {training['train']} ({training['rows']['train']:,} rows), validation {training['validation']}"
+      f"{' (then both)' if meta['model'].get('refit') else ''}, delay {training['delay_days']} days, "
+      f"test {training['test']}: {metrics[use_case.event_noun]:,} "
       f"{use_case.event_noun}, {metrics[use_case.positive_noun]:,} {use_case.positive_noun}{left_out}",
       f"{'':24}{'AUC ROC':>9}{'avg prec':>10}{ranking:>8}{'threshold':>11}{'precision':>11}{'recall':>8}",
   ]

@@ -12,7 +12,7 @@ comparisons, the same leaf values; ``boosted_to_keras`` and
 probabilities on the rows they are given.
 """
 
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import keras
 import numpy as np
@@ -28,14 +28,16 @@ DEFAULT_FOREST_TREES = 100
 DEFAULT_FOREST_DEPTH = 10
 
 
-def fit(train_x: np.ndarray, train_y: np.ndarray, validation_x: np.ndarray, validation_y: np.ndarray,
-        params: Dict[str, float], seed: int = 0):
-  """Boosts trees on the training rows, stopping on the validation split's average precision; returns the
-  booster cut at its best number of trees."""
+def fit(train_x: np.ndarray, train_y: np.ndarray, validation_x: Optional[np.ndarray],
+        validation_y: Optional[np.ndarray], params: Dict[str, float], seed: int = 0):
+  """Boosts trees on the training rows. With validation rows, boosting stops on their average precision and the
+  booster is cut at its best number of trees; without (None), it boosts ``params['n_estimators']`` trees."""
   import xgboost
-  classifier = xgboost.XGBClassifier(
-      **params, objective='binary:logistic', eval_metric='aucpr', early_stopping_rounds=EARLY_STOPPING_TREES,
-      tree_method='hist', random_state=seed, n_jobs=0)
+  stopping = {} if validation_x is None else {'early_stopping_rounds': EARLY_STOPPING_TREES}
+  classifier = xgboost.XGBClassifier(**params, **stopping, objective='binary:logistic', eval_metric='aucpr',
+                                     tree_method='hist', random_state=seed, n_jobs=0)
+  if validation_x is None:
+    return classifier.fit(train_x, train_y, verbose=False).get_booster()
   classifier.fit(train_x, train_y, eval_set=[(validation_x, validation_y)], verbose=False)
   return classifier.get_booster()[:classifier.best_iteration + 1]
 
@@ -168,9 +170,17 @@ def forest_to_keras(forest, check_rows: np.ndarray, name: str = 'forest'):
   """
   rows = check_rows.astype(np.float32)
   served, layer, _ = _walked(_forest_trees(forest), rows.shape[1], name, 'linear')
-  _check(np.asarray(layer(rows)).reshape(-1), forest.predict_proba(rows)[:, _positive_column(forest)],
-         'scikit-learn in probability')
+  _check(np.asarray(layer(rows)).reshape(-1), probabilities(forest, rows), 'scikit-learn in probability')
   return served
+
+
+def probabilities(fitted, rows: np.ndarray) -> np.ndarray:
+  """A booster's or a forest's own probability of the positive label for each of ``rows`` (as float32, served)."""
+  rows = rows.astype(np.float32)
+  if hasattr(fitted, 'predict_proba'):
+    return fitted.predict_proba(rows)[:, _positive_column(fitted)]
+  import xgboost
+  return fitted.predict(xgboost.DMatrix(rows))
 
 
 @keras.saving.register_keras_serializable(package='kbml')
