@@ -212,8 +212,9 @@ class Evaluation:
 
 
 def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> Evaluation:
-  """Fits the model family (early stopping on the validation split) and the baseline on the split's training
-  rows, chooses each one's threshold on the validation split, and tests both on its test range."""
+  """Fits the model families (early stopping on the validation split) and the baseline on the split's training
+  rows, chooses each one's threshold on the validation split, fits both again on the training and validation rows
+  unless ``args.no_refit``, and tests both on its test range."""
   use_case = load_use_case(args.use_case)
   train = data.feature_matrix(split.train, feature_names), data.labels(split.train, use_case)
   validation = data.feature_matrix(split.validation, feature_names), data.labels(split.validation, use_case)
