@@ -18,9 +18,7 @@ LABELLED_WINDOW, UNLABELLED_WINDOW = '2018-05-16T00:00:00+00:00', '2018-05-20T00
 
 
 def _args(warehouse, model_dir, *extra):
-  # The refit on the whole training range is the trainer's (test_trainer.py); these tests are about what retrains.
-  return ['--warehouse', warehouse, '--model-dir', str(model_dir), '--epochs', '2', '--ensemble', '1', '--no-refit',
-          *extra]
+  return ['--warehouse', warehouse, '--model-dir', str(model_dir), '--epochs', '2', '--ensemble', '1', *extra]
 
 
 def _listen_args(bootstrap, topic, group, *extra):

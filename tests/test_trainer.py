@@ -30,10 +30,9 @@ TRAIN_START, TRAIN_END = '2018-04-29', '2018-05-05'
 
 
 def _train(warehouse, model_dir, *extra, refit: bool = False):
-  """Trains on the split of these tests; without the refit on the whole range unless told (its own test)."""
   args = task.build_parser().parse_args(['--warehouse', warehouse, '--model-dir', str(model_dir),
                                          '--train-start', TRAIN_START, '--train-end', TRAIN_END, '--epochs', '8',
-                                         *([] if refit else ['--no-refit']), *extra])
+                                         *(['--refit'] if refit else []), *extra])
   return task.train(args)
 
 
@@ -133,7 +132,7 @@ def test_a_tree_forest_or_ensemble_version_scores_after_reload_as_it_was_evaluat
 
 
 @pytest.mark.parametrize('refit', [True, False])
-def test_the_served_model_learns_from_the_whole_training_range_unless_told_not_to(warehouse, tmp_path, refit):
+def test_with_refit_the_served_model_learns_from_the_whole_training_range(warehouse, tmp_path, refit):
   result = _train(warehouse, tmp_path, '--model-family', 'keras+trees', '--ensemble', '1', '--epochs', '3',
                   '--max-trees', '30', refit=refit)
   meta = result.metadata

@@ -3,9 +3,9 @@
 Reads the labelled feature rows of a train / delay / test split from the
 warehouse (trainer.evaluate.Protocol), fits the model families with early
 stopping on the validation split and a logistic-regression baseline on the
-same rows, chooses the decision threshold on the validation split, fits
-them again with the lengths found on the whole training range (training and
-validation days; not with ``--no-refit``), evaluates both on the test range,
+same rows, chooses the decision threshold on the validation split (with
+``--refit``, fits them again with the lengths found on the whole training
+range, training and validation days), evaluates both on the test range,
 and publishes the model to the model store with its metadata and plots. The
 new version is promoted to ``current`` only if its average precision on the
 test range is not worse than the champion's on the same rows (the blessing
@@ -106,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                        'forest: a random forest (scikit-learn); trees and forests are served as a Keras layer. '
                        'Several joined with "+" score the mean of their scores (ensemble: keras+trees). Default: '
                        '%(default)s, the best on the weeks before the handbook\'s test week (BENCHMARKS.md).')
-  fitting.add_argument('--no-refit', action='store_true',
-                       help='Serve the families as fitted on the training days alone. By default, once early '
-                       'stopping has chosen each one\'s length on the validation days (epochs of each network, '
-                       'boosted trees), each is fitted again with that length on the training and validation days '
-                       'together, the whole training range, as the handbook\'s models are; the threshold and the '
-                       'score statistics come from the first fit, which did not see the validation days.')
+  fitting.add_argument('--refit', action='store_true',
+                       help='Once early stopping has chosen each family\'s length on the validation days (epochs of '
+                       'each network, boosted trees), fit each again with that length on the training and validation '
+                       'days together, the whole training range, as the handbook\'s models are; the threshold and '
+                       'the score statistics come from the first fit, which did not see the validation days. Better '
+                       'on the weeks before the handbook\'s test week (BENCHMARKS.md), for twice the fitting time: '
+                       'off by default, so that a retrain after drift is not slowed.')
   fitting.add_argument('--epochs', type=int, default=40, help='At most this many epochs (default: %(default)s).')
   fitting.add_argument('--patience', type=int, default=5, help='Stop after this many epochs without a better '
                        'validation average precision (default: %(default)s).')
@@ -214,11 +215,11 @@ class Evaluation:
 def fit_and_evaluate(args, split: evaluate.Split, feature_names: List[str]) -> Evaluation:
   """Fits the model families (early stopping on the validation split) and the baseline on the split's training
   rows, chooses each one's threshold on the validation split, fits both again on the training and validation rows
-  unless ``args.no_refit``, and tests both on its test range."""
+  with ``args.refit``, and tests both on its test range."""
   use_case = load_use_case(args.use_case)
   train = data.feature_matrix(split.train, feature_names), data.labels(split.train, use_case)
   validation = data.feature_matrix(split.validation, feature_names), data.labels(split.validation, use_case)
-  whole = None if args.no_refit else tuple(map(np.concatenate, zip(train, validation, strict=True)))
+  whole = tuple(map(np.concatenate, zip(train, validation, strict=True))) if args.refit else None
   test_x = data.feature_matrix(split.test, feature_names)
   fit_started = time.monotonic()
   network, devices, fitted, validation_scores = _fit_model(args, train, validation, whole)
