@@ -81,9 +81,9 @@ def main(argv=None):
                       help='How the simulator draws (default: %(default)s, the handbook\'s own run; vectorised: '
                       'the same rules, other numbers).')
   parser.add_argument('--families', default='keras',
-                      help='Model families trained on the 23 features, comma-separated (each a --model-family of '
-                      '`kbml train`: keras, trees, forest or several joined with "+"; default: %(default)s); the 15 '
-                      'handbook features are trained with keras.')
+                      help=f'Model families trained on the {len(FEATURE_NAMES)} features, comma-separated (each a '
+                      '--model-family of `kbml train`: keras, trees, forest or several joined with "+"; default: '
+                      '%(default)s); the 15 handbook features are trained with keras.')
   parser.add_argument('--prequential-folds', type=int, default=1,
                       help='Also test each family on this many weeks in all, ending with the test week, and print '
                       'the mean and standard deviation (default: %(default)s, the test week only).')
@@ -135,7 +135,8 @@ def main(argv=None):
     for name, auc, ap, cp in PUBLISHED_PREQUENTIAL:
       print(f'{"published: " + name + " (ch.7)":46}{auc:>15.3f}{ap:>15.3f}{cp:>15.3f}')
     for family, prequential in prequential_runs:
-      for name, key in ((f'{family}, 23 features', 'model'), ('logistic baseline, 23 features', 'baseline')):
+      for name, key in ((f'{family}, {len(FEATURE_NAMES)} features', 'model'),
+                        (f'logistic baseline, {len(FEATURE_NAMES)} features', 'baseline')):
         print(f"{'ours: ' + name:46}" + evaluate.mean_and_spread_text(prequential[key]))
         print(f"{'':46}per week: " + ', '.join(f"{fold[key]['average_precision']:.3f}"
                                                for fold in prequential['folds']) + ' (average precision)')
